@@ -1,0 +1,58 @@
+"""The one place that decides which implementation an op runs on.
+
+Every op in :mod:`vssm.ops` has a pure-PyTorch reference (CPU and GPU) and, once built from
+``kernels/``, a CUDA extension. ``backend='auto'`` picks the extension when it is importable and the
+input lives on a CUDA device, the reference otherwise; ``'torch'`` forces the reference and
+``'cuda'`` demands the extension (and fails with the build command when it is missing).
+"""
+import importlib
+from types import ModuleType
+from typing import Optional
+
+from torch import Tensor
+
+BACKENDS = ('auto', 'torch', 'cuda')
+
+_BUILD_HINT = ('Build it with `TORCH_CUDA_ARCH_LIST="9.0" pip install --no-build-isolation -v kernels/{folder}` '
+               '(nvcc must match torch.version.cuda; see kernels/README.md), or set ops_backend=\'torch\' in the '
+               "model config to use the slow pure-PyTorch reference.")
+
+
+def try_import_extension(module_name: str) -> Optional[ModuleType]:
+    """Import a compiled extension if it is installed; ``None`` when it is not."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        return None
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f'Unknown ops backend {backend!r}: use one of {BACKENDS}.')
+    return backend
+
+
+def resolve_backend(backend: str, extension: Optional[ModuleType], module_name: str, folder: str,
+                    x: Tensor) -> str:
+    """Return ``'torch'`` or ``'cuda'`` for one call of an op.
+
+    Args:
+        backend: the requested backend, one of :data:`BACKENDS`.
+        extension: the imported extension module, or ``None`` when it is not built.
+        module_name: the extension's module name (for the error message).
+        folder: its source folder under ``kernels/`` (for the build command).
+        x: the op's main input; its device decides ``'auto'``.
+    """
+    check_backend_name(backend)
+    if backend == 'torch':
+        return 'torch'
+    if backend == 'cuda':
+        if extension is None:
+            raise RuntimeError(f'ops backend \'cuda\' was requested but {module_name} is not built. '
+                               + _BUILD_HINT.format(folder=folder))
+        if not x.is_cuda:
+            raise ValueError(f"ops backend 'cuda' needs CUDA tensors, got a tensor on {x.device}. "
+                             "Move the model and data to the GPU or use backend='auto'/'torch'.")
+        return 'cuda'
+    return 'cuda' if (extension is not None and x.is_cuda) else 'torch'
+

@@ -1,0 +1,226 @@
+"""Selective scan (S6), the recurrence every family in vssm runs.
+
+For batch b, channel d and step t = 0..L-1, with a state h in R^N and h_{-1} = 0::
+
+    dt_t = softplus(delta_t + delta_bias_d)          (threshold 20: identity above it)
+    h_t  = exp(dt_t * A_d) * h_{t-1} + dt_t * B_t * u_t
+    y_t  = <C_t, h_t> + D_d * u_t
+
+B_t and C_t are shared by a group of channels: with G groups, channel d uses group d // (D / G).
+Two forms are needed:
+
+* *state-returning* (Spatial-Mamba): no C and no D; the op returns all states h, (Bt, D, N, L).
+* *output-returning* (VMamba v2, Spectral VMamba): returns y, (Bt, D, L), K groups of B/C.
+
+The reference here is written for speed on a CPU as well as for clarity: the linear recurrence is
+solved with a log-depth (Hillis-Steele) parallel scan, never a Python loop over L, and the backward
+pass is written by hand (the adjoint of a linear recurrence is the same recurrence run backwards),
+so autograd keeps only the inputs instead of every intermediate. Internally everything is float32
+(float64 stays float64), whatever the input dtype, as in the upstream kernels.
+
+Shape legend: Bt batch, D channels (K*D for the multi-direction scans), N state size, L length,
+G groups of B/C.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import resolve_backend, try_import_extension
+
+__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available']
+
+_EXT_NAME = 'vssm_selective_scan'
+_EXT = try_import_extension(_EXT_NAME)
+
+
+def kernel_available() -> bool:
+    """Whether the compiled ``vssm_selective_scan`` extension is installed."""
+    return _EXT is not None
+
+
+def linear_scan(a: Tensor, b: Tensor) -> Tensor:
+    """Solve ``h_t = a_t * h_{t-1} + b_t`` (h_{-1} = 0) along the last dim in log2(L) steps.
+
+    Hillis-Steele: after the step with offset k every position holds the composition of the
+    affine maps of the k preceding positions, so ceil(log2 L) steps cover the whole sequence.
+    Only products of the a_t (in [0, 1] here) are formed, so it is as stable as the loop.
+    """
+    length = a.shape[-1]
+    k = 1
+    while k < length:
+        b_next = b.clone()
+        b_next[..., k:].addcmul_(a[..., k:], b[..., :-k])
+        b = b_next
+        if 2 * k < length:  # the last step does not need the composed a
+            a_next = a.clone()
+            a_next[..., k:].mul_(a[..., :-k])
+            a = a_next
+        k *= 2
+    return b
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _grouped(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor],
+             delta_bias: Optional[Tensor], delta_softplus: bool):
+    """Cast to the compute dtype and reshape to the grouped layout (Bt, G, Dg, N, L)."""
+    ct = _compute_dtype(u)
+    bt, d, length = u.shape
+    g, n = B.shape[1], B.shape[2]
+    u5 = u.to(ct).reshape(bt, g, d // g, 1, length)
+    dt_raw = delta.to(ct)
+    if delta_bias is not None:
+        dt_raw = dt_raw + delta_bias.to(ct)[:, None]
+    dt_raw = dt_raw.reshape(bt, g, d // g, 1, length)
+    dt = F.softplus(dt_raw, beta=1, threshold=20) if delta_softplus else dt_raw
+    A4 = A.to(ct).reshape(g, d // g, n, 1)
+    B5 = B.to(ct).unsqueeze(2)  # (Bt, G, 1, N, L)
+    C5 = None if C is None else C.to(ct).unsqueeze(2)
+    return u5, dt_raw, dt, A4, B5, C5
+
+
+def _states(u5: Tensor, dt: Tensor, A4: Tensor, B5: Tensor) -> Tuple[Tensor, Tensor]:
+    """The decay a = exp(dt * A) and the states h, both (Bt, G, Dg, N, L)."""
+    a = torch.exp(dt * A4)
+    h = linear_scan(a, dt * u5 * B5)
+    return a, h
+
+
+class _SelectiveScanRef(torch.autograd.Function):
+    """The reference scan as one autograd node (one node also lets FLOP counters see it)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        with torch.no_grad():
+            u5, _, dt, A4, B5, C5 = _grouped(u, delta, A, B, C, delta_bias, delta_softplus)
+            _, h = _states(u5, dt, A4, B5)
+            bt, d, length = u.shape
+            if C5 is None:
+                out = h.reshape(bt, d, -1, length)
+            else:
+                y = (h * C5).sum(3)  # (Bt, G, Dg, L)
+                if D is not None:
+                    y = y + D.to(y.dtype).reshape(1, *y.shape[1:3], 1) * u5.squeeze(3)
+                out = y.reshape(bt, d, length)
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+        bt, d, length = u.shape
+        g, n = B.shape[1], B.shape[2]
+        with torch.no_grad():
+            u5, dt_raw, dt, A4, B5, C5 = _grouped(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
+            a, h = _states(u5, dt, A4, B5)
+            gout = gout.to(u5.dtype)
+            grad_u = grad_C = grad_D = None
+            if C5 is None:
+                gh = gout.reshape(bt, g, d // g, n, length)
+            else:
+                gy = gout.reshape(bt, g, d // g, 1, length)
+                gh = gy * C5
+                grad_C = (gy * h).sum(2)  # (Bt, G, N, L)
+                if D is not None:
+                    grad_D = (gy * u5).sum((0, 4)).reshape(d)
+                    grad_u = gy * D.to(gy.dtype).reshape(1, g, d // g, 1, 1)
+            # Adjoint recurrence, run backwards: g_t = gh_t + a_{t+1} g_{t+1}.
+            a_next = F.pad(a[..., 1:], (0, 1))
+            gs = linear_scan(a_next.flip(-1), gh.flip(-1)).flip(-1)
+            h_prev = F.pad(h[..., :-1], (1, 0))
+            g_logdecay = gs * h_prev * a  # gradient w.r.t. dt * A
+            gsB = gs * B5
+            grad_dt = (g_logdecay * A4).sum(3, keepdim=True) + (gsB * u5).sum(3, keepdim=True)
+            grad_A = (g_logdecay * dt).sum((0, 4)).reshape(d, n)
+            grad_B = (gs * dt * u5).sum(2)  # (Bt, G, N, L)
+            grad_u_scan = (gsB * dt).sum(3, keepdim=True)
+            grad_u = grad_u_scan if grad_u is None else grad_u + grad_u_scan
+            if ctx.delta_softplus:
+                grad_dt = grad_dt * torch.where(dt_raw <= 20, torch.sigmoid(dt_raw), torch.ones_like(dt_raw))
+            grad_delta = grad_dt.reshape(bt, d, length)
+            grad_bias = None if delta_bias is None else grad_delta.sum((0, 2))
+
+        def cast(grad, like):
+            return None if grad is None or like is None else grad.reshape(like.shape).to(like.dtype)
+
+        return (cast(grad_u, u), cast(grad_delta, delta), cast(grad_A, A), cast(grad_B, B),
+                cast(grad_C, C), cast(grad_D, D), cast(grad_bias, delta_bias), None)
+
+
+def _normalize_groups(name: str, x: Optional[Tensor]) -> Optional[Tensor]:
+    """(Bt, N, L) means one group shared by all channels: view it as (Bt, 1, N, L)."""
+    if x is None:
+        return None
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.dim() != 4:
+        raise ValueError(f'selective_scan: {name} must be (Bt, N, L) or (Bt, G, N, L), got shape {tuple(x.shape)}.')
+    return x
+
+
+def _check_inputs(u, delta, A, B, C, D, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f'selective_scan: u must be (Bt, D, L), got shape {tuple(u.shape)}.')
+    bt, d, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f'selective_scan: delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}.')
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f'selective_scan: A must be (D, N) = ({d}, N), got {tuple(A.shape)}.')
+    n = A.shape[1]
+    g = B.shape[1]
+    for name, x in (('B', B), ('C', C)):
+        if x is None:
+            continue
+        if x.shape[0] != bt or x.shape[2] != n or x.shape[3] != length:
+            raise ValueError(f'selective_scan: {name} must be (Bt, G, N, L) = ({bt}, G, {n}, {length}), '
+                             f'got {tuple(x.shape)}.')
+        if x.shape[1] != g:
+            raise ValueError(f'selective_scan: B and C must have the same number of groups, got B {tuple(B.shape)} '
+                             f'and C {tuple(C.shape)}.')
+    if d % g:
+        raise ValueError(f'selective_scan: the channel count D={d} must be divisible by the number of B/C groups G={g}.')
+    for name, x in (('D', D), ('delta_bias', delta_bias)):
+        if x is not None and tuple(x.shape) != (d,):
+            raise ValueError(f'selective_scan: {name} must be ({d},), got {tuple(x.shape)}.')
+    if C is None and D is not None:
+        raise ValueError('selective_scan: D (the skip term D*u) only exists in the output-returning form; '
+                         'pass C too, or drop D to get the states.')
+
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor] = None,
+                       D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                       delta_softplus: bool = True) -> Tensor:
+    """Pure-PyTorch selective scan (CPU or GPU); see :func:`selective_scan` for the arguments."""
+    B, C = _normalize_groups('B', B), _normalize_groups('C', C)
+    _check_inputs(u, delta, A, B, C, D, delta_bias)
+    return _SelectiveScanRef.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor] = None,
+                   D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                   delta_softplus: bool = True, *, backend: str = 'auto') -> Tensor:
+    """Selective scan, state-returning (``C is None``) or output-returning.
+
+    Args:
+        u: input, (Bt, D, L); float32, float16 or bfloat16.
+        delta: raw step sizes, (Bt, D, L), same dtype as ``u``.
+        A: state matrix (diagonal), (D, N), negative; float32.
+        B: input projections, (Bt, N, L) for one group shared by all channels or (Bt, G, N, L).
+        C: output projections, same layout as ``B``; ``None`` returns the states instead of y.
+        D: skip weights, (D,), output form only.
+        delta_bias: added to ``delta`` before the softplus, (D,).
+        delta_softplus: apply softplus (threshold 20) to ``delta + delta_bias``.
+        backend: ``'auto'``, ``'torch'`` or ``'cuda'`` (see :mod:`vssm.ops._backend`).
+
+    Returns:
+        float32 (float64 for float64 inputs): the states h, (Bt, D, N, L), when ``C`` is ``None``,
+        else y, (Bt, D, L).
+    """
+    if resolve_backend(backend, _EXT, _EXT_NAME, 'selective_scan', u) == 'cuda':
+        raise NotImplementedError('the CUDA selective scan binding arrives with the kernels issue (#3)')
+    return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
