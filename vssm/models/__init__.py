@@ -1,0 +1,4 @@
+"""Backbones, registered in mmpretrain's MODELS (mmdet/mmseg configs use them as ``mmpretrain.<Name>``)."""
+from .spatial_mamba import SpatialMamba
+
+__all__ = ['SpatialMamba']

@@ -1,0 +1,8 @@
+"""Building blocks shared by two or more families."""
+from .arch import parse_arch
+from .ssm_init import init_A_logs, init_dt_bias, init_dt_weight, init_Ds, init_x_proj_weight, trunc_normal_linear_init
+
+__all__ = [
+    'parse_arch', 'init_A_logs', 'init_dt_bias', 'init_dt_weight', 'init_Ds', 'init_x_proj_weight',
+    'trunc_normal_linear_init'
+]

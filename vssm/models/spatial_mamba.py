@@ -1,0 +1,392 @@
+"""Spatial-Mamba: structure-aware state fusion over a unidirectional selective scan.
+
+Paper: "Spatial-Mamba: Effective Visual State Space Models via Structure-aware State Fusion",
+C. Xiao, M. Li, Z. Zhang, D. Meng, L. Zhang, arXiv 2410.15091 (ICLR 2025).
+Design re-implemented from https://github.com/EdwardChasel/Spatial-Mamba (Apache-2.0) @ 71221eb;
+module and parameter names follow it so that its checkpoints load unchanged (see
+``tools/model_converters/spatial_mamba_to_vssm.py``).
+
+Differences from upstream, all deliberate:
+
+* State fusion computes the same function in training and eval (three dilated 3x3 depthwise convs
+  on replicate-padded states) and caches nothing, so eval never uses a stale merged kernel.
+  ``eval_fusion_padding='zeros'`` reproduces upstream's eval path (its merged 11x11 kernel with
+  zero padding), which is what its published accuracies were measured with.
+* Runs on CPU (pure-PyTorch reference ops) and dispatches to the CUDA kernels when they are built.
+* One backbone class serves classification, detection and segmentation (``out_indices``).
+
+Shape legend: B batch, C block width, H/W height/width, L = H*W, D inner width (2C), N state size (1),
+R dt_rank.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks import DropPath
+from mmpretrain.models.backbones.base_backbone import BaseBackbone
+from mmpretrain.registry import MODELS
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..ops import selective_scan, state_fusion
+from ..ops._backend import check_backend_name
+from .layers import (init_A_logs, init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight, parse_arch,
+                     trunc_normal_linear_init)
+
+__all__ = ['SpatialMamba', 'convert_upstream_state_dict']
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d, then an optional BatchNorm2d and an optional ReLU (keys ``conv.*``, ``norm.*``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 bias: bool = False, norm: bool = True, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups,
+                              bias=bias)
+        self.norm = nn.BatchNorm2d(out_channels) if norm else None
+        self.act = nn.ReLU(inplace=True) if act else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+class StemLayer(nn.Module):
+    """Stride-4 convolutional stem: (B, 3, H, W) -> channels-last (B, H/4, W/4, C)."""
+
+    def __init__(self, in_channels: int, embed_dim: int) -> None:
+        super().__init__()
+        half = embed_dim // 2
+        self.conv1 = ConvNormAct(in_channels, half, 3, stride=2)
+        self.conv2 = nn.Sequential(ConvNormAct(half, half, 3), ConvNormAct(half, half, 3, act=False))
+        self.conv3 = nn.Sequential(ConvNormAct(half, 4 * embed_dim, 3, stride=2),
+                                   ConvNormAct(4 * embed_dim, embed_dim, 1, act=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        x = x + self.conv2(x)
+        x = self.conv3(x)
+        return x.permute(0, 2, 3, 1)  # (B, H, W, C)
+
+
+class Downsample(nn.Module):
+    """Inverted-bottleneck stride-2 downsampling C -> 2C, channels-last in and out."""
+
+    def __init__(self, dim: int, out_dim: int, expansion: int = 8) -> None:
+        super().__init__()
+        hidden = expansion * dim
+        self.conv = nn.Sequential(
+            ConvNormAct(dim, hidden, 1, bias=True, norm=False),
+            ConvNormAct(hidden, hidden, 3, stride=2, groups=hidden, bias=True, norm=False),
+            ConvNormAct(hidden, out_dim, 1, bias=True, act=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class StateFusion(nn.Module):
+    """Structure-aware state fusion: three dilated (1, 3, 5) 3x3 depthwise convs, weighted by alpha.
+
+    Training and eval compute the same function (``padding`` is replicate in training); nothing is
+    cached. ``eval_padding='zeros'`` reproduces upstream's eval path (merged 11x11 kernel with zero
+    padding) for parity with its published accuracies.
+    """
+
+    def __init__(self, dim: int, eval_padding: str = 'replicate', backend: str = 'auto') -> None:
+        super().__init__()
+        self.kernel_3 = nn.Parameter(torch.ones(dim, 1, 3, 3))
+        self.kernel_3_1 = nn.Parameter(torch.ones(dim, 1, 3, 3))
+        self.kernel_3_2 = nn.Parameter(torch.ones(dim, 1, 3, 3))
+        self.alpha = nn.Parameter(torch.ones(3))
+        self.eval_padding = eval_padding
+        self.backend = backend
+
+    def forward(self, h: Tensor) -> Tensor:
+        padding = 'replicate' if self.training else self.eval_padding
+        return state_fusion(h, self.kernel_3, self.kernel_3_1, self.kernel_3_2, self.alpha, padding_mode=padding,
+                            backend=self.backend)
+
+
+class StructureAwareSSM(nn.Module):
+    """The SSM mixer of a Spatial-Mamba block (upstream key prefix ``self_attention``).
+
+    in_proj -> (x, z); x: depthwise 3x3 + SiLU -> raster scan returning the states h -> state fusion
+    -> y = h * C + D * u -> LayerNorm -> y * SiLU(z) -> out_proj.
+    """
+
+    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0, dt_rank: Union[int, str] = 'auto',
+                 eval_fusion_padding: str = 'replicate', backend: str = 'auto') -> None:
+        super().__init__()
+        d_inner = int(ssm_ratio * dim)
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        self.d_state = d_state
+        self.backend = backend
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
+        self.act = nn.SiLU()
+        self.x_proj_weight = nn.Parameter(torch.empty(self.dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(d_inner, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(d_inner))
+        self.A_logs = nn.Parameter(torch.empty(d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(d_inner))
+        self.state_fusion = StateFusion(d_inner, eval_fusion_padding, backend)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.reset_ssm_parameters()
+
+    def reset_ssm_parameters(self) -> None:
+        init_x_proj_weight(self.x_proj_weight)
+        init_dt_weight(self.dt_projs_weight, self.dt_rank)
+        init_dt_bias(self.dt_projs_bias)
+        init_A_logs(self.A_logs)
+        init_Ds(self.Ds)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, D) each
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
+        u = x.flatten(2)  # (B, D, L), raster order
+        x_dbl = torch.einsum('bdl,cd->bcl', u, self.x_proj_weight)  # (B, R + 2N, L)
+        dt_raw, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.einsum('brl,dr->bdl', dt_raw, self.dt_projs_weight)  # (B, D, L)
+        A = -torch.exp(self.A_logs.float())  # (D, N)
+        states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
+                                backend=self.backend)  # (B, D, 1, L), float32
+        states = self.state_fusion(states.view(b, -1, h, w)).flatten(2)  # (B, D, L)
+        y = states * C.float() + self.Ds.float()[:, None] * u.float()  # (B, D, L)
+        y = self.out_norm(y.transpose(1, 2).reshape(b, h, w, -1).to(z.dtype))
+        return self.out_proj(y * F.silu(z))
+
+
+class Mlp(nn.Module):
+    """Linear C -> rC, GELU, Linear rC -> C (channels-last)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SpatialMambaBlock(nn.Module):
+    """x + cpe1(x); x + SASSM(LN(x)); x + cpe2(x); x + MLP(LN(x)), channels-last."""
+
+    def __init__(self, dim: int, drop_path: float, mlp_ratio: float, d_state: int, ssm_ratio: float,
+                 dt_rank: Union[int, str], eval_fusion_padding: str, backend: str, with_cp: bool) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = StructureAwareSSM(dim, d_state, ssm_ratio, dt_rank, eval_fusion_padding, backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    @staticmethod
+    def _cpe(conv: nn.Conv2d, x: Tensor) -> Tensor:
+        return x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        x = self._cpe(self.cpe1, x)
+        x = x + self.drop_path(self.self_attention(self.ln_1(x)))
+        x = self._cpe(self.cpe2, x)
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class SpatialMambaStage(nn.Module):
+    """Blocks of one stage, then (except for the last stage) the downsampling to the next width."""
+
+    def __init__(self, dim: int, depth: int, out_dim: Optional[int], drop_paths: Sequence[float], **block_kwargs):
+        super().__init__()
+        self.blocks = nn.ModuleList([SpatialMambaBlock(dim, dp, **block_kwargs) for dp in drop_paths[:depth]])
+        self.downsample = Downsample(dim, out_dim) if out_dim is not None else None
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Returns (this stage's output, the input of the next stage)."""
+        for block in self.blocks:
+            x = block(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+@MODELS.register_module()
+class SpatialMamba(BaseBackbone):
+    """Spatial-Mamba backbone (classification, detection and segmentation).
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``, ``'s'``, ``'b'``), or a dict with ``dims``
+            (one width per stage, or the first stage's width) and ``depths``.
+        in_channels: input image channels.
+        out_indices: stages whose outputs are returned (each through its own LayerNorm ``outnorm{i}``);
+            negative values count from the end.
+        frozen_stages: -1 freezes nothing; k >= 0 freezes the stem and the first k stages (eval mode,
+            no gradients), as mmdet's ResNet and Swin do.
+        drop_path_rate: stochastic depth, linearly increasing from 0 over all blocks.
+        mlp_ratio: MLP hidden width / block width.
+        ssm_ratio: SSM inner width D / block width.
+        d_state: SSM state size N; the state fusion works on one state per channel, so it must be 1.
+        dt_rank: rank of the step-size projection, ``'auto'`` = ceil(C / 16).
+        eval_fusion_padding: ``'replicate'`` (default: eval computes the training function) or
+            ``'zeros'`` (upstream's merged-kernel eval path; use it with upstream checkpoints to
+            reproduce the published accuracies).
+        ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the scan and the fusion.
+        norm_eval: keep the BatchNorm layers in eval mode during training.
+        with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
+        init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
+    """
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {'dims': [64, 128, 256, 512], 'depths': [2, 4, 8, 4]}),
+        **dict.fromkeys(['s', 'small'], {'dims': [64, 128, 256, 512], 'depths': [2, 4, 21, 5]}),
+        **dict.fromkeys(['b', 'base'], {'dims': [96, 192, 384, 768], 'depths': [2, 4, 21, 5]}),
+    }
+    num_stages = 4
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (3, ),
+                 frozen_stages: int = -1,
+                 drop_path_rate: float = 0.0,
+                 mlp_ratio: float = 4.0,
+                 ssm_ratio: float = 2.0,
+                 d_state: int = 1,
+                 dt_rank: Union[int, str] = 'auto',
+                 eval_fusion_padding: str = 'replicate',
+                 ops_backend: str = 'auto',
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        settings = parse_arch(type(self).__name__, arch, self.arch_zoo, required=('dims', 'depths'))
+        self.dims, self.depths = settings['dims'], settings['depths']
+        if d_state != 1:
+            raise ValueError(f'SpatialMamba: d_state must be 1 (state fusion mixes one state per channel), '
+                             f'got {d_state}.')
+        if eval_fusion_padding not in ('replicate', 'zeros'):
+            raise ValueError(f"SpatialMamba: eval_fusion_padding must be 'replicate' or 'zeros', "
+                             f'got {eval_fusion_padding!r}.')
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'SpatialMamba: frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}.')
+        self.out_indices = self._normalize_out_indices(out_indices)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.ops_backend = check_backend_name(ops_backend)
+
+        self.patch_embed = StemLayer(in_channels, self.dims[0])
+        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, (dim, depth) in enumerate(zip(self.dims, self.depths)):
+            start = sum(self.depths[:i])
+            self.layers.append(
+                SpatialMambaStage(
+                    dim,
+                    depth,
+                    out_dim=self.dims[i + 1] if i + 1 < self.num_stages else None,
+                    drop_paths=drop_paths[start:start + depth],
+                    mlp_ratio=mlp_ratio,
+                    d_state=d_state,
+                    ssm_ratio=ssm_ratio,
+                    dt_rank=dt_rank,
+                    eval_fusion_padding=eval_fusion_padding,
+                    backend=self.ops_backend,
+                    with_cp=with_cp))
+        for i in self.out_indices:
+            self.add_module(f'outnorm{i}', nn.LayerNorm(self.dims[i]))
+        self.apply(trunc_normal_linear_init)
+        self._freeze_stages()
+
+    def _normalize_out_indices(self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        result = []
+        for i in out_indices:
+            j = i + self.num_stages if i < 0 else i
+            if not 0 <= j < self.num_stages:
+                raise ValueError(f'SpatialMamba: out_indices must be in [-{self.num_stages}, '
+                                 f'{self.num_stages - 1}], got {tuple(out_indices)}.')
+            result.append(j)
+        return tuple(sorted(set(result)))
+
+    @property
+    def out_channels(self) -> Tuple[int, ...]:
+        """Channels of each returned feature map (in ``out_indices`` order)."""
+        return tuple(self.dims[i] for i in self.out_indices)
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        modules = [self.patch_embed]
+        for i in range(self.frozen_stages):
+            modules.append(self.layers[i])
+            if i in self.out_indices:
+                modules.append(getattr(self, f'outnorm{i}'))
+        return modules
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'SpatialMamba':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        if x.dim() != 4 or x.shape[1] != self.patch_embed.conv1.conv.in_channels:
+            raise ValueError(f'SpatialMamba: expected images (B, {self.patch_embed.conv1.conv.in_channels}, H, W), '
+                             f'got shape {tuple(x.shape)}.')
+        x = self.patch_embed(x)  # (B, H/4, W/4, C), channels-last
+        outs = []
+        for i, layer in enumerate(self.layers):
+            feat, x = layer(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'outnorm{i}')(feat).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
+        return tuple(outs)
+
+
+def convert_upstream_state_dict(state_dict: dict) -> dict:
+    """Map an upstream Spatial-Mamba state dict to the keys of an mmpretrain ``ImageClassifier``.
+
+    Upstream classification checkpoints hold ``{'model': state_dict}`` with the trunk at the top level,
+    ``norm.*`` (final LayerNorm) and ``head.*``. Here the trunk lives under ``backbone.``, the final
+    norm is the backbone's ``outnorm3`` and the head is ``head.fc``. Keys that already start with
+    ``backbone.`` (upstream mmdet/mmseg checkpoints, our own files) are returned unchanged.
+    """
+    if 'model' in state_dict and isinstance(state_dict['model'], dict):
+        state_dict = state_dict['model']
+    elif 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
+        state_dict = state_dict['state_dict']
+    last = SpatialMamba.num_stages - 1
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith(('backbone.', 'neck.', 'decode_head.', 'auxiliary_head.', 'rpn_head.', 'roi_head.')):
+            new_key = key
+        elif key.startswith('norm.'):
+            new_key = f'backbone.outnorm{last}.' + key[len('norm.'):]
+        elif key.startswith('head.'):
+            new_key = 'head.fc.' + key[len('head.'):]
+        else:
+            new_key = 'backbone.' + key
+        converted[new_key] = value
+    return converted
