@@ -1,0 +1,3 @@
+_base_ = './spatial-mamba-tiny_8xb128_in1k.py'
+
+model = dict(backbone=dict(arch='small', drop_path_rate=0.3))
