@@ -1,23 +1,22 @@
 """Reading the upstream numeric fixtures in ``shared/reference/fixtures`` (see its README)."""
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-_CANDIDATES = [
-    os.environ.get('VSSM_REFERENCE_DIR', ''),
-    str(Path(__file__).resolve().parents[1] / '../shared/reference'),
-]
 
 
-def reference_dir() -> Optional[Path]:
-    """The folder holding the upstream manifests and fixtures, or None when it is not on this machine."""
-    for cand in _CANDIDATES:
-        if cand and (Path(cand) / 'fixtures').is_dir():
-            return Path(cand).resolve()
-    return None
+def reference_dir() -> Path:
+    """The folder holding the upstream manifests and fixtures (``$VSSM_REFERENCE_DIR`` or tests/data/reference)."""
+    return Path(os.environ.get('VSSM_REFERENCE_DIR') or Path(__file__).parent / 'data' / 'reference')
+
+
+def load_manifest(family: str, size: str, kind: str) -> dict:
+    with open(reference_dir() / f'{family}_{size}_{kind}.json') as f:
+        return json.load(f)
 
 
 def load_fixture(name: str) -> dict:

@@ -1,0 +1,40 @@
+"""Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # fixture_utils
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# (rtol, atol) per dtype for kernel-vs-reference comparisons; gradients use GRAD_TOLERANCES.
+TOLERANCES = {
+    torch.float32: (6e-4, 2e-3),
+    torch.float16: (3e-3, 5e-3),
+    torch.bfloat16: (3e-2, 5e-2),
+    torch.float64: (1e-10, 1e-12),
+}
+GRAD_TOLERANCES = {
+    torch.float32: (1e-3, 5e-3),
+    torch.float16: (1e-2, 2e-2),
+    torch.bfloat16: (5e-2, 1e-1),
+    torch.float64: (1e-9, 1e-11),
+}
+
+DEVICES = [
+    'cpu',
+    pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')),
+]
+
+
+def has_kernel(name: str) -> bool:
+    """Whether the compiled vssm_<name> extension is installed."""
+    from vssm.ops._backend import try_import_extension
+    return try_import_extension(f'vssm_{name}') is not None
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)

@@ -1,0 +1,111 @@
+"""Reference depthwise conv and Spatial-Mamba state fusion: definitions, gradcheck, fixtures, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from fixture_utils import load_fixture, rel_err
+
+from vssm.ops import dwconv2d, merge_state_fusion_kernels, state_fusion, state_fusion_ref
+
+
+def naive_dwconv(x, weight, bias, dilation, padding_mode):
+    """Explicit per-tap sum over a padded copy (float64)."""
+    x, weight = x.double(), weight.double()
+    k = weight.shape[-1]
+    pad = dilation * (k // 2)
+    mode = 'replicate' if padding_mode == 'replicate' else 'constant'
+    xp = F.pad(x, (pad, ) * 4, mode=mode)
+    height, width = x.shape[-2:]
+    out = torch.zeros_like(x)
+    for i in range(k):
+        for j in range(k):
+            patch = xp[..., i * dilation:i * dilation + height, j * dilation:j * dilation + width]
+            out += patch * weight[:, 0, i, j][None, :, None, None]
+    if bias is not None:
+        out += bias.double()[None, :, None, None]
+    return out
+
+
+@pytest.mark.parametrize('kernel, dilation', [(3, 1), (5, 2), (7, 1), (11, 1), (3, 5), (31, 1)])
+@pytest.mark.parametrize('padding_mode', ['zeros', 'replicate'])
+@pytest.mark.parametrize('device', DEVICES)
+def test_dwconv2d_matches_tap_sum(kernel, dilation, padding_mode, device):
+    x = torch.randn(2, 5, 9, 13, device=device)
+    weight = torch.randn(5, 1, kernel, kernel, device=device)
+    bias = torch.randn(5, device=device)
+    got = dwconv2d(x, weight, bias, dilation=dilation, padding_mode=padding_mode)
+    expected = naive_dwconv(x.cpu(), weight.cpu(), bias.cpu(), dilation, padding_mode)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('padding_mode', ['zeros', 'replicate'])
+def test_dwconv2d_gradcheck(padding_mode):
+    x = torch.randn(1, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: dwconv2d(*a, dilation=2, padding_mode=padding_mode),
+                                    (x, weight, bias))
+
+
+@pytest.mark.parametrize('padding_mode', ['zeros', 'replicate'])
+def test_state_fusion_equals_merged_11x11_kernel(padding_mode):
+    h = torch.randn(2, 4, 12, 9, dtype=torch.float64)
+    kernels = [torch.randn(4, 1, 3, 3, dtype=torch.float64) for _ in range(3)]
+    alpha = torch.randn(3, dtype=torch.float64)
+    merged = merge_state_fusion_kernels(*kernels, alpha)
+    expected = dwconv2d(h, merged, padding_mode=padding_mode)
+    torch.testing.assert_close(state_fusion(h, *kernels, alpha, padding_mode=padding_mode), expected)
+
+
+def test_state_fusion_gradcheck():
+    h = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(state_fusion_ref, (h, *params, alpha))
+
+
+def test_state_fusion_upstream_fixture():
+    fixture = load_fixture('state_fusion')
+    tol = fixture['tolerances']['float32']
+    params = fixture['params']
+    merged = merge_state_fusion_kernels(params['kernel_3'], params['kernel_3_1'], params['kernel_3_2'],
+                                        params['alpha'])
+    assert rel_err(merged, fixture['merged_kernel_11x11']) < tol
+    for name, case in fixture['cases'].items():
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        h = case['h'].clone().requires_grad_()
+        out = state_fusion(h, **leaves)
+        assert rel_err(out, case['out_train_replicate']) < tol, name
+        assert rel_err(out, case['out_merged_kernel_replicate_pad']) < tol, name
+        (out * case['dout']).sum().backward()
+        grads = case['grads_train_replicate']
+        assert rel_err(h.grad, grads['d_h']) < tol, name
+        for key, leaf in leaves.items():
+            assert rel_err(leaf.grad, grads[f'd_{key}']) < tol, (name, key)
+        zero = state_fusion(case['h'], **params, padding_mode='zeros')
+        assert rel_err(zero, case['out_eval_upstream_zero_pad']) < tol, name
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_state_fusion_keeps_low_precision_dtype(dtype):
+    h = torch.randn(1, 4, 8, 8).to(dtype)
+    kernels = [torch.randn(4, 1, 3, 3) for _ in range(3)]
+    out = state_fusion(h, *kernels, torch.ones(3))
+    assert out.dtype == dtype
+    expected = state_fusion(h.float(), *kernels, torch.ones(3))
+    torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda: dwconv2d(torch.randn(1, 4, 8), torch.randn(4, 1, 3, 3)), 'x must be'),
+    (lambda: dwconv2d(torch.randn(1, 4, 8, 8), torch.randn(3, 1, 3, 3)), 'weight must be'),
+    (lambda: dwconv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 4, 4)), 'must be odd'),
+    (lambda: dwconv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3), padding_mode='reflect'), 'padding_mode'),
+    (lambda: state_fusion(torch.randn(1, 4, 8, 8), *[torch.randn(4, 1, 3, 3)] * 2, torch.randn(4, 1, 5, 5),
+                          torch.ones(3)), 'kernel 2 must be'),
+    (lambda: state_fusion(torch.randn(1, 4, 8, 8), *[torch.randn(4, 1, 3, 3)] * 3, torch.ones(2)), 'alpha must be'),
+])
+def test_bad_inputs_raise_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
