@@ -1,0 +1,133 @@
+"""What tools/train.py and tools/test.py share: config loading, CPU distributed runs, safe checkpoint loading.
+
+* ``load_config``: read a config and apply ``--cfg-options``, ``--work-dir``, ``--demo``.
+* ``prepare_for_device``: without GPUs, distributed runs use gloo, DDP without device ids, BN instead of
+  SyncBN, and the process group is initialised here (mmengine's ``init_dist`` calls ``torch.cuda.set_device``).
+* ``register_safe_globals``: torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine checkpoints
+  (resume, ``load_from``, ``Pretrained`` init) need a few extra classes allowed, nothing more.
+"""
+import codecs
+import os
+import os.path as osp
+import pickle
+from pathlib import Path
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+from mmengine.config import Config, DictAction
+
+__all__ = ['DictAction', 'load_config', 'apply_demo_override', 'prepare_for_device', 'register_safe_globals',
+           'DEMO_OVERRIDES']
+
+DEMO_OVERRIDES = {
+    'mmpretrain': 'classification/configs/_base_/demo.py',
+    'mmdet': 'detection/configs/_base_/demo.py',
+    'mmseg': 'segmentation/configs/_base_/demo.py',
+}
+
+
+def apply_demo_override(cfg: Config, repo_root: Path) -> str:
+    """Merge the task's demo override (chosen by ``default_scope``) into ``cfg``; return its path."""
+    scope = cfg.get('default_scope')
+    if scope not in DEMO_OVERRIDES:
+        raise ValueError(f'--demo: no demo override for default_scope={scope!r}; known scopes: {sorted(DEMO_OVERRIDES)}.')
+    path = Path(repo_root) / DEMO_OVERRIDES[scope]
+    override = Config.fromfile(str(path))
+    cfg.merge_from_dict(override.to_dict(), allow_list_keys=False)
+    return str(path)
+
+
+def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
+                demo: bool = False, repo_root: Optional[Path] = None) -> Config:
+    """Read ``config`` and apply the command-line overrides in the order a user expects.
+
+    ``--demo`` comes first, so ``--cfg-options`` can still change the demo (e.g. ``train_cfg.max_iters=2``).
+    The work dir defaults to ``work_dirs/<config name>`` (``work_dirs/<config name>_demo`` with ``--demo``).
+    """
+    if not osp.isfile(config):
+        raise FileNotFoundError(f'config file {config!r} does not exist.')
+    cfg = Config.fromfile(config)
+    if demo:
+        apply_demo_override(cfg, repo_root or Path(__file__).resolve().parents[1])
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        name = osp.splitext(osp.basename(config))[0] + ('_demo' if demo else '')
+        cfg.work_dir = osp.join('work_dirs', name)
+    return cfg
+
+
+def _replace_sync_bn(node: Any) -> int:
+    """Turn every ``type='SyncBN'`` into ``'BN'`` in a nested config; return how many were changed."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN', 'TorchSyncBN'):
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_sync_bn(value)
+    return count
+
+
+def prepare_for_device(cfg: Config, launcher: str) -> List[str]:
+    """Adapt ``cfg`` to a machine without CUDA and set the launcher; return what was changed.
+
+    On a CPU machine a distributed run (``launcher='pytorch'`` from torchrun) uses the gloo backend,
+    ``MMDistributedDataParallel`` without device ids, and BN in place of SyncBN (which has no CPU kernel).
+    The process group is initialised here because mmengine's own initialisation selects a CUDA device.
+    """
+    cfg.launcher = launcher
+    changes = []
+    if torch.cuda.is_available():
+        return changes
+    replaced = _replace_sync_bn(cfg.model)
+    if replaced:
+        changes.append(f'{replaced} SyncBN layer config(s) -> BN (SyncBN has no CPU implementation)')
+    if launcher != 'none':
+        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False)
+        changes.append('distributed on CPU: gloo backend, DDP without device ids')
+        if not torch.distributed.is_initialized():
+            if launcher != 'pytorch':
+                raise RuntimeError(f'launcher {launcher!r} needs GPUs here; on a CPU machine use '
+                                   'tools/dist_train.sh / dist_test.sh (torchrun, launcher pytorch).')
+            torch.distributed.init_process_group(backend='gloo')
+    return changes
+
+
+def _history_buffer_method(owner: type, name: str):
+    """The only ``getattr`` that mmengine checkpoints need: HistoryBuffer's statistics methods."""
+    from mmengine.logging import HistoryBuffer
+    if owner is not HistoryBuffer or name not in ('min', 'max', 'current', 'mean'):
+        raise pickle.UnpicklingError(f'refusing getattr({owner!r}, {name!r}) in a weights_only checkpoint')
+    return getattr(owner, name)
+
+
+def register_safe_globals() -> None:
+    """Allow what mmengine checkpoints contain under ``torch.load(weights_only=True)``, and nothing more.
+
+    Found by saving checkpoints with the Runner (optimizer, schedulers, message hub) and disassembling
+    them: the message hub's ``HistoryBuffer`` logs hold numpy arrays and scalars, and their statistics
+    methods are pickled as ``getattr(HistoryBuffer, 'min')``. ``getattr`` itself is never allowed: its
+    name is bound to a function that only returns those four methods.
+    """
+    from mmengine.logging import HistoryBuffer
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtypes = [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
+    torch.serialization.add_safe_globals([
+        HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar, codecs.encode, *dtypes,
+        (_history_buffer_method, '__builtin__.getattr'), (_history_buffer_method, 'builtins.getattr')
+    ])
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get('RANK', '0')) == 0
