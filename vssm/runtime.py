@@ -6,6 +6,7 @@
 * ``register_safe_globals``: torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine checkpoints
   (resume, ``load_from``, ``Pretrained`` init) need a few extra classes allowed, nothing more.
 """
+import argparse
 import codecs
 import os
 import os.path as osp
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 
-__all__ = ['DictAction', 'load_config', 'apply_demo_override', 'prepare_for_device', 'register_safe_globals',
-           'DEMO_OVERRIDES']
+__all__ = ['load_config', 'apply_demo_override', 'prepare_for_device', 'register_safe_globals', 'add_common_args',
+           'setup_run', 'build_runner', 'is_main_process', 'DEMO_OVERRIDES']
 
 DEMO_OVERRIDES = {
     'mmpretrain': 'classification/configs/_base_/demo.py',
@@ -89,6 +90,9 @@ def prepare_for_device(cfg: Config, launcher: str) -> List[str]:
     replaced = _replace_sync_bn(cfg.model)
     if replaced:
         changes.append(f'{replaced} SyncBN layer config(s) -> BN (SyncBN has no CPU implementation)')
+    if cfg.get('sync_bn'):
+        cfg.sync_bn = None
+        changes.append('sync_bn conversion switched off')
     if launcher != 'none':
         cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
         cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False)
@@ -123,11 +127,44 @@ def register_safe_globals() -> None:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct, scalar
     dtypes = [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
+    # Pickles written under numpy 1 name these numpy.core.multiarray.*, under numpy 2 numpy._core.multiarray.*.
+    aliases = [(fn, f'{module}.{fn.__name__}') for fn in (_reconstruct, scalar)
+               for module in ('numpy.core.multiarray', 'numpy._core.multiarray')]
     torch.serialization.add_safe_globals([
-        HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar, codecs.encode, *dtypes,
+        HistoryBuffer, np.ndarray, np.dtype, codecs.encode, *dtypes, *aliases,
         (_history_buffer_method, '__builtin__.getattr'), (_history_buffer_method, 'builtins.getattr')
     ])
 
 
 def is_main_process() -> bool:
     return int(os.environ.get('RANK', '0')) == 0
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options tools/train.py and tools/test.py share (after their positional arguments)."""
+    parser.add_argument('--work-dir', help='where logs, checkpoints and metrics go (default: work_dirs/<config name>)')
+    parser.add_argument('--demo', action='store_true',
+                        help="use the built-in demo data (the task's configs/_base_/demo.py override)")
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys, e.g. a.b=1')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    return parser
+
+
+def setup_run(args: argparse.Namespace, repo_root: Path) -> Config:
+    """Everything before the Runner: safe globals, the config with its overrides, the device adaptation."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    register_safe_globals()
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.demo, repo_root)
+    changes = prepare_for_device(cfg, args.launcher)
+    if is_main_process():
+        for change in changes:
+            print(f'[vssm] {change}', flush=True)
+    return cfg
+
+
+def build_runner(cfg: Config):
+    """mmengine's Runner, or the config's own ``runner_type``."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
