@@ -3,12 +3,13 @@
 # through tools/dist_train.sh / dist_test.sh (2 processes; CPU processes over gloo when there is no GPU), and
 # print top-1, bbox/segm mAP and mIoU.
 #
-#   bash tools/demo.sh                  # NPROC=2 ITERS=40 by default; e.g. ITERS=4 bash tools/demo.sh for a smoke run
+#   bash tools/demo.sh          # NPROC=2; the schedules of the demo overrides (100 / 40 / 40 iterations)
+#   ITERS=4 bash tools/demo.sh  # the same with 4 iterations per task (a smoke run)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 NPROC=${NPROC:-2}
-ITERS=${ITERS:-40}
+ITERS=${ITERS:-}
 OUT=${OUT:-work_dirs/demo}
 
 bash tools/setup.sh
@@ -19,13 +20,15 @@ run_task() {  # name config [extra test args]
   local name=$1 config=$2
   shift 2
   local wd="$OUT/$name"
-  echo "=== $name: train $ITERS iterations ($config)"
+  local iters=()
+  [ -z "$ITERS" ] || iters=(--cfg-options train_cfg.max_iters="$ITERS" train_cfg.val_interval="$ITERS" \
+    default_hooks.checkpoint.interval="$ITERS")
+  echo "=== $name: train ($config, log: $wd.train.log)"
   local t0=$SECONDS
-  tools/dist_train.sh "$config" "$NPROC" --demo --work-dir "$wd" \
-    --cfg-options train_cfg.max_iters="$ITERS" train_cfg.val_interval="$ITERS" \
-    default_hooks.checkpoint.interval="$ITERS" > "$wd.train.log" 2>&1 || { tail -n 40 "$wd.train.log"; exit 1; }
+  tools/dist_train.sh "$config" "$NPROC" --demo --work-dir "$wd" "${iters[@]}" > "$wd.train.log" 2>&1 \
+    || { tail -n 40 "$wd.train.log"; exit 1; }
   echo "=== $name: test $* (log: $wd.test.log)"
-  tools/dist_test.sh "$config" "$wd/iter_$ITERS.pth" "$NPROC" --demo --work-dir "$wd" "$@" \
+  tools/dist_test.sh "$config" "$(cat "$wd/last_checkpoint")" "$NPROC" --demo --work-dir "$wd" "$@" \
     > "$wd.test.log" 2>&1 || { tail -n 40 "$wd.test.log"; exit 1; }
   echo "=== $name: done in $((SECONDS - t0)) s"
 }

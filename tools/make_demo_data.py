@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASSES = ('circle', 'square', 'triangle', 'cross')
 """Shape classes; COCO category ids are 1..4 in this order."""
 SEG_CLASSES = ('background', ) + CLASSES
@@ -38,7 +38,7 @@ PARTIAL_NAME = '.incomplete'
 TASK_DIRS = ('imagenet', 'coco', 'ade')
 
 CLS_SIZE = 64
-CLS_PER_CLASS = {'train': 24, 'val': 8}
+CLS_PER_CLASS = {'train': 100, 'val': 25}
 DET_SIZE = (160, 128)  # (W, H)
 DET_IMAGES = {'train2017': 24, 'val2017': 8}
 SEG_SIZE = (128, 128)  # (W, H)

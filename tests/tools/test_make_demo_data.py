@@ -63,7 +63,7 @@ def test_second_call_skips_quickly(demo: Path) -> None:
     assert result['skipped']
     assert time.perf_counter() - start < 0.5
     assert {path: path.stat().st_mtime_ns for path in demo.rglob('*')} == before
-    assert result['counts']['imagenet/train'] == 96
+    assert result['counts']['imagenet/train'] == 4 * tool.CLS_PER_CLASS['train']
 
 
 def test_force_and_other_seed_regenerate(demo: Path, tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_negative_seed_raises(tmp_path: Path) -> None:
 
 
 def test_counts_and_layout(demo: Path) -> None:
-    for split, per_class in (('train', 24), ('val', 8)):
+    for split, per_class in tool.CLS_PER_CLASS.items():
         for name in tool.CLASSES:
             files = sorted((demo / 'imagenet' / split / name).glob('*.JPEG'))
             assert len(files) == per_class, (split, name)
@@ -198,10 +198,10 @@ def test_ade_loads_with_mmseg(demo: Path) -> None:
 
 def test_classification_loads_with_mmpretrain(demo: Path) -> None:
     train = CustomDataset(data_root=str(demo / 'imagenet'), data_prefix='train', pipeline=[])
-    assert len(train) == 96
+    assert len(train) == 4 * tool.CLS_PER_CLASS['train']
     assert train.CLASSES == ('circle', 'cross', 'square', 'triangle')
     val = CustomDataset(data_root=str(demo / 'imagenet'), ann_file='meta/val.txt', data_prefix='val',
                         metainfo=dict(classes=sorted(tool.CLASSES)), pipeline=[])
-    assert len(val) == 32
+    assert len(val) == 4 * tool.CLS_PER_CLASS['val']
     for info in val:
         assert val.CLASSES[info['gt_label']] == Path(info['img_path']).parent.name

@@ -34,13 +34,13 @@ tta_pipeline = [
          transforms=[[dict(type='RandomFlip', prob=0.), dict(type='RandomFlip', prob=1.)], [dict(type='PackInputs')]]),
 ]
 
-train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=40, val_interval=40)
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=100, val_interval=100)
 optim_wrapper = dict(optimizer=dict(lr=1e-3))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=10),
-    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=10, end=40),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=10, end=100),
 ]
 auto_scale_lr = dict(enable=False)
-default_hooks = dict(logger=dict(interval=5), checkpoint=dict(by_epoch=False, interval=40, max_keep_ckpts=1))
+default_hooks = dict(logger=dict(interval=5), checkpoint=dict(by_epoch=False, interval=100, max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
