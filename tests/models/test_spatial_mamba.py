@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from fixture_utils import fixture_weights, load_fixture, load_manifest, rel_err
+from mmengine.registry import DefaultScope
 from mmpretrain.registry import MODELS
 
 from vssm.models import SpatialMamba
@@ -16,11 +17,12 @@ SMALL_ARCH = dict(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1])
 
 
 def build_classifier(arch, num_classes=1000, **backbone_kwargs):
-    dim = SpatialMamba(arch).dims[-1] if isinstance(arch, str) else arch['dims'][-1]
-    return MODELS.build(
-        dict(type='ImageClassifier', backbone=dict(type='SpatialMamba', arch=arch, **backbone_kwargs),
-             neck=dict(type='GlobalAveragePooling'),
-             head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=dim)))
+    dim = SpatialMamba.arch_zoo[arch]['dims'][-1] if isinstance(arch, str) else arch['dims'][-1]
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # other tests may have set mmdet/mmseg
+        return MODELS.build(
+            dict(type='ImageClassifier', backbone=dict(type='SpatialMamba', arch=arch, **backbone_kwargs),
+                 neck=dict(type='GlobalAveragePooling'),
+                 head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=dim)))
 
 
 def test_unknown_arch_lists_valid_names():
