@@ -23,12 +23,18 @@ from torch import Tensor
 from ._backend import resolve_backend, try_import_extension
 
 __all__ = ['dwconv2d', 'dwconv2d_ref', 'state_fusion', 'state_fusion_ref', 'merge_state_fusion_kernels',
-           'kernel_available', 'FUSION_DILATIONS']
+           'kernel_available', 'FUSION_DILATIONS', 'KERNEL_DTYPES']
 
 _EXT_NAME = 'vssm_dwconv2d'
 _EXT = try_import_extension(_EXT_NAME)
 PADDING_MODES = ('zeros', 'replicate')
 FUSION_DILATIONS = (1, 3, 5)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_SIZE = 31
+# The kernel convolves with groups of (kernel size, dilation, skip the centre tap): the state fusion's 25 distinct taps
+# are a dense 3x3 plus the 8 outer taps of the 3x3 kernels dilated by 3 and by 5.
+_FUSION_GROUPS = tuple((3, dil, i > 0) for i, dil in enumerate(FUSION_DILATIONS))
+_OUTER_TAPS = [0, 1, 2, 3, 5, 6, 7, 8]
 
 
 def kernel_available() -> bool:
@@ -74,6 +80,57 @@ def dwconv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilat
     return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=x.shape[1])
 
 
+def _register_kernel_ops() -> None:
+    """Fake implementations and autograd for the operators of the compiled extension (torch.library)."""
+    lib = _EXT_NAME
+
+    @torch.library.register_fake(f'{lib}::fwd')
+    def _fwd_fake(x, weight, bias, kernel_sizes, dilations, skip_center, replicate):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(f'{lib}::bwd')
+    def _bwd_fake(dout, x, weight, kernel_sizes, dilations, skip_center, replicate, need_bias_grad):
+        return (torch.empty_like(x), torch.empty_like(weight),
+                weight.new_empty((x.shape[1], ) if need_bias_grad else (0, )))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, kernel_sizes, dilations, skip_center, replicate = inputs
+        ctx.taps = (kernel_sizes, dilations, skip_center, replicate)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        dx, dweight, dbias = torch.ops.vssm_dwconv2d.bwd(dout.contiguous(), x, weight, *ctx.taps, ctx.has_bias)
+        return dx, dweight, dbias if ctx.has_bias else None, None, None, None, None
+
+    torch.library.register_autograd(f'{lib}::fwd', backward, setup_context=setup_context)
+
+
+if _EXT is not None:
+    _register_kernel_ops()
+
+
+def _tap_conv_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups, replicate: bool) -> Tensor:
+    """The kernel path: x (B, C, H, W) in its dtype, weight (C, taps) and bias in float32."""
+    kernel_sizes, dilations, skip_center = (list(v) for v in zip(*groups))
+    return torch.ops.vssm_dwconv2d.fwd(x.contiguous(), weight.float().contiguous(),
+                                       None if bias is None else bias.float().contiguous(), kernel_sizes, dilations,
+                                       skip_center, replicate)
+
+
+def _use_kernel(backend: str, x: Tensor, ksize: int, what: str) -> bool:
+    """Whether this call runs on the kernel; unsupported inputs go to the reference unless 'cuda' was demanded."""
+    if resolve_backend(backend, _EXT, _EXT_NAME, 'dwconv2d', x) != 'cuda':
+        return False
+    if x.dtype in KERNEL_DTYPES and ksize <= KERNEL_MAX_SIZE:
+        return True
+    if backend == 'cuda':
+        raise ValueError(f'{what}: the CUDA kernel takes {KERNEL_DTYPES} and kernel sizes up to {KERNEL_MAX_SIZE}, '
+                         f"got {x.dtype} and {ksize}; use backend='torch' (or 'auto').")
+    return False
+
+
 def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dilation: int = 1,
              padding_mode: str = 'zeros', backend: str = 'auto') -> Tensor:
     """Depthwise conv, stride 1, "same" output size.
@@ -89,8 +146,12 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dilati
     Returns:
         (B, C, H, W), the dtype of ``x``.
     """
-    if resolve_backend(backend, _EXT, _EXT_NAME, 'dwconv2d', x) == 'cuda':
-        raise NotImplementedError('the CUDA dwconv2d binding arrives with the kernels issue (#3)')
+    _check_padding_mode(padding_mode)
+    _check_dw(x, weight, bias, dilation)
+    ksize = weight.shape[-1]
+    if _use_kernel(backend, x, ksize, 'dwconv2d'):
+        return _tap_conv_cuda(x, weight.reshape(weight.shape[0], -1), bias, ((ksize, dilation, False), ),
+                              padding_mode == 'replicate')
     return dwconv2d_ref(x, weight, bias, dilation, padding_mode)
 
 
@@ -137,9 +198,20 @@ def state_fusion(h: Tensor, kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Te
     Returns:
         (B, C, H, W), the dtype of ``h``.
     """
-    if resolve_backend(backend, _EXT, _EXT_NAME, 'dwconv2d', h) == 'cuda':
-        raise NotImplementedError('the CUDA state-fusion binding arrives with the kernels issue (#3)')
+    _check_padding_mode(padding_mode)
+    _check_fusion(h, (kernel_3, kernel_3_1, kernel_3_2), alpha)
+    if _use_kernel(backend, h, 3, 'state_fusion'):
+        weight = _fusion_tap_weights(kernel_3, kernel_3_1, kernel_3_2, alpha)
+        return _tap_conv_cuda(h, weight, None, _FUSION_GROUPS, padding_mode == 'replicate')
     return state_fusion_ref(h, kernel_3, kernel_3_1, kernel_3_2, alpha, padding_mode)
+
+
+def _fusion_tap_weights(kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Tensor, alpha: Tensor) -> Tensor:
+    """The 25 distinct tap weights per channel, (C, 25), in the kernel's order (differentiable, float32)."""
+    c = kernel_3.shape[0]
+    w0, w1, w2 = (alpha[i].float() * k.float().reshape(c, 9) for i, k in enumerate((kernel_3, kernel_3_1, kernel_3_2)))
+    centre = w0[:, 4:5] + w1[:, 4:5] + w2[:, 4:5]
+    return torch.cat([w0[:, :4], centre, w0[:, 5:], w1[:, _OUTER_TAPS], w2[:, _OUTER_TAPS]], dim=1)
 
 
 def merge_state_fusion_kernels(kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Tensor, alpha: Tensor) -> Tensor:

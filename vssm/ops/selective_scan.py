@@ -29,10 +29,12 @@ from torch import Tensor
 
 from ._backend import resolve_backend, try_import_extension
 
-__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available']
+__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available', 'KERNEL_DTYPES']
 
 _EXT_NAME = 'vssm_selective_scan'
 _EXT = try_import_extension(_EXT_NAME)
+KERNEL_CHUNK = 256  # steps per warp iteration in the kernel (kChunk in kernels/selective_scan/csrc/selective_scan.h)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernel_available() -> bool:
@@ -196,9 +198,63 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Option
                        D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                        delta_softplus: bool = True) -> Tensor:
     """Pure-PyTorch selective scan (CPU or GPU); see :func:`selective_scan` for the arguments."""
-    B, C = _normalize_groups('B', B), _normalize_groups('C', C)
-    _check_inputs(u, delta, A, B, C, D, delta_bias)
-    return _SelectiveScanRef.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend='torch')
+
+
+def _register_kernel_ops() -> None:
+    """Fake implementations and autograd for the operators of the compiled extension (torch.library)."""
+    lib = _EXT_NAME
+
+    @torch.library.register_fake(f'{lib}::fwd')
+    def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus):
+        bt, d, length = u.shape
+        n = A.shape[1]
+        out_shape = (bt, d, length) if C is not None else (bt, d, n, length)
+        n_chunks = (length + KERNEL_CHUNK - 1) // KERNEL_CHUNK
+        return u.new_empty(out_shape, dtype=torch.float32), u.new_empty((bt, d, n_chunks, n), dtype=torch.float32)
+
+    @torch.library.register_fake(f'{lib}::bwd')
+    def _bwd_fake(u, delta, A, B, C, D, delta_bias, dout, chunk_states, delta_softplus):
+        f32 = dict(dtype=torch.float32)
+        d = u.shape[1]
+        return (torch.empty_like(u), torch.empty_like(delta), A.new_empty(A.shape, **f32), B.new_empty(B.shape, **f32),
+                B.new_empty(B.shape if C is not None else (0, ), **f32), u.new_empty((d, ) if D is not None else (0, ),
+                                                                                   **f32),
+                u.new_empty((d, ) if delta_bias is not None else (0, ), **f32))
+
+    def setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+
+    def backward(ctx, dout, _dchunk_states):
+        u, delta, A, B, C, D, delta_bias, chunk_states = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dbias = torch.ops.vssm_selective_scan.bwd(u, delta, A, B, C, D, delta_bias,
+                                                                              dout.float().contiguous(), chunk_states,
+                                                                              ctx.delta_softplus)
+        return (du, ddelta, dA, dB.to(B.dtype), None if C is None else dC.to(C.dtype), None if D is None else dD,
+                None if delta_bias is None else dbias, None)
+
+    torch.library.register_autograd(f'{lib}::fwd', backward, setup_context=setup_context)
+
+
+if _EXT is not None:
+    _register_kernel_ops()
+
+
+def _selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor], D: Optional[Tensor],
+                         delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    """The kernel path: contiguous inputs, delta/B/C in u's dtype, A/D/delta_bias in float32."""
+
+    def same_dtype(x):
+        return None if x is None else x.to(u.dtype).contiguous()
+
+    def fp32(x):
+        return None if x is None else x.float().contiguous()
+
+    out, _ = torch.ops.vssm_selective_scan.fwd(u.contiguous(), same_dtype(delta), fp32(A), same_dtype(B),
+                                               same_dtype(C), fp32(D), fp32(delta_bias), delta_softplus)
+    return out
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor] = None,
@@ -207,20 +263,27 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[T
     """Selective scan, state-returning (``C is None``) or output-returning.
 
     Args:
-        u: input, (Bt, D, L); float32, float16 or bfloat16.
-        delta: raw step sizes, (Bt, D, L), same dtype as ``u``.
+        u: input, (Bt, D, L); float32, float16 or bfloat16 (float64 runs on the reference only).
+        delta: raw step sizes, (Bt, D, L); cast to ``u``'s dtype on the kernel path.
         A: state matrix (diagonal), (D, N), negative; float32.
         B: input projections, (Bt, N, L) for one group shared by all channels or (Bt, G, N, L).
         C: output projections, same layout as ``B``; ``None`` returns the states instead of y.
         D: skip weights, (D,), output form only.
         delta_bias: added to ``delta`` before the softplus, (D,).
         delta_softplus: apply softplus (threshold 20) to ``delta + delta_bias``.
-        backend: ``'auto'``, ``'torch'`` or ``'cuda'`` (see :mod:`vssm.ops._backend`).
+        backend: ``'auto'`` (the kernel for CUDA tensors when it is built, else the reference), ``'torch'``
+            or ``'cuda'`` (see :mod:`vssm.ops._backend`). Non-contiguous inputs are copied for the kernel.
 
     Returns:
         float32 (float64 for float64 inputs): the states h, (Bt, D, N, L), when ``C`` is ``None``,
         else y, (Bt, D, L).
     """
+    B, C = _normalize_groups('B', B), _normalize_groups('C', C)
+    _check_inputs(u, delta, A, B, C, D, delta_bias)
     if resolve_backend(backend, _EXT, _EXT_NAME, 'selective_scan', u) == 'cuda':
-        raise NotImplementedError('the CUDA selective scan binding arrives with the kernels issue (#3)')
-    return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        if u.dtype in KERNEL_DTYPES:
+            return _selective_scan_cuda(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        if backend == 'cuda':
+            raise ValueError(f'selective_scan: the CUDA kernel takes {KERNEL_DTYPES}, got u of dtype {u.dtype}; '
+                             "use backend='torch' (or 'auto') for it.")
+    return _SelectiveScanRef.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)

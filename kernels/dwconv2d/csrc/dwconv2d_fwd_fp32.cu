@@ -1,0 +1,6 @@
+// fwd instantiation for float (one translation unit per direction and dtype, built in parallel).
+#include "dwconv2d_kernel.cuh"
+
+namespace vssm_dwconv {
+template void launch_fwd<float>(const ConvParams &, cudaStream_t);
+}  // namespace vssm_dwconv

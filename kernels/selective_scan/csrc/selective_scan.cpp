@@ -1,0 +1,215 @@
+// Binding of the CUDA selective scan: input checks, dtype dispatch, and the operators
+//   torch.ops.vssm_selective_scan.fwd / .bwd
+// registered with TORCH_LIBRARY (fake implementations and autograd live in vssm/ops/selective_scan.py).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <tuple>
+
+#include "selective_scan.h"
+
+namespace vssm_scan {
+namespace {
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+using OptTensor = std::optional<at::Tensor>;
+#else
+using OptTensor = c10::optional<at::Tensor>;
+#endif
+
+void check_tensor(const at::Tensor &t, const char *name, const at::Tensor &u) {
+  TORCH_CHECK(t.is_cuda(), "vssm_selective_scan: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == u.device(), "vssm_selective_scan: ", name, " is on ", t.device(), " but u is on ",
+              u.device());
+  TORCH_CHECK(t.is_contiguous(), "vssm_selective_scan: ", name,
+              " must be contiguous (vssm.ops.selective_scan makes its inputs contiguous)");
+}
+
+void check_shape(const at::Tensor &t, const char *name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "vssm_selective_scan: ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+}
+
+bool aligned16(const at::Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+struct Checked {
+  ScanParams p{};
+  at::ScalarType dtype;
+};
+
+Checked check_inputs(const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &B,
+                     const OptTensor &C, const OptTensor &D, const OptTensor &delta_bias, bool delta_softplus) {
+  Checked c;
+  check_tensor(u, "u", u);
+  TORCH_CHECK(u.dim() == 3, "vssm_selective_scan: u must be (Bt, D, L), got ", u.sizes());
+  c.dtype = u.scalar_type();
+  TORCH_CHECK(c.dtype == at::kFloat || c.dtype == at::kHalf || c.dtype == at::kBFloat16,
+              "vssm_selective_scan: u must be float32, float16 or bfloat16, got ", c.dtype);
+  const int64_t bt = u.size(0), dim = u.size(1), length = u.size(2);
+  check_tensor(delta, "delta", u);
+  check_shape(delta, "delta", u.sizes());
+  TORCH_CHECK(delta.scalar_type() == c.dtype, "vssm_selective_scan: delta must have u's dtype ", c.dtype);
+  check_tensor(A, "A", u);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "vssm_selective_scan: A must be (D, N) with D = ", dim, ", got ",
+              A.sizes());
+  TORCH_CHECK(A.scalar_type() == at::kFloat, "vssm_selective_scan: A must be float32");
+  const int64_t nstate = A.size(1);
+  TORCH_CHECK(nstate >= 1 && nstate <= 16, "vssm_selective_scan: the state size N must be in 1..16, got ", nstate);
+  check_tensor(B, "B", u);
+  TORCH_CHECK(B.dim() == 4 && B.size(0) == bt && B.size(2) == nstate && B.size(3) == length,
+              "vssm_selective_scan: B must be (Bt, G, N, L) = (", bt, ", G, ", nstate, ", ", length, "), got ",
+              B.sizes());
+  TORCH_CHECK(B.scalar_type() == c.dtype, "vssm_selective_scan: B must have u's dtype ", c.dtype);
+  const int64_t groups = B.size(1);
+  TORCH_CHECK(groups >= 1 && dim % groups == 0, "vssm_selective_scan: D = ", dim,
+              " must be divisible by the number of B/C groups ", groups);
+  if (C.has_value()) {
+    check_tensor(*C, "C", u);
+    check_shape(*C, "C", B.sizes());
+    TORCH_CHECK(C->scalar_type() == c.dtype, "vssm_selective_scan: C must have u's dtype ", c.dtype);
+  }
+  for (const auto &[opt, name] : {std::make_pair(&D, "D"), std::make_pair(&delta_bias, "delta_bias")}) {
+    if (opt->has_value()) {
+      check_tensor(**opt, name, u);
+      check_shape(**opt, name, {dim});
+      TORCH_CHECK((*opt)->scalar_type() == at::kFloat, "vssm_selective_scan: ", name, " must be float32");
+    }
+  }
+  TORCH_CHECK(C.has_value() || !D.has_value(), "vssm_selective_scan: D needs C (the output-returning form)");
+
+  ScanParams &p = c.p;
+  p.batch = bt;
+  p.dim = dim;
+  p.length = length;
+  p.groups = groups;
+  p.dstate = nstate;
+  p.n_chunks = (length + kChunk - 1) / kChunk;
+  p.has_c = C.has_value();
+  p.has_d = D.has_value();
+  p.has_bias = delta_bias.has_value();
+  p.softplus = delta_softplus;
+  p.u = u.data_ptr();
+  p.delta = delta.data_ptr();
+  p.B = B.data_ptr();
+  p.C = p.has_c ? C->data_ptr() : nullptr;
+  p.A = A.data_ptr<float>();
+  p.Ds = p.has_d ? D->data_ptr<float>() : nullptr;
+  p.delta_bias = p.has_bias ? delta_bias->data_ptr<float>() : nullptr;
+  const int64_t elems_per_16b = 16 / static_cast<int64_t>(u.element_size());
+  p.vec = length % elems_per_16b == 0 && length % 4 == 0 && aligned16(u) && aligned16(delta) && aligned16(B) &&
+          (!p.has_c || aligned16(*C));
+  return c;
+}
+
+template <typename T>
+void dispatch_n(const ScanParams &p, bool forward, cudaStream_t stream) {
+  if (p.dstate == 1) {
+    forward ? launch_fwd<T, 1>(p, stream) : launch_bwd<T, 1>(p, stream);
+  } else if (p.dstate <= 4) {
+    forward ? launch_fwd<T, 4>(p, stream) : launch_bwd<T, 4>(p, stream);
+  } else {
+    forward ? launch_fwd<T, 16>(p, stream) : launch_bwd<T, 16>(p, stream);
+  }
+}
+
+void dispatch(const Checked &c, bool forward) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (c.dtype) {
+    case at::kFloat: dispatch_n<float>(c.p, forward, stream); break;
+    case at::kHalf: dispatch_n<__half>(c.p, forward, stream); break;
+    default: dispatch_n<__nv_bfloat16>(c.p, forward, stream); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> scan_fwd(const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A,
+                                            const at::Tensor &B, const OptTensor &C, const OptTensor &D,
+                                            const OptTensor &delta_bias, bool delta_softplus) {
+  Checked c = check_inputs(u, delta, A, B, C, D, delta_bias, delta_softplus);
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto f32 = u.options().dtype(at::kFloat);
+  ScanParams &p = c.p;
+  at::Tensor out = p.has_c ? at::empty({p.batch, p.dim, p.length}, f32)
+                           : at::empty({p.batch, p.dim, p.dstate, p.length}, f32);
+  at::Tensor chunk_states = at::empty({p.batch, p.dim, p.n_chunks, p.dstate}, f32);
+  p.out = out.data_ptr<float>();
+  p.chunk_states = chunk_states.data_ptr<float>();
+  p.vec = p.vec && aligned16(out);
+  if (p.batch * p.dim > 0 && p.length > 0) dispatch(c, /*forward=*/true);
+  return {out, chunk_states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd(
+    const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &B, const OptTensor &C,
+    const OptTensor &D, const OptTensor &delta_bias, const at::Tensor &dout, const at::Tensor &chunk_states,
+    bool delta_softplus) {
+  Checked c = check_inputs(u, delta, A, B, C, D, delta_bias, delta_softplus);
+  ScanParams &p = c.p;
+  check_tensor(dout, "dout", u);
+  TORCH_CHECK(dout.scalar_type() == at::kFloat, "vssm_selective_scan: dout must be float32 (the output's dtype)");
+  if (p.has_c) {
+    check_shape(dout, "dout", {p.batch, p.dim, p.length});
+  } else {
+    check_shape(dout, "dout", {p.batch, p.dim, p.dstate, p.length});
+  }
+  check_tensor(chunk_states, "chunk_states", u);
+  check_shape(chunk_states, "chunk_states", {p.batch, p.dim, p.n_chunks, p.dstate});
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
+  at::Tensor dB = at::zeros(B.sizes(), f32);
+  at::Tensor dC = p.has_c ? at::zeros(B.sizes(), f32) : at::empty({0}, f32);
+  at::Tensor dA_rows = at::empty({p.batch, p.dim, p.dstate}, f32);
+  at::Tensor dD_rows = p.has_d ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
+  at::Tensor dbias_rows = p.has_bias ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
+  p.dout = dout.data_ptr<float>();
+  p.chunk_states = const_cast<float *>(chunk_states.data_ptr<float>());
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dB = dB.data_ptr<float>();
+  p.dC = p.has_c ? dC.data_ptr<float>() : nullptr;
+  p.dA_rows = dA_rows.data_ptr<float>();
+  p.dD_rows = p.has_d ? dD_rows.data_ptr<float>() : nullptr;
+  p.dbias_rows = p.has_bias ? dbias_rows.data_ptr<float>() : nullptr;
+  p.vec = p.vec && aligned16(dout) && aligned16(du) && aligned16(ddelta);
+  if (p.batch * p.dim > 0 && p.length > 0) {
+    dispatch(c, /*forward=*/false);
+  } else {
+    du.zero_();
+    ddelta.zero_();
+    dA_rows.zero_();
+    dD_rows.zero_();
+    dbias_rows.zero_();
+  }
+  at::Tensor dA = dA_rows.sum(0);
+  at::Tensor dD = p.has_d ? dD_rows.sum(0) : dD_rows;
+  at::Tensor dbias = p.has_bias ? dbias_rows.sum(0) : dbias_rows;
+  return {du, ddelta, dA, dB, dC, dD, dbias};
+}
+
+}  // namespace
+}  // namespace vssm_scan
+
+TORCH_LIBRARY(vssm_selective_scan, m) {
+  m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D, Tensor? delta_bias, "
+        "bool delta_softplus) -> (Tensor, Tensor)");
+  m.def("bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D, Tensor? delta_bias, Tensor dout, "
+        "Tensor chunk_states, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vssm_selective_scan, CUDA, m) {
+  m.impl("fwd", &vssm_scan::scan_fwd);
+  m.impl("bwd", &vssm_scan::scan_bwd);
+}
+
+// `import vssm_selective_scan` loads this library, which registers the operators above.
+extern "C" PyObject *PyInit_vssm_selective_scan(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "vssm_selective_scan",
+                                   "CUDA selective scan; operators in torch.ops.vssm_selective_scan", -1, nullptr};
+  return PyModule_Create(&module_def);
+}

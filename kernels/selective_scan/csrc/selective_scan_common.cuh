@@ -1,0 +1,112 @@
+// Helpers shared by the forward and backward scan kernels: dtype conversion, vectorised row loads and stores,
+// softplus, and the warp-level composition of affine maps h -> a * h + b.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "selective_scan.h"
+
+namespace vssm_scan {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// kItems consecutive elements of a row starting at `start` (zero past `length`). `vec` says that the row
+// start is 16-byte aligned and the row length keeps every lane's start 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void load_items(const T *row, int64_t start, int64_t length, bool vec,
+                                           float (&v)[kItems]) {
+  if (vec && start + kItems <= length) {
+    constexpr int kVec = kItems * sizeof(T) / 16;
+    uint4 raw[kVec];
+    const uint4 *src = reinterpret_cast<const uint4 *>(row + start);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) raw[k] = __ldg(src + k);
+    const T *vals = reinterpret_cast<const T *>(raw);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[i] = to_float(vals[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[i] = (start + i < length) ? to_float(row[start + i]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_items(T *row, int64_t start, int64_t length, bool vec,
+                                            const float (&v)[kItems]) {
+  if (vec && start + kItems <= length) {
+    constexpr int kVec = kItems * sizeof(T) / 16;
+    uint4 raw[kVec];
+    T *vals = reinterpret_cast<T *>(raw);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) vals[i] = from_float<T>(v[i]);
+    uint4 *dst = reinterpret_cast<uint4 *>(row + start);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dst[k] = raw[k];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i)
+      if (start + i < length) row[start + i] = from_float<T>(v[i]);
+  }
+}
+
+// softplus with PyTorch's threshold 20 (identity above it).
+__device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
+__device__ __forceinline__ float softplus_grad(float x) { return x <= 20.f ? 1.f / (1.f + __expf(-x)) : 1.f; }
+
+// Inclusive scan over the lanes of a warp of the affine maps (a, b): h -> a * h + b, lane 0 first.
+template <int kN>
+__device__ __forceinline__ void warp_scan_forward(float (&a)[kN], float (&b)[kN], int lane) {
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      const float a_up = __shfl_up_sync(kFullMask, a[n], offset);
+      const float b_up = __shfl_up_sync(kFullMask, b[n], offset);
+      if (lane >= offset) {
+        b[n] = a[n] * b_up + b[n];
+        a[n] = a[n] * a_up;
+      }
+    }
+  }
+}
+
+// Inclusive scan over the lanes of a warp of the same maps applied from lane 31 down to lane 0.
+template <int kN>
+__device__ __forceinline__ void warp_scan_backward(float (&a)[kN], float (&b)[kN], int lane) {
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      const float a_dn = __shfl_down_sync(kFullMask, a[n], offset);
+      const float b_dn = __shfl_down_sync(kFullMask, b[n], offset);
+      if (lane + offset < kWarpSize) {
+        b[n] = a[n] * b_dn + b[n];
+        a[n] = a[n] * a_dn;
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+}  // namespace vssm_scan

@@ -1,0 +1,8 @@
+// fwd instantiations for float inputs (one translation unit per direction and dtype, built in parallel).
+#include "selective_scan_fwd_kernel.cuh"
+
+namespace vssm_scan {
+template void launch_fwd<float, 1>(const ScanParams &, cudaStream_t);
+template void launch_fwd<float, 4>(const ScanParams &, cudaStream_t);
+template void launch_fwd<float, 16>(const ScanParams &, cudaStream_t);
+}  // namespace vssm_scan

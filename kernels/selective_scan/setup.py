@@ -1,0 +1,26 @@
+"""Build the CUDA selective scan (module ``vssm_selective_scan``).
+
+    TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=8 pip install --no-build-isolation -v kernels/selective_scan
+"""
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / '_build'))
+from cuda_build import EXTRA_COMPILE_ARGS, check_nvcc_matches_torch  # noqa: E402
+
+check_nvcc_matches_torch()
+sources = ['csrc/selective_scan.cpp'] + [
+    f'csrc/selective_scan_{d}_{t}.cu' for d in ('fwd', 'bwd') for t in ('fp32', 'fp16', 'bf16')
+]
+setup(
+    name='vssm-selective-scan',
+    version='0.1.0',
+    description='CUDA selective scan for vssm (state- and output-returning, forward and backward)',
+    ext_modules=[CUDAExtension('vssm_selective_scan', sources, extra_compile_args=EXTRA_COMPILE_ARGS)],
+    cmdclass={'build_ext': BuildExtension.with_options(use_ninja=os.environ.get('USE_NINJA', '1') == '1')},
+)

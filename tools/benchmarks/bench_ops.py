@@ -1,0 +1,211 @@
+"""Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
+
+    python tools/benchmarks/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--json out.json]
+
+For every case it prints the median time of the forward pass and of forward + backward, the effective bandwidth
+(the minimal bytes the op must move divided by the time) and that bandwidth as a fraction of a device-to-device
+copy measured in the same run. Rows:
+
+* selective scan (Spatial-Mamba's state form, VMamba's output form): the CUDA kernel, the PyTorch reference
+  (log-depth scan) and the reference under ``torch.compile``;
+* state fusion: the fused kernel, three cuDNN depthwise dilated 3x3 convs on replicate ``F.pad`` inputs (the
+  upstream training path), and one dense 11x11 ``F.conv2d`` (the upstream eval path's cost);
+* dense 11x11 depthwise conv: the kernel and ``F.conv2d(groups=C)``.
+TF32 is enabled for the cuDNN baselines (as in training).
+"""
+import argparse
+import json
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from vssm.ops import dwconv2d, selective_scan, state_fusion
+from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
+from vssm.ops.selective_scan import kernel_available as scan_kernel_available
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of ``fn`` on the GPU, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (bytes read + written)."""
+    src = torch.empty(256 * 2**20, device='cuda', dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters=20)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor]) -> Callable[[], None]:
+    grad = None
+
+    def run():
+        nonlocal grad
+        out = fn()
+        if grad is None:
+            grad = torch.randn_like(out)
+        torch.autograd.grad(out, leaves, grad)
+
+    return run
+
+
+class Table:
+
+    def __init__(self, copy_bw: float):
+        self.copy_bw = copy_bw
+        self.rows: List[Dict] = []
+
+    def add(self, op: str, shape: str, dtype: str, impl: str, fwd_ms: float, fwdbwd_ms: Optional[float],
+            fwd_bytes: float, bwd_bytes: float) -> None:
+        row = dict(op=op, shape=shape, dtype=dtype, impl=impl, fwd_ms=fwd_ms, fwd_bwd_ms=fwdbwd_ms,
+                   fwd_gbps=fwd_bytes / (fwd_ms * 1e-3) / 1e9,
+                   fwd_bwd_gbps=None if fwdbwd_ms is None else (fwd_bytes + bwd_bytes) / (fwdbwd_ms * 1e-3) / 1e9)
+        row['fwd_frac'] = row['fwd_gbps'] * 1e9 / self.copy_bw
+        row['fwd_bwd_frac'] = None if fwdbwd_ms is None else row['fwd_bwd_gbps'] * 1e9 / self.copy_bw
+        self.rows.append(row)
+        fb = '      -' if fwdbwd_ms is None else f'{fwdbwd_ms:7.3f}'
+        fbf = '    -' if fwdbwd_ms is None else f'{row["fwd_bwd_frac"]:5.0%}'
+        print(f'{op:14s} {shape:28s} {dtype:5s} {impl:22s} fwd {fwd_ms:7.3f} ms ({row["fwd_frac"]:5.0%} of copy)  '
+              f'fwd+bwd {fb} ms ({fbf})', flush=True)
+
+
+def bench_scan(table: Table, form: str, bt: int, d: int, groups: int, length: int, dtype: torch.dtype,
+               name: str, with_compile: bool) -> None:
+    s = torch.tensor([], dtype=dtype).element_size()
+    kw = dict(device='cuda')
+    u = torch.randn(bt, d, length, **kw).to(dtype).requires_grad_()
+    delta = (torch.randn(bt, d, length, **kw) * 0.5 - 1).to(dtype).requires_grad_()
+    A = (-torch.rand(d, 1, **kw) - 0.1).requires_grad_()
+    B = torch.randn(bt, groups, 1, length, **kw).to(dtype).requires_grad_()
+    bias = (torch.rand(d, **kw) - 2).requires_grad_()
+    leaves = [u, delta, A, B, bias]
+    extra = {}
+    if form == 'output':
+        extra = dict(C=torch.randn(bt, groups, 1, length, **kw).to(dtype).requires_grad_(),
+                     D=torch.ones(d, **kw).requires_grad_())
+        leaves += list(extra.values())
+    el, bc = bt * d * length, bt * groups * length
+    n_bc = 2 if form == 'output' else 1
+    fwd_bytes = 2 * el * s + n_bc * bc * s + el * 4
+    bwd_bytes = 2 * el * s + n_bc * bc * s + el * 4 + 2 * el * s + n_bc * bc * 4
+    impls = [('cuda kernel', 'cuda'), ('torch reference', 'torch')]
+    for impl, backend in impls:
+        def fn(backend=backend):
+            return selective_scan(u, delta, A, B, delta_bias=bias, backend=backend, **extra)
+        with torch.no_grad():
+            fwd = time_ms(fn)
+        table.add(f'scan-{form}', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, leaves)), fwd_bytes,
+                  bwd_bytes)
+    if with_compile:
+        compiled = torch.compile(lambda: selective_scan(u, delta, A, B, delta_bias=bias, backend='torch', **extra))
+        with torch.no_grad():
+            fwd = time_ms(compiled)
+        table.add(f'scan-{form}', name, DTYPE_NAME[dtype], 'torch ref (compiled)', fwd,
+                  time_ms(fwd_bwd(compiled, leaves)), fwd_bytes, bwd_bytes)
+
+
+def bench_fusion(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dtype, name: str) -> None:
+    s = torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(bt, d, h, w, device='cuda').to(dtype).requires_grad_()
+    ks = [(torch.randn(d, 1, 3, 3, device='cuda') * 0.3).requires_grad_() for _ in range(3)]
+    alpha = torch.ones(3, device='cuda', requires_grad=True)
+    el = x.numel()
+    fwd_bytes, bwd_bytes = 2 * el * s, 3 * el * s
+
+    def ours():
+        return state_fusion(x, *ks, alpha, backend='cuda')
+
+    def three_convs():
+        xp = F.pad(x, (5, 5, 5, 5), mode='replicate')
+        out = 0
+        for i, dil in enumerate((1, 3, 5)):
+            win = xp[..., 5 - dil:5 - dil + h + 2 * dil, 5 - dil:5 - dil + w + 2 * dil]
+            out = out + alpha[i].to(dtype) * F.conv2d(win, ks[i].to(dtype), dilation=dil, groups=d)
+        return out
+
+    merged = torch.randn(d, 1, 11, 11, device='cuda').to(dtype).requires_grad_()
+
+    def dense11():
+        return F.conv2d(x, merged, padding=5, groups=d)
+
+    for impl, fn, leaves in (('fused kernel', ours, [x, *ks, alpha]), ('3x cuDNN dilated+pad', three_convs,
+                                                                       [x, *ks, alpha]),
+                             ('cuDNN dense 11x11', dense11, [x, merged])):
+        with torch.no_grad():
+            fwd = time_ms(fn)
+        table.add('state-fusion', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, leaves)), fwd_bytes,
+                  bwd_bytes)
+
+
+def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: torch.dtype, name: str) -> None:
+    s = torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(bt, d, h, w, device='cuda').to(dtype).requires_grad_()
+    weight = (torch.randn(d, 1, k, k, device='cuda') / k).requires_grad_()
+    el = x.numel()
+    weight_lp = weight.detach().to(dtype).requires_grad_()
+    for impl, fn, leaves in (('cuda kernel', lambda: dwconv2d(x, weight, backend='cuda'), [x, weight]),
+                             ('cuDNN F.conv2d', lambda: F.conv2d(x, weight_lp, padding=k // 2, groups=d),
+                              [x, weight_lp])):
+        with torch.no_grad():
+            fwd = time_ms(fn)
+        table.add(f'dwconv{k}x{k}', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, leaves)), 2 * el * s,
+                  3 * el * s)
+
+
+DTYPE_NAME = {v: k for k, v in DTYPES.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--dtypes', nargs='+', default=['fp32', 'bf16'], choices=list(DTYPES))
+    parser.add_argument('--batch', type=int, default=128, help='batch of the classification shapes')
+    parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile baseline')
+    parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
+    parser.add_argument('--json', help='also write the rows here')
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('bench_ops.py needs a CUDA device.')
+    if not (scan_kernel_available() and dw_kernel_available()):
+        raise SystemExit('build the kernels first: see kernels/README.md')
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    copy_bw = copy_bandwidth()
+    print(f'device: {torch.cuda.get_device_name()}, torch {torch.__version__}, '
+          f'device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write)\n')
+    table = Table(copy_bw)
+    bt = args.batch
+    stages = [(56, 56), (28, 28)] if args.quick else [(56, 56), (28, 28), (14, 14), (7, 7)]
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for i, (h, w) in enumerate(stages):
+            d_sm, d_vm = 128 * 2**i, 96 * 2**i  # Spatial-Mamba-T and VMamba-T inner widths
+            bench_scan(table, 'state', bt, d_sm, 1, h * w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h * w}',
+                       not args.no_compile and i == 0)
+            bench_scan(table, 'output', bt, 4 * d_vm, 4, h * w, dtype, f'VM-T s{i + 1} {bt}x4x{d_vm}x{h * w}', False)
+            bench_fusion(table, bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')
+        bench_fusion(table, 2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')
+        bench_scan(table, 'state', 2, 128, 1, 200 * 336, dtype, 'SM-T det s1 2x128x67200', False)
+        bench_dense(table, bt, 128, 56, 56, 11, dtype, f'{bt}x128x56x56')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=copy_bw, rows=table.rows), f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
