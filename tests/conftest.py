@@ -38,3 +38,10 @@ def has_kernel(name: str) -> bool:
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _exact_cuda_references():
+    """The PyTorch references on a GPU must not use TF32 (cuDNN convolutions default to it)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False

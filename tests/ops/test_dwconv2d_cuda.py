@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_kernel('d
 
 # max|kernel - reference| / max|reference|; the reference runs in float32 on the same (rounded) inputs.
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-PARAM_GRAD_TOL = 1e-4  # weight/bias/alpha gradients are float32 sums over B x H x W
+PARAM_GRAD_TOL = 1e-4  # weight/bias/alpha gradients: float32 sums over B x H x W of the same products
 
 
 def _run(fn, leaves, dout):
@@ -27,7 +27,8 @@ def _run(fn, leaves, dout):
 def compare(kernel_fn, ref_fn, inputs, dtype, x_key):
     leaves_k = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     leaves_r = {k: v.detach().float().clone().requires_grad_() for k, v in inputs.items()}
-    dout = torch.randn(inputs[x_key].shape, device='cuda')
+    # The kernel's output has the input dtype, so its incoming gradient is rounded to it: give the reference the same.
+    dout = torch.randn(inputs[x_key].shape, device='cuda').to(dtype).float()
     out_k = _run(kernel_fn, leaves_k, dout)
     out_r = _run(ref_fn, leaves_r, dout)
     assert out_k.dtype == dtype

@@ -77,6 +77,8 @@ ConvParams make_params(const at::Tensor &x, const at::Tensor &weight, const TapG
   p.tiles_y = static_cast<int>((p.height + kTileH - 1) / kTileH);
   p.groups = g;
   p.replicate = replicate;
+  p.fusion = g.count == 3 && g.ksize[0] == 3 && g.ksize[1] == 3 && g.ksize[2] == 3 && g.dilation[0] == 1 &&
+             g.dilation[1] == 3 && g.dilation[2] == 5 && !g.skip_center[0] && g.skip_center[1] && g.skip_center[2];
   p.x = x.data_ptr();
   p.weight = weight.data_ptr<float>();
   return p;

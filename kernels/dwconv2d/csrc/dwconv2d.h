@@ -17,8 +17,10 @@
 namespace vssm_dwconv {
 
 constexpr int kMaxGroups = 3;
-constexpr int kTileH = 16, kTileW = 32, kPx = 4;        // output tile; each thread computes kPx pixels of a row
-constexpr int kThreads = kTileH * (kTileW / kPx);       // 128
+constexpr int kTileH = 32, kTileW = 32;                 // output tile of a block
+constexpr int kPy = 8;                                   // each thread computes a column of kPy outputs of it, so a
+                                                         // warp reads 32 consecutive floats: no bank conflicts
+constexpr int kThreads = (kTileH / kPy) * kTileW;        // 128
 
 struct TapGroups {
   int count = 0;
@@ -34,6 +36,7 @@ struct ConvParams {
   int tiles_x, tiles_y;
   TapGroups groups;
   bool replicate;
+  bool fusion;            // the groups are the state fusion's (3, 1), (3, 3, skip), (3, 5, skip)
   const void *x;          // (B, C, H, W), input dtype
   const float *weight;    // (C, taps) fp32
   const float *bias;      // (C,) fp32 or null

@@ -1,11 +1,16 @@
 // Depthwise convolution over a set of taps (see dwconv2d.h), forward and backward.
 //
 // A block computes a kTileH x kTileW tile of one (batch, channel) plane. It stages the input tile with a halo of
-// `reach` pixels in shared memory (the padding mode applied while loading), and every thread accumulates kPx
-// horizontally adjacent outputs over the taps. The backward block stages both dout and the input: the input
-// gradient is the transposed tap sum over dout (for replicate padding, border pixels also collect the taps that
-// were clamped onto them), and the weight gradient is a per-tap correlation summed over the block and added to
-// global memory with one atomic per tap.
+// `reach` pixels in shared memory (the padding mode applied while loading), and every thread accumulates
+// a column of kPy outputs over the taps (a warp covers 32 adjacent columns, so its shared-memory reads hit 32
+// banks). The state fusion's 25 taps and the dense undilated 3/5/7/11 kernels are compile-time constants: their
+// offsets are immediates and a word shared by several taps is read once. Other tap sets are read at run time.
+//
+// Backward: the block stages dout (zero outside the plane) and the input. The input gradient is the transposed tap
+// sum over dout, which is exact for zero padding and for every pixel off the border; with replicate padding the
+// border pixels also collect the taps that were clamped onto them, which a second small kernel computes
+// (one thread per border pixel). The weight gradient is a per-tap correlation summed over the block and added to
+// global memory with one atomic per tap and block.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +20,7 @@
 namespace vssm_dwconv {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kFusionReach = 5;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -30,20 +36,64 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 
 __device__ __forceinline__ int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// Calls fn(t, oy, ox) for every tap t of the groups, in weight order.
-template <typename Fn>
-__device__ __forceinline__ void for_each_tap(const TapGroups &g, Fn fn) {
-  int t = 0;
-  for (int k = 0; k < g.count; ++k) {
-    const int half = g.ksize[k] / 2, dil = g.dilation[k];
-    for (int ky = 0; ky < g.ksize[k]; ++ky) {
-      for (int kx = 0; kx < g.ksize[k]; ++kx) {
-        if (g.skip_center[k] && ky == half && kx == half) continue;
-        fn(t++, (ky - half) * dil, (kx - half) * dil);
-      }
+// The 3x3 taps of one fusion branch, starting at weight index kT0 (the centre skipped for the dilated branches).
+template <int kDil, bool kSkip, int kT0, typename Fn>
+__device__ __forceinline__ void fusion_branch(Fn &fn) {
+#pragma unroll
+  for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+    for (int kx = 0; kx < 3; ++kx) {
+      if (kSkip && ky == 1 && kx == 1) continue;
+      const int idx = ky * 3 + kx;
+      fn(kT0 + idx - ((kSkip && idx > 4) ? 1 : 0), (ky - 1) * kDil, (kx - 1) * kDil);
     }
   }
 }
+
+// Tap sets: for_each(groups, fn) calls fn(t, oy, ox) for every tap t in weight order.
+struct FusionTaps {
+  static constexpr bool kStatic = true;
+  template <typename Fn>
+  __device__ __forceinline__ static void for_each(const TapGroups &, Fn fn) {
+    fusion_branch<1, false, 0>(fn);
+    fusion_branch<3, true, 9>(fn);
+    fusion_branch<5, true, 17>(fn);
+  }
+  __device__ __forceinline__ static int reach(const TapGroups &) { return kFusionReach; }
+};
+
+// A dense K x K kernel without dilation: every offset is a compile-time constant, so loads shared by several
+// taps (the same shared-memory word for different output rows) are issued once.
+template <int K>
+struct DenseTaps {
+  static constexpr bool kStatic = true;
+  template <typename Fn>
+  __device__ __forceinline__ static void for_each(const TapGroups &, Fn fn) {
+#pragma unroll
+    for (int ky = 0; ky < K; ++ky)
+#pragma unroll
+      for (int kx = 0; kx < K; ++kx) fn(ky * K + kx, ky - K / 2, kx - K / 2);
+  }
+  __device__ __forceinline__ static int reach(const TapGroups &) { return K / 2; }
+};
+
+struct RuntimeTaps {
+  static constexpr bool kStatic = false;
+  template <typename Fn>
+  __device__ __forceinline__ static void for_each(const TapGroups &g, Fn fn) {
+    int t = 0;
+    for (int k = 0; k < g.count; ++k) {
+      const int half = g.ksize[k] / 2, dil = g.dilation[k];
+      for (int ky = 0; ky < g.ksize[k]; ++ky) {
+        for (int kx = 0; kx < g.ksize[k]; ++kx) {
+          if (g.skip_center[k] && ky == half && kx == half) continue;
+          fn(t++, (ky - half) * dil, (kx - half) * dil);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ static int reach(const TapGroups &g) { return g.reach; }
+};
 
 // Stage a (kTileH + 2R) x (kTileW + 2R) window of a plane, starting at (y0 - R, x0 - R), in shared memory.
 // Outside the plane: the clamped border pixel (replicate) or zero.
@@ -62,11 +112,32 @@ __device__ __forceinline__ void stage_tile(float *tile, const T *plane, int heig
   }
 }
 
-template <typename T>
+// Accumulate the kPy outputs of column lx from row ly: acc[r] += w_t * tile[ly + r + oy, lx + ox] (offsets negated
+// when kTranspose, for the input gradient).
+template <typename Taps, bool kTranspose>
+__device__ __forceinline__ void tap_sum(const TapGroups &g, const float *tile, int sw, int reach, const float *weights,
+                                        int ly, int lx, float (&acc)[kPy]) {
+  const float *base = tile + (ly + reach) * sw + lx + reach;
+  Taps::for_each(g, [&](int t, int oy, int ox) {
+    const float w = weights[t];
+    const float *src = kTranspose ? base - oy * sw - ox : base + oy * sw + ox;
+#pragma unroll
+    for (int r = 0; r < kPy; ++r) acc[r] = fmaf(w, src[r * sw], acc[r]);
+  });
+}
+
+// Tile width of a block's staged window: a compile-time constant for static tap sets.
+template <typename Taps>
+__device__ __forceinline__ int window_width(int reach) {
+  return kTileW + 2 * reach;
+}
+
+template <typename T, typename Taps>
 __global__ void __launch_bounds__(kThreads) dw_fwd_kernel(const ConvParams p) {
   extern __shared__ float smem[];
   const TapGroups &g = p.groups;
-  const int reach = g.reach, sw = kTileW + 2 * reach;
+  const int reach = Taps::reach(g);
+  const int sw = window_width<Taps>(reach);
   float *tile = smem;
   float *wsm = smem + (kTileH + 2 * reach) * sw;
   const int c = blockIdx.y, b = blockIdx.z;
@@ -77,39 +148,26 @@ __global__ void __launch_bounds__(kThreads) dw_fwd_kernel(const ConvParams p) {
   for (int t = threadIdx.x; t < g.taps; t += blockDim.x) wsm[t] = p.weight[static_cast<int64_t>(c) * g.taps + t];
   __syncthreads();
 
-  const int ly = threadIdx.x / (kTileW / kPx), lx = (threadIdx.x % (kTileW / kPx)) * kPx;
-  const int y = y0 + ly;
-  if (y >= height || x0 + lx >= width) return;
-  float acc[kPx];
+  const int ly = (threadIdx.x / kTileW) * kPy, lx = threadIdx.x % kTileW;
+  if (y0 + ly >= height || x0 + lx >= width) return;
+  float acc[kPy];
   const float bias = p.bias ? p.bias[c] : 0.f;
 #pragma unroll
-  for (int j = 0; j < kPx; ++j) acc[j] = bias;
-  for_each_tap(g, [&](int t, int oy, int ox) {
-    const float w = wsm[t];
-    const float *src = tile + (ly + reach + oy) * sw + lx + reach + ox;
+  for (int r = 0; r < kPy; ++r) acc[r] = bias;
+  tap_sum<Taps, false>(g, tile, sw, reach, wsm, ly, lx, acc);
+  T *out = static_cast<T *>(p.out) + plane_off + x0 + lx;
 #pragma unroll
-    for (int j = 0; j < kPx; ++j) acc[j] = fmaf(w, src[j], acc[j]);
-  });
-  T *out = static_cast<T *>(p.out) + plane_off + static_cast<int64_t>(y) * width;
-#pragma unroll
-  for (int j = 0; j < kPx; ++j)
-    if (x0 + lx + j < width) out[x0 + lx + j] = from_float<T>(acc[j]);
+  for (int r = 0; r < kPy; ++r)
+    if (y0 + ly + r < height) out[static_cast<int64_t>(y0 + ly + r) * width] = from_float<T>(acc[r]);
 }
 
-// Range of padded coordinates that replicate padding folds onto pixel v of an axis of size n.
-__device__ __forceinline__ void folded_range(int v, int n, int reach, bool replicate, int &lo, int &hi) {
-  lo = hi = v;
-  if (!replicate) return;
-  if (v == 0) lo = -reach;
-  if (v == n - 1) hi = n - 1 + reach;
-}
-
-template <typename T>
+template <typename T, typename Taps>
 __global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const ConvParams p) {
   extern __shared__ float smem[];
   constexpr int kWarps = kThreads / 32;
   const TapGroups &g = p.groups;
-  const int reach = g.reach, sh = kTileH + 2 * reach, sw = kTileW + 2 * reach;
+  const int reach = Taps::reach(g);
+  const int sh = kTileH + 2 * reach, sw = window_width<Taps>(reach);
   float *gtile = smem;                    // dout, zero outside the plane
   float *xtile = gtile + sh * sw;         // x, padded as in the forward pass
   float *wsm = xtile + sh * sw;           // weights of this channel
@@ -124,65 +182,28 @@ __global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const ConvParams p) {
   __syncthreads();
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int ly = threadIdx.x / (kTileW / kPx), lx = (threadIdx.x % (kTileW / kPx)) * kPx;
-  const int y = y0 + ly;
-  const bool row_valid = y < height;
-  int nvalid = 0;  // outputs of this thread inside the plane
-#pragma unroll
-  for (int j = 0; j < kPx; ++j) nvalid += (row_valid && x0 + lx + j < width) ? 1 : 0;
+  const int ly = (threadIdx.x / kTileW) * kPy, lx = threadIdx.x % kTileW;
 
-  // Input gradient: dx[y, x] = sum over padded (py, px) folded onto (y, x), sum_t w_t dout[py - oy_t, px - ox_t].
-  float dx[kPx];
+  // Input gradient (the zero-padding adjoint; replicate borders are redone by dw_fold_kernel).
+  if (y0 + ly < height && x0 + lx < width) {
+    float dx[kPy];
 #pragma unroll
-  for (int j = 0; j < kPx; ++j) dx[j] = 0.f;
-  int ylo, yhi;
-  folded_range(y, height, reach, p.replicate, ylo, yhi);
-  const bool x_interior = !p.replicate || (x0 + lx > 0 && x0 + lx + kPx - 1 < width - 1);
-  if (nvalid > 0 && ylo == yhi && x_interior) {  // the common case: no folding
-    for_each_tap(g, [&](int t, int oy, int ox) {
-      const float w = wsm[t];
-      const float *src = gtile + (ly + reach - oy) * sw + lx + reach - ox;
+    for (int r = 0; r < kPy; ++r) dx[r] = 0.f;
+    tap_sum<Taps, true>(g, gtile, sw, reach, wsm, ly, lx, dx);
+    T *dxp = static_cast<T *>(p.dx) + plane_off + x0 + lx;
 #pragma unroll
-      for (int j = 0; j < kPx; ++j) dx[j] = fmaf(w, src[j], dx[j]);
-    });
-  } else if (nvalid > 0) {
-#pragma unroll
-    for (int j = 0; j < kPx; ++j) {
-      const int x = x0 + lx + j;
-      if (x >= width) continue;
-      int xlo, xhi;
-      folded_range(x, width, reach, p.replicate, xlo, xhi);
-      float s = 0.f;
-      for_each_tap(g, [&](int t, int oy, int ox) {
-        float tap = 0.f;
-        for (int py = ylo; py <= yhi; ++py) {
-          const int gy = py - oy;
-          if (gy < 0 || gy >= height) continue;
-          for (int px = xlo; px <= xhi; ++px) {
-            const int gx = px - ox;
-            if (gx < 0 || gx >= width) continue;
-            tap += gtile[(gy - y0 + reach) * sw + gx - x0 + reach];
-          }
-        }
-        s = fmaf(wsm[t], tap, s);
-      });
-      dx[j] = s;
-    }
-  }
-  if (nvalid > 0) {
-    T *dxp = static_cast<T *>(p.dx) + plane_off + static_cast<int64_t>(y) * width;
-#pragma unroll
-    for (int j = 0; j < kPx; ++j)
-      if (x0 + lx + j < width) dxp[x0 + lx + j] = from_float<T>(dx[j]);
+    for (int r = 0; r < kPy; ++r)
+      if (y0 + ly + r < height) dxp[static_cast<int64_t>(y0 + ly + r) * width] = from_float<T>(dx[r]);
   }
 
-  // Weight gradient: per tap, sum over this block's outputs of dout * shifted padded input.
-  const float *gsrc = gtile + (ly + reach) * sw + lx + reach;  // zero past the plane, so no masks are needed
-  for_each_tap(g, [&](int t, int oy, int ox) {
+  // Weight gradient: per tap, sum over this block's outputs of dout * shifted padded input. dout is zero past the
+  // plane, so the sums need no masks.
+  const float *gsrc = gtile + (ly + reach) * sw + lx + reach;
+  Taps::for_each(g, [&](int t, int oy, int ox) {
     const float *xsrc = xtile + (ly + reach + oy) * sw + lx + reach + ox;
     float v = 0.f;
 #pragma unroll
-    for (int j = 0; j < kPx; ++j) v = fmaf(gsrc[j], xsrc[j], v);
+    for (int r = 0; r < kPy; ++r) v = fmaf(gsrc[r * sw], xsrc[r * sw], v);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
     if (lane == 0) red[warp * (g.taps + 1) + t] = v;
@@ -190,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const ConvParams p) {
   if (p.dbias) {
     float v = 0.f;
 #pragma unroll
-    for (int j = 0; j < kPx; ++j) v += gsrc[j];
+    for (int r = 0; r < kPy; ++r) v += gsrc[r * sw];
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
     if (lane == 0) red[warp * (g.taps + 1) + g.taps] = v;
@@ -209,6 +230,57 @@ __global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const ConvParams p) {
   }
 }
 
+// Number of border pixels of an H x W plane (every pixel when H or W is at most 2).
+__host__ __device__ inline int64_t border_pixels(int64_t height, int64_t width) {
+  return (height <= 2 || width <= 2) ? height * width : 2 * width + 2 * (height - 2);
+}
+
+// Replicate padding, backward: a border pixel also receives every tap that the forward pass clamped onto it. One
+// thread per border pixel recomputes its whole gradient: sum over the padded positions (py, px) folded onto it of
+// sum_t w_t dout[py - oy_t, px - ox_t].
+template <typename T, typename Taps>
+__global__ void dw_fold_kernel(const ConvParams p) {
+  const int64_t nb = border_pixels(p.height, p.width);
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.batch * p.channels * nb) return;
+  const int64_t plane = idx / nb;
+  int64_t k = idx % nb;
+  const int height = static_cast<int>(p.height), width = static_cast<int>(p.width);
+  int y, x;
+  if (height <= 2 || width <= 2) {
+    y = static_cast<int>(k / width);
+    x = static_cast<int>(k % width);
+  } else if (k < width) {
+    y = 0;
+    x = static_cast<int>(k);
+  } else if (k < 2 * width) {
+    y = height - 1;
+    x = static_cast<int>(k - width);
+  } else {
+    k -= 2 * width;
+    y = 1 + static_cast<int>(k / 2);
+    x = (k % 2) ? width - 1 : 0;
+  }
+  const TapGroups &g = p.groups;
+  const int reach = Taps::reach(g);
+  const int ylo = y == 0 ? -reach : y, yhi = y == height - 1 ? height - 1 + reach : y;
+  const int xlo = x == 0 ? -reach : x, xhi = x == width - 1 ? width - 1 + reach : x;
+  const int c = static_cast<int>(plane % p.channels);
+  const T *dout = static_cast<const T *>(p.dout) + plane * height * width;
+  const float *w = p.weight + static_cast<int64_t>(c) * g.taps;
+  float s = 0.f;
+  Taps::for_each(g, [&](int t, int oy, int ox) {
+    // Rows py in [ylo, yhi] with 0 <= py - oy < height, likewise for columns.
+    const int ya = max(ylo, oy), yb = min(yhi, height - 1 + oy);
+    const int xa = max(xlo, ox), xb = min(xhi, width - 1 + ox);
+    float tap = 0.f;
+    for (int py = ya; py <= yb; ++py)
+      for (int px = xa; px <= xb; ++px) tap += to_float(dout[static_cast<int64_t>(py - oy) * width + px - ox]);
+    s = fmaf(w[t], tap, s);
+  });
+  static_cast<T *>(p.dx)[plane * height * width + static_cast<int64_t>(y) * width + x] = from_float<T>(s);
+}
+
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   if (bytes > 48 * 1024) {
@@ -216,22 +288,59 @@ void set_smem(Kernel kernel, int bytes) {
   }
 }
 
+template <typename T, typename Taps>
+void launch_fwd_taps(const ConvParams &p, cudaStream_t stream) {
+  const int smem = fwd_smem_bytes(p.groups);
+  set_smem(dw_fwd_kernel<T, Taps>, smem);
+  const dim3 grid(p.tiles_x * p.tiles_y, static_cast<unsigned>(p.channels), static_cast<unsigned>(p.batch));
+  dw_fwd_kernel<T, Taps><<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename Taps>
+void launch_bwd_taps(const ConvParams &p, cudaStream_t stream) {
+  const int smem = bwd_smem_bytes(p.groups);
+  set_smem(dw_bwd_kernel<T, Taps>, smem);
+  const dim3 grid(p.tiles_x * p.tiles_y, static_cast<unsigned>(p.channels), static_cast<unsigned>(p.batch));
+  dw_bwd_kernel<T, Taps><<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.replicate) {
+    const int64_t n = p.batch * p.channels * border_pixels(p.height, p.width);
+    dw_fold_kernel<T, Taps><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Picks the tap set: the state fusion, a dense undilated K x K with K in {3, 5, 7, 11}, or taps read at run time.
+template <typename T, template <typename, typename> class Launch>
+void launch_taps(const ConvParams &p, cudaStream_t stream) {
+  const TapGroups &g = p.groups;
+  const bool dense = g.count == 1 && g.dilation[0] == 1 && !g.skip_center[0];
+  if (p.fusion) return Launch<T, FusionTaps>::run(p, stream);
+  if (dense && g.ksize[0] == 3) return Launch<T, DenseTaps<3>>::run(p, stream);
+  if (dense && g.ksize[0] == 5) return Launch<T, DenseTaps<5>>::run(p, stream);
+  if (dense && g.ksize[0] == 7) return Launch<T, DenseTaps<7>>::run(p, stream);
+  if (dense && g.ksize[0] == 11) return Launch<T, DenseTaps<11>>::run(p, stream);
+  Launch<T, RuntimeTaps>::run(p, stream);
+}
+
+template <typename T, typename Taps>
+struct FwdLauncher {
+  static void run(const ConvParams &p, cudaStream_t stream) { launch_fwd_taps<T, Taps>(p, stream); }
+};
+template <typename T, typename Taps>
+struct BwdLauncher {
+  static void run(const ConvParams &p, cudaStream_t stream) { launch_bwd_taps<T, Taps>(p, stream); }
+};
+
 template <typename T>
 void launch_fwd(const ConvParams &p, cudaStream_t stream) {
-  const int smem = fwd_smem_bytes(p.groups);
-  set_smem(dw_fwd_kernel<T>, smem);
-  const dim3 grid(p.tiles_x * p.tiles_y, static_cast<unsigned>(p.channels), static_cast<unsigned>(p.batch));
-  dw_fwd_kernel<T><<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_taps<T, FwdLauncher>(p, stream);
 }
 
 template <typename T>
 void launch_bwd(const ConvParams &p, cudaStream_t stream) {
-  const int smem = bwd_smem_bytes(p.groups);
-  set_smem(dw_bwd_kernel<T>, smem);
-  const dim3 grid(p.tiles_x * p.tiles_y, static_cast<unsigned>(p.channels), static_cast<unsigned>(p.batch));
-  dw_bwd_kernel<T><<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_taps<T, BwdLauncher>(p, stream);
 }
 
 }  // namespace vssm_dwconv

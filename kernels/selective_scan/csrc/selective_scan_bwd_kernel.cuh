@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const bool valid = start + i < length;
-        a[i][n] = valid ? exp2f(dt[i] * A2[n]) : 1.f;
+        a[i][n] = valid ? fast_exp2(dt[i] * A2[n]) : 1.f;
         const float bu = valid ? dt[i] * uv[i] * bv[n][i] : 0.f;
         h_prev[i][n] = bu;  // temporarily the input term b_t; turned into h_{t-1} below
         gh[i][n] = valid ? (kHasC ? dy[i] * cv[i] : cv[i]) : 0.f;

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
       for (int i = 0; i < kItems; ++i) {
         const float step = p.softplus ? softplus(dt[i] + bias) : dt[i] + bias;
         const bool valid = start + i < length;
-        a[i][n] = valid ? exp2f(step * A2[n]) : 1.f;
+        a[i][n] = valid ? fast_exp2(step * A2[n]) : 1.f;
         bu[i][n] = valid ? step * uv[i] * bv[i] : 0.f;
       }
     }
