@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
+from mmengine.logging import print_log
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import selective_scan, state_fusion
-from ..ops._backend import check_backend_name
+from ..ops._backend import check_backend_name, describe_backends
 from .layers import (init_A_logs, init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight, parse_arch,
                      trunc_normal_linear_init)
 
@@ -356,6 +357,9 @@ class SpatialMamba(BaseBackbone):
         if x.dim() != 4 or x.shape[1] != self.patch_embed.conv1.conv.in_channels:
             raise ValueError(f'SpatialMamba: expected images (B, {self.patch_embed.conv1.conv.in_channels}, H, W), '
                              f'got shape {tuple(x.shape)}.')
+        if getattr(self, '_logged_device', None) != x.device:
+            self._logged_device = x.device
+            print_log(f'SpatialMamba on {x.device}: {describe_backends(self.ops_backend, x)}', logger='current')
         x = self.patch_embed(x)  # (B, H/4, W/4, C), channels-last
         outs = []
         for i, layer in enumerate(self.layers):

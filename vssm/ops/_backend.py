@@ -56,3 +56,15 @@ def resolve_backend(backend: str, extension: Optional[ModuleType], module_name: 
         return 'cuda'
     return 'cuda' if (extension is not None and x.is_cuda) else 'torch'
 
+
+
+def describe_backends(backend: str, x: Tensor) -> str:
+    """Which implementation each op takes for inputs like ``x`` under ``backend`` (for the models' log line)."""
+    parts = []
+    for op, folder in (('selective_scan', 'selective_scan'), ('dwconv2d/state_fusion', 'dwconv2d')):
+        module = importlib.import_module(f'.{folder}', __package__)  # the op module (the package exports functions)
+        name = f'vssm_{folder}'
+        chosen = resolve_backend(backend, module._EXT, name, folder, x)
+        parts.append(f'{op} -> ' + ('CUDA kernel' if chosen == 'cuda' else
+                                    'PyTorch reference' + ('' if module._EXT is not None else ' (kernel not built)')))
+    return f"ops_backend='{backend}': " + ', '.join(parts)
