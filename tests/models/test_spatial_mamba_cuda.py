@@ -14,18 +14,25 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_kernels_match_reference_in_the_backbone(dtype):
     torch.manual_seed(0)
-    ref = SpatialMamba(dict(dims=32, depths=[1, 2, 2, 1]), out_indices=(0, 1, 2, 3), ops_backend='torch').cuda()
-    ker = SpatialMamba(dict(dims=32, depths=[1, 2, 2, 1]), out_indices=(0, 1, 2, 3), ops_backend='cuda').cuda()
+    arch = dict(dims=32, depths=[1, 2, 2, 1])
+    ref = SpatialMamba(arch, out_indices=(0, 1, 2, 3), ops_backend='torch').cuda()
+    ker = SpatialMamba(arch, out_indices=(0, 1, 2, 3), ops_backend='cuda').cuda()
     ker.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 96, 128, device='cuda')
+    # A random projection of the outputs (sum(o**2) of LayerNorm outputs would be constant, its gradient noise).
+    proj = [torch.randn(2, c, 96 // s, 128 // s, device='cuda') for c, s in zip(ref.out_channels, (4, 8, 16, 32))]
     outs = []
     for model in (ref, ker):
-        with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = model(x)
-        sum(o.float().square().mean() for o in out).backward()
+        sum((o.float() * p).sum() for o, p in zip(out, proj)).backward()
         outs.append(out)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for a, b in zip(*outs):
         assert rel_err(b, a) < tol
+    # Gradients relative to each tensor's scale, but at least 1% of the largest gradient (a conv bias followed by
+    # BatchNorm has a true gradient of ~0, whose relative error is noise).
+    scale = max(p.grad.abs().max().item() for p in ref.parameters())
     for (name, p), q in zip(ref.named_parameters(), ker.parameters()):
-        assert rel_err(q.grad, p.grad) < tol * 10, name
+        err = (q.grad - p.grad).abs().max().item() / max(p.grad.abs().max().item(), 1e-2 * scale)
+        assert err < tol * 10, (name, err)
