@@ -10,7 +10,7 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / '_build'))
+sys.path.insert(0, str(HERE.parent / 'common'))
 from cuda_build import EXTRA_COMPILE_ARGS, check_nvcc_matches_torch  # noqa: E402
 
 check_nvcc_matches_torch()
@@ -21,6 +21,7 @@ setup(
     name='vssm-selective-scan',
     version='0.1.0',
     description='CUDA selective scan for vssm (state- and output-returning, forward and backward)',
-    ext_modules=[CUDAExtension('vssm_selective_scan', sources, extra_compile_args=EXTRA_COMPILE_ARGS)],
+    ext_modules=[CUDAExtension('vssm_selective_scan', sources, include_dirs=[str(HERE.parent / 'common')],
+                               extra_compile_args=EXTRA_COMPILE_ARGS)],
     cmdclass={'build_ext': BuildExtension.with_options(use_ninja=os.environ.get('USE_NINJA', '1') == '1')},
 )

@@ -7,21 +7,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
-#include <optional>
 #include <tuple>
+
+#include "vssm_cuda.h"
 
 #include "dwconv2d.h"
 
 namespace vssm_dwconv {
 namespace {
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-using OptTensor = std::optional<at::Tensor>;
-#else
-using OptTensor = c10::optional<at::Tensor>;
-#endif
+using vssm::OptTensor;
 
 void check_tensor(const at::Tensor &t, const char *name, const at::Tensor &x) {
   TORCH_CHECK(t.is_cuda(), "vssm_dwconv2d: ", name, " must be a CUDA tensor, got one on ", t.device());
@@ -147,10 +143,4 @@ TORCH_LIBRARY_IMPL(vssm_dwconv2d, CUDA, m) {
   m.impl("bwd", &vssm_dwconv::dw_bwd);
 }
 
-// `import vssm_dwconv2d` loads this library, which registers the operators above.
-extern "C" PyObject *PyInit_vssm_dwconv2d(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "vssm_dwconv2d",
-                                   "CUDA depthwise conv and state fusion; operators in torch.ops.vssm_dwconv2d", -1,
-                                   nullptr};
-  return PyModule_Create(&module_def);
-}
+VSSM_PYTHON_MODULE(vssm_dwconv2d, "CUDA depthwise conv and state fusion; operators in torch.ops.vssm_dwconv2d")

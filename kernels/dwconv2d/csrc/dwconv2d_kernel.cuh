@@ -16,23 +16,15 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "dwconv2d.h"
+#include "vssm_cuda.h"
 
 namespace vssm_dwconv {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kFusionReach = 5;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using vssm::from_float;
+using vssm::to_float;
 
 __device__ __forceinline__ int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 

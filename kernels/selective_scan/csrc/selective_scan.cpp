@@ -7,21 +7,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
-#include <optional>
 #include <tuple>
+
+#include "vssm_cuda.h"
 
 #include "selective_scan.h"
 
 namespace vssm_scan {
 namespace {
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-using OptTensor = std::optional<at::Tensor>;
-#else
-using OptTensor = c10::optional<at::Tensor>;
-#endif
+using vssm::OptTensor;
 
 void check_tensor(const at::Tensor &t, const char *name, const at::Tensor &u) {
   TORCH_CHECK(t.is_cuda(), "vssm_selective_scan: ", name, " must be a CUDA tensor, got one on ", t.device());
@@ -36,7 +32,7 @@ void check_shape(const at::Tensor &t, const char *name, at::IntArrayRef expected
               t.sizes());
 }
 
-bool aligned16(const at::Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+using vssm::aligned16;
 
 struct Checked {
   ScanParams p{};
@@ -207,9 +203,4 @@ TORCH_LIBRARY_IMPL(vssm_selective_scan, CUDA, m) {
   m.impl("bwd", &vssm_scan::scan_bwd);
 }
 
-// `import vssm_selective_scan` loads this library, which registers the operators above.
-extern "C" PyObject *PyInit_vssm_selective_scan(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "vssm_selective_scan",
-                                   "CUDA selective scan; operators in torch.ops.vssm_selective_scan", -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+VSSM_PYTHON_MODULE(vssm_selective_scan, "CUDA selective scan; operators in torch.ops.vssm_selective_scan")

@@ -2,29 +2,18 @@
 // softplus, and the warp-level composition of affine maps h -> a * h + b.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "selective_scan.h"
+#include "vssm_cuda.h"
 
 namespace vssm_scan {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using vssm::from_float;
+using vssm::to_float;
 
 // kItems consecutive elements of a row starting at `start` (zero past `length`). `vec` says that the row
 // start is 16-byte aligned and the row length keeps every lane's start 16-byte aligned.
