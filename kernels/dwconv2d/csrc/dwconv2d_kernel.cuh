@@ -15,6 +15,8 @@
 
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
+
 #include "dwconv2d.h"
 #include "vssm_cuda.h"
 
@@ -273,6 +275,116 @@ __global__ void dw_fold_kernel(const ConvParams p) {
   static_cast<T *>(p.dx)[plane * height * width + static_cast<int64_t>(y) * width + x] = from_float<T>(s);
 }
 
+// Small planes (H, W <= kSmallPlane): a 32 x 32 tile would leave most threads idle, so a block stages whole planes,
+// `planes` consecutive batch entries of one channel, and its threads walk their outputs.
+constexpr int kSmallPlane = 16;
+
+__host__ __device__ inline int small_window(int64_t height, int64_t width, int reach) {
+  return static_cast<int>((height + 2 * reach) * (width + 2 * reach));
+}
+
+// Planes per block: as many as fit in the shared memory of one 32 x 32 tile (so the size checks still hold).
+inline int small_planes_per_block(const ConvParams &p) {
+  const int fit = tile_floats(p.groups) / small_window(p.height, p.width, p.groups.reach);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(fit, p.batch)));
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_planes(float *wins, const T *x, const ConvParams &p, int64_t b0, int np,
+                                             int reach, bool replicate) {
+  const int height = static_cast<int>(p.height), width = static_cast<int>(p.width);
+  const int ww = width + 2 * reach, win = (height + 2 * reach) * ww;
+  const int c = blockIdx.y;
+  for (int i = threadIdx.x; i < np * win; i += blockDim.x) {
+    const int j = i / win, r = i % win;
+    int gy = r / ww - reach, gx = r % ww - reach;
+    const bool inside = gy >= 0 && gy < height && gx >= 0 && gx < width;
+    if (replicate) {
+      gy = clampi(gy, 0, height - 1);
+      gx = clampi(gx, 0, width - 1);
+    }
+    const int64_t plane = ((b0 + j) * p.channels + c) * height * width;
+    wins[i] = (inside || replicate) ? to_float(x[plane + static_cast<int64_t>(gy) * width + gx]) : 0.f;
+  }
+}
+
+template <typename T, typename Taps>
+__global__ void __launch_bounds__(kThreads) dw_small_fwd_kernel(const ConvParams p, int planes) {
+  extern __shared__ float smem[];
+  const TapGroups &g = p.groups;
+  const int reach = Taps::reach(g);
+  const int height = static_cast<int>(p.height), width = static_cast<int>(p.width);
+  const int ww = width + 2 * reach, win = (height + 2 * reach) * ww, hw = height * width;
+  const int c = blockIdx.y;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * planes;
+  const int np = static_cast<int>(std::min<int64_t>(planes, p.batch - b0));
+  float *wins = smem, *wsm = smem + planes * win;
+  stage_planes(wins, static_cast<const T *>(p.x), p, b0, np, reach, p.replicate);
+  for (int t = threadIdx.x; t < g.taps; t += blockDim.x) wsm[t] = p.weight[static_cast<int64_t>(c) * g.taps + t];
+  __syncthreads();
+  const float bias = p.bias ? p.bias[c] : 0.f;
+  for (int o = threadIdx.x; o < np * hw; o += blockDim.x) {
+    const int j = o / hw, y = (o % hw) / width, x = o % width;
+    const float *base = wins + j * win + (y + reach) * ww + x + reach;
+    float acc = bias;
+    Taps::for_each(g, [&](int t, int oy, int ox) { acc = fmaf(wsm[t], base[oy * ww + ox], acc); });
+    static_cast<T *>(p.out)[((b0 + j) * p.channels + c) * hw + o % hw] = from_float<T>(acc);
+  }
+}
+
+template <typename T, typename Taps>
+__global__ void __launch_bounds__(kThreads) dw_small_bwd_kernel(const ConvParams p, int planes) {
+  extern __shared__ float smem[];
+  constexpr int kWarps = kThreads / 32;
+  const TapGroups &g = p.groups;
+  const int reach = Taps::reach(g);
+  const int height = static_cast<int>(p.height), width = static_cast<int>(p.width);
+  const int ww = width + 2 * reach, win = (height + 2 * reach) * ww, hw = height * width;
+  const int c = blockIdx.y;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * planes;
+  const int np = static_cast<int>(std::min<int64_t>(planes, p.batch - b0));
+  float *gwin = smem, *xwin = smem + planes * win, *wsm = xwin + planes * win, *red = wsm + g.taps;
+  stage_planes(gwin, static_cast<const T *>(p.dout), p, b0, np, reach, false);
+  stage_planes(xwin, static_cast<const T *>(p.x), p, b0, np, reach, p.replicate);
+  for (int t = threadIdx.x; t < g.taps; t += blockDim.x) wsm[t] = p.weight[static_cast<int64_t>(c) * g.taps + t];
+  __syncthreads();
+  // Input gradient (zero-padding adjoint; replicate borders are redone by dw_fold_kernel).
+  for (int o = threadIdx.x; o < np * hw; o += blockDim.x) {
+    const int j = o / hw, y = (o % hw) / width, x = o % width;
+    const float *base = gwin + j * win + (y + reach) * ww + x + reach;
+    float acc = 0.f;
+    Taps::for_each(g, [&](int t, int oy, int ox) { acc = fmaf(wsm[t], base[-oy * ww - ox], acc); });
+    static_cast<T *>(p.dx)[((b0 + j) * p.channels + c) * hw + o % hw] = from_float<T>(acc);
+  }
+  // Weight (and bias) gradient: per tap, this block's sum of dout * shifted padded input.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  Taps::for_each(g, [&](int t, int oy, int ox) {
+    float v = 0.f;
+    for (int o = threadIdx.x; o < np * hw; o += blockDim.x) {
+      const int off = (o / hw) * win + ((o % hw) / width + reach) * ww + o % width + reach;
+      v = fmaf(gwin[off], xwin[off + oy * ww + ox], v);
+    }
+#pragma unroll
+    for (int k = 16; k > 0; k /= 2) v += __shfl_xor_sync(kFullMask, v, k);
+    if (lane == 0) red[warp * (g.taps + 1) + t] = v;
+  });
+  if (p.dbias) {
+    float v = 0.f;
+    for (int o = threadIdx.x; o < np * hw; o += blockDim.x)
+      v += gwin[(o / hw) * win + ((o % hw) / width + reach) * ww + o % width + reach];
+#pragma unroll
+    for (int k = 16; k > 0; k /= 2) v += __shfl_xor_sync(kFullMask, v, k);
+    if (lane == 0) red[warp * (g.taps + 1) + g.taps] = v;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < g.taps + (p.dbias ? 1 : 0); t += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += red[w * (g.taps + 1) + t];
+    atomicAdd(t < g.taps ? p.dweight + static_cast<int64_t>(c) * g.taps + t : p.dbias + c, sum);
+  }
+}
+
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   if (bytes > 48 * 1024) {
@@ -283,6 +395,14 @@ void set_smem(Kernel kernel, int bytes) {
 template <typename T, typename Taps>
 void launch_fwd_taps(const ConvParams &p, cudaStream_t stream) {
   const int smem = fwd_smem_bytes(p.groups);
+  if (p.height <= kSmallPlane && p.width <= kSmallPlane) {
+    const int planes = small_planes_per_block(p);
+    set_smem(dw_small_fwd_kernel<T, Taps>, smem);
+    const dim3 grid(static_cast<unsigned>((p.batch + planes - 1) / planes), static_cast<unsigned>(p.channels));
+    dw_small_fwd_kernel<T, Taps><<<grid, kThreads, smem, stream>>>(p, planes);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   set_smem(dw_fwd_kernel<T, Taps>, smem);
   const dim3 grid(p.tiles_x * p.tiles_y, static_cast<unsigned>(p.channels), static_cast<unsigned>(p.batch));
   dw_fwd_kernel<T, Taps><<<grid, kThreads, smem, stream>>>(p);
@@ -292,9 +412,16 @@ void launch_fwd_taps(const ConvParams &p, cudaStream_t stream) {
 template <typename T, typename Taps>
 void launch_bwd_taps(const ConvParams &p, cudaStream_t stream) {
   const int smem = bwd_smem_bytes(p.groups);
-  set_smem(dw_bwd_kernel<T, Taps>, smem);
-  const dim3 grid(p.tiles_x * p.tiles_y, static_cast<unsigned>(p.channels), static_cast<unsigned>(p.batch));
-  dw_bwd_kernel<T, Taps><<<grid, kThreads, smem, stream>>>(p);
+  if (p.height <= kSmallPlane && p.width <= kSmallPlane) {
+    const int planes = small_planes_per_block(p);
+    set_smem(dw_small_bwd_kernel<T, Taps>, smem);
+    const dim3 grid(static_cast<unsigned>((p.batch + planes - 1) / planes), static_cast<unsigned>(p.channels));
+    dw_small_bwd_kernel<T, Taps><<<grid, kThreads, smem, stream>>>(p, planes);
+  } else {
+    set_smem(dw_bwd_kernel<T, Taps>, smem);
+    const dim3 grid(p.tiles_x * p.tiles_y, static_cast<unsigned>(p.channels), static_cast<unsigned>(p.batch));
+    dw_bwd_kernel<T, Taps><<<grid, kThreads, smem, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.replicate) {
     const int64_t n = p.batch * p.channels * border_pixels(p.height, p.width);
