@@ -283,10 +283,24 @@ __host__ __device__ inline int small_window(int64_t height, int64_t width, int r
   return static_cast<int>((height + 2 * reach) * (width + 2 * reach));
 }
 
-// Planes per block: as many as fit in the shared memory of one 32 x 32 tile (so the size checks still hold).
+constexpr int kSmallOutputs = 8;  // outputs per thread, at most
+
+// Planes per block: as many as fit in the shared memory of one 32 x 32 tile (so the size checks still hold) and
+// give each thread at most kSmallOutputs outputs.
 inline int small_planes_per_block(const ConvParams &p) {
   const int fit = tile_floats(p.groups) / small_window(p.height, p.width, p.groups.reach);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(fit, p.batch)));
+  const int64_t by_threads = kThreads * kSmallOutputs / (p.height * p.width);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(fit), by_threads, p.batch})));
+}
+
+// The staged-window offsets of this thread's outputs (output o = threadIdx.x + k * kThreads), -1 past the end.
+__device__ __forceinline__ void small_offsets(int (&offs)[kSmallOutputs], int n_out, int hw, int width, int win, int ww,
+                                              int reach) {
+#pragma unroll
+  for (int k = 0; k < kSmallOutputs; ++k) {
+    const int o = threadIdx.x + k * kThreads;
+    offs[k] = o < n_out ? (o / hw) * win + ((o % hw) / width + reach) * ww + o % width + reach : -1;
+  }
 }
 
 template <typename T>
@@ -323,12 +337,22 @@ __global__ void __launch_bounds__(kThreads) dw_small_fwd_kernel(const ConvParams
   for (int t = threadIdx.x; t < g.taps; t += blockDim.x) wsm[t] = p.weight[static_cast<int64_t>(c) * g.taps + t];
   __syncthreads();
   const float bias = p.bias ? p.bias[c] : 0.f;
-  for (int o = threadIdx.x; o < np * hw; o += blockDim.x) {
-    const int j = o / hw, y = (o % hw) / width, x = o % width;
-    const float *base = wins + j * win + (y + reach) * ww + x + reach;
-    float acc = bias;
-    Taps::for_each(g, [&](int t, int oy, int ox) { acc = fmaf(wsm[t], base[oy * ww + ox], acc); });
-    static_cast<T *>(p.out)[((b0 + j) * p.channels + c) * hw + o % hw] = from_float<T>(acc);
+  int offs[kSmallOutputs];
+  small_offsets(offs, np * hw, hw, width, win, ww, reach);
+  float acc[kSmallOutputs];
+#pragma unroll
+  for (int k = 0; k < kSmallOutputs; ++k) acc[k] = bias;
+  Taps::for_each(g, [&](int t, int oy, int ox) {
+    const float w = wsm[t];
+    const int shift = oy * ww + ox;
+#pragma unroll
+    for (int k = 0; k < kSmallOutputs; ++k)
+      if (offs[k] >= 0) acc[k] = fmaf(w, wins[offs[k] + shift], acc[k]);
+  });
+#pragma unroll
+  for (int k = 0; k < kSmallOutputs; ++k) {
+    const int o = threadIdx.x + k * kThreads;
+    if (offs[k] >= 0) static_cast<T *>(p.out)[((b0 + o / hw) * p.channels + c) * hw + o % hw] = from_float<T>(acc[k]);
   }
 }
 
@@ -348,30 +372,43 @@ __global__ void __launch_bounds__(kThreads) dw_small_bwd_kernel(const ConvParams
   stage_planes(xwin, static_cast<const T *>(p.x), p, b0, np, reach, p.replicate);
   for (int t = threadIdx.x; t < g.taps; t += blockDim.x) wsm[t] = p.weight[static_cast<int64_t>(c) * g.taps + t];
   __syncthreads();
+  int offs[kSmallOutputs];
+  small_offsets(offs, np * hw, hw, width, win, ww, reach);
+  float gv[kSmallOutputs];  // dout at this thread's outputs (0 past the end)
+#pragma unroll
+  for (int k = 0; k < kSmallOutputs; ++k) gv[k] = offs[k] >= 0 ? gwin[offs[k]] : 0.f;
   // Input gradient (zero-padding adjoint; replicate borders are redone by dw_fold_kernel).
-  for (int o = threadIdx.x; o < np * hw; o += blockDim.x) {
-    const int j = o / hw, y = (o % hw) / width, x = o % width;
-    const float *base = gwin + j * win + (y + reach) * ww + x + reach;
-    float acc = 0.f;
-    Taps::for_each(g, [&](int t, int oy, int ox) { acc = fmaf(wsm[t], base[-oy * ww - ox], acc); });
-    static_cast<T *>(p.dx)[((b0 + j) * p.channels + c) * hw + o % hw] = from_float<T>(acc);
+  float acc[kSmallOutputs];
+#pragma unroll
+  for (int k = 0; k < kSmallOutputs; ++k) acc[k] = 0.f;
+  Taps::for_each(g, [&](int t, int oy, int ox) {
+    const float w = wsm[t];
+    const int shift = oy * ww + ox;
+#pragma unroll
+    for (int k = 0; k < kSmallOutputs; ++k)
+      if (offs[k] >= 0) acc[k] = fmaf(w, gwin[offs[k] - shift], acc[k]);
+  });
+#pragma unroll
+  for (int k = 0; k < kSmallOutputs; ++k) {
+    const int o = threadIdx.x + k * kThreads;
+    if (offs[k] >= 0) static_cast<T *>(p.dx)[((b0 + o / hw) * p.channels + c) * hw + o % hw] = from_float<T>(acc[k]);
   }
   // Weight (and bias) gradient: per tap, this block's sum of dout * shifted padded input.
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   Taps::for_each(g, [&](int t, int oy, int ox) {
+    const int shift = oy * ww + ox;
     float v = 0.f;
-    for (int o = threadIdx.x; o < np * hw; o += blockDim.x) {
-      const int off = (o / hw) * win + ((o % hw) / width + reach) * ww + o % width + reach;
-      v = fmaf(gwin[off], xwin[off + oy * ww + ox], v);
-    }
+#pragma unroll
+    for (int k = 0; k < kSmallOutputs; ++k)
+      if (offs[k] >= 0) v = fmaf(gv[k], xwin[offs[k] + shift], v);
 #pragma unroll
     for (int k = 16; k > 0; k /= 2) v += __shfl_xor_sync(kFullMask, v, k);
     if (lane == 0) red[warp * (g.taps + 1) + t] = v;
   });
   if (p.dbias) {
     float v = 0.f;
-    for (int o = threadIdx.x; o < np * hw; o += blockDim.x)
-      v += gwin[(o / hw) * win + ((o % hw) / width + reach) * ww + o % width + reach];
+#pragma unroll
+    for (int k = 0; k < kSmallOutputs; ++k) v += gv[k];
 #pragma unroll
     for (int k = 16; k > 0; k /= 2) v += __shfl_xor_sync(kFullMask, v, k);
     if (lane == 0) red[warp * (g.taps + 1) + g.taps] = v;
