@@ -28,7 +28,7 @@ from vssm.ops.selective_scan import kernel_available as scan_kernel_available
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 25) -> float:
     """Median wall time of ``fn`` on the GPU, in milliseconds."""
     for _ in range(warmup):
         fn()
