@@ -1,4 +1,5 @@
 """Backbones, registered in mmpretrain's MODELS (mmdet/mmseg configs use them as ``mmpretrain.<Name>``)."""
 from .spatial_mamba import SpatialMamba
+from .vmamba import VMamba
 
-__all__ = ['SpatialMamba']
+__all__ = ['SpatialMamba', 'VMamba']

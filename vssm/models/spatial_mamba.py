@@ -25,16 +25,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
-from mmengine.logging import print_log
-from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import selective_scan, state_fusion
-from ..ops._backend import check_backend_name, describe_backends
-from .layers import (init_A_logs, init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight, parse_arch,
-                     trunc_normal_linear_init)
+from .layers import (StagedBackbone, init_A_logs, init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight,
+                     parse_arch, to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 
 __all__ = ['SpatialMamba', 'convert_upstream_state_dict']
 
@@ -226,7 +222,7 @@ class SpatialMambaStage(nn.Module):
 
 
 @MODELS.register_module()
-class SpatialMamba(BaseBackbone):
+class SpatialMamba(StagedBackbone):
     """Spatial-Mamba backbone (classification, detection and segmentation).
 
     Args:
@@ -255,8 +251,6 @@ class SpatialMamba(BaseBackbone):
         **dict.fromkeys(['s', 'small'], {'dims': [64, 128, 256, 512], 'depths': [2, 4, 21, 5]}),
         **dict.fromkeys(['b', 'base'], {'dims': [96, 192, 384, 768], 'depths': [2, 4, 21, 5]}),
     }
-    num_stages = 4
-
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  in_channels: int = 3,
@@ -272,7 +266,7 @@ class SpatialMamba(BaseBackbone):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg)
         settings = parse_arch(type(self).__name__, arch, self.arch_zoo, required=('dims', 'depths'))
         self.dims, self.depths = settings['dims'], settings['depths']
         if d_state != 1:
@@ -281,12 +275,6 @@ class SpatialMamba(BaseBackbone):
         if eval_fusion_padding not in ('replicate', 'zeros'):
             raise ValueError(f"SpatialMamba: eval_fusion_padding must be 'replicate' or 'zeros', "
                              f'got {eval_fusion_padding!r}.')
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'SpatialMamba: frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}.')
-        self.out_indices = self._normalize_out_indices(out_indices)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.ops_backend = check_backend_name(ops_backend)
 
         self.patch_embed = StemLayer(in_channels, self.dims[0])
         drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
@@ -306,60 +294,11 @@ class SpatialMamba(BaseBackbone):
                     eval_fusion_padding=eval_fusion_padding,
                     backend=self.ops_backend,
                     with_cp=with_cp))
-        for i in self.out_indices:
-            self.add_module(f'outnorm{i}', nn.LayerNorm(self.dims[i]))
         self.apply(trunc_normal_linear_init)
-        self._freeze_stages()
-
-    def _normalize_out_indices(self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = (out_indices, )
-        result = []
-        for i in out_indices:
-            j = i + self.num_stages if i < 0 else i
-            if not 0 <= j < self.num_stages:
-                raise ValueError(f'SpatialMamba: out_indices must be in [-{self.num_stages}, '
-                                 f'{self.num_stages - 1}], got {tuple(out_indices)}.')
-            result.append(j)
-        return tuple(sorted(set(result)))
-
-    @property
-    def out_channels(self) -> Tuple[int, ...]:
-        """Channels of each returned feature map (in ``out_indices`` order)."""
-        return tuple(self.dims[i] for i in self.out_indices)
-
-    def _frozen_modules(self) -> List[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        modules = [self.patch_embed]
-        for i in range(self.frozen_stages):
-            modules.append(self.layers[i])
-            if i in self.out_indices:
-                modules.append(getattr(self, f'outnorm{i}'))
-        return modules
-
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'SpatialMamba':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self
+        self._finish_init(nn.LayerNorm)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        if x.dim() != 4 or x.shape[1] != self.patch_embed.conv1.conv.in_channels:
-            raise ValueError(f'SpatialMamba: expected images (B, {self.patch_embed.conv1.conv.in_channels}, H, W), '
-                             f'got shape {tuple(x.shape)}.')
-        if getattr(self, '_logged_device', None) != x.device:
-            self._logged_device = x.device
-            print_log(f'SpatialMamba on {x.device}: {describe_backends(self.ops_backend, x)}', logger='current')
+        self._check_input(x, self.patch_embed.conv1.conv.in_channels)
         x = self.patch_embed(x)  # (B, H/4, W/4, C), channels-last
         outs = []
         for i, layer in enumerate(self.layers):
@@ -377,20 +316,6 @@ def convert_upstream_state_dict(state_dict: dict) -> dict:
     norm is the backbone's ``outnorm3`` and the head is ``head.fc``. Keys that already start with
     ``backbone.`` (upstream mmdet/mmseg checkpoints, our own files) are returned unchanged.
     """
-    if 'model' in state_dict and isinstance(state_dict['model'], dict):
-        state_dict = state_dict['model']
-    elif 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
-        state_dict = state_dict['state_dict']
     last = SpatialMamba.num_stages - 1
-    converted = {}
-    for key, value in state_dict.items():
-        if key.startswith(('backbone.', 'neck.', 'decode_head.', 'auxiliary_head.', 'rpn_head.', 'roi_head.')):
-            new_key = key
-        elif key.startswith('norm.'):
-            new_key = f'backbone.outnorm{last}.' + key[len('norm.'):]
-        elif key.startswith('head.'):
-            new_key = 'head.fc.' + key[len('head.'):]
-        else:
-            new_key = 'backbone.' + key
-        converted[new_key] = value
-    return converted
+    return to_classifier_keys(unwrap_state_dict(state_dict), [('norm.', f'backbone.outnorm{last}.'),
+                                                              ('head.', 'head.fc.')])
