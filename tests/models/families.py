@@ -1,0 +1,54 @@
+"""What the model tests need to know about each family: class, a small arch, upstream sizes and fixtures."""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+from mmengine.registry import DefaultScope
+from mmpretrain.registry import MODELS
+
+from vssm.models import spatial_mamba, vmamba
+
+
+@dataclass
+class Family:
+    name: str  # registered backbone type
+    module: object  # the family's module (convert_upstream_state_dict)
+    manifest: str  # prefix of the reference manifests
+    small_arch: dict
+    params: Dict[str, Tuple[int, int]]  # size -> (classifier, backbone with out_indices 0-3)
+    gflops: Dict[str, float]
+    fixtures: List[str]
+    fixture_arch: Callable[[dict], dict]  # upstream constructor kwargs -> our arch dict
+    converter: str  # tools/model_converters script
+    fixture_modes: Dict[str, dict] = field(default_factory=dict)  # mode -> backbone kwargs
+
+    @property
+    def cls(self):
+        return MODELS.get(self.name)
+
+    def convert(self, state_dict):
+        return self.module.convert_upstream_state_dict(state_dict)
+
+
+FAMILIES = [
+    Family('SpatialMamba', spatial_mamba, 'spatial_mamba', dict(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1]),
+           {'tiny': (26_748_862, 26_236_758), 'small': (43_074_280, 42_562_176), 'base': (95_745_592, 94_977_936)},
+           {'tiny': 4.468, 'small': 7.117, 'base': 15.801}, ['spatial_mamba_a', 'spatial_mamba_b'],
+           lambda kw: dict(dims=kw['dims'], depths=kw['depths']), 'spatial_mamba_to_vssm.py',
+           # 'eval' is upstream's inference path (merged kernel, zero padding); the other two are our default.
+           {'eval': dict(eval_fusion_padding='zeros'), 'train': {}, 'eval_replicate_fusion': {}}),
+    Family('VMamba', vmamba, 'vmamba', dict(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1], ssm_ratio=1.0),
+           {'tiny': (30_249_064, 29_481_408), 'small': (50_147_752, 49_380_096), 'base': (88_557_800, 87_534_592)},
+           {'tiny': 4.906, 'small': 8.716, 'base': 15.359}, ['vmamba_a', 'vmamba_b'],
+           lambda kw: dict(dims=kw['dims'], depths=kw['depths'], ssm_ratio=kw['ssm_ratio']), 'vmamba_to_vssm.py',
+           {'eval': {}, 'train': {}}),
+]
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def build_classifier(family: Family, arch, num_classes: int = 1000, **backbone_kwargs):
+    dim = family.cls.arch_zoo[arch]['dims'][-1] if isinstance(arch, str) else arch['dims'][-1]
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # other tests may have set mmdet/mmseg
+        return MODELS.build(
+            dict(type='ImageClassifier', backbone=dict(type=family.name, arch=arch, **backbone_kwargs),
+                 neck=dict(type='GlobalAveragePooling'),
+                 head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=dim)))

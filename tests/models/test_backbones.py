@@ -1,0 +1,199 @@
+"""The contract every vssm backbone keeps, on CPU, per family: arch handling, errors, shapes, freezing, checkpoints,
+upstream sizes, strict upstream loading, the upstream numeric fixtures, and the checkpoint converters."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from fixture_utils import fixture_weights, load_fixture, load_manifest, rel_err
+from models.families import FAMILIES, build_classifier
+
+FAMILY_IDS = [f.name for f in FAMILIES]
+SIZES = ['tiny', 'small', 'base']
+
+
+@pytest.fixture(params=FAMILIES, ids=FAMILY_IDS)
+def family(request):
+    return request.param
+
+
+def test_unknown_arch_lists_valid_names(family):
+    with pytest.raises(ValueError, match=r"unknown arch 'huge'.*\['base', 'small', 'tiny'\]"):
+        family.cls('huge')
+    with pytest.raises(ValueError, match='needs the keys'):
+        family.cls(dict(dims=[8, 16, 32, 64]))
+    with pytest.raises(ValueError, match='unknown arch keys'):
+        family.cls(dict(dims=8, depths=[1, 1, 1, 1], heads=4))
+
+
+def test_strict_constructor_rejects_unknown_keys(family):
+    with pytest.raises(TypeError, match='window_size'):
+        family.cls('tiny', window_size=7)
+
+
+def test_bad_options_raise(family):
+    with pytest.raises(ValueError, match='out_indices'):
+        family.cls(family.small_arch, out_indices=(4, ))
+    with pytest.raises(ValueError, match='frozen_stages'):
+        family.cls(family.small_arch, frozen_stages=5)
+    with pytest.raises(ValueError, match='Unknown ops backend'):
+        family.cls(family.small_arch, ops_backend='triton')
+    with pytest.raises(ValueError, match=r'expected images \(B, 3, H, W\)'):
+        family.cls(family.small_arch)(torch.randn(1, 1, 32, 32))
+
+
+def test_arch_dict_with_int_dims_and_aliases(family):
+    model = family.cls({**family.small_arch, 'dims': 8})
+    assert model.dims == [8, 16, 32, 64]
+    assert family.cls('t').depths == family.cls('tiny').depths
+
+
+@pytest.mark.parametrize('out_indices, expected', [
+    ((0, 1, 2, 3), [(8, 16, 20), (16, 8, 10), (32, 4, 5), (64, 2, 3)]),
+    ((3, ), [(64, 2, 3)]),
+    ((-1, 1), [(16, 8, 10), (64, 2, 3)]),
+])
+def test_output_shapes(family, out_indices, expected):
+    model = family.cls(family.small_arch, out_indices=out_indices)
+    outs = model(torch.randn(2, 3, 64, 80))
+    assert [tuple(o.shape[1:]) for o in outs] == expected
+    assert all(o.is_contiguous() and o.shape[0] == 2 for o in outs)
+    assert model.out_channels == tuple(c for c, _, _ in expected)
+
+
+@pytest.mark.parametrize('size', [(33, 47), (7, 9), (1, 1)])
+def test_odd_input_sizes(family, size):
+    model = family.cls(family.small_arch, out_indices=(0, 1, 2, 3)).eval()  # BatchNorm needs > 1 value to train
+    outs = model(torch.randn(1, 3, *size))
+    assert len(outs) == 4 and all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize('frozen_stages', [0, 2])
+def test_frozen_stages_stay_in_eval(family, frozen_stages):
+    model = family.cls(family.small_arch, out_indices=(0, 1, 2, 3), frozen_stages=frozen_stages)
+    model.train()
+    frozen = [model.patch_embed] + [model.layers[i] for i in range(frozen_stages)]
+    frozen += [getattr(model, f'outnorm{i}') for i in range(frozen_stages)]
+    for module in frozen:
+        assert all(not p.requires_grad for p in module.parameters())
+        assert all(not m.training for m in module.modules())
+    for module in model.layers[frozen_stages:]:
+        assert all(p.requires_grad for p in module.parameters())
+        assert module.training
+
+
+def test_with_cp_gives_the_same_outputs_and_gradients(family):
+    x = torch.randn(2, 3, 32, 32)
+    plain = family.cls(family.small_arch, out_indices=(0, 3))
+    ckpt = family.cls(family.small_arch, out_indices=(0, 3), with_cp=True)
+    ckpt.load_state_dict(plain.state_dict())
+    outs = [m(x.clone().requires_grad_()) for m in (plain, ckpt)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    for model, out in zip((plain, ckpt), outs):
+        sum(o.sum() for o in out).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_drop_path_is_linear_over_all_blocks(family):
+    model = family.cls({**family.small_arch, 'dims': 8, 'depths': [1, 1, 2, 1]}, drop_path_rate=0.4)
+    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for layer in model.layers for b in layer.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_classifier_checkpoint_feeds_the_detection_backbone(family, tmp_path):
+    classifier = build_classifier(family, family.small_arch, num_classes=10)
+    path = tmp_path / 'cls.pth'
+    torch.save({'state_dict': classifier.state_dict()}, path)
+    backbone = family.cls(family.small_arch, out_indices=(0, 1, 2, 3),
+                          init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
+    backbone.init_weights()
+    for key, value in backbone.state_dict().items():
+        if not key.startswith(('outnorm0', 'outnorm1', 'outnorm2')):
+            torch.testing.assert_close(value, classifier.state_dict()[f'backbone.{key}'], msg=key)
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_parameter_counts_match_upstream(family, size):
+    cls_params, backbone_params = family.params[size]
+    assert sum(p.numel() for p in family.cls(size, out_indices=(0, 1, 2, 3)).parameters()) == backbone_params
+    assert sum(p.numel() for p in build_classifier(family, size).parameters()) == cls_params
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_upstream_layouts_load_strictly(family, size):
+    """Every upstream key and shape: the det/seg backbone layout directly, the classifier via the converter."""
+    manifest = load_manifest(family.manifest, size, 'backbone')
+    ours = [(k, list(v.shape)) for k, v in family.cls(size, out_indices=(0, 1, 2, 3)).state_dict().items()]
+    assert ours == [(k, s) for k, s in manifest['state_dict']]
+    manifest = load_manifest(family.manifest, size, 'cls')
+    upstream = {'model': {k: torch.zeros(s) for k, s in manifest['state_dict']}}
+    build_classifier(family, size).load_state_dict(family.convert(upstream), strict=True)
+
+
+def _fixture_models(family, fixture, mode):
+    weights = fixture_weights(fixture)
+    kwargs = fixture['cls']['constructor_kwargs']
+    arch = family.fixture_arch(kwargs)
+    options = family.fixture_modes[mode]
+    classifier = build_classifier(family, arch, num_classes=kwargs['num_classes'], **options)
+    cls_keys = {k for k, _, _ in fixture['cls']['state_dict']}
+    classifier.load_state_dict(family.convert({k: v for k, v in weights.items() if k in cls_keys}), strict=True)
+    backbone = family.cls(arch, out_indices=(0, 1, 2, 3), **options)
+    bb_keys = {k for k, _, _ in fixture['backbone']['state_dict']}
+    backbone.load_state_dict({k: v for k, v in weights.items() if k in bb_keys}, strict=True)
+    classifier.train(mode == 'train')
+    backbone.train(mode == 'train')
+    return classifier, backbone
+
+
+FIXTURE_CASES = [pytest.param(f, name, mode, id=f'{name}-{mode}') for f in FAMILIES for name in f.fixtures
+                 for mode in f.fixture_modes]
+
+
+@pytest.mark.parametrize('family, name, mode', FIXTURE_CASES)
+def test_upstream_fixture_outputs(family, name, mode):
+    fixture = load_fixture(name)
+    tol = fixture['tolerances']
+    classifier, backbone = _fixture_models(family, fixture, mode)
+    for input_name, x in fixture['inputs'].items():
+        with torch.no_grad():
+            logits = classifier(x, mode='tensor')
+            outs = backbone(x)
+        expected = fixture['expected']
+        assert rel_err(logits, expected['cls'][input_name][mode]['logits']) < tol['logits']
+        for out, ref in zip(outs, expected['backbone'][input_name][mode]):
+            assert out.shape == ref.shape
+            assert rel_err(out, ref) < tol['backbone_outputs']
+
+
+@pytest.mark.parametrize('family, name', [pytest.param(f, n, id=n) for f in FAMILIES for n in f.fixtures])
+def test_upstream_fixture_input_gradient(family, name):
+    fixture = load_fixture(name)
+    grad = fixture['expected']['cls_input_grad']
+    classifier, _ = _fixture_models(family, fixture, grad['mode'])
+    x = fixture['inputs'][grad['input']].clone().requires_grad_()
+    (classifier(x, mode='tensor') * grad['logit_weights']).sum().backward()
+    assert rel_err(x.grad, grad['d_input']) < fixture['tolerances']['cls_input_grad']
+
+
+def test_converter_tool_round_trip(family, tmp_path):
+    fixture = load_fixture(family.fixtures[0])
+    weights = fixture_weights(fixture)
+    cls_keys = [k for k, _, _ in fixture['cls']['state_dict']]
+    src = tmp_path / 'upstream.pth'
+    torch.save({'model': {k: weights[k] for k in cls_keys}, 'epoch': 3}, src)
+    dst = tmp_path / 'converted.pth'
+    result = subprocess.run([sys.executable, str(REPO_ROOT / 'tools/model_converters' / family.converter), str(src),
+                             str(dst)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kwargs = fixture['cls']['constructor_kwargs']
+    classifier = build_classifier(family, family.fixture_arch(kwargs), num_classes=10,
+                                  **family.fixture_modes['eval']).eval()
+    classifier.load_state_dict(torch.load(dst, weights_only=True)['state_dict'], strict=True)
+    x = fixture['inputs']['x_2x3x64x64']
+    with torch.no_grad():
+        logits = classifier(x, mode='tensor')
+    assert rel_err(logits, fixture['expected']['cls']['x_2x3x64x64']['eval']['logits']) < 1e-4
