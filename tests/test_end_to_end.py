@@ -11,14 +11,15 @@ from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
+# task -> (config pattern with {family}/{name}/{short}, metrics, test options)
 TASKS = {
-    'classification': ('classification/configs/spatial_mamba/spatial-mamba-tiny_8xb128_in1k.py', ['accuracy/top1'],
-                       []),
-    'detection': ('detection/configs/spatial_mamba/mask-rcnn_spatial-mamba-t_fpn_1x_coco.py',
-                  ['coco/bbox_mAP', 'coco/segm_mAP'], []),
-    'segmentation': ('segmentation/configs/spatial_mamba/spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
+    'classification': ('classification/configs/{family}/{name}-tiny_8xb128_in1k.py', ['accuracy/top1'], []),
+    'detection': ('detection/configs/{family}/mask-rcnn_{name}-t_fpn_1x_coco.py', ['coco/bbox_mAP', 'coco/segm_mAP'],
+                  []),
+    'segmentation': ('segmentation/configs/{family}/{name}-tiny_upernet_8xb2-160k_ade20k-512x512.py',
                      ['mIoU', 'aAcc'], ['--tta']),
 }
+FAMILIES = {'spatial_mamba': 'spatial-mamba', 'vmamba': 'vmamba'}
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -40,9 +41,11 @@ def _iters(n):
             f'default_hooks.checkpoint.interval={n}']
 
 
+@pytest.mark.parametrize('family', list(FAMILIES))
 @pytest.mark.parametrize('task', list(TASKS))
-def test_dist_train_then_dist_test(task, tmp_path):
-    config, keys, test_args = TASKS[task]
+def test_dist_train_then_dist_test(family, task, tmp_path):
+    pattern, keys, test_args = TASKS[task]
+    config = pattern.format(family=family, name=FAMILIES[family])
     work_dir = tmp_path / task
     _run(['tools/dist_train.sh', config, '2', '--demo', '--work-dir', str(work_dir), *_iters(2)],
          tmp_path / 'train.log')

@@ -1,5 +1,5 @@
-"""Upstream Spatial-Mamba mmdet/mmseg checkpoints (``backbone.*`` keys) load strictly into our Mask R-CNN and
-UPerNet models through mmengine's checkpoint loader and give upstream's backbone outputs."""
+"""Upstream mmdet/mmseg checkpoints (``backbone.*`` keys) load strictly into our Mask R-CNN and UPerNet models through
+mmengine's checkpoint loader and give upstream's backbone outputs, per family."""
 import pytest
 import torch
 from conftest import REPO_ROOT
@@ -7,17 +7,21 @@ from fixture_utils import fixture_weights, load_fixture, rel_err
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
+from models.families import FAMILIES
 
 from vssm.runtime import register_safe_globals
 
 CONFIGS = {
-    'mmdet': 'detection/configs/spatial_mamba/mask-rcnn_spatial-mamba-t_fpn_1x_coco.py',
-    'mmseg': 'segmentation/configs/spatial_mamba/spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
+    ('SpatialMamba', 'mmdet'): 'detection/configs/spatial_mamba/mask-rcnn_spatial-mamba-t_fpn_1x_coco.py',
+    ('SpatialMamba', 'mmseg'):
+    'segmentation/configs/spatial_mamba/spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
+    ('VMamba', 'mmdet'): 'detection/configs/vmamba/mask-rcnn_vmamba-t_fpn_1x_coco.py',
+    ('VMamba', 'mmseg'): 'segmentation/configs/vmamba/vmamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
 }
 
 
-def _build(scope, arch):
-    cfg = Config.fromfile(str(REPO_ROOT / CONFIGS[scope]))
+def _build(family, scope, arch):
+    cfg = Config.fromfile(str(REPO_ROOT / CONFIGS[family.name, scope]))
     cfg.model.backbone.arch = arch
     cfg.model.backbone.init_cfg = None
     if scope == 'mmdet':
@@ -33,13 +37,13 @@ def _build(scope, arch):
     return MODELS.build(cfg.model)
 
 
+@pytest.mark.parametrize('family', FAMILIES, ids=[f.name for f in FAMILIES])
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
-def test_upstream_task_checkpoint_loads_strictly(scope, tmp_path):
-    fixture = load_fixture('spatial_mamba_a')
+def test_upstream_task_checkpoint_loads_strictly(family, scope, tmp_path):
+    fixture = load_fixture(family.fixtures[0])
     weights = fixture_weights(fixture)
-    kwargs = fixture['backbone']['constructor_kwargs']
-    arch = dict(dims=list(kwargs['dims']), depths=list(kwargs['depths']))
-    model = _build(scope, arch)
+    arch = family.fixture_arch(fixture['cls']['constructor_kwargs'])
+    model = _build(family, scope, arch)
     # An upstream task checkpoint: the backbone manifest's keys under 'backbone.', plus the task heads.
     state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith('backbone.')}
     state_dict.update({f'backbone.{k}': weights[k] for k, _, _ in fixture['backbone']['state_dict']})
@@ -48,9 +52,9 @@ def test_upstream_task_checkpoint_loads_strictly(scope, tmp_path):
     register_safe_globals()
     load_checkpoint(model, str(path), map_location='cpu', strict=True)
     model.eval()
-    for module in model.backbone.modules():
+    for module in model.backbone.modules():  # Spatial-Mamba: upstream's eval path, the fixture's 'eval' mode
         if hasattr(module, 'eval_padding'):
-            module.eval_padding = 'zeros'  # upstream's eval path, as recorded in the fixture's 'eval' mode
+            module.eval_padding = 'zeros'
     x = fixture['inputs']['x_2x3x64x64']
     with torch.no_grad():
         outs = model.backbone(x)

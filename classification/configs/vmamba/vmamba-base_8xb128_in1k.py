@@ -1,0 +1,4 @@
+# VMamba-B[s2l15].
+_base_ = './vmamba-tiny_8xb128_in1k.py'
+
+model = dict(backbone=dict(arch='base', drop_path_rate=0.6), head=dict(in_channels=1024))

@@ -1,0 +1,4 @@
+# VMamba-T[s1l8] (v05_noz) on ImageNet-1k with the shared Swin-style recipe (classification/configs/_base_/).
+_base_ = '../_base_/in1k_swin-recipe.py'
+
+model = dict(backbone=dict(type='VMamba', arch='tiny', drop_path_rate=0.2), head=dict(in_channels=768))
