@@ -1,0 +1,406 @@
+"""Spectral VMamba: VMamba v2 scanning patches in orders taken from the graph-Laplacian spectrum of their features.
+
+Paper: "Spectral State Space Model for Rotation-Invariant Visual Representation Learning", S. Dastani et al.,
+arXiv 2503.06369 (CVPR 2025). Design re-implemented from https://github.com/Sahardastani/spectral_vmamba (MIT)
+@ 389a8be. It differs from VMamba v2 in three places, which is all this file holds:
+
+* the Rotational Feature Normalizer (RFN) replaces the patch embedding: a frozen ResNet-18 trunk (conv1..layer3,
+  stride 16) runs on the four 90-degree rotations of the image; the maps are rotated back and max-pooled;
+* the SS2D scans eight sequences: the tokens sorted by each of the Laplacian eigenvectors 2..5 of a k-NN graph over
+  the tokens' features, and the same four reversed; the outputs are scattered back (inverse permutations) and summed;
+* the downsampling is a 1x1 conv, a stride-2 pooling and LayerNorm2d.
+
+Two behaviours, chosen by ``upstream_compat``:
+
+* ``True`` reproduces upstream exactly, so its checkpoints give its outputs: sigma of the graph weights over the whole
+  batch, its per-token eigenvector sign fix, the order computed once (stage 0) and carried to later stages through the
+  pooling indices with its re-indexing (which assumes the previous grid is exactly twice as wide, so after an odd
+  width the "order" is not a permutation), the stride-2 subsampling of the top-left pixel, rotations on a fixed canvas
+  (corners cut for non-square inputs), and train-mode BatchNorm in the frozen ResNet.
+* ``False`` (default) fixes it: sigma per image, a sign per eigenvector from its third moment, a small uniform edge
+  weight that keeps the graph connected, the order recomputed from the features at every stage (a valid permutation
+  for every input size), rotation-equivariant pooling (2x2 windows on even sides, 3x3 stride-2 windows centred on the
+  even pixels of odd sides), exact rotations with ``torch.rot90`` (non-square inputs keep their corners) and the
+  frozen ResNet always in eval mode. A classifier is then invariant to 90/180/270-degree rotations of square inputs.
+
+The order lives in the forward's own state and is passed block to block (upstream keeps it in a module-level global,
+which breaks with EMA teachers, threads and gradient checkpointing). It is integer-valued: no gradient reaches it.
+
+Shape legend: B batch, C block width, H/W height/width, L = H*W tokens, K = 8 sequences, T = 4 eigenvectors (top_k),
+D inner width.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmpretrain.models.backbones import ResNet
+from mmpretrain.registry import MODELS
+from torch import Tensor, nn
+
+from .layers import (LayerNorm2d, StagedBackbone, parse_arch, to_classifier_keys, trunc_normal_linear_init,
+                     unwrap_state_dict)
+from .vmamba import SS2D, VSSBlock
+
+__all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'spectral_scan', 'spectral_merge',
+           'propagate_order_upstream']
+
+RFN_CHANNELS = 256  # ResNet-18 layer3
+RFN_STRIDE = 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The spectral traversal
+# ---------------------------------------------------------------------------------------------------------------------
+def _knn_adjacency(tokens: Tensor, knn: int, batch_sigma: bool, connect: float) -> Tensor:
+    """Symmetric k-NN graph with Gaussian weights, (B, L, L), from tokens (B, L, D)."""
+    dist = torch.cdist(tokens, tokens, p=2)  # (B, L, L)
+    sigma = dist.mean() if batch_sigma else dist.mean(dim=(1, 2), keepdim=True)
+    weights = torch.exp(-dist**2 / (2 * sigma**2))
+    k = min(knn, tokens.shape[1])
+    values, neighbours = torch.topk(weights, k, dim=2, largest=True)
+    batch = torch.arange(tokens.shape[0], device=tokens.device)[:, None, None]
+    node = torch.arange(tokens.shape[1], device=tokens.device)[:, None]
+    adjacency = torch.zeros_like(weights)
+    adjacency[batch, node, neighbours] = values
+    adjacency[batch, neighbours, node] = values  # symmetric
+    if connect > 0:  # a small uniform weight keeps the graph connected: one zero eigenvalue, a defined ordering
+        adjacency = adjacency + connect * values.mean(dim=(1, 2), keepdim=True)
+    return adjacency
+
+
+def _normalized_laplacian(adjacency: Tensor) -> Tensor:
+    """I - Deg^-1/2 A Deg^-1/2, (B, L, L)."""
+    inv_sqrt = adjacency.sum(dim=2).pow(-0.5)  # (B, L)
+    eye = torch.eye(adjacency.shape[1], device=adjacency.device, dtype=adjacency.dtype)
+    return eye - inv_sqrt[:, :, None] * adjacency * inv_sqrt[:, None, :]
+
+
+@torch.no_grad()
+def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_compat: bool = False,
+                   return_details: bool = False):
+    """Token orders from the spectrum of a k-NN graph over the tokens' features.
+
+    Args:
+        features: (B, D, H, W) features of the tokens.
+        top_k: number of eigenvectors (after the first) that each give one order.
+        knn: neighbours per token in the graph.
+        upstream_compat: upstream's choices (batch-wide sigma, per-token sign fix, no connecting weight, the dense
+            Laplacian built with diagonal-matrix products); otherwise per-image sigma and a sign per eigenvector.
+        return_details: also return the eigenvalues and the selected eigenvectors (for tests and plots).
+
+    Returns:
+        order: (B, L, top_k) int64; ``order[b, :, t]`` lists the token indices (raster order of the H x W grid)
+        sorted by eigenvector t + 2. With fewer than top_k + 1 tokens the available eigenvectors are reused.
+    """
+    b, d, h, w = features.shape
+    tokens = features.reshape(b, d, h * w).transpose(1, 2).float()  # (B, L, D)
+    length = h * w
+    if length == 1:
+        order = torch.zeros(b, 1, top_k, dtype=torch.long, device=features.device)
+        return (order, {}) if return_details else order
+    adjacency = _knn_adjacency(tokens, knn, batch_sigma=upstream_compat, connect=0.0 if upstream_compat else 1e-6)
+    if upstream_compat:
+        inv_sqrt = torch.diag_embed(adjacency.sum(dim=2).pow(-0.5))
+        eye = torch.eye(length, device=features.device).unsqueeze(0).repeat(b, 1, 1)
+        laplacian = eye - torch.bmm(torch.bmm(inv_sqrt, adjacency), inv_sqrt)
+    else:
+        laplacian = _normalized_laplacian(adjacency)
+    eigenvalues, eigenvectors = torch.linalg.eigh(laplacian)  # ascending
+    available = min(top_k, length - 1)
+    columns = [1 + (t % available) for t in range(top_k)]
+    selected = eigenvectors[:, :, columns]  # (B, L, top_k)
+    raw = selected.clone()
+    if upstream_compat:
+        selected = selected * selected.mean(dim=2, keepdim=True).sign()  # per token (upstream)
+    else:
+        third = (selected**3).sum(dim=1, keepdim=True)  # per eigenvector; invariant to permuting the tokens
+        selected = selected * torch.where(third < 0, -1.0, 1.0)
+    sorted_vectors, order = torch.sort(selected, dim=1, stable=True)
+    if return_details:
+        return order, dict(eigenvalues=eigenvalues, eigenvectors_before_sign_fix=raw, sorted_eigenvectors=sorted_vectors)
+    return order
+
+
+def spectral_scan(x: Tensor, order: Tensor) -> Tensor:
+    """(B, D, H, W) -> (B, 2T, D, L): the tokens in each order, then each order reversed."""
+    b, d = x.shape[:2]
+    tokens = x.reshape(b, d, -1)  # (B, D, L)
+    seqs = [torch.gather(tokens, 2, order[:, None, :, t].expand(-1, d, -1)) for t in range(order.shape[2])]
+    return torch.stack(seqs + [s.flip(-1) for s in seqs], dim=1)
+
+
+def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
+    """(B, 2T, D, L) -> (B, D, H, W): every sequence scattered back to raster positions (through argsort(order), the
+    inverse permutation) and summed."""
+    b, k, d, length = y.shape
+    t = k // 2
+    inverse = torch.argsort(order, dim=1, stable=True).permute(0, 2, 1)[:, :, None, :].expand(-1, -1, d, -1)
+    merged = torch.gather(y[:, :t], 3, inverse) + torch.gather(y[:, t:].flip(-1), 3, inverse)  # (B, T, D, L)
+    return merged.sum(dim=1).view(b, d, height, width)
+
+
+@torch.no_grad()
+def propagate_order_upstream(order: Tensor, kept: Tensor, width: int) -> Tensor:
+    """Upstream's stage-to-stage order: the previous order restricted to the kept (pooled) tokens, re-indexed.
+
+    Args:
+        order: (B, Lp, T) order on the previous grid.
+        kept: (B, M) flat indices (previous grid) of the tokens the stride-2 pooling kept, in raster order.
+        width: width of the new grid. Upstream converts a previous index i to (i // 2w // 2) * w + (i % 2w) // 2,
+            i.e. it assumes the previous width is exactly 2w; after an odd width the result is not a permutation.
+
+    Returns:
+        (B, M, T) int64. A previous token present twice counts at its later position; kept tokens absent from the
+        previous order go last, in raster order (upstream's tie-breaking).
+    """
+    b, lp, t = order.shape
+    positions = torch.full((b, max(lp, int(kept.max()) + 1)), lp + 1, dtype=torch.long, device=order.device)
+    result = []
+    for i in range(t):
+        pos = torch.full_like(positions, -1).scatter_reduce(
+            1, order[:, :, i], torch.arange(lp, device=order.device).expand(b, -1), reduce='amax')
+        pos = torch.where(pos < 0, positions, pos)  # absent: lp + 1
+        ranked = torch.gather(kept, 1, torch.argsort(torch.gather(pos, 1, kept), dim=1, stable=True))
+        result.append((ranked // (2 * width) // 2) * width + (ranked % (2 * width)) // 2)
+    return torch.stack(result, dim=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------------
+class SpectralSS2D(SS2D):
+    """SS2D over the K = 2T spectral sequences (no depthwise conv)."""
+
+    def __init__(self, dim: int, d_state: int, ssm_ratio: float, dt_rank: Union[int, str], top_k: int,
+                 backend: str) -> None:
+        super().__init__(dim, d_state, ssm_ratio, dt_rank, d_conv=1, num_directions=2 * top_k, backend=backend)
+        del self.conv2d
+
+    def graph_features(self, x: Tensor) -> Tensor:
+        """The features the graph is built on: in_proj, then SiLU."""
+        return self.act(self.in_proj(x))
+
+    def forward(self, x: Tensor, order: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        x = self.graph_features(x)  # (B, D, H, W)
+        y = spectral_merge(self.scan(spectral_scan(x, order)), order, height, width)  # float32
+        return self.out_proj(self.out_norm(y).to(x.dtype))
+
+
+class SpectralBlock(VSSBlock):
+    """VSSBlock whose SS2D takes the token order."""
+
+    def _forward(self, x: Tensor, order: Tensor) -> Tensor:
+        x = x + self.drop_path(self.op(self.norm(x), order))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor, order: Tensor) -> Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, order, use_reentrant=False)
+        return self._forward(x, order)
+
+    def order_from_features(self, x: Tensor, top_k: int, knn: int, upstream_compat: bool) -> Tensor:
+        with torch.no_grad():
+            return spectral_order(self.op.graph_features(self.norm(x)), top_k, knn, upstream_compat)
+
+
+class SpectralDownsample(nn.Sequential):
+    """1x1 conv C -> 2C, stride-2 pooling, LayerNorm2d (upstream's indices: 1 is the conv, 4 the norm).
+
+    ``upstream_compat``: max-pooling with kernel 1 (the top-left pixel of every 2x2 block), returning the kept flat
+    indices. Otherwise rotation-equivariant average pooling (see the module docstring).
+    """
+
+    def __init__(self, dim: int, out_dim: int, upstream_compat: bool) -> None:
+        super().__init__(nn.Identity(), nn.Conv2d(dim, out_dim, 1), nn.Identity(), nn.Identity(), LayerNorm2d(out_dim))
+        self.upstream_compat = upstream_compat
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Returns the pooled map and, in upstream mode, the kept flat indices (B, H/2 * W/2)."""
+        x = self[1](x)
+        kept = None
+        if self.upstream_compat:
+            x, indices = F.max_pool2d(x, kernel_size=1, stride=2, return_indices=True)
+            kept = indices[:, 0].flatten(1)
+        else:
+            h, w = x.shape[-2:]
+            kh, kw = (2 if h % 2 == 0 else 3), (2 if w % 2 == 0 else 3)
+            x = F.avg_pool2d(x, (kh, kw), stride=2, padding=(kh // 2 if kh == 3 else 0, kw // 2 if kw == 3 else 0),
+                             count_include_pad=False)
+        return self[4](x), kept
+
+
+class SpectralStage(nn.Module):
+    """Blocks of one stage (the first one decides the stage's order), then the downsampling."""
+
+    def __init__(self, blocks: Sequence[SpectralBlock], downsample: Optional[SpectralDownsample]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+@MODELS.register_module()
+class SpectralVMamba(StagedBackbone):
+    """Spectral VMamba backbone (classification, detection and segmentation).
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``, ``'s'``, ``'b'``), or a dict with ``dims`` (the first
+            must be 256, the RFN's width) and ``depths``.
+        out_indices: stages whose outputs are returned (each through LayerNorm2d ``outnorm{i}``); strides 16..128.
+        frozen_stages: -1 freezes nothing; k >= 0 freezes the stem (the RFN is always frozen) and the first k stages.
+        drop_path_rate: stochastic depth, linearly increasing from 0 over all blocks.
+        mlp_ratio: MLP hidden width / block width.
+        ssm_ratio: SSM inner width D / block width.
+        d_state: SSM state size N.
+        dt_rank: rank of the step-size projection, ``'auto'`` = ceil(C / 16).
+        top_k: eigenvectors (orders) per image; the SSM scans 2 * top_k sequences.
+        knn: neighbours per token in the graph.
+        upstream_compat: reproduce upstream exactly (see the module docstring) instead of the fixed behaviour.
+        rfn_pretrained: checkpoint for the frozen ResNet-18, e.g. ``'torchvision://resnet18'`` (downloaded by
+            ``init_weights()`` when online, never at construction). ``None`` keeps random weights (with a warning)
+            unless the whole backbone is loaded from a checkpoint, which holds them.
+        ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the selective scan.
+        norm_eval: keep this backbone's BatchNorm layers (the RFN's) in eval mode while training.
+        with_cp: gradient checkpointing of every block.
+        init_cfg: mmengine init config of the whole backbone.
+    """
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {'dims': [256, 512, 1024, 2048], 'depths': [2, 2, 5, 2]}),
+        **dict.fromkeys(['s', 'small'], {'dims': [256, 512, 1024, 2048], 'depths': [2, 2, 15, 2]}),
+        **dict.fromkeys(['b', 'base'], {'dims': [256, 512, 1024, 2048], 'depths': [2, 2, 15, 2]}),
+    }
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (3, ),
+                 frozen_stages: int = -1,
+                 drop_path_rate: float = 0.0,
+                 mlp_ratio: float = 4.0,
+                 ssm_ratio: float = 2.0,
+                 d_state: int = 1,
+                 dt_rank: Union[int, str] = 'auto',
+                 top_k: int = 4,
+                 knn: int = 5,
+                 upstream_compat: bool = False,
+                 rfn_pretrained: Optional[str] = None,
+                 ops_backend: str = 'auto',
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg)
+        settings = parse_arch(type(self).__name__, arch, self.arch_zoo, required=('dims', 'depths'))
+        self.dims, self.depths = settings['dims'], settings['depths']
+        if self.dims[0] != RFN_CHANNELS:
+            raise ValueError(f'SpectralVMamba: the first width must be {RFN_CHANNELS} (the RFN\'s ResNet-18 layer3 '
+                             f'output), got dims={self.dims}.')
+        if in_channels != 3:
+            raise ValueError(f'SpectralVMamba: the RFN\'s ResNet-18 takes RGB images, got in_channels={in_channels}.')
+        if not 1 <= top_k <= 8:
+            raise ValueError(f'SpectralVMamba: top_k must be in 1..8, got {top_k}.')
+        if knn < 1:
+            raise ValueError(f'SpectralVMamba: knn must be >= 1, got {knn}.')
+        self.in_channels = in_channels
+        self.top_k, self.knn = top_k, knn
+        self.upstream_compat = upstream_compat
+        self.rfn_pretrained = rfn_pretrained
+        # The frozen RFN trunk, with upstream's keys (torchvision's ResNet-18 layout, layer4 and fc included so that
+        # upstream checkpoints load strictly; only conv1..layer3 run).
+        self.model_patchification = ResNet(depth=18, out_indices=(2, ))
+        self.model_patchification.fc = nn.Linear(512, 1000)
+        for param in self.model_patchification.parameters():
+            param.requires_grad = False
+        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, (dim, depth) in enumerate(zip(self.dims, self.depths)):
+            start = sum(self.depths[:i])
+            blocks = [
+                SpectralBlock(dim, drop_paths[start + j], mlp_ratio, with_cp,
+                              SpectralSS2D(dim, d_state, ssm_ratio, dt_rank, top_k, self.ops_backend))
+                for j in range(depth)
+            ]
+            downsample = SpectralDownsample(dim, self.dims[i + 1], upstream_compat) if i + 1 < self.num_stages else None
+            self.layers.append(SpectralStage(blocks, downsample))
+        self.apply(trunc_normal_linear_init)
+        self._finish_init(LayerNorm2d)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.rfn_pretrained is not None:
+            from mmengine.runner import load_checkpoint
+            load_checkpoint(self.model_patchification, self.rfn_pretrained, map_location='cpu', strict=True)
+        elif not (isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'):
+            print_log('SpectralVMamba: the RFN ResNet-18 keeps random weights (no rfn_pretrained and no checkpoint); '
+                      "set rfn_pretrained='torchvision://resnet18' when online, or load an upstream checkpoint.",
+                      logger='current', level=30)
+
+    def train(self, mode: bool = True) -> 'SpectralVMamba':
+        super().train(mode)
+        # The RFN is frozen; its BatchNorms follow train() only in upstream mode (upstream's behaviour).
+        if not self.upstream_compat:
+            self.model_patchification.eval()
+        return self
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The stem: the RFN's ResNet-18 (frozen in any case)."""
+        return self.model_patchification
+
+    # --- the RFN -------------------------------------------------------------------------------------------------
+    def _trunk(self, x: Tensor) -> Tensor:
+        r = self.model_patchification
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        return r.layer3(r.layer2(r.layer1(x)))
+
+    def rfn(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 256, H/16, W/16): max over the four rotations' rotated-back feature maps."""
+        if self.upstream_compat:
+            import torchvision.transforms.functional as TF
+            b, c, h, w = x.shape
+            rotated = torch.stack([TF.rotate(x, angle) for angle in (0, 90, 180, 270)]).view(-1, c, h, w)
+            maps = self._trunk(rotated).view(4, b, RFN_CHANNELS, h // RFN_STRIDE, w // RFN_STRIDE)
+            back = [TF.rotate(maps[i], -angle) for i, angle in enumerate((0, 90, 180, 270))]
+            return torch.stack(back).max(dim=0).values
+        if x.shape[-1] == x.shape[-2]:  # square: one trunk call over the 4 rotations
+            b = x.shape[0]
+            maps = self._trunk(torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)]))
+            return torch.stack([torch.rot90(maps[k * b:(k + 1) * b], -k, dims=(2, 3)) for k in range(4)]).amax(0)
+        upright = self._trunk(torch.cat([x, torch.rot90(x, 2, dims=(2, 3))]))  # 0 and 180 degrees
+        turned = self._trunk(torch.cat([torch.rot90(x, 1, dims=(2, 3)), torch.rot90(x, 3, dims=(2, 3))]))
+        b = x.shape[0]
+        back = [upright[:b], torch.rot90(upright[b:], -2, dims=(2, 3)), torch.rot90(turned[:b], -1, dims=(2, 3)),
+                torch.rot90(turned[b:], -3, dims=(2, 3))]
+        return torch.stack(back).amax(0)
+
+    # --- forward -----------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        self._check_input(x, self.in_channels)
+        if x.shape[-2] % RFN_STRIDE or x.shape[-1] % RFN_STRIDE:
+            raise ValueError(f'SpectralVMamba: image sides must be multiples of {RFN_STRIDE} (the RFN\'s stride), got '
+                             f'{tuple(x.shape[-2:])}; pad or resize the inputs (e.g. size_divisor={RFN_STRIDE}).')
+        x = self.rfn(x)  # (B, 256, H/16, W/16)
+        outs, order, kept = [], None, None
+        for i, layer in enumerate(self.layers):
+            first = layer.blocks[0]
+            if self.upstream_compat and i > 0:
+                order = propagate_order_upstream(order, kept, x.shape[-1])
+            else:
+                order = first.order_from_features(x, self.top_k, self.knn, self.upstream_compat)
+            for block in layer.blocks:
+                x = block(x, order)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'outnorm{i}')(x).contiguous())
+            if layer.downsample is not None:
+                x, kept = layer.downsample(x)
+        return tuple(outs)
+
+
+def convert_upstream_state_dict(state_dict: dict) -> dict:
+    """Map an upstream Spectral VMamba state dict to the keys of an mmpretrain ``ImageClassifier``: the trunk (the
+    ResNet-18 under ``model_patchification`` included) under ``backbone.``, ``classifier.norm`` as
+    ``backbone.outnorm3`` and ``classifier.head`` as ``head.fc``."""
+    last = SpectralVMamba.num_stages - 1
+    return to_classifier_keys(unwrap_state_dict(state_dict), [('classifier.norm.', f'backbone.outnorm{last}.'),
+                                                              ('classifier.head.', 'head.fc.')])
