@@ -5,7 +5,7 @@ from typing import Callable, Dict, List, Tuple
 from mmengine.registry import DefaultScope
 from mmpretrain.registry import MODELS
 
-from vssm.models import spatial_mamba, vmamba
+from vssm.models import spatial_mamba, spectral_vmamba, vmamba
 
 
 @dataclass
@@ -20,6 +20,10 @@ class Family:
     fixture_arch: Callable[[dict], dict]  # upstream constructor kwargs -> our arch dict
     converter: str  # tools/model_converters script
     fixture_modes: Dict[str, dict] = field(default_factory=dict)  # mode -> backbone kwargs
+    strides: Tuple[int, ...] = (4, 8, 16, 32)
+    odd_sizes: Tuple[Tuple[int, int], ...] = ((33, 47), (7, 9), (1, 1))  # inputs that must run
+    int_dims: int = 8  # a first-stage width for the "dims as an int" arch test (0: skip)
+    num_classes: int = 1000  # classes of the upstream classifier configs
 
     @property
     def cls(self):
@@ -41,8 +45,27 @@ FAMILIES = [
            {'tiny': 4.906, 'small': 8.716, 'base': 15.359}, ['vmamba_a', 'vmamba_b'],
            lambda kw: dict(dims=kw['dims'], depths=kw['depths'], ssm_ratio=kw['ssm_ratio']), 'vmamba_to_vssm.py',
            {'eval': {}, 'train': {}}),
+    Family('SpectralVMamba', spectral_vmamba, 'spectral_vmamba', dict(dims=[256, 32, 64, 128], depths=[1, 1, 2, 1]),
+           {'tiny': (215_677_580, 215_476_264), 'small': (363_430_540, 363_229_224),
+            'base': (363_430_540, 363_229_224)}, {}, ['spectral_vmamba_a', 'spectral_vmamba_b'],
+           lambda kw: dict(dims=kw['dims'], depths=kw['depths']), 'spectral_vmamba_to_vssm.py',
+           # the fixtures record upstream: batch-wide sigma, propagated orders, ...
+           {'eval': dict(upstream_compat=True), 'train': dict(upstream_compat=True)},
+           strides=(16, 32, 64, 128), odd_sizes=((16, 16), (80, 80), (112, 80), (48, 208)), int_dims=0,
+           num_classes=100),  # upstream's configs are mini-ImageNet
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def expected_shapes(family: Family, dims, height: int, width: int, out_indices):
+    """(C, H, W) of each returned stage: ceil-halving after the stem's stride."""
+    shapes = []
+    h, w = -(-height // family.strides[0]), -(-width // family.strides[0])
+    for i in range(4):
+        if i in out_indices:
+            shapes.append((dims[i], h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return shapes
 
 
 def build_classifier(family: Family, arch, num_classes: int = 1000, **backbone_kwargs):

@@ -376,25 +376,29 @@ class SpectralVMamba(StagedBackbone):
 
     # --- forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        return self.forward_with_orders(x)[0]
+
+    def forward_with_orders(self, x: Tensor) -> Tuple[Tuple[Tensor, ...], List[Tensor]]:
+        """The outputs, and the order used at each stage ((B, L_i, top_k) int64, raster indices of stage i's grid)."""
         self._check_input(x, self.in_channels)
         if x.shape[-2] % RFN_STRIDE or x.shape[-1] % RFN_STRIDE:
             raise ValueError(f'SpectralVMamba: image sides must be multiples of {RFN_STRIDE} (the RFN\'s stride), got '
                              f'{tuple(x.shape[-2:])}; pad or resize the inputs (e.g. size_divisor={RFN_STRIDE}).')
         x = self.rfn(x)  # (B, 256, H/16, W/16)
-        outs, order, kept = [], None, None
+        outs, orders, kept = [], [], None
         for i, layer in enumerate(self.layers):
-            first = layer.blocks[0]
             if self.upstream_compat and i > 0:
-                order = propagate_order_upstream(order, kept, x.shape[-1])
+                order = propagate_order_upstream(orders[-1], kept, x.shape[-1])
             else:
-                order = first.order_from_features(x, self.top_k, self.knn, self.upstream_compat)
+                order = layer.blocks[0].order_from_features(x, self.top_k, self.knn, self.upstream_compat)
+            orders.append(order)
             for block in layer.blocks:
                 x = block(x, order)
             if i in self.out_indices:
                 outs.append(getattr(self, f'outnorm{i}')(x).contiguous())
             if layer.downsample is not None:
                 x, kept = layer.downsample(x)
-        return tuple(outs)
+        return tuple(outs), orders
 
 
 def convert_upstream_state_dict(state_dict: dict) -> dict:
