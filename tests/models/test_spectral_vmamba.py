@@ -1,0 +1,135 @@
+"""SpectralVMamba specifics on CPU: upstream's orders and eigenvectors, rotation invariance of the fixed model,
+valid permutations at every stage, no batch coupling, no global state, clear errors."""
+import threading
+
+import pytest
+import torch
+from fixture_utils import fixture_weights, load_fixture, rel_err
+from models.families import BY_NAME, build_classifier
+
+from vssm.models import SpectralVMamba
+from vssm.models.spectral_vmamba import spectral_merge, spectral_order, spectral_scan
+
+ARCH = dict(dims=[256, 64, 128, 256], depths=[1, 2, 1, 1])
+
+
+def _classifier(**kwargs):
+    torch.manual_seed(0)
+    return build_classifier(BY_NAME['SpectralVMamba'], ARCH, num_classes=10, **kwargs).eval()
+
+
+@pytest.mark.parametrize('name', ['spectral_vmamba_a', 'spectral_vmamba_b'])
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_upstream_orders_and_eigenvectors(name, mode):
+    """Every stage's order equals upstream's exactly (incl. the non-permutations after odd widths)."""
+    fixture = load_fixture(name)
+    weights = fixture_weights(fixture)
+    kwargs = fixture['backbone']['constructor_kwargs']
+    model = SpectralVMamba(dict(dims=kwargs['dims'], depths=kwargs['depths']), out_indices=(0, 1, 2, 3),
+                           upstream_compat=True)
+    keys = {k for k, _, _ in fixture['backbone']['state_dict']}
+    for input_name, x in fixture['inputs'].items():
+        model.load_state_dict({k: v for k, v in weights.items() if k in keys}, strict=True)  # train mode moves BN
+        model.train(mode == 'train')
+        expected = fixture['expected']['cls'][input_name][mode]
+        with torch.no_grad():
+            _, orders = model.forward_with_orders(x)
+        for got, ref in zip(orders, expected['orders']):
+            assert torch.equal(got, ref)
+        model.load_state_dict({k: v for k, v in weights.items() if k in keys}, strict=True)
+        model.train(mode == 'train')
+        with torch.no_grad():
+            block = model.layers[0].blocks[0]
+            features = block.op.graph_features(block.norm(model.rfn(x)))
+            _, details = spectral_order(features, 4, 5, upstream_compat=True, return_details=True)
+        tol = fixture['tolerances']['stage0_sorted_eigenvectors']
+        assert rel_err(details['sorted_eigenvectors'], expected['stage0_sorted_eigenvectors']) < tol
+        if 'rfn' in expected:
+            assert rel_err(model.rfn(x), expected['rfn']) < fixture['tolerances']['rfn']
+
+
+def _rotation_errors(model, images):
+    errors = []
+    with torch.no_grad():
+        for x in images:
+            base = model(x[None], mode='tensor')
+            errors.append(max(rel_err(model(torch.rot90(x[None], k, dims=(2, 3)), mode='tensor'), base)
+                              for k in (1, 2, 3)))
+    return errors
+
+
+def test_fixed_model_is_invariant_to_90_degree_rotations():
+    images = torch.randn(20, 3, 112, 112, generator=torch.Generator().manual_seed(0))  # grids 7, 4, 2, 1
+    fixed = _rotation_errors(_classifier(), images)
+    assert sum(e < 1e-3 for e in fixed) >= 19, fixed
+    upstream = _rotation_errors(_classifier(upstream_compat=True), images[:5])
+    assert min(upstream) > 1e-2, upstream  # upstream loses invariance at the first downsampling
+
+
+def test_fixed_model_is_invariant_on_non_square_inputs():
+    model = _classifier()
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        base = model(x, mode='tensor')
+        for k in (1, 2, 3):
+            assert rel_err(model(torch.rot90(x, k, dims=(2, 3)), mode='tensor'), base) < 1e-3
+        rfn = model.backbone.rfn(x)
+        torch.testing.assert_close(model.backbone.rfn(torch.rot90(x, 1, dims=(2, 3))), torch.rot90(rfn, 1, (2, 3)))
+
+
+@pytest.mark.parametrize('size', [(80, 80), (112, 80), (96, 160), (224, 224), (16, 48)])
+def test_fixed_orders_are_permutations_at_every_stage(size):
+    model = SpectralVMamba(ARCH, out_indices=(0, 1, 2, 3)).eval()
+    with torch.no_grad():
+        outs, orders = model.forward_with_orders(torch.randn(2, 3, *size))
+    for out, order in zip(outs, orders):
+        length = out.shape[-2] * out.shape[-1]
+        assert order.shape == (2, length, 4)
+        assert torch.equal(order.sort(dim=1).values, torch.arange(length).expand(2, 4, -1).transpose(1, 2))
+
+
+def test_images_of_a_batch_do_not_influence_each_other():
+    model = _classifier()
+    x = torch.randn(2, 3, 64, 64)
+    other = x.clone()
+    other[1] = torch.randn(3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mode='tensor')[0], model(other, mode='tensor')[0])
+
+
+def test_no_state_shared_between_forwards():
+    """Concurrent forwards (threads, EMA teachers) give what sequential ones give: no module-level order."""
+    model = _classifier()
+    inputs = [torch.randn(1, 3, 64, 96), torch.randn(1, 3, 80, 80)]
+    with torch.no_grad():
+        expected = [model(x, mode='tensor') for x in inputs]
+    results = [None, None]
+
+    def run(i):
+        with torch.no_grad():
+            results[i] = model(inputs[i], mode='tensor')
+
+    threads = [threading.Thread(target=run, args=(i, )) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, ref in zip(results, expected):
+        torch.testing.assert_close(got, ref)
+
+
+def test_scan_and_merge_are_adjoint_permutations():
+    x = torch.randn(2, 3, 4, 5)
+    order = torch.stack([torch.stack([torch.randperm(20) for _ in range(4)], dim=1) for _ in range(2)])
+    seqs = spectral_scan(x, order)  # (B, 8, D, L)
+    assert seqs.shape == (2, 8, 3, 20)
+    torch.testing.assert_close(spectral_merge(seqs, order, 4, 5), 8 * x)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match='first width must be 256'):
+        SpectralVMamba(dict(dims=[128, 256, 512, 1024], depths=[1, 1, 1, 1]))
+    with pytest.raises(ValueError, match='multiples of 16'):
+        SpectralVMamba(ARCH)(torch.randn(1, 3, 70, 64))
+    with pytest.raises(ValueError, match='top_k'):
+        SpectralVMamba(ARCH, top_k=0)
