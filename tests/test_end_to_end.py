@@ -19,7 +19,7 @@ TASKS = {
     'segmentation': ('segmentation/configs/{family}/{name}-tiny_upernet_8xb2-160k_ade20k-512x512.py',
                      ['mIoU', 'aAcc'], ['--tta']),
 }
-FAMILIES = {'spatial_mamba': 'spatial-mamba', 'vmamba': 'vmamba'}
+FAMILIES = {'spatial_mamba': 'spatial-mamba', 'vmamba': 'vmamba', 'spectral_vmamba': 'spectral-vmamba'}
 
 
 @pytest.fixture(scope='module', autouse=True)

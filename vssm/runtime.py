@@ -29,13 +29,20 @@ DEMO_OVERRIDES = {
 
 
 def apply_demo_override(cfg: Config, repo_root: Path) -> str:
-    """Merge the task's demo override (chosen by ``default_scope``) into ``cfg``; return its path."""
+    """Merge the task's demo override (chosen by ``default_scope``) into ``cfg``; return its path.
+
+    The demo loads no pretrained weights: the override clears the backbone's ``init_cfg``, and any other
+    ``*_pretrained`` argument of the backbone (e.g. SpectralVMamba's ``rfn_pretrained``) is set to None here.
+    """
     scope = cfg.get('default_scope')
     if scope not in DEMO_OVERRIDES:
         raise ValueError(f'--demo: no demo override for default_scope={scope!r}; known scopes: {sorted(DEMO_OVERRIDES)}.')
     path = Path(repo_root) / DEMO_OVERRIDES[scope]
     override = Config.fromfile(str(path))
     cfg.merge_from_dict(override.to_dict(), allow_list_keys=False)
+    backbone = cfg.model.get('backbone') or {}
+    for key in [k for k in backbone if k.endswith('_pretrained')]:
+        backbone[key] = None
     return str(path)
 
 

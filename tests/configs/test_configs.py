@@ -37,7 +37,7 @@ def test_config_builds(path):
     cfg = Config.fromfile(path)
     assert cfg.custom_imports['imports'] == ['vssm']
     backbone = cfg.model.backbone
-    assert backbone['type'].split('.')[-1] in ('SpatialMamba', 'VMamba')
+    assert backbone['type'].split('.')[-1] in ('SpatialMamba', 'VMamba', 'SpectralVMamba')
     if cfg.default_scope != 'mmpretrain':
         assert backbone['type'].startswith('mmpretrain.') and backbone['out_indices'] == (0, 1, 2, 3)
         assert backbone['init_cfg']['prefix'] == 'backbone.'
@@ -52,4 +52,5 @@ def test_config_with_demo_override_builds(path):
     apply_demo_override(cfg, REPO_ROOT)
     assert 'data/demo' in str(cfg.train_dataloader.dataset)
     assert cfg.model.backbone.init_cfg is None
+    assert all(cfg.model.backbone[k] is None for k in cfg.model.backbone if k.endswith('_pretrained'))
     _registry(cfg.default_scope).build(cfg.model)

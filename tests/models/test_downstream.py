@@ -17,6 +17,9 @@ CONFIGS = {
     'segmentation/configs/spatial_mamba/spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
     ('VMamba', 'mmdet'): 'detection/configs/vmamba/mask-rcnn_vmamba-t_fpn_1x_coco.py',
     ('VMamba', 'mmseg'): 'segmentation/configs/vmamba/vmamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
+    ('SpectralVMamba', 'mmdet'): 'detection/configs/spectral_vmamba/mask-rcnn_spectral-vmamba-t_fpn_1x_coco.py',
+    ('SpectralVMamba', 'mmseg'):
+    'segmentation/configs/spectral_vmamba/spectral-vmamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
 }
 
 
@@ -24,6 +27,7 @@ def _build(family, scope, arch):
     cfg = Config.fromfile(str(REPO_ROOT / CONFIGS[family.name, scope]))
     cfg.model.backbone.arch = arch
     cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.update(family.fixture_modes.get('eval', {}))  # upstream's inference path (the fixtures')
     if scope == 'mmdet':
         cfg.model.neck.in_channels = arch['dims']
         import mmdet.models  # noqa: F401
@@ -52,9 +56,6 @@ def test_upstream_task_checkpoint_loads_strictly(family, scope, tmp_path):
     register_safe_globals()
     load_checkpoint(model, str(path), map_location='cpu', strict=True)
     model.eval()
-    for module in model.backbone.modules():  # Spatial-Mamba: upstream's eval path, the fixture's 'eval' mode
-        if hasattr(module, 'eval_padding'):
-            module.eval_padding = 'zeros'
     x = fixture['inputs']['x_2x3x64x64']
     with torch.no_grad():
         outs = model.backbone(x)

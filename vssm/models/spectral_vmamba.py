@@ -50,6 +50,11 @@ RFN_CHANNELS = 256  # ResNet-18 layer3
 RFN_STRIDE = 16
 
 
+def _hub_checkpoint_dir() -> str:
+    import os.path as osp
+    return osp.join(torch.hub.get_dir(), 'checkpoints')
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The spectral traversal
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,13 +333,23 @@ class SpectralVMamba(StagedBackbone):
 
     def init_weights(self) -> None:
         super().init_weights()
-        if self.rfn_pretrained is not None:
-            from mmengine.runner import load_checkpoint
-            load_checkpoint(self.model_patchification, self.rfn_pretrained, map_location='cpu', strict=True)
-        elif not (isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'):
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            return  # a whole-backbone checkpoint holds the RFN's weights too
+        if self.rfn_pretrained is None:
             print_log('SpectralVMamba: the RFN ResNet-18 keeps random weights (no rfn_pretrained and no checkpoint); '
-                      "set rfn_pretrained='torchvision://resnet18' when online, or load an upstream checkpoint.",
-                      logger='current', level=30)
+                      "set rfn_pretrained='torchvision://resnet18' (or a local ResNet-18 file), or load a checkpoint "
+                      'of the whole backbone through init_cfg.', logger='current', level=30)
+            return
+        from mmengine.runner import load_checkpoint
+        remote = self.rfn_pretrained.startswith(('torchvision://', 'http://', 'https://'))
+        try:
+            load_checkpoint(self.model_patchification, self.rfn_pretrained, map_location='cpu', strict=True)
+        except OSError as error:  # URLError and socket errors included: offline and not in the torch hub cache
+            if not remote:
+                raise
+            print_log(f'SpectralVMamba: could not fetch the RFN weights {self.rfn_pretrained!r} ({error}); the RFN '
+                      'ResNet-18 keeps random weights. Offline, put torchvision\'s resnet18-f37072fd.pth into '
+                      f'{_hub_checkpoint_dir()} or pass a local path as rfn_pretrained.', logger='current', level=30)
 
     def train(self, mode: bool = True) -> 'SpectralVMamba':
         super().train(mode)
