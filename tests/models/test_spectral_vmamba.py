@@ -58,12 +58,32 @@ def _rotation_errors(model, images):
     return errors
 
 
-def test_fixed_model_is_invariant_to_90_degree_rotations():
-    images = torch.randn(20, 3, 112, 112, generator=torch.Generator().manual_seed(0))  # grids 7, 4, 2, 1
+@pytest.mark.parametrize('side', [112, 224])  # grids 7, 4, 2, 1 (dense eigh) and 14, 7, 4, 2 (iterative at stage 0)
+def test_fixed_model_is_invariant_to_90_degree_rotations(side):
+    images = torch.randn(20, 3, side, side, generator=torch.Generator().manual_seed(0))
     fixed = _rotation_errors(_classifier(), images)
     assert sum(e < 1e-3 for e in fixed) >= 19, fixed
     upstream = _rotation_errors(_classifier(upstream_compat=True), images[:5])
     assert min(upstream) > 1e-2, upstream  # upstream loses invariance at the first downsampling
+
+
+def test_iterative_eigensolver_matches_dense():
+    features = torch.nn.functional.avg_pool2d(torch.randn(2, 32, 24, 24, generator=torch.Generator().manual_seed(1)),
+                                              3, 1, 1)  # L = 576, smooth features as in a trained model
+    _, dense = spectral_order(features, eigensolver='dense', return_details=True)
+    _, iterative = spectral_order(features, eigensolver='iterative', return_details=True)
+    torch.testing.assert_close(iterative['eigenvalues'][:, :5], dense['eigenvalues'][:, :5], atol=2e-5, rtol=0)
+    cosines = (iterative['eigenvectors_before_sign_fix'] * dense['eigenvectors_before_sign_fix']).sum(1).abs()
+    assert cosines.min() > 0.999, cosines
+
+
+def test_iterative_orders_are_equivariant_and_valid():
+    features = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(2))
+    order = spectral_order(features, eigensolver='iterative')
+    assert torch.equal(order.sort(dim=1).values, torch.arange(144)[None, :, None].expand(1, 144, 4))
+    rotated = spectral_order(torch.rot90(features, 1, (2, 3)), eigensolver='iterative')
+    source = torch.rot90(torch.arange(144).view(12, 12), 1).flatten()  # token r of the rotated grid is source[r]
+    assert (source[rotated] == order).float().mean() > 0.98
 
 
 def test_fixed_model_is_invariant_on_non_square_inputs():
@@ -133,3 +153,5 @@ def test_clear_errors():
         SpectralVMamba(ARCH)(torch.randn(1, 3, 70, 64))
     with pytest.raises(ValueError, match='top_k'):
         SpectralVMamba(ARCH, top_k=0)
+    with pytest.raises(ValueError, match="eigensolver must be one of .*'iterative'"):
+        SpectralVMamba(ARCH, eigensolver='lanczos')

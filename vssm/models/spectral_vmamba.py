@@ -43,7 +43,7 @@ from .layers import (LayerNorm2d, StagedBackbone, parse_arch, to_classifier_keys
                      unwrap_state_dict)
 from .vmamba import SS2D, VSSBlock
 
-__all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'spectral_scan', 'spectral_merge',
+__all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'EIGENSOLVERS', 'spectral_scan', 'spectral_merge',
            'propagate_order_upstream']
 
 RFN_CHANNELS = 256  # ResNet-18 layer3
@@ -82,9 +82,50 @@ def _normalized_laplacian(adjacency: Tensor) -> Tensor:
     return eye - inv_sqrt[:, :, None] * adjacency * inv_sqrt[:, None, :]
 
 
+EIGENSOLVERS = ('auto', 'dense', 'iterative')
+DENSE_MAX_TOKENS = 64  # 'auto': dense eigh up to this many tokens, the iterative solver above
+
+
+def _seed_projection(dim: int, columns: int, like: Tensor) -> Tensor:
+    """A fixed (input-independent) random (dim, columns) projection: the iterative solver's start block."""
+    generator = torch.Generator().manual_seed(20250309)
+    return torch.randn(dim, columns, generator=generator).to(like)
+
+
+def _top_eigenvectors_iterative(operator: Tensor, start: Tensor, degree: int, iterations: int) -> Tuple[Tensor, Tensor]:
+    """Largest eigenpairs of symmetric (B, L, L) matrices with spectrum in [-1, 1], by Chebyshev-filtered subspace
+    iteration: a fixed number of steps (no host sync, no data-dependent control flow), batched matrix products only.
+
+    Each outer iteration takes the Ritz values of the block, damps the part of the spectrum below the block's
+    smallest Ritz value (and above -1) with a Chebyshev polynomial of ``degree``, re-orthonormalizes (QR) and does a
+    Rayleigh-Ritz step. Every step commutes with permutations of the tokens (the start block is a row-wise function of
+    the tokens), so the result is permutation-equivariant like a dense ``eigh``.
+
+    Returns eigenvalues (B, P) descending and eigenvectors (B, L, P), P = start.shape[2].
+    """
+    def rayleigh_ritz(block: Tensor) -> Tuple[Tensor, Tensor]:
+        values, vectors = torch.linalg.eigh(block.transpose(1, 2) @ torch.bmm(operator, block))  # ascending
+        return values, block @ vectors
+
+    basis, _ = torch.linalg.qr(start)
+    values, basis = rayleigh_ritz(basis)
+    eye = torch.eye(operator.shape[1], device=operator.device, dtype=operator.dtype)
+    for _ in range(iterations):
+        cut = values[:, 0].clamp(min=-0.99)  # the block's lowest Ritz value: damp [-1, cut], amplify (cut, 1]
+        half_width, centre = ((cut + 1) / 2)[:, None, None], ((cut - 1) / 2)[:, None, None]
+        scaled = (operator - centre * eye) * (2 / half_width)  # 2 * (A - c) / e: one product per recurrence step
+        previous, current = basis, torch.bmm(scaled, basis) / 2
+        for _ in range(degree - 1):
+            previous, current = current, torch.baddbmm(previous, scaled, current, beta=-1)
+        basis, _ = torch.linalg.qr(current)
+        values, basis = rayleigh_ritz(basis)
+    return values.flip(1), basis.flip(2)
+
+
 @torch.no_grad()
 def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_compat: bool = False,
-                   return_details: bool = False):
+                   return_details: bool = False, eigensolver: str = 'auto', block: int = 32, degree: int = 12,
+                   iterations: int = 6):
     """Token orders from the spectrum of a k-NN graph over the tokens' features.
 
     Args:
@@ -92,13 +133,19 @@ def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_comp
         top_k: number of eigenvectors (after the first) that each give one order.
         knn: neighbours per token in the graph.
         upstream_compat: upstream's choices (batch-wide sigma, per-token sign fix, no connecting weight, the dense
-            Laplacian built with diagonal-matrix products); otherwise per-image sigma and a sign per eigenvector.
+            Laplacian built with diagonal-matrix products, dense eigh); otherwise per-image sigma and a sign per
+            eigenvector.
         return_details: also return the eigenvalues and the selected eigenvectors (for tests and plots).
+        eigensolver: ``'dense'`` (``torch.linalg.eigh``, O(L^3)), ``'iterative'`` (Chebyshev-filtered subspace
+            iteration on a block of ``block`` vectors, ``iterations`` x ``degree`` matrix products), or ``'auto'``:
+            dense up to ``DENSE_MAX_TOKENS`` tokens (and always in upstream mode), iterative above.
 
     Returns:
         order: (B, L, top_k) int64; ``order[b, :, t]`` lists the token indices (raster order of the H x W grid)
         sorted by eigenvector t + 2. With fewer than top_k + 1 tokens the available eigenvectors are reused.
     """
+    if eigensolver not in EIGENSOLVERS:
+        raise ValueError(f'spectral_order: eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}.')
     b, d, h, w = features.shape
     tokens = features.reshape(b, d, h * w).transpose(1, 2).float()  # (B, L, D)
     length = h * w
@@ -106,13 +153,24 @@ def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_comp
         order = torch.zeros(b, 1, top_k, dtype=torch.long, device=features.device)
         return (order, {}) if return_details else order
     adjacency = _knn_adjacency(tokens, knn, batch_sigma=upstream_compat, connect=0.0 if upstream_compat else 1e-6)
-    if upstream_compat:
+    iterative = not upstream_compat and (eigensolver == 'iterative' or
+                                         (eigensolver == 'auto' and length > DENSE_MAX_TOKENS))
+    iterative = iterative and length > block
+    if iterative:
+        degrees = adjacency.sum(dim=2)  # (B, L)
+        inv_sqrt = degrees.rsqrt()
+        normalized = inv_sqrt[:, :, None] * adjacency * inv_sqrt[:, None, :]  # I - Laplacian, spectrum in [-1, 1]
+        # Start: sqrt(degree) (the exact top eigenvector) and a fixed projection of the tokens (row-wise: equivariant).
+        start = torch.cat([degrees.sqrt()[:, :, None], tokens @ _seed_projection(d, block - 1, tokens)], dim=2)
+        values, eigenvectors = _top_eigenvectors_iterative(normalized, start, degree, iterations)
+        eigenvalues = 1 - values  # ascending Laplacian eigenvalues of the block
+    elif upstream_compat:
         inv_sqrt = torch.diag_embed(adjacency.sum(dim=2).pow(-0.5))
         eye = torch.eye(length, device=features.device).unsqueeze(0).repeat(b, 1, 1)
         laplacian = eye - torch.bmm(torch.bmm(inv_sqrt, adjacency), inv_sqrt)
+        eigenvalues, eigenvectors = torch.linalg.eigh(laplacian)  # ascending
     else:
-        laplacian = _normalized_laplacian(adjacency)
-    eigenvalues, eigenvectors = torch.linalg.eigh(laplacian)  # ascending
+        eigenvalues, eigenvectors = torch.linalg.eigh(_normalized_laplacian(adjacency))
     available = min(top_k, length - 1)
     columns = [1 + (t % available) for t in range(top_k)]
     selected = eigenvectors[:, :, columns]  # (B, L, top_k)
@@ -206,9 +264,11 @@ class SpectralBlock(VSSBlock):
             return cp.checkpoint(self._forward, x, order, use_reentrant=False)
         return self._forward(x, order)
 
-    def order_from_features(self, x: Tensor, top_k: int, knn: int, upstream_compat: bool) -> Tensor:
+    def order_from_features(self, x: Tensor, top_k: int, knn: int, upstream_compat: bool,
+                            eigensolver: str = 'auto') -> Tensor:
         with torch.no_grad():
-            return spectral_order(self.op.graph_features(self.norm(x)), top_k, knn, upstream_compat)
+            return spectral_order(self.op.graph_features(self.norm(x)), top_k, knn, upstream_compat,
+                                  eigensolver=eigensolver)
 
 
 class SpectralDownsample(nn.Sequential):
@@ -263,6 +323,9 @@ class SpectralVMamba(StagedBackbone):
         top_k: eigenvectors (orders) per image; the SSM scans 2 * top_k sequences.
         knn: neighbours per token in the graph.
         upstream_compat: reproduce upstream exactly (see the module docstring) instead of the fixed behaviour.
+        eigensolver: ``'auto'`` (dense ``eigh`` up to 64 tokens, Chebyshev-filtered subspace iteration above: the
+            cost that matters at detection/segmentation sizes), ``'dense'`` or ``'iterative'``; see
+            :func:`spectral_order`. Upstream mode always uses the dense solver.
         rfn_pretrained: checkpoint for the frozen ResNet-18, e.g. ``'torchvision://resnet18'`` (downloaded by
             ``init_weights()`` when online, never at construction). ``None`` keeps random weights (with a warning)
             unless the whole backbone is loaded from a checkpoint, which holds them.
@@ -290,6 +353,7 @@ class SpectralVMamba(StagedBackbone):
                  top_k: int = 4,
                  knn: int = 5,
                  upstream_compat: bool = False,
+                 eigensolver: str = 'auto',
                  rfn_pretrained: Optional[str] = None,
                  ops_backend: str = 'auto',
                  norm_eval: bool = False,
@@ -310,6 +374,9 @@ class SpectralVMamba(StagedBackbone):
         self.in_channels = in_channels
         self.top_k, self.knn = top_k, knn
         self.upstream_compat = upstream_compat
+        if eigensolver not in EIGENSOLVERS:
+            raise ValueError(f'SpectralVMamba: eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}.')
+        self.eigensolver = eigensolver
         self.rfn_pretrained = rfn_pretrained
         # The frozen RFN trunk, with upstream's keys (torchvision's ResNet-18 layout, layer4 and fc included so that
         # upstream checkpoints load strictly; only conv1..layer3 run).
@@ -405,7 +472,8 @@ class SpectralVMamba(StagedBackbone):
             if self.upstream_compat and i > 0:
                 order = propagate_order_upstream(orders[-1], kept, x.shape[-1])
             else:
-                order = layer.blocks[0].order_from_features(x, self.top_k, self.knn, self.upstream_compat)
+                order = layer.blocks[0].order_from_features(x, self.top_k, self.knn, self.upstream_compat,
+                                                            self.eigensolver)
             orders.append(order)
             for block in layer.blocks:
                 x = block(x, order)
