@@ -146,6 +146,13 @@ def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_comp
     """
     if eigensolver not in EIGENSOLVERS:
         raise ValueError(f'spectral_order: eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}.')
+    with torch.autocast(features.device.type, enabled=False):  # the graph and the eigensolver stay in float32
+        return _spectral_order(features.float(), top_k, knn, upstream_compat, return_details, eigensolver, block,
+                               degree, iterations)
+
+
+def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: bool, return_details: bool,
+                    eigensolver: str, block: int, degree: int, iterations: int):
     b, d, h, w = features.shape
     tokens = features.reshape(b, d, h * w).transpose(1, 2).float()  # (B, L, D)
     length = h * w

@@ -1,0 +1,76 @@
+"""SpectralVMamba on a GPU: the kernel path against the CPU reference (outputs and gradients), bf16 autocast, the
+iterative eigensolver against the dense one, rotation invariance, and upstream mode."""
+import pytest
+import torch
+from conftest import has_kernel
+from fixture_utils import rel_err
+
+from vssm.models import SpectralVMamba
+from vssm.models.spectral_vmamba import spectral_order
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_kernel('selective_scan')),
+                                reason='needs a GPU and the selective_scan kernel: see kernels/README.md')
+
+ARCH = dict(dims=[256, 64, 128, 256], depths=[1, 2, 1, 1])
+
+
+def _pair(**kwargs):
+    torch.manual_seed(0)
+    cpu = SpectralVMamba(ARCH, out_indices=(0, 1, 2, 3), ops_backend='torch', **kwargs)
+    gpu = SpectralVMamba(ARCH, out_indices=(0, 1, 2, 3), ops_backend='cuda', **kwargs).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    return cpu, gpu
+
+
+@pytest.mark.parametrize('upstream_compat', [False, True])
+def test_cuda_matches_cpu_reference(upstream_compat):
+    cpu, gpu = _pair(upstream_compat=upstream_compat)
+    x = torch.randn(2, 3, 64, 96)
+    outs_cpu, orders_cpu = cpu.forward_with_orders(x)
+    outs_gpu, orders_gpu = gpu.forward_with_orders(x.cuda())
+    for a, b in zip(orders_cpu, orders_gpu):  # L <= 24: the dense eigensolver on both
+        assert (a == b.cpu()).float().mean() > 0.97
+    for a, b in zip(outs_cpu, outs_gpu):
+        assert rel_err(b.cpu(), a) < 2e-3
+    sum(o.float().square().mean() for o in outs_gpu).backward()
+    sum(o.square().mean() for o in outs_cpu).backward()
+    grads = {n: p.grad for n, p in cpu.named_parameters() if p.grad is not None}
+    for name, param in gpu.named_parameters():
+        if name in grads:
+            assert rel_err(param.grad.cpu(), grads[name]) < 2e-2, name
+
+
+def test_bf16_autocast_forward_and_backward_are_finite():
+    _, gpu = _pair()
+    x = torch.randn(4, 3, 224, 224, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        outs = gpu(x)
+    loss = sum(o.float().mean() for o in outs)
+    loss.backward()
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize('side', [24, 32, 64])
+def test_iterative_eigensolver_on_gpu(side):
+    features = torch.nn.functional.avg_pool2d(torch.randn(2, 64, side, side, device='cuda'), 3, 1, 1)
+    with torch.autocast('cuda', dtype=torch.bfloat16):  # the solver must ignore autocast
+        order, details = spectral_order(features, eigensolver='iterative', return_details=True)
+    assert torch.equal(order.sort(dim=1).values.cpu(),
+                       torch.arange(side * side)[None, :, None].expand(2, -1, 4))
+    if side <= 32:
+        _, dense = spectral_order(features, eigensolver='dense', return_details=True)
+        assert (details['eigenvalues'][:, 1:5] - dense['eigenvalues'][:, 1:5]).abs().max() < 1e-4
+
+
+def test_rotation_invariance_on_gpu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _, gpu = _pair()
+    gpu.eval()
+    x = torch.randn(10, 3, 224, 224, device='cuda')
+    with torch.no_grad():
+        base = gpu(x)[-1].mean(dim=(2, 3))
+        errors = [max(rel_err(gpu(torch.rot90(x[i:i + 1], k, (2, 3)))[-1].mean(dim=(2, 3)), base[i:i + 1])
+                      for k in (1, 2, 3)) for i in range(10)]
+    assert sum(e < 1e-3 for e in errors) >= 9, errors
