@@ -27,17 +27,21 @@ def test_cuda_matches_cpu_reference(upstream_compat):
     cpu, gpu = _pair(upstream_compat=upstream_compat)
     x = torch.randn(2, 3, 64, 96)
     outs_cpu, orders_cpu = cpu.forward_with_orders(x)
+    proj = [torch.randn(o.shape) for o in outs_cpu]
     outs_gpu, orders_gpu = gpu.forward_with_orders(x.cuda())
     for a, b in zip(orders_cpu, orders_gpu):  # L <= 24: the dense eigensolver on both
         assert (a == b.cpu()).float().mean() > 0.97
     for a, b in zip(outs_cpu, outs_gpu):
         assert rel_err(b.cpu(), a) < 2e-3
-    sum(o.float().square().mean() for o in outs_gpu).backward()
-    sum(o.square().mean() for o in outs_cpu).backward()
+    # A random projection of the outputs (sum(o**2) of LayerNorm outputs is nearly constant: its gradient is noise).
+    sum((o * p.cuda()).sum() for o, p in zip(outs_gpu, proj)).backward()
+    sum((o * p).sum() for o, p in zip(outs_cpu, proj)).backward()
     grads = {n: p.grad for n, p in cpu.named_parameters() if p.grad is not None}
+    scale = max(g.abs().max().item() for g in grads.values())
     for name, param in gpu.named_parameters():
         if name in grads:
-            assert rel_err(param.grad.cpu(), grads[name]) < 2e-2, name
+            err = (param.grad.cpu() - grads[name]).abs().max().item()
+            assert err <= 2e-2 * max(grads[name].abs().max().item(), 1e-2 * scale), name
 
 
 def test_bf16_autocast_forward_and_backward_are_finite():

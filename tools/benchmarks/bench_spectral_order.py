@@ -20,7 +20,7 @@ from typing import Callable, List
 import torch
 
 from vssm.models import SpectralVMamba
-from vssm.models.spectral_vmamba import spectral_order
+from vssm.models.spectral_vmamba import DENSE_MAX_TOKENS, spectral_order
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
@@ -59,13 +59,17 @@ def main() -> None:
     parser.add_argument('--batches', nargs='+', type=int, default=[1, 2, 8])
     parser.add_argument('--dense-max-tokens', type=int, default=2048, help='skip the dense comparison above this L')
     parser.add_argument('--json', help='also write the rows here')
+    parser.add_argument('--profile', action='store_true',
+                        help='instead: torch.profiler tables of the ordering alone, per stage, on random features')
     args = parser.parse_args()
+    if args.profile:
+        return profile(args)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     model = SpectralVMamba(args.arch, out_indices=(0, 1, 2, 3)).to(device).eval()
     print(f'device: {torch.cuda.get_device_name() if device == "cuda" else "cpu"}, torch {torch.__version__}, '
-          f'SpectralVMamba-{args.arch}, TF32 on, eigensolver auto (dense up to 64 tokens, iterative above)')
+          f'SpectralVMamba-{args.arch}, TF32 on, eigensolver auto (dense up to {DENSE_MAX_TOKENS} tokens, iterative above)')
     rows = []
     for size in args.sizes:
         height, width = (int(v) for v in size.split('x'))
@@ -94,6 +98,36 @@ def main() -> None:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=1)
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Where the ordering's time goes: per stage (random smooth features of the tiny model's stage shapes), the
+    wall time with each solver and the profiler's top operators."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
+    for size in args.sizes:
+        height, width = (int(v) for v in size.split('x'))
+        for batch in args.batches:
+            h, w = height // 16, width // 16
+            for stage, dim in enumerate((512, 1024, 2048, 4096)):
+                features = torch.nn.functional.avg_pool2d(torch.randn(batch, dim, h, w, device=device), 3, 1, 1)
+                row = dict(size=size, batch=batch, stage=stage, tokens=h * w)
+                for solver in ('auto', 'dense', 'iterative'):
+                    if solver == 'dense' and h * w > args.dense_max_tokens:
+                        continue
+                    row[f'{solver}_ms'] = time_ms(lambda: spectral_order(features, eigensolver=solver), iters=5)
+                print(json.dumps(row))
+                if stage == 0:
+                    with torch_profile(activities=activities) as prof:
+                        spectral_order(features)
+                        if device == 'cuda':
+                            torch.cuda.synchronize()
+                    key = 'self_cuda_time_total' if device == 'cuda' else 'self_cpu_time_total'
+                    print(prof.key_averages().table(sort_by=key, row_limit=12))
+                    print(prof.key_averages().table(sort_by='cpu_time_total', row_limit=12))
+                h, w = -(-h // 2), -(-w // 2)
 
 
 if __name__ == '__main__':

@@ -83,49 +83,66 @@ def _normalized_laplacian(adjacency: Tensor) -> Tensor:
 
 
 EIGENSOLVERS = ('auto', 'dense', 'iterative')
-DENSE_MAX_TOKENS = 64  # 'auto': dense eigh up to this many tokens, the iterative solver above
+DENSE_MAX_TOKENS = 32  # 'auto': dense eigh up to this many tokens (batched Jacobi on CUDA), iterative above
+
+
+_SEED_PROJECTIONS = {}
 
 
 def _seed_projection(dim: int, columns: int, like: Tensor) -> Tensor:
-    """A fixed (input-independent) random (dim, columns) projection: the iterative solver's start block."""
-    generator = torch.Generator().manual_seed(20250309)
-    return torch.randn(dim, columns, generator=generator).to(like)
+    """A fixed (input-independent) random (dim, columns) projection: the iterative solver's start block. Cached per
+    device (a host-to-device copy in every forward would synchronize the stream)."""
+    key = (dim, columns, like.device, like.dtype)
+    if key not in _SEED_PROJECTIONS:
+        generator = torch.Generator().manual_seed(20250309)
+        _SEED_PROJECTIONS[key] = torch.randn(dim, columns, generator=generator).to(like)
+    return _SEED_PROJECTIONS[key]
+
+
+def _orthonormalize(block: Tensor) -> Tensor:
+    """Orthonormal basis of the columns of (B, L, P) blocks: shifted Cholesky-QR twice, in float64 (P x P Gram
+    matrices only; no QR and no host sync, unlike ``torch.linalg.qr``/``eigh`` on CUDA)."""
+    x = block.double()
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    length, width = x.shape[1:]
+    eye = torch.eye(width, dtype=x.dtype, device=x.device)
+    shift = 11 * (length * width + width * (width + 1)) * torch.finfo(x.dtype).eps * width  # >= ||x||^2 eps bound
+    for extra in (shift, 0.0):
+        lower = torch.linalg.cholesky_ex(x.transpose(1, 2) @ x + extra * eye)[0]
+        x = torch.linalg.solve_triangular(lower.transpose(1, 2), x, upper=True, left=False)  # x <- x L^-T
+    return x.to(block.dtype)
 
 
 def _top_eigenvectors_iterative(operator: Tensor, start: Tensor, degree: int, iterations: int) -> Tuple[Tensor, Tensor]:
     """Largest eigenpairs of symmetric (B, L, L) matrices with spectrum in [-1, 1], by Chebyshev-filtered subspace
-    iteration: a fixed number of steps (no host sync, no data-dependent control flow), batched matrix products only.
+    iteration: a fixed number of steps, batched matrix products, one host sync (the final Rayleigh-Ritz ``eigh``).
 
-    Each outer iteration takes the Ritz values of the block, damps the part of the spectrum below the block's
-    smallest Ritz value (and above -1) with a Chebyshev polynomial of ``degree``, re-orthonormalizes (QR) and does a
-    Rayleigh-Ritz step. Every step commutes with permutations of the tokens (the start block is a row-wise function of
-    the tokens), so the result is permutation-equivariant like a dense ``eigh``.
+    Each outer iteration damps the spectrum between -1 and the block's lowest Rayleigh quotient with a Chebyshev
+    polynomial of ``degree`` and re-orthonormalizes; a Rayleigh-Ritz step at the end gives the eigenpairs. Every step
+    commutes with permutations of the tokens (the start block is a row-wise function of the tokens), so the result
+    is permutation-equivariant like a dense ``eigh``.
 
     Returns eigenvalues (B, P) descending and eigenvectors (B, L, P), P = start.shape[2].
     """
-    def rayleigh_ritz(block: Tensor) -> Tuple[Tensor, Tensor]:
-        values, vectors = torch.linalg.eigh(block.transpose(1, 2) @ torch.bmm(operator, block))  # ascending
-        return values, block @ vectors
-
-    basis, _ = torch.linalg.qr(start)
-    values, basis = rayleigh_ritz(basis)
+    basis = _orthonormalize(start)
     eye = torch.eye(operator.shape[1], device=operator.device, dtype=operator.dtype)
     for _ in range(iterations):
-        cut = values[:, 0].clamp(min=-0.99)  # the block's lowest Ritz value: damp [-1, cut], amplify (cut, 1]
+        # Damp [-1, cut]: cut = the lowest Rayleigh quotient of the block (>= its lowest Ritz value).
+        cut = (basis * torch.bmm(operator, basis)).sum(dim=1).amin(dim=1).clamp(min=-0.99)
         half_width, centre = ((cut + 1) / 2)[:, None, None], ((cut - 1) / 2)[:, None, None]
         scaled = (operator - centre * eye) * (2 / half_width)  # 2 * (A - c) / e: one product per recurrence step
         previous, current = basis, torch.bmm(scaled, basis) / 2
         for _ in range(degree - 1):
             previous, current = current, torch.baddbmm(previous, scaled, current, beta=-1)
-        basis, _ = torch.linalg.qr(current)
-        values, basis = rayleigh_ritz(basis)
-    return values.flip(1), basis.flip(2)
+        basis = _orthonormalize(current)
+    values, vectors = torch.linalg.eigh(basis.transpose(1, 2) @ torch.bmm(operator, basis))  # ascending
+    return values.flip(1), (basis @ vectors).flip(2)
 
 
 @torch.no_grad()
 def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_compat: bool = False,
-                   return_details: bool = False, eigensolver: str = 'auto', block: int = 32, degree: int = 12,
-                   iterations: int = 6):
+                   return_details: bool = False, eigensolver: str = 'auto', block: int = 32, degree: int = 16,
+                   iterations: int = 3):
     """Token orders from the spectrum of a k-NN graph over the tokens' features.
 
     Args:
@@ -330,7 +347,7 @@ class SpectralVMamba(StagedBackbone):
         top_k: eigenvectors (orders) per image; the SSM scans 2 * top_k sequences.
         knn: neighbours per token in the graph.
         upstream_compat: reproduce upstream exactly (see the module docstring) instead of the fixed behaviour.
-        eigensolver: ``'auto'`` (dense ``eigh`` up to 64 tokens, Chebyshev-filtered subspace iteration above: the
+        eigensolver: ``'auto'`` (dense ``eigh`` up to 32 tokens, Chebyshev-filtered subspace iteration above: the
             cost that matters at detection/segmentation sizes), ``'dense'`` or ``'iterative'``; see
             :func:`spectral_order`. Upstream mode always uses the dense solver.
         rfn_pretrained: checkpoint for the frozen ResNet-18, e.g. ``'torchvision://resnet18'`` (downloaded by
