@@ -18,9 +18,10 @@ Two behaviours, chosen by ``upstream_compat``:
   width the "order" is not a permutation), the stride-2 subsampling of the top-left pixel, rotations on a fixed canvas
   (corners cut for non-square inputs), and train-mode BatchNorm in the frozen ResNet.
 * ``False`` (default) fixes it: sigma per image, a sign per eigenvector from its third moment, a small uniform edge
-  weight that keeps the graph connected, the order recomputed from the features at every stage (a valid permutation
-  for every input size), rotation-equivariant pooling (2x2 windows on even sides, 3x3 stride-2 windows centred on the
-  even pixels of odd sides), exact rotations with ``torch.rot90`` (non-square inputs keep their corners) and the
+  weight that keeps the graph connected, the spectrum still computed once (stage 0, as upstream) but carried to later
+  stages by pooling the eigenvector fields like the features and sorting them again (a valid permutation for every
+  input size, one eigensolve per forward), rotation-equivariant pooling (2x2 windows on even sides, 3x3 stride-2
+  windows centred on the even pixels of odd sides), exact rotations with ``torch.rot90`` (non-square inputs keep their corners) and the
   frozen ResNet always in eval mode. A classifier is then invariant to 90/180/270-degree rotations of square inputs.
 
 The order lives in the forward's own state and is passed block to block (upstream keeps it in a module-level global,
@@ -175,7 +176,10 @@ def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: boo
     length = h * w
     if length == 1:
         order = torch.zeros(b, 1, top_k, dtype=torch.long, device=features.device)
-        return (order, {}) if return_details else order
+        zeros = torch.zeros(b, 1, top_k, device=features.device)
+        details = dict(eigenvalues=torch.zeros(b, 1, device=features.device), eigenvectors_before_sign_fix=zeros,
+                       eigenvectors=zeros, sorted_eigenvectors=zeros)
+        return (order, details) if return_details else order
     adjacency = _knn_adjacency(tokens, knn, batch_sigma=upstream_compat, connect=0.0 if upstream_compat else 1e-6)
     iterative = not upstream_compat and (eigensolver == 'iterative' or
                                          (eigensolver == 'auto' and length > DENSE_MAX_TOKENS))
@@ -206,7 +210,8 @@ def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: boo
         selected = selected * torch.where(third < 0, -1.0, 1.0)
     sorted_vectors, order = torch.sort(selected, dim=1, stable=True)
     if return_details:
-        return order, dict(eigenvalues=eigenvalues, eigenvectors_before_sign_fix=raw, sorted_eigenvectors=sorted_vectors)
+        return order, dict(eigenvalues=eigenvalues, eigenvectors_before_sign_fix=raw, eigenvectors=selected,
+                           sorted_eigenvectors=sorted_vectors)
     return order
 
 
@@ -229,6 +234,22 @@ def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
 
 
 @torch.no_grad()
+def equivariant_pool(x: Tensor) -> Tensor:
+    """Stride-2 average pooling that commutes with 90-degree rotations: 2x2 windows on even sides, 3x3 windows
+    centred on the even pixels of odd sides (padding not counted). (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
+    h, w = x.shape[-2:]
+    kh, kw = (2 if h % 2 == 0 else 3), (2 if w % 2 == 0 else 3)
+    return F.avg_pool2d(x, (kh, kw), stride=2, padding=(kh // 2 if kh == 3 else 0, kw // 2 if kw == 3 else 0),
+                        count_include_pad=False)
+
+
+def pooled_order(fields: Tensor) -> Tuple[Tensor, Tensor]:
+    """The next stage's order in the fixed mode: the stage's eigenvector fields (B, T, H, W) pooled like the features
+    (``equivariant_pool``), each sorted. Returns the order (B, L', T) and the pooled fields."""
+    pooled = equivariant_pool(fields)
+    return torch.sort(pooled.flatten(2).transpose(1, 2), dim=1, stable=True)[1], pooled
+
+
 def propagate_order_upstream(order: Tensor, kept: Tensor, width: int) -> Tensor:
     """Upstream's stage-to-stage order: the previous order restricted to the kept (pooled) tokens, re-indexed.
 
@@ -289,10 +310,10 @@ class SpectralBlock(VSSBlock):
         return self._forward(x, order)
 
     def order_from_features(self, x: Tensor, top_k: int, knn: int, upstream_compat: bool,
-                            eigensolver: str = 'auto') -> Tensor:
+                            eigensolver: str = 'auto', return_details: bool = False):
         with torch.no_grad():
             return spectral_order(self.op.graph_features(self.norm(x)), top_k, knn, upstream_compat,
-                                  eigensolver=eigensolver)
+                                  return_details=return_details, eigensolver=eigensolver)
 
 
 class SpectralDownsample(nn.Sequential):
@@ -314,10 +335,7 @@ class SpectralDownsample(nn.Sequential):
             x, indices = F.max_pool2d(x, kernel_size=1, stride=2, return_indices=True)
             kept = indices[:, 0].flatten(1)
         else:
-            h, w = x.shape[-2:]
-            kh, kw = (2 if h % 2 == 0 else 3), (2 if w % 2 == 0 else 3)
-            x = F.avg_pool2d(x, (kh, kw), stride=2, padding=(kh // 2 if kh == 3 else 0, kw // 2 if kw == 3 else 0),
-                             count_include_pad=False)
+            x = equivariant_pool(x)
         return self[4](x), kept
 
 
@@ -491,13 +509,16 @@ class SpectralVMamba(StagedBackbone):
             raise ValueError(f'SpectralVMamba: image sides must be multiples of {RFN_STRIDE} (the RFN\'s stride), got '
                              f'{tuple(x.shape[-2:])}; pad or resize the inputs (e.g. size_divisor={RFN_STRIDE}).')
         x = self.rfn(x)  # (B, 256, H/16, W/16)
-        outs, orders, kept = [], [], None
+        outs, orders, kept, fields = [], [], None, None
         for i, layer in enumerate(self.layers):
-            if self.upstream_compat and i > 0:
+            if i == 0:  # the spectrum of the first stage's graph
+                order, details = layer.blocks[0].order_from_features(x, self.top_k, self.knn, self.upstream_compat,
+                                                                     self.eigensolver, return_details=True)
+                fields = details['eigenvectors'].transpose(1, 2).reshape(x.shape[0], self.top_k, *x.shape[-2:])
+            elif self.upstream_compat:  # upstream: the previous order through the pooling indices (re-indexed)
                 order = propagate_order_upstream(orders[-1], kept, x.shape[-1])
-            else:
-                order = layer.blocks[0].order_from_features(x, self.top_k, self.knn, self.upstream_compat,
-                                                            self.eigensolver)
+            else:  # fixed: the eigenvector fields pooled like the features, then sorted (a valid permutation)
+                order, fields = pooled_order(fields)
             orders.append(order)
             for block in layer.blocks:
                 x = block(x, order)
