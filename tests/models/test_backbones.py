@@ -85,6 +85,18 @@ def test_frozen_stages_stay_in_eval(family, frozen_stages):
         assert module.training
 
 
+@pytest.mark.parametrize('out_indices', [(3, ), (0, 1, 2, 3)])
+def test_every_trainable_parameter_gets_a_gradient(family, out_indices):
+    """What DDP (find_unused_parameters=False) needs: one backward reaches every trainable parameter."""
+    model = family.cls(family.small_arch, out_indices=out_indices).train()
+    x = torch.randn(2, 3, 4 * family.strides[0], 4 * family.strides[0])  # the smallest grids (1x1 at the end)
+    outs = model(x)
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_with_cp_gives_the_same_outputs_and_gradients(family):
     x = torch.randn(2, 3, 2 * family.strides[-1], 2 * family.strides[-1])
     plain = family.cls(family.small_arch, out_indices=(0, 3))

@@ -233,7 +233,6 @@ def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
     return merged.sum(dim=1).view(b, d, height, width)
 
 
-@torch.no_grad()
 def equivariant_pool(x: Tensor) -> Tensor:
     """Stride-2 average pooling that commutes with 90-degree rotations: 2x2 windows on even sides, 3x3 windows
     centred on the even pixels of odd sides (padding not counted). (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
@@ -250,6 +249,7 @@ def pooled_order(fields: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.sort(pooled.flatten(2).transpose(1, 2), dim=1, stable=True)[1], pooled
 
 
+@torch.no_grad()
 def propagate_order_upstream(order: Tensor, kept: Tensor, width: int) -> Tensor:
     """Upstream's stage-to-stage order: the previous order restricted to the kept (pooled) tokens, re-indexed.
 
