@@ -47,6 +47,7 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', eta_min=1e-6, by_epoch=False, begin=10, end=40),
 ]
 auto_scale_lr = dict(enable=False)
-default_hooks = dict(logger=dict(interval=5), checkpoint=dict(by_epoch=False, interval=40, max_keep_ckpts=1))
+default_hooks = dict(logger=dict(interval=5, log_metric_by_epoch=False),
+                     checkpoint=dict(by_epoch=False, interval=40, max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
