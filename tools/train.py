@@ -6,9 +6,11 @@
 The config's ``default_scope`` (mmpretrain, mmdet or mmseg) selects the library's registries.
 """
 import argparse
+import os
 from pathlib import Path
 
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
+from vssm.resume import resolve_resume, use_atomic_checkpoints
 from vssm.runtime import add_common_args, build_runner, setup_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +36,19 @@ def main() -> None:
         if 'auto_scale_lr' not in cfg:
             raise ValueError('--auto-scale-lr needs `auto_scale_lr = dict(base_batch_size=...)` in the config.')
         cfg.auto_scale_lr.enable = True
+    # Nothing lost on a crash: atomic checkpoint files, every rank's RNG states in them (vssm/resume.py).
+    use_atomic_checkpoints()
+    hooks = cfg.setdefault('custom_hooks', [])
+    if not any(str(h.get('type', '')).endswith('RNGStateHook') for h in hooks):
+        hooks.append(dict(type='mmengine.RNGStateHook'))
     if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
+        checkpoint = resolve_resume(cfg.work_dir)
+        if checkpoint is None:
+            print(f'[vssm] --resume: no checkpoint in {cfg.work_dir}; training from the start.', flush=True)
+        cfg.resume, cfg.load_from = checkpoint is not None, checkpoint
     elif args.resume is not None:
+        if not os.path.isfile(args.resume):
+            raise FileNotFoundError(f'--resume {args.resume}: no such checkpoint file.')
         cfg.resume, cfg.load_from = True, args.resume
     build_runner(cfg).train()
 

@@ -127,7 +127,7 @@ def test_train_resume_continues_from_the_latest_checkpoint(config: Path, single_
     out = _run([sys.executable, 'tools/train.py', str(config), '--work-dir', str(single_run), '--resume',
                 '--cfg-options', 'train_cfg.max_iters=3', 'train_cfg.val_interval=3',
                 'default_hooks.checkpoint.interval=3'], tmp_path / 'resume.log')
-    assert f'Auto resumed from the latest checkpoint {single_run / "iter_2.pth"}' in out
+    assert f'Load checkpoint from {single_run / "iter_2.pth"}' in out
     assert 'resumed epoch: 0, iter: 2' in out
     assert (single_run / 'iter_3.pth').is_file()
 
