@@ -38,9 +38,9 @@ def main() -> None:
         cfg.auto_scale_lr.enable = True
     # Nothing lost on a crash: atomic checkpoint files, every rank's RNG states in them (vssm/resume.py).
     use_atomic_checkpoints()
-    hooks = cfg.setdefault('custom_hooks', [])
+    hooks = list(cfg.get('custom_hooks', None) or [])
     if not any(str(h.get('type', '')).endswith('RNGStateHook') for h in hooks):
-        hooks.append(dict(type='mmengine.RNGStateHook'))
+        cfg.custom_hooks = hooks + [dict(type='mmengine.RNGStateHook')]
     if args.resume == 'auto':
         checkpoint = resolve_resume(cfg.work_dir)
         if checkpoint is None:
