@@ -13,7 +13,7 @@ import os.path as osp
 from pathlib import Path
 
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
-from vssm.runtime import add_common_args, build_runner, is_main_process, setup_run
+from vssm.runtime import add_common_args, build_runner, check_data_paths, is_main_process, setup_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,7 @@ def main() -> None:
         evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, (list, tuple)) else [cfg.test_evaluator]
         cfg.test_evaluator = [*evaluators, dict(type='DumpResults', out_file_path=args.out)]
 
+    check_data_paths(cfg, ('test', ))
     metrics = build_runner(cfg).test()
     if is_main_process():
         metrics = {k: float(v) if isinstance(v, numbers.Real) else v for k, v in metrics.items()}

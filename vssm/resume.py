@@ -92,16 +92,44 @@ def _restore_rng(state: dict) -> None:
 
 @HOOKS.register_module()
 class RNGStateHook(Hook):
-    """Save every rank's generator states in checkpoints; restore them when training resumes (see module doc)."""
+    """Save every rank's generator states in checkpoints; restore them when training resumes (see module doc).
 
-    priority = 'VERY_LOW'
+    mmengine builds and saves checkpoints on rank 0 only, so the states of all ranks are gathered (a collective, on
+    every rank) just before the ``CheckpointHook`` saves: this hook runs first (higher priority) and asks the
+    ``CheckpointHook`` whether it will save at this iteration or epoch.
+    """
+
+    priority = 'VERY_HIGH'
 
     def __init__(self) -> None:
         self._pending: Optional[dict] = None
+        self._gathered: Optional[list] = None
+
+    @staticmethod
+    def _checkpoint_hook(runner):
+        from mmengine.hooks import CheckpointHook
+        return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
+
+    def _gather(self) -> None:
+        self._gathered = all_gather_object(_capture_rng()) if get_world_size() > 1 else [_capture_rng()]
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        hook = self._checkpoint_hook(runner)
+        if hook is not None and not hook.by_epoch and (
+                hook.every_n_train_iters(runner, hook.interval, hook.save_begin)
+                or (hook.save_last and hook.is_last_train_iter(runner))):
+            self._gather()
+
+    def after_train_epoch(self, runner) -> None:
+        hook = self._checkpoint_hook(runner)
+        if hook is not None and hook.by_epoch and (hook.every_n_epochs(runner, hook.interval, hook.save_begin) or
+                                                   (hook.save_last and hook.is_last_train_epoch(runner))):
+            self._gather()
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        states = all_gather_object(_capture_rng()) if get_world_size() > 1 else [_capture_rng()]
-        checkpoint['rng_states'] = states
+        # Gathered at this step on every rank; a save outside the CheckpointHook's schedule gets this rank's state.
+        checkpoint['rng_states'] = self._gathered if self._gathered is not None else [_capture_rng()]
+        self._gathered = None
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         states = checkpoint.get('rng_states')

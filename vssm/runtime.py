@@ -12,14 +12,14 @@ import os
 import os.path as osp
 import pickle
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 
 __all__ = ['load_config', 'apply_demo_override', 'prepare_for_device', 'register_safe_globals', 'add_common_args',
-           'setup_run', 'build_runner', 'is_main_process', 'DEMO_OVERRIDES']
+           'setup_run', 'build_runner', 'check_data_paths', 'is_main_process', 'DEMO_OVERRIDES']
 
 DEMO_OVERRIDES = {
     'mmpretrain': 'classification/configs/_base_/demo.py',
@@ -170,8 +170,49 @@ def setup_run(args: argparse.Namespace, repo_root: Path) -> Config:
     return cfg
 
 
-def build_runner(cfg: Config):
-    """mmengine's Runner, or the config's own ``runner_type``."""
+def check_data_paths(cfg: Config, splits: Sequence[str]) -> None:
+    """Fail early, naming the config key and the fix, when a dataset's data root or annotation file is missing
+    (``splits``: e.g. ``('train', 'val')``; mmengine would only fail deep inside the Runner)."""
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if not loader or not loader.get('dataset'):
+            continue
+        dataset = loader['dataset']
+        while 'dataset' in dataset and 'data_root' not in dataset:  # wrappers (RepeatDataset, ...)
+            dataset = dataset['dataset']
+        root = dataset.get('data_root') or ''
+        if root and not osp.isdir(root):
+            raise FileNotFoundError(
+                f'{split}_dataloader.dataset.data_root {root!r} does not exist (cwd {os.getcwd()}). Put the dataset '
+                f'there, point the config at it (--cfg-options {split}_dataloader.dataset.data_root=PATH), or run '
+                'with --demo on the built-in demo data (tools/make_demo_data.py).')
+        ann = dataset.get('ann_file') or ''
+        if ann:
+            path = ann if osp.isabs(ann) or not root else osp.join(root, ann)
+            if not osp.isfile(path):
+                raise FileNotFoundError(
+                    f'{split}_dataloader.dataset.ann_file {path!r} does not exist. Check data_root {root!r} and '
+                    f'ann_file {ann!r} (--cfg-options {split}_dataloader.dataset.ann_file=...).')
+
+
+def build_runner(cfg: Config, strict_load: bool = True):
+    """mmengine's Runner (or the config's own ``runner_type``) whose checkpoint loading (``load_from``, ``--resume``,
+    the test checkpoint) is strict and checks the file first: a checkpoint of another family or size fails listing
+    the missing and unexpected keys instead of "loading" with warnings (mmengine's default is ``strict=False``)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
-    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+
+    from .resume import is_readable_checkpoint
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    load = runner.load_checkpoint
+
+    def load_checkpoint(filename: str, map_location='cpu', strict: bool = strict_load,
+                        revise_keys=[(r'^module\.', '')]):
+        if '://' not in filename and not is_readable_checkpoint(filename):
+            state = 'does not exist' if not osp.isfile(filename) else 'is truncated or corrupt (not a readable ' \
+                'torch zip archive); copy it again, or resume from an earlier checkpoint'
+            raise ValueError(f'checkpoint {filename!r} {state}.')
+        return load(filename, map_location=map_location, strict=strict, revise_keys=revise_keys)
+
+    runner.load_checkpoint = load_checkpoint
+    return runner

@@ -109,3 +109,13 @@ def test_state_fusion_keeps_low_precision_dtype(dtype):
 def test_bad_inputs_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_inputs_with_float32_parameters(dtype):
+    """As the kernel: fp16/bf16 activations with fp32 weight and bias (no autocast) work and match fp32."""
+    x = torch.randn(2, 4, 9, 9)
+    weight, bias = torch.randn(4, 1, 5, 5), torch.randn(4)
+    out = dwconv2d(x.to(dtype), weight, bias, backend='torch')
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), dwconv2d(x, weight, bias, backend='torch'), rtol=5e-2, atol=1e-1)

@@ -75,6 +75,8 @@ def dwconv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilat
     _check_padding_mode(padding_mode)
     _check_dw(x, weight, bias, dilation)
     pad = dilation * (weight.shape[-1] // 2)
+    weight = weight.to(x.dtype)  # as the kernel: fp16/bf16 inputs with fp32 parameters (outside autocast)
+    bias = None if bias is None else bias.to(x.dtype)
     if padding_mode == 'replicate':
         return F.conv2d(_pad(x, pad, 'replicate'), weight, bias, dilation=dilation, groups=x.shape[1])
     return F.conv2d(x, weight, bias, padding=pad, dilation=dilation, groups=x.shape[1])

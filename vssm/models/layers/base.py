@@ -4,8 +4,11 @@ A backbone built on :class:`StagedBackbone` has a stem ``patch_embed``, a ``Modu
 output norm ``outnorm{i}`` per returned stage (the upstream detection/segmentation wrappers' names, so their
 checkpoints load unchanged).
 """
+import os.path as osp
+import re
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from mmengine.logging import print_log
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch import Tensor, nn
@@ -30,6 +33,71 @@ class StagedBackbone(BaseBackbone):
         self.norm_eval = norm_eval
         self.ops_backend = check_backend_name(ops_backend)
         self._logged_device = None
+
+    def init_weights(self) -> None:
+        """mmengine's initialisation, except that ``init_cfg=dict(type='Pretrained', ...)`` loads strictly.
+
+        mmengine's ``Pretrained`` initializer loads with ``strict=False`` and only logs missing keys, so a checkpoint
+        of another family or size "loads" and trains from noise. Here every parameter and buffer must come from the
+        checkpoint with its shape, except the output norms ``outnorm{i}`` that a classifier checkpoint does not have
+        (it holds only the last stage's). ``strict=False`` in the init_cfg allows a partial load (logged).
+        """
+        cfg = self.init_cfg
+        if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
+            return super().init_weights()
+        self.init_cfg = None  # the parent's init (trunc-normal etc.) first, then the checkpoint over it
+        try:
+            super().init_weights()
+        finally:
+            self.init_cfg = cfg
+        self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'), strict=cfg.get('strict', True))
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None, strict: bool = True) -> None:
+        """Load ``checkpoint`` (a file, or an mmengine URI such as ``torchvision://`` or ``https://``) into this
+        backbone, keeping the keys under ``prefix`` (e.g. ``'backbone.'``); see :meth:`init_weights`."""
+        from mmengine.runner.checkpoint import _load_checkpoint
+
+        from ...resume import is_readable_checkpoint
+        from ...runtime import register_safe_globals
+        name = type(self).__name__
+        if '://' not in checkpoint:
+            if not osp.isfile(checkpoint):
+                raise FileNotFoundError(f'{name}: pretrained checkpoint {checkpoint!r} does not exist (init_cfg). '
+                                        'Give the path of a checkpoint of ours or of a converted upstream one '
+                                        '(tools/model_converters/), or set init_cfg=None to start from scratch.')
+            if not is_readable_checkpoint(checkpoint):
+                raise ValueError(f'{name}: {checkpoint!r} is not a complete checkpoint (truncated or corrupt: not a '
+                                 'readable torch zip archive). Copy or download it again.')
+        register_safe_globals()
+        state = _load_checkpoint(checkpoint, map_location='cpu')
+        state = state.get('state_dict', state.get('model', state)) if isinstance(state, dict) else state
+        if prefix:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not state:
+                raise ValueError(f'{name}: {checkpoint!r} has no keys under prefix {prefix!r} (init_cfg.prefix).')
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}' for k in own
+                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        new_norms = [k for k in missing if re.match(r'outnorm\d+\.', k)]
+        missing = [k for k in missing if k not in new_norms]
+        if (missing or unexpected or shapes) and strict:
+            def head(keys):
+                return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
+            raise ValueError(
+                f'{name}: {checkpoint!r} does not fit this backbone (another family or size?). '
+                f'missing keys: {head(missing) or "none"}; unexpected keys: {head(unexpected) or "none"}; '
+                f'shape mismatches: {head(shapes) or "none"}. Upstream checkpoints need '
+                "tools/model_converters/<family>_to_vssm.py first; set init_cfg=dict(..., strict=False) to load what "
+                'fits anyway.')
+        for key in shapes:
+            state.pop(key.split(':')[0])
+        self.load_state_dict(state, strict=False)
+        print_log(f'{name}: loaded {checkpoint} ({len(state) - len(unexpected)} tensors'
+                  + (f'; new output norms kept initialised: {new_norms}' if new_norms else '')
+                  + (f'; NOT loaded (strict=False): missing {missing}, unexpected {unexpected}, shapes {shapes}'
+                     if missing or unexpected or shapes else '') + ')', logger='current')
 
     def _normalize_out_indices(self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
         if isinstance(out_indices, int):

@@ -1,0 +1,502 @@
+"""Random cases for fuzzing the ops, shared by ``tests/ops/test_fuzz_reference.py`` and ``tools/fuzz_kernels.py``.
+
+One frozen dataclass per op holds everything a case is made of: shapes, dtype, flags, the memory layout of every
+input and the seed of its values. ``draw_*_case`` builds a case from a :class:`Chooser`, so the same parameter
+space drives both users: the hypothesis tests wrap hypothesis' ``draw`` in a chooser (so failures shrink field by
+field), the GPU script uses :class:`RandomChooser`. :func:`make_inputs` turns a case into tensors on any device
+(values are drawn on the CPU from the case's seed, so a case gives the same numbers everywhere) and
+:func:`call_op` runs the op on them with the case's flags.
+
+Layouts (how an input's values sit in memory; the values are the same whichever is drawn, except ``'expanded'``):
+
+* ``'contiguous'``: row-major.
+* ``'transposed'``: the last two dims stored swapped (unit stride along dim -2).
+* ``'sliced'``: every other element of a tensor twice as long along the last dim, from offset 1 (last stride 2);
+  the gaps hold NaN, so an op that reads through the wrong strides fails loudly.
+* ``'expanded'``: the first slice along dim 0 broadcast with stride 0 (all slices along dim 0 are equal).
+* ``'channels_last'``: 4-D tensors stored in (0, 2, 3, 1) order.
+
+A case's inputs are all contiguous (layout mode ``'contiguous'``), all in a drawn non-contiguous layout
+(``'strided'``), or each in any drawn layout (``'mixed'``).
+
+Shape legend: as in :mod:`vssm.ops.selective_scan` and :mod:`vssm.ops.dwconv2d`.
+"""
+import random
+from dataclasses import dataclass
+from typing import Dict, Protocol, Sequence, Tuple, TypeVar, Union
+
+import torch
+from torch import Tensor
+
+from .dwconv2d import FUSION_DILATIONS, dwconv2d, state_fusion
+from .selective_scan import selective_scan
+
+__all__ = [
+    'DTYPES', 'LAYOUTS', 'LAYOUT_MODES', 'FUSION_KERNELS', 'Chooser', 'RandomChooser', 'ScanBounds', 'ScanCase',
+    'DWConvBounds', 'DWConvCase', 'FusionBounds', 'FusionCase', 'Case', 'CPU_SCAN', 'GPU_SCAN', 'CPU_DWCONV',
+    'GPU_DWCONV', 'CPU_FUSION', 'GPU_FUSION', 'draw_scan_case', 'draw_dwconv_case', 'draw_fusion_case',
+    'with_layout', 'make_inputs', 'call_op', 'grad_output'
+]
+
+T = TypeVar('T')
+
+DTYPES = {'float64': torch.float64, 'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+LAYOUTS = ('contiguous', 'transposed', 'sliced', 'expanded', 'channels_last')
+LAYOUT_MODES = ('contiguous', 'strided', 'mixed')
+MAX_SEED = 2**31 - 1
+SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it (vssm.ops.selective_scan)
+
+
+class Chooser(Protocol):
+    """Where a case's parameters come from: a seeded ``random.Random`` or hypothesis' ``draw``."""
+
+    def choice(self, options: Sequence[T]) -> T:
+        """One of ``options`` (hypothesis shrinks towards the first)."""
+
+    def integer(self, low: int, high: int) -> int:
+        """An integer in ``[low, high]``, both included (hypothesis shrinks towards ``low``)."""
+
+
+class RandomChooser:
+    """A :class:`Chooser` on a ``random.Random`` seeded with ``seed``."""
+
+    def __init__(self, seed: Union[int, str]):
+        self.rng = random.Random(seed)
+
+    def choice(self, options: Sequence[T]) -> T:
+        return self.rng.choice(list(options))
+
+    def integer(self, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
+
+
+def _layouts_for_rank(rank: int) -> Tuple[str, ...]:
+    if rank == 1:
+        return ('contiguous', 'sliced', 'expanded')
+    if rank == 4:
+        return LAYOUTS
+    return LAYOUTS[:-1]
+
+
+def _draw_layouts(chooser: Chooser, modes: Sequence[str], ranks: Dict[str, int]) -> Tuple[Tuple[str, str], ...]:
+    """(name, layout) per input of the given ranks, in a layout mode drawn from ``modes``."""
+    mode = chooser.choice(modes)
+    if mode not in LAYOUT_MODES:
+        raise ValueError(f'Unknown layout mode {mode!r}: use one of {LAYOUT_MODES}.')
+    if mode == 'contiguous':
+        return tuple((name, 'contiguous') for name in ranks)
+    first = 1 if mode == 'strided' else 0  # _layouts_for_rank lists 'contiguous' first
+    return tuple((name, chooser.choice(_layouts_for_rank(rank)[first:])) for name, rank in ranks.items())
+
+
+def _draw_size(chooser: Chooser, special: Sequence[int], high: int) -> int:
+    """One of the ``special`` sizes (chunk and tile boundaries, model shapes) or any size in ``[1, high]``."""
+    if chooser.choice(('special', 'any')) == 'special':
+        return chooser.choice(special)
+    return chooser.integer(1, high)
+
+
+class _CaseBase:
+    """Helpers common to the case dataclasses (each has ``dtype`` and ``layouts`` fields)."""
+
+    dtype: str
+    layouts: Tuple[Tuple[str, str], ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the float32 parameters (float64 in float64 cases)."""
+        return torch.float64 if self.dtype == 'float64' else torch.float32
+
+    def layout(self, name: str) -> str:
+        return dict(self.layouts).get(name, 'contiguous')
+
+
+# ----------------------------------------------------------------------------------------------- selective scan
+@dataclass(frozen=True)
+class ScanBounds:
+    """The parameter space of selective scan cases.
+
+    Args:
+        forms: ``'state'`` and/or ``'output'``.
+        dtypes: dtype names (keys of :data:`DTYPES`) to draw from.
+        max_batch: largest Bt.
+        groups: numbers G of B/C groups.
+        max_channels_per_group: largest D / G.
+        d_states: state sizes N.
+        lengths: special lengths L, drawn half of the time.
+        max_length: the other half, L is drawn from ``[1, max_length]``.
+        max_elements: Bt * D * N * L is kept below this by lowering D / G, then Bt (bounds the run time).
+        layout_modes: layout modes to draw from (see the module docstring).
+    """
+
+    forms: Tuple[str, ...]
+    dtypes: Tuple[str, ...]
+    max_batch: int
+    groups: Tuple[int, ...]
+    max_channels_per_group: int
+    d_states: Tuple[int, ...]
+    lengths: Tuple[int, ...]
+    max_length: int
+    max_elements: int
+    layout_modes: Tuple[str, ...] = LAYOUT_MODES
+
+
+@dataclass(frozen=True)
+class ScanCase(_CaseBase):
+    """One selective scan call.
+
+    Args:
+        form: ``'state'`` (Spatial-Mamba: no C, no D, returns h) or ``'output'`` (VMamba: returns y).
+        batch: Bt.
+        channels: D (K*D of the multi-direction scans), a multiple of ``groups``.
+        groups: G, groups of B/C.
+        d_state: N.
+        length: L.
+        dtype: the dtype name of u, delta, B and C; A, D and delta_bias are float32 (float64 in float64 cases).
+        shared_b: B passed as (Bt, N, L), the one-group layout (``groups`` is 1); else (Bt, G, N, L).
+        shared_c: the same for C (output form only).
+        with_d: pass D (the skip term; output form only).
+        with_delta_bias: pass delta_bias.
+        delta_softplus: apply softplus to delta + delta_bias; without it the step sizes are drawn positive.
+        spikes: a few steps get delta + delta_bias near and above the softplus threshold of 20.
+        layouts: (input name, layout) pairs; see the module docstring.
+        seed: the seed of the values.
+    """
+
+    form: str
+    batch: int
+    channels: int
+    groups: int
+    d_state: int
+    length: int
+    dtype: str
+    shared_b: bool
+    shared_c: bool
+    with_d: bool
+    with_delta_bias: bool
+    delta_softplus: bool
+    spikes: bool
+    layouts: Tuple[Tuple[str, str], ...]
+    seed: int
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        if self.form == 'state':
+            return (self.batch, self.channels, self.d_state, self.length)
+        return (self.batch, self.channels, self.length)
+
+
+CPU_SCAN = ScanBounds(forms=('state', 'output'), dtypes=('float64', 'float32', 'float16', 'bfloat16'), max_batch=2,
+                      groups=(1, 2, 4), max_channels_per_group=4, d_states=(1, 2, 3, 4, 16),
+                      lengths=(1, 2, 3, 49, 129, 256, 257), max_length=300, max_elements=40_000)
+# Lengths around the kernel's 256-step chunks and the models' L = H*W; N up to the kernel's 16.
+GPU_SCAN = ScanBounds(forms=('state', 'output'), dtypes=('float32', 'float16', 'bfloat16'), max_batch=4,
+                      groups=(1, 2, 4), max_channels_per_group=48, d_states=(1, 2, 3, 4, 5, 8, 16),
+                      lengths=(1, 2, 49, 129, 196, 255, 256, 257, 511, 512, 513, 784, 1023, 3136, 4096, 6000),
+                      max_length=6000, max_elements=1 << 24)
+
+
+def draw_scan_case(chooser: Chooser, bounds: ScanBounds) -> ScanCase:
+    """A selective scan case drawn from ``bounds``: every flag combination the op accepts."""
+    form = chooser.choice(bounds.forms)
+    groups = chooser.choice(bounds.groups)
+    shared_b = groups == 1 and chooser.choice((False, True))
+    shared_c = groups == 1 and form == 'output' and chooser.choice((False, True))
+    per_group = chooser.integer(1, bounds.max_channels_per_group)
+    d_state = chooser.choice(bounds.d_states)
+    length = _draw_size(chooser, bounds.lengths, bounds.max_length)
+    batch = chooser.integer(1, bounds.max_batch)
+    per_group = max(1, min(per_group, bounds.max_elements // (batch * groups * d_state * length)))
+    batch = max(1, min(batch, bounds.max_elements // (per_group * groups * d_state * length)))
+    dtype = chooser.choice(bounds.dtypes)
+    with_d = form == 'output' and chooser.choice((False, True))
+    with_delta_bias = chooser.choice((False, True))
+    delta_softplus = chooser.choice((True, False))
+    spikes = delta_softplus and chooser.choice((False, True))
+    ranks = dict(u=3, delta=3, A=2, B=3 if shared_b else 4)
+    if form == 'output':
+        ranks['C'] = 3 if shared_c else 4
+    if with_d:
+        ranks['D'] = 1
+    if with_delta_bias:
+        ranks['delta_bias'] = 1
+    layouts = _draw_layouts(chooser, bounds.layout_modes, ranks)
+    return ScanCase(form=form, batch=batch, channels=groups * per_group, groups=groups, d_state=d_state,
+                    length=length, dtype=dtype, shared_b=shared_b, shared_c=shared_c, with_d=with_d,
+                    with_delta_bias=with_delta_bias, delta_softplus=delta_softplus, spikes=spikes, layouts=layouts,
+                    seed=chooser.integer(0, MAX_SEED))
+
+
+def _scan_values(case: ScanCase) -> Dict[str, Tensor]:
+    """The values of a scan case, on the CPU: u, delta, B, C in the case's dtype, the parameters in float32/64.
+
+    delta with softplus is N(-1, 1) (plus spikes), without it uniform in [0.01, 1) so that every step decays;
+    A = -exp(U(-2, 1.5)); delta_bias is U(-4, 1) with softplus and U(0, 0.5) without; u, B, C, D are N(0, 1).
+    """
+    g = torch.Generator().manual_seed(case.seed)
+    wide = torch.float64 if case.dtype == 'float64' else torch.float32
+    bt, d, n, length = case.batch, case.channels, case.d_state, case.length
+    groups_dims = {True: (), False: (case.groups, )}  # shared: (Bt, N, L), else (Bt, G, N, L)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=wide)
+
+    def uniform(low, high, *shape):
+        return torch.rand(*shape, generator=g, dtype=wide) * (high - low) + low
+
+    if case.delta_softplus:
+        delta = randn(bt, d, length) - 1
+        if case.spikes:  # delta + delta_bias lands on both sides of the threshold
+            spike = torch.rand(bt, d, length, generator=g) < 0.05
+            delta = torch.where(spike, uniform(SOFTPLUS_THRESHOLD - 1, SOFTPLUS_THRESHOLD + 7, bt, d, length), delta)
+    else:
+        delta = uniform(0.01, 1.0, bt, d, length)
+    values = dict(u=randn(bt, d, length), delta=delta, A=-torch.exp(uniform(-2.0, 1.5, d, n)),
+                  B=randn(bt, *groups_dims[case.shared_b], n, length))
+    if case.form == 'output':
+        values['C'] = randn(bt, *groups_dims[case.shared_c], n, length)
+    if case.with_d:
+        values['D'] = randn(d)
+    if case.with_delta_bias:
+        values['delta_bias'] = uniform(-4.0, 1.0, d) if case.delta_softplus else uniform(0.0, 0.5, d)
+    activations = ('u', 'delta', 'B', 'C')
+    return {k: v.to(case.torch_dtype if k in activations else case.param_dtype) for k, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------- depthwise conv
+@dataclass(frozen=True)
+class DWConvBounds:
+    """The parameter space of depthwise conv cases.
+
+    Args:
+        dtypes: dtype names to draw from.
+        max_batch: largest B.
+        max_channels: largest C.
+        sizes: special heights and widths, drawn half of the time.
+        max_size: the other half, H and W are drawn from ``[1, max_size]``.
+        kernel_sizes: odd kernel sizes k.
+        max_dilation: largest dilation.
+        max_reach: dilation * (k // 2) is kept at or below this (the kernel's shared-memory tile must fit).
+        fp32_params: whether the weight and bias of fp16/bf16 cases are float32 (the kernel's and autocast's
+            layout) or in x's dtype (what the reference's ``F.conv2d`` takes).
+        layout_modes: layout modes to draw from (see the module docstring).
+    """
+
+    dtypes: Tuple[str, ...]
+    max_batch: int
+    max_channels: int
+    sizes: Tuple[int, ...]
+    max_size: int
+    kernel_sizes: Tuple[int, ...]
+    max_dilation: int
+    max_reach: int
+    fp32_params: Tuple[bool, ...]
+    layout_modes: Tuple[str, ...] = LAYOUT_MODES
+
+
+@dataclass(frozen=True)
+class DWConvCase(_CaseBase):
+    """One ``dwconv2d`` call.
+
+    Args:
+        batch, channels, height, width: B, C, H, W of x.
+        kernel_size: k (odd); the weight is (C, 1, k, k).
+        dilation: spacing between taps.
+        with_bias: pass a (C,) bias.
+        padding_mode: ``'zeros'`` or ``'replicate'``.
+        dtype: the dtype name of x.
+        fp32_params: weight and bias in float32 rather than in x's dtype (float64 cases: float64 always).
+        layouts: (input name, layout) pairs; see the module docstring.
+        seed: the seed of the values.
+    """
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel_size: int
+    dilation: int
+    with_bias: bool
+    padding_mode: str
+    dtype: str
+    fp32_params: bool
+    layouts: Tuple[Tuple[str, str], ...]
+    seed: int
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.channels, self.height, self.width)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the weight and bias."""
+        return super().param_dtype if self.fp32_params else self.torch_dtype
+
+
+CPU_DWCONV = DWConvBounds(dtypes=('float64', 'float32', 'float16', 'bfloat16'), max_batch=2, max_channels=6,
+                          sizes=(1, 2, 3, 7, 14), max_size=20, kernel_sizes=(1, 3, 5, 7, 9, 11), max_dilation=4,
+                          max_reach=20, fp32_params=(False, ))
+# Sizes around the kernel's 32x32 output tiles and the models' stage grids; k up to the kernel's 31.
+GPU_DWCONV = DWConvBounds(dtypes=('float32', 'float16', 'bfloat16'), max_batch=3, max_channels=48,
+                          sizes=(1, 2, 7, 14, 28, 31, 32, 33, 56, 64, 65, 100), max_size=130,
+                          kernel_sizes=(1, 3, 5, 7, 9, 11, 13, 15, 21, 31), max_dilation=6, max_reach=60,
+                          fp32_params=(True, ))
+
+
+def draw_dwconv_case(chooser: Chooser, bounds: DWConvBounds) -> DWConvCase:
+    """A depthwise conv case drawn from ``bounds``."""
+    kernel_size = chooser.choice(bounds.kernel_sizes)
+    max_dilation = bounds.max_dilation if kernel_size == 1 else min(bounds.max_dilation,
+                                                                     bounds.max_reach // (kernel_size // 2))
+    dilation = chooser.integer(1, max(1, max_dilation))
+    with_bias = chooser.choice((False, True))
+    ranks = dict(x=4, weight=4)
+    if with_bias:
+        ranks['bias'] = 1
+    return DWConvCase(batch=chooser.integer(1, bounds.max_batch), channels=chooser.integer(1, bounds.max_channels),
+                      height=_draw_size(chooser, bounds.sizes, bounds.max_size),
+                      width=_draw_size(chooser, bounds.sizes, bounds.max_size), kernel_size=kernel_size,
+                      dilation=dilation, with_bias=with_bias, padding_mode=chooser.choice(('zeros', 'replicate')),
+                      dtype=chooser.choice(bounds.dtypes), fp32_params=chooser.choice(bounds.fp32_params),
+                      layouts=_draw_layouts(chooser, bounds.layout_modes, ranks), seed=chooser.integer(0, MAX_SEED))
+
+
+def _dwconv_values(case: DWConvCase) -> Dict[str, Tensor]:
+    """x ~ N(0, 1) in the case's dtype; weight ~ N(0, 1) / k and bias ~ N(0, 1) in its ``param_dtype``."""
+    g = torch.Generator().manual_seed(case.seed)
+    wide = torch.float64 if case.dtype == 'float64' else torch.float32
+    c, k = case.channels, case.kernel_size
+    values = dict(x=torch.randn(*case.out_shape, generator=g, dtype=wide),
+                  weight=torch.randn(c, 1, k, k, generator=g, dtype=wide) / k)
+    if case.with_bias:
+        values['bias'] = torch.randn(c, generator=g, dtype=wide)
+    return {k: v.to(case.torch_dtype if k == 'x' else case.param_dtype) for k, v in values.items()}
+
+
+# ----------------------------------------------------------------------------------------------- state fusion
+@dataclass(frozen=True)
+class FusionBounds:
+    """The parameter space of state fusion cases (fields as in :class:`DWConvBounds`)."""
+
+    dtypes: Tuple[str, ...]
+    max_batch: int
+    max_channels: int
+    sizes: Tuple[int, ...]
+    max_size: int
+    layout_modes: Tuple[str, ...] = LAYOUT_MODES
+
+
+@dataclass(frozen=True)
+class FusionCase(_CaseBase):
+    """One ``state_fusion`` call.
+
+    Args:
+        batch, channels, height, width: B, C, H, W of h.
+        padding_mode: ``'replicate'`` or ``'zeros'``.
+        dtype: the dtype name of h; the kernels and alpha are float32 (float64 in float64 cases).
+        layouts: (input name, layout) pairs; see the module docstring.
+        seed: the seed of the values.
+    """
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    padding_mode: str
+    dtype: str
+    layouts: Tuple[Tuple[str, str], ...]
+    seed: int
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.channels, self.height, self.width)
+
+
+FUSION_KERNELS = ('kernel_3', 'kernel_3_1', 'kernel_3_2')
+CPU_FUSION = FusionBounds(dtypes=('float64', 'float32', 'float16', 'bfloat16'), max_batch=2, max_channels=6,
+                          sizes=(1, 2, 5, 6, 11, 14), max_size=24)
+GPU_FUSION = FusionBounds(dtypes=('float32', 'float16', 'bfloat16'), max_batch=3, max_channels=64,
+                          sizes=(1, 2, 5, 7, 14, 28, 31, 32, 33, 56, 64, 65), max_size=130)
+
+
+def draw_fusion_case(chooser: Chooser, bounds: FusionBounds) -> FusionCase:
+    """A state fusion case drawn from ``bounds``."""
+    ranks = dict(h=4, kernel_3=4, kernel_3_1=4, kernel_3_2=4, alpha=1)
+    return FusionCase(batch=chooser.integer(1, bounds.max_batch), channels=chooser.integer(1, bounds.max_channels),
+                      height=_draw_size(chooser, bounds.sizes, bounds.max_size),
+                      width=_draw_size(chooser, bounds.sizes, bounds.max_size),
+                      padding_mode=chooser.choice(('replicate', 'zeros')), dtype=chooser.choice(bounds.dtypes),
+                      layouts=_draw_layouts(chooser, bounds.layout_modes, ranks), seed=chooser.integer(0, MAX_SEED))
+
+
+def _fusion_values(case: FusionCase) -> Dict[str, Tensor]:
+    """h ~ N(0, 1) in the case's dtype; kernels ~ 0.3 N(0, 1) and alpha ~ N(0, 1) in float32 (float64)."""
+    g = torch.Generator().manual_seed(case.seed)
+    wide = case.param_dtype
+    values = dict(h=torch.randn(*case.out_shape, generator=g, dtype=wide).to(case.torch_dtype))
+    for name in FUSION_KERNELS:
+        values[name] = torch.randn(case.channels, 1, 3, 3, generator=g, dtype=wide) * 0.3
+    values['alpha'] = torch.randn(len(FUSION_DILATIONS), generator=g, dtype=wide)
+    return values
+
+
+# ------------------------------------------------------------------------------------------------------ shared
+Case = Union[ScanCase, DWConvCase, FusionCase]
+
+
+def with_layout(values: Tensor, layout: str) -> Tensor:
+    """``values`` stored with ``layout`` (see the module docstring); a new tensor, never a view of ``values``."""
+    if layout == 'contiguous':
+        return values.clone(memory_format=torch.contiguous_format)
+    if layout == 'expanded':
+        return values[:1].clone().expand(values.shape)
+    if layout == 'transposed' and values.dim() >= 2:
+        swapped = values.new_empty(*values.shape[:-2], values.shape[-1], values.shape[-2])  # (..., last, -2)
+        return swapped.transpose(-1, -2).copy_(values)
+    if layout == 'sliced':
+        wide = torch.full((*values.shape[:-1], 2 * values.shape[-1]), float('nan'), dtype=values.dtype,
+                          device=values.device)  # (..., 2 * last)
+        return wide[..., 1::2].copy_(values)
+    if layout == 'channels_last' and values.dim() == 4:
+        return values.clone(memory_format=torch.channels_last)
+    raise ValueError(f'Layout {layout!r} does not apply to a {values.dim()}-D tensor; use one of {LAYOUTS}.')
+
+
+def make_inputs(case: Case, device: Union[str, torch.device] = 'cpu') -> Dict[str, Tensor]:
+    """The op's tensor arguments for ``case``, by name, on ``device``, each stored with its layout.
+
+    The values depend only on the case (they are drawn on the CPU from its seed), not on the device.
+    """
+    if isinstance(case, ScanCase):
+        values = _scan_values(case)
+    elif isinstance(case, DWConvCase):
+        values = _dwconv_values(case)
+    elif isinstance(case, FusionCase):
+        values = _fusion_values(case)
+    else:
+        raise TypeError(f'make_inputs: expected a ScanCase, DWConvCase or FusionCase, got {type(case).__name__}.')
+    return {name: with_layout(v.to(device), case.layout(name)) for name, v in values.items()}
+
+
+def call_op(case: Case, inputs: Dict[str, Tensor], backend: str) -> Tensor:
+    """Run the case's op on ``inputs`` (as :func:`make_inputs` returns them, maybe cast) with its flags."""
+    if isinstance(case, ScanCase):
+        return selective_scan(**inputs, delta_softplus=case.delta_softplus, backend=backend)
+    if isinstance(case, DWConvCase):
+        return dwconv2d(**inputs, dilation=case.dilation, padding_mode=case.padding_mode, backend=backend)
+    if isinstance(case, FusionCase):
+        return state_fusion(**inputs, padding_mode=case.padding_mode, backend=backend)
+    raise TypeError(f'call_op: expected a ScanCase, DWConvCase or FusionCase, got {type(case).__name__}.')
+
+
+def grad_output(case: Case, dtype: torch.dtype, device: Union[str, torch.device] = 'cpu') -> Tensor:
+    """N(0, 1) incoming gradient of the op's output, ``case.out_shape``, rounded to ``dtype``, in float64.
+
+    Rounding to the dtype of the op's output lets every implementation receive the very same numbers.
+    """
+    g = torch.Generator().manual_seed(case.seed + 1)  # not the inputs' stream
+    return torch.randn(*case.out_shape, generator=g, dtype=torch.float64).to(dtype).double().to(device)
