@@ -87,17 +87,13 @@ EIGENSOLVERS = ('auto', 'dense', 'iterative')
 DENSE_MAX_TOKENS = 32  # 'auto': dense eigh up to this many tokens (batched Jacobi on CUDA), iterative above
 
 
-_SEED_PROJECTIONS = {}
-
-
 def _seed_projection(dim: int, columns: int, like: Tensor) -> Tensor:
-    """A fixed (input-independent) random (dim, columns) projection: the iterative solver's start block. Cached per
-    device (a host-to-device copy in every forward would synchronize the stream)."""
-    key = (dim, columns, like.device, like.dtype)
-    if key not in _SEED_PROJECTIONS:
-        generator = torch.Generator().manual_seed(20250309)
-        _SEED_PROJECTIONS[key] = torch.randn(dim, columns, generator=generator).to(like)
-    return _SEED_PROJECTIONS[key]
+    """A fixed, input-independent (dim, columns) projection: the iterative solver's start block. Built from cosines
+    of incommensurate frequencies (generic, full rank) with plain tensor ops: no generator, no host-to-device copy,
+    nothing cached, so it also traces under ``torch.compile``."""
+    rows = torch.arange(1, dim + 1, device=like.device, dtype=torch.float64)
+    cols = torch.arange(1, columns + 1, device=like.device, dtype=torch.float64)
+    return torch.cos(rows[:, None] * cols[None, :] * 2.399963229728653 + cols[None, :] ** 0.5).to(like.dtype)
 
 
 def _orthonormalize(block: Tensor) -> Tensor:

@@ -152,7 +152,7 @@ class StagedBackbone(BaseBackbone):
         if x.dim() != 4 or x.shape[1] != in_channels:
             raise ValueError(f'{type(self).__name__}: expected images (B, {in_channels}, H, W), '
                              f'got shape {tuple(x.shape)}.')
-        if self._logged_device != x.device:
+        if self._logged_device != x.device and not torch.compiler.is_compiling():  # no graph break under compile
             self._logged_device = x.device
             print_log(f'{type(self).__name__} on {x.device}: {describe_backends(self.ops_backend, x)}',
                       logger='current')

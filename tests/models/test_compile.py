@@ -1,0 +1,64 @@
+"""torch.compile: each family's model, compiled, gives its eager outputs (CPU, reference ops, eval mode).
+
+* ``test_tiny_model_compiles_with_inductor``: the T models (``arch='tiny'``) with the default backend (inductor) on a
+  1 x 3 x 64 x 64 input, every stage returned. Compiling a whole T model on 2 CPU cores takes a minute or more with a
+  cold inductor cache (idle machine: VMamba 61 s, Spatial-Mamba 79 s, SpectralVMamba 58 s; 1.5-4 minutes each when the
+  cores are shared), as inductor generates and builds C++ for every fused kernel, hence ``slow``.
+* ``test_small_arch_traces_with_aot_eager``: the small archs through dynamo and AOTAutograd without code generation
+  (backend ``aot_eager``), in seconds: the graph capture the inductor test depends on, in the default suite; plus
+  SpectralVMamba at 112 px (7 x 7 = 49 tokens), where the iterative eigensolver runs instead of the dense one.
+
+Outputs are compared relative to their largest magnitude: max |compiled - eager| <= TOLERANCE * max |eager| (fp32;
+inductor reorders and fuses reductions; measured up to 2e-6). The compiled model is called first, as a user would.
+Its second call may recompile small frames once: the first call logs the ops' backends and sets the backbone's
+``_logged_device`` (a guard; ``describe_backends`` calls ``importlib.import_module``, a graph break), and the iterative
+eigensolver fills its start-projection cache (a guard on a global dict; its ``torch.Generator`` is a graph break).
+From the third call on nothing recompiles.
+"""
+import pytest
+import torch
+from mmengine.registry import DefaultScope
+from mmpretrain.registry import MODELS
+from models.families import BY_NAME, FAMILIES
+
+TOLERANCE = 1e-5
+FAMILY_IDS = [f.name for f in FAMILIES]
+SIZE = 64  # SpectralVMamba needs multiples of 16: 4 x 4 tokens at stage 0, the dense eigensolver
+
+
+def _build(name: str, arch) -> torch.nn.Module:
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(dict(type=name, arch=arch, ops_backend='torch', out_indices=(0, 1, 2, 3))).eval()
+
+
+def _assert_compiled_matches_eager(model: torch.nn.Module, backend: str, size: int = SIZE) -> None:
+    torch._dynamo.reset()
+    images = torch.randn(1, 3, size, size)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        got = compiled(images)
+        expected = model(images)
+        compiled(images)  # the one-time recompiles of the module docstring
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = compiled(images)
+    assert len(got) == len(expected) == 4
+    for i, (out, out_again, ref) in enumerate(zip(got, again, expected)):
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE * scale, msg=lambda m, i=i: f'stage {i}: {m}')
+        torch.testing.assert_close(out_again, out, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', FAMILIES, ids=FAMILY_IDS)
+def test_tiny_model_compiles_with_inductor(family):
+    _assert_compiled_matches_eager(_build(family.name, 'tiny'), backend='inductor')
+
+
+@pytest.mark.parametrize('family', FAMILIES, ids=FAMILY_IDS)
+def test_small_arch_traces_with_aot_eager(family):
+    _assert_compiled_matches_eager(_build(family.name, family.small_arch), backend='aot_eager')
+
+
+def test_spectral_iterative_eigensolver_traces_with_aot_eager():
+    family = BY_NAME['SpectralVMamba']
+    _assert_compiled_matches_eager(_build(family.name, family.small_arch), backend='aot_eager', size=112)
