@@ -13,7 +13,7 @@ import os.path as osp
 from pathlib import Path
 
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
-from vssm.runtime import add_common_args, build_runner, check_data_paths, is_main_process, setup_run
+from vssm.runtime import add_common_args, build_runner, check_data_paths, finish_distributed, is_main_process, setup_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,7 @@ def main() -> None:
 
     check_data_paths(cfg, ('test', ))
     metrics = build_runner(cfg).test()
+    finish_distributed()
     if is_main_process():
         metrics = {k: float(v) if isinstance(v, numbers.Real) else v for k, v in metrics.items()}
         path = osp.join(cfg.work_dir, 'metrics.json')

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
 from vssm.resume import resolve_resume, use_atomic_checkpoints
-from vssm.runtime import add_common_args, build_runner, check_data_paths, setup_run
+from vssm.runtime import add_common_args, build_runner, check_data_paths, finish_distributed, setup_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,7 @@ def main() -> None:
         cfg.resume, cfg.load_from = True, args.resume
     check_data_paths(cfg, ('train', 'val'))
     build_runner(cfg).train()
+    finish_distributed()
 
 
 if __name__ == '__main__':

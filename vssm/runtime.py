@@ -19,7 +19,7 @@ import torch
 from mmengine.config import Config, DictAction
 
 __all__ = ['load_config', 'apply_demo_override', 'prepare_for_device', 'register_safe_globals', 'add_common_args',
-           'setup_run', 'build_runner', 'check_data_paths', 'is_main_process', 'DEMO_OVERRIDES']
+           'setup_run', 'build_runner', 'check_data_paths', 'finish_distributed', 'is_main_process', 'DEMO_OVERRIDES']
 
 DEMO_OVERRIDES = {
     'mmpretrain': 'classification/configs/_base_/demo.py',
@@ -193,6 +193,14 @@ def check_data_paths(cfg: Config, splits: Sequence[str]) -> None:
                 raise FileNotFoundError(
                     f'{split}_dataloader.dataset.ann_file {path!r} does not exist. Check data_root {root!r} and '
                     f'ann_file {ann!r} (--cfg-options {split}_dataloader.dataset.ann_file=...).')
+
+
+def finish_distributed() -> None:
+    """End a distributed run cleanly: wait for every rank, then destroy the process group (gloo's threads aborting
+    at interpreter exit otherwise kill a finished run with 'terminate called without an active exception')."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def build_runner(cfg: Config, strict_load: bool = True):
