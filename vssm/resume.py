@@ -4,9 +4,9 @@
   is flushed to disk and then renamed over the target (``os.replace`` is atomic on POSIX and Windows). A run killed
   while saving leaves the previous ``iter_N.pth`` intact and never a half-written one under a checkpoint's name.
   ``use_atomic_checkpoints()`` installs it for local paths (tools/train.py does).
-* ``RNGStateHook``: saves the Python, NumPy, torch and CUDA generator states of every rank in each checkpoint and
-  restores them right before the first iteration after a resume, so a resumed run in deterministic mode draws the
-  same random numbers (drop path, mixup, ...) as an uninterrupted one.
+* ``RNGStateHook``: saves the Python, NumPy, torch and CUDA generator states in each checkpoint (rank 0's: mmengine
+  saves on rank 0) and restores them right before the first iteration after a resume, so a resumed single-process
+  run in deterministic mode draws the same random numbers (drop path, mixup, ...) as an uninterrupted one.
 * ``resolve_resume``: what ``--resume`` without a path resumes from: mmengine's ``last_checkpoint`` when it names a
   readable checkpoint, else the newest readable ``iter_*.pth`` / ``epoch_*.pth`` of the work dir (a kill between
   saving a checkpoint and writing ``last_checkpoint`` can leave that file empty or stale).
@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from mmengine.dist import all_gather_object, get_rank, get_world_size
+from mmengine.dist import get_rank, get_world_size
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
@@ -92,55 +92,31 @@ def _restore_rng(state: dict) -> None:
 
 @HOOKS.register_module()
 class RNGStateHook(Hook):
-    """Save every rank's generator states in checkpoints; restore them when training resumes (see module doc).
+    """Save the generator states in checkpoints; restore them when training resumes (see the module doc).
 
-    mmengine builds and saves checkpoints on rank 0 only, so the states of all ranks are gathered (a collective, on
-    every rank) just before the ``CheckpointHook`` saves: this hook runs first (higher priority) and asks the
-    ``CheckpointHook`` whether it will save at this iteration or epoch.
+    mmengine saves checkpoints on rank 0 only, so a checkpoint holds rank 0's states: a single-process run resumes
+    bit-reproducibly; in a multi-process run rank 0 gets its states back and the other ranks keep their seeded
+    generators (a warning says so). No collective is added to the training loop.
     """
 
     priority = 'VERY_HIGH'
 
     def __init__(self) -> None:
         self._pending: Optional[dict] = None
-        self._gathered: Optional[list] = None
-
-    @staticmethod
-    def _checkpoint_hook(runner):
-        from mmengine.hooks import CheckpointHook
-        return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
-
-    def _gather(self) -> None:
-        self._gathered = all_gather_object(_capture_rng()) if get_world_size() > 1 else [_capture_rng()]
-
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        hook = self._checkpoint_hook(runner)
-        if hook is not None and not hook.by_epoch and (
-                hook.every_n_train_iters(runner, hook.interval, hook.save_begin)
-                or (hook.save_last and hook.is_last_train_iter(runner))):
-            self._gather()
-
-    def after_train_epoch(self, runner) -> None:
-        hook = self._checkpoint_hook(runner)
-        if hook is not None and hook.by_epoch and (hook.every_n_epochs(runner, hook.interval, hook.save_begin) or
-                                                   (hook.save_last and hook.is_last_train_epoch(runner))):
-            self._gather()
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        # Gathered at this step on every rank; a save outside the CheckpointHook's schedule gets this rank's state.
-        checkpoint['rng_states'] = self._gathered if self._gathered is not None else [_capture_rng()]
-        self._gathered = None
+        checkpoint['rng_states'] = [_capture_rng()]
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         states = checkpoint.get('rng_states')
         if not states:
             return
-        if len(states) != get_world_size():
-            print_log(f'RNGStateHook: the checkpoint holds the generator states of {len(states)} process(es), this '
-                      f'run has {get_world_size()}; the states are not restored (the run is not bit-reproducible).',
+        if get_world_size() > 1:
+            print_log(f'RNGStateHook: the checkpoint holds rank 0\'s generator states; restoring them on rank 0 only '
+                      f'({get_world_size()} processes: the run is not bit-reproducible on the other ranks).',
                       logger='current', level=30)
-            return
-        self._pending = states[get_rank()]
+        if get_rank() == 0:
+            self._pending = states[0]
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         if self._pending is not None:  # after the data loader was rebuilt and advanced: as in the first run
