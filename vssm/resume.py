@@ -128,12 +128,13 @@ class RNGStateHook(Hook):
 # What to resume from
 # ---------------------------------------------------------------------------------------------------------------------
 def is_readable_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a complete torch checkpoint (a zip archive whose central directory reads)."""
+    """Whether ``path`` is a complete torch checkpoint: a zip archive whose central directory (written last, at the
+    end of the file) reads. Only the directory is read, not the tensors (checkpoints can be gigabytes)."""
     if not osp.isfile(path) or osp.getsize(path) == 0:
         return False
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
+            return len(archive.namelist()) > 0
     except (zipfile.BadZipFile, OSError, EOFError):
         return False
 
