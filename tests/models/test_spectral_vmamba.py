@@ -155,3 +155,19 @@ def test_clear_errors():
         SpectralVMamba(ARCH, top_k=0)
     with pytest.raises(ValueError, match="eigensolver must be one of .*'iterative'"):
         SpectralVMamba(ARCH, eigensolver='lanczos')
+
+
+def test_cuda_graph_cache_is_eager_on_cpu_and_not_copied():
+    """The per-shape CUDA-graph cache of the ordering: on CPU tensors it just calls the solver; copies of the model
+    (EMA teachers, pickling) get their own empty cache."""
+    import copy
+    import pickle
+    model = SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]))
+    x = torch.randn(1, 3, 128, 128)
+    first, second = model(x), model(x)
+    assert model.order_graphs.captures == 0 and model.order_graphs.replays == 0
+    assert torch.equal(first[-1], second[-1])
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.order_graphs is not model.order_graphs and clone.order_graphs.fn.keywords['knn'] == model.knn
+        assert torch.equal(clone(x)[-1], first[-1])
+    assert not SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]), cuda_graphs=False).order_graphs.enabled

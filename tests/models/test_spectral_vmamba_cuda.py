@@ -92,3 +92,41 @@ def test_rotation_invariance_on_gpu():
         errors = [max(rel_err(gpu(torch.rot90(x[i:i + 1], k, (2, 3)))[-1].mean(dim=(2, 3)), base[i:i + 1])
                       for k in (1, 2, 3)) for i in range(10)]
     assert sum(e < 1e-3 for e in errors) >= 9, errors
+
+
+def test_cuda_graph_replay_matches_eager():
+    from vssm.models.spectral_vmamba import solver_graphs
+    features = torch.nn.functional.avg_pool2d(torch.randn(2, 512, 32, 32, device='cuda'), 3, 1, 1)
+    graphs = solver_graphs()
+    eager_order, eager = spectral_order(features, return_details=True)
+    results = [spectral_order(features, return_details=True, graphs=graphs) for _ in range(3)]
+    assert graphs.captures == 1 and graphs.replays == 2  # captured at the second call, replayed from then on
+    for order, details in results:
+        torch.testing.assert_close(details['eigenvalues'], eager['eigenvalues'], atol=1e-6, rtol=0)
+        assert (order == eager_order).float().mean() > 0.999
+    # A different input of the same shape: the graph reads the new values.
+    other = torch.nn.functional.avg_pool2d(torch.randn(2, 512, 32, 32, device='cuda'), 3, 1, 1)
+    order, details = spectral_order(other, return_details=True, graphs=graphs)
+    reference_order, reference = spectral_order(other, return_details=True)
+    torch.testing.assert_close(details['eigenvalues'], reference['eigenvalues'], atol=1e-6, rtol=0)
+    assert (order == reference_order).float().mean() > 0.999
+
+
+def test_model_with_cuda_graphs_matches_eager_and_deepcopies():
+    import copy
+    _, gpu = _pair()
+    gpu.eval()
+    x = torch.randn(2, 3, 128, 160, device='cuda')  # stage 0: 8 x 10 = 80 tokens, the iterative solver
+    with torch.no_grad():
+        gpu.order_graphs.enabled = False
+        eager = gpu(x)
+        gpu.order_graphs.enabled = True
+        outs = [gpu(x) for _ in range(3)]
+    assert gpu.order_graphs.captures == 1 and gpu.order_graphs.replays == 2
+    for out in outs:
+        for a, b in zip(out, eager):
+            assert rel_err(a, b) < 1e-5
+    teacher = copy.deepcopy(gpu)  # e.g. an EMA teacher: its own, empty cache
+    assert teacher.order_graphs.captures == 0 and teacher.order_graphs is not gpu.order_graphs
+    with torch.no_grad():
+        assert rel_err(teacher(x)[-1], eager[-1]) < 1e-5

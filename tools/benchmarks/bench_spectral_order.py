@@ -7,7 +7,8 @@ a dense ``eigh`` (GPU; runs on a CPU too, slowly).
 For each input size and batch it prints the median time of the backbone's forward pass (fixed mode, eval, the
 default ``eigensolver='auto'``; fp32 and bf16 autocast) and of the ordering inside it: the k-NN graph and the
 eigensolver on stage 0's features, and the pooled eigenvector fields sorted for the later stages, timed on the
-inputs the forward really sees. The ratio
+inputs the forward really sees, with the solver replayed as a CUDA graph (the model's default) and without
+(``*_no_graphs_ms``). The ratio
 ordering / forward is the number the issue asks for (< 15% at 512x512). The dense solver's ordering time is
 printed beside it, with the agreement of the two solvers: Laplacian eigenvalues 2..5 (max abs difference) and the
 fraction of order positions that are equal. Weights are random (no downloads); the RFN runs as in training.
@@ -82,10 +83,13 @@ def main() -> None:
                 with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
                     row['forward_bf16_ms'] = time_ms(lambda: model(x))
                     feats = stage_features(model, x)
+                model.order_graphs.enabled = False
+                row['forward_fp32_no_graphs_ms'] = time_ms(lambda: model(x))
+                model.order_graphs.enabled = True
 
-            def order(solver):  # what the forward does: the stage-0 spectrum, pooled to the later stages
+            def order(solver, graphs=model.order_graphs):  # what the forward does: the stage-0 spectrum, pooled
                 first, details = spectral_order(feats[0], model.top_k, model.knn, eigensolver=solver,
-                                                return_details=True)
+                                                return_details=True, graphs=graphs)
                 fields = details['eigenvectors'].transpose(1, 2).reshape(batch, model.top_k, *feats[0].shape[-2:])
                 orders = [first]
                 for _ in feats[1:]:
@@ -93,10 +97,12 @@ def main() -> None:
                     orders.append(order_i)
                 return orders
             row['order_ms'] = time_ms(lambda: order('auto'))
+            row['order_no_graphs_ms'] = time_ms(lambda: order('auto', None))
+            row['graph_replays'] = model.order_graphs.replays
             row['order_share_fp32'] = row['order_ms'] / row['forward_fp32_ms']
             row['order_share_bf16'] = row['order_ms'] / row['forward_bf16_ms']
             if row['tokens'][0] <= args.dense_max_tokens:
-                row['order_dense_ms'] = time_ms(lambda: order('dense'), warmup=1, iters=3)
+                row['order_dense_ms'] = time_ms(lambda: order('dense', None), warmup=1, iters=3)
                 first = feats[0]
                 o_dense, d_dense = spectral_order(first, eigensolver='dense', return_details=True)
                 o_iter, d_iter = spectral_order(first, eigensolver='iterative', return_details=True)

@@ -30,6 +30,7 @@ which breaks with EMA teachers, threads and gradient checkpointing). It is integ
 Shape legend: B batch, C block width, H/W height/width, L = H*W tokens, K = 8 sequences, T = 4 eigenvectors (top_k),
 D inner width.
 """
+from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,7 +41,7 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from .layers import (LayerNorm2d, StagedBackbone, parse_arch, to_classifier_keys, trunc_normal_linear_init,
+from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, parse_arch, to_classifier_keys, trunc_normal_linear_init,
                      unwrap_state_dict)
 from .vmamba import SS2D, VSSBlock
 
@@ -110,16 +111,13 @@ def _orthonormalize(block: Tensor) -> Tensor:
     return x.to(block.dtype)
 
 
-def _top_eigenvectors_iterative(operator: Tensor, start: Tensor, degree: int, iterations: int) -> Tuple[Tensor, Tensor]:
-    """Largest eigenpairs of symmetric (B, L, L) matrices with spectrum in [-1, 1], by Chebyshev-filtered subspace
-    iteration: a fixed number of steps, batched matrix products, one host sync (the final Rayleigh-Ritz ``eigh``).
+def _filtered_basis(operator: Tensor, start: Tensor, degree: int, iterations: int) -> Tensor:
+    """An orthonormal basis (B, L, P) of the dominant invariant subspace of symmetric (B, L, L) matrices with spectrum
+    in [-1, 1], by Chebyshev-filtered subspace iteration: a fixed number of batched matrix products, no host sync.
 
-    Each outer iteration damps the spectrum between -1 and the block's lowest Rayleigh quotient with a Chebyshev
-    polynomial of ``degree`` and re-orthonormalizes; a Rayleigh-Ritz step at the end gives the eigenpairs. Every step
-    commutes with permutations of the tokens (the start block is a row-wise function of the tokens), so the result
-    is permutation-equivariant like a dense ``eigh``.
-
-    Returns eigenvalues (B, P) descending and eigenvectors (B, L, P), P = start.shape[2].
+    Each iteration damps the spectrum between -1 and the block's lowest Rayleigh quotient with a Chebyshev polynomial
+    of ``degree`` and re-orthonormalizes. Every step commutes with permutations of the tokens (the start block is a
+    row-wise function of the tokens), so the result is permutation-equivariant like a dense ``eigh``.
     """
     basis = _orthonormalize(start)
     eye = torch.eye(operator.shape[1], device=operator.device, dtype=operator.dtype)
@@ -132,14 +130,40 @@ def _top_eigenvectors_iterative(operator: Tensor, start: Tensor, degree: int, it
         for _ in range(degree - 1):
             previous, current = current, torch.baddbmm(previous, scaled, current, beta=-1)
         basis = _orthonormalize(current)
-    values, vectors = torch.linalg.eigh(basis.transpose(1, 2) @ torch.bmm(operator, basis))  # ascending
-    return values.flip(1), (basis @ vectors).flip(2)
+    return basis
+
+
+def _graph_subspace(tokens: Tensor, knn: int, block: int, degree: int, iterations: int) -> Tuple[Tensor, Tensor]:
+    """The host-sync-free part of the iterative ordering (replayed as a CUDA graph per shape): the k-NN graph of the
+    tokens (B, L, D), its normalized adjacency (I - Laplacian, spectrum in [-1, 1]), the filtered basis (B, L, P) and
+    the operator projected on it (B, P, P), whose ``eigh`` (the Rayleigh-Ritz step) gives the eigenpairs."""
+    adjacency = _knn_adjacency(tokens, knn, batch_sigma=False, connect=1e-6)
+    degrees = adjacency.sum(dim=2)  # (B, L)
+    inv_sqrt = degrees.rsqrt()
+    normalized = inv_sqrt[:, :, None] * adjacency * inv_sqrt[:, None, :]
+    # Start: sqrt(degree) (the exact top eigenvector) and a fixed projection of the tokens (row-wise: equivariant).
+    start = torch.cat([degrees.sqrt()[:, :, None], tokens @ _seed_projection(tokens.shape[2], block - 1, tokens)],
+                      dim=2)
+    basis = _filtered_basis(normalized, start, degree, iterations)
+    return basis, basis.transpose(1, 2) @ torch.bmm(normalized, basis)
+
+
+def _subspace_cost(tokens: Tensor) -> int:
+    """Elements of the (B, L, L) intermediates relative to the (B, L, D) tokens, times the ~8 of them alive at once."""
+    return 8 * max(1, tokens.shape[1] // tokens.shape[2])
+
+
+def solver_graphs(knn: int = 5, block: int = 32, degree: int = 16, iterations: int = 3,
+                  enabled: bool = True) -> CudaGraphCache:
+    """A per-shape CUDA-graph cache of the iterative ordering's sync-free part (pass it to :func:`spectral_order`)."""
+    return CudaGraphCache(partial(_graph_subspace, knn=knn, block=block, degree=degree, iterations=iterations),
+                          cost_factor=_subspace_cost, enabled=enabled)
 
 
 @torch.no_grad()
 def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_compat: bool = False,
                    return_details: bool = False, eigensolver: str = 'auto', block: int = 32, degree: int = 16,
-                   iterations: int = 3):
+                   iterations: int = 3, graphs: Optional[CudaGraphCache] = None):
     """Token orders from the spectrum of a k-NN graph over the tokens' features.
 
     Args:
@@ -153,6 +177,8 @@ def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_comp
         eigensolver: ``'dense'`` (``torch.linalg.eigh``, O(L^3)), ``'iterative'`` (Chebyshev-filtered subspace
             iteration on a block of ``block`` vectors, ``iterations`` x ``degree`` matrix products), or ``'auto'``:
             dense up to ``DENSE_MAX_TOKENS`` tokens (and always in upstream mode), iterative above.
+        graphs: a :func:`solver_graphs` cache (same knn/block/degree/iterations): on CUDA the iterative solver's
+            sync-free part is then replayed as one CUDA graph per input shape instead of ~300 kernel launches.
 
     Returns:
         order: (B, L, top_k) int64; ``order[b, :, t]`` lists the token indices (raster order of the H x W grid)
@@ -162,11 +188,11 @@ def spectral_order(features: Tensor, top_k: int = 4, knn: int = 5, upstream_comp
         raise ValueError(f'spectral_order: eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}.')
     with torch.autocast(features.device.type, enabled=False):  # the graph and the eigensolver stay in float32
         return _spectral_order(features.float(), top_k, knn, upstream_compat, return_details, eigensolver, block,
-                               degree, iterations)
+                               degree, iterations, graphs)
 
 
 def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: bool, return_details: bool,
-                    eigensolver: str, block: int, degree: int, iterations: int):
+                    eigensolver: str, block: int, degree: int, iterations: int, graphs: Optional[CudaGraphCache]):
     b, d, h, w = features.shape
     tokens = features.reshape(b, d, h * w).transpose(1, 2).float()  # (B, L, D)
     length = h * w
@@ -176,24 +202,26 @@ def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: boo
         details = dict(eigenvalues=torch.zeros(b, 1, device=features.device), eigenvectors_before_sign_fix=zeros,
                        eigenvectors=zeros, sorted_eigenvectors=zeros)
         return (order, details) if return_details else order
-    adjacency = _knn_adjacency(tokens, knn, batch_sigma=upstream_compat, connect=0.0 if upstream_compat else 1e-6)
     iterative = not upstream_compat and (eigensolver == 'iterative' or
                                          (eigensolver == 'auto' and length > DENSE_MAX_TOKENS))
     iterative = iterative and length > block
     if iterative:
-        degrees = adjacency.sum(dim=2)  # (B, L)
-        inv_sqrt = degrees.rsqrt()
-        normalized = inv_sqrt[:, :, None] * adjacency * inv_sqrt[:, None, :]  # I - Laplacian, spectrum in [-1, 1]
-        # Start: sqrt(degree) (the exact top eigenvector) and a fixed projection of the tokens (row-wise: equivariant).
-        start = torch.cat([degrees.sqrt()[:, :, None], tokens @ _seed_projection(d, block - 1, tokens)], dim=2)
-        values, eigenvectors = _top_eigenvectors_iterative(normalized, start, degree, iterations)
-        eigenvalues = 1 - values  # ascending Laplacian eigenvalues of the block
+        if graphs is not None and (graphs.fn.keywords != dict(knn=knn, block=block, degree=degree,
+                                                              iterations=iterations)):
+            raise ValueError(f'spectral_order: the CUDA-graph cache was made for {graphs.fn.keywords}, the call asks '
+                             f'for knn={knn}, block={block}, degree={degree}, iterations={iterations}.')
+        basis, projected = (graphs(tokens) if graphs is not None else
+                            _graph_subspace(tokens, knn, block, degree, iterations))
+        values, vectors = torch.linalg.eigh(projected)  # Rayleigh-Ritz, ascending
+        eigenvalues, eigenvectors = 1 - values.flip(1), (basis @ vectors).flip(2)  # ascending Laplacian eigenvalues
     elif upstream_compat:
+        adjacency = _knn_adjacency(tokens, knn, batch_sigma=True, connect=0.0)
         inv_sqrt = torch.diag_embed(adjacency.sum(dim=2).pow(-0.5))
         eye = torch.eye(length, device=features.device).unsqueeze(0).repeat(b, 1, 1)
         laplacian = eye - torch.bmm(torch.bmm(inv_sqrt, adjacency), inv_sqrt)
         eigenvalues, eigenvectors = torch.linalg.eigh(laplacian)  # ascending
     else:
+        adjacency = _knn_adjacency(tokens, knn, batch_sigma=False, connect=1e-6)
         eigenvalues, eigenvectors = torch.linalg.eigh(_normalized_laplacian(adjacency))
     available = min(top_k, length - 1)
     columns = [1 + (t % available) for t in range(top_k)]
@@ -306,10 +334,11 @@ class SpectralBlock(VSSBlock):
         return self._forward(x, order)
 
     def order_from_features(self, x: Tensor, top_k: int, knn: int, upstream_compat: bool,
-                            eigensolver: str = 'auto', return_details: bool = False):
+                            eigensolver: str = 'auto', return_details: bool = False,
+                            graphs: Optional[CudaGraphCache] = None):
         with torch.no_grad():
             return spectral_order(self.op.graph_features(self.norm(x)), top_k, knn, upstream_compat,
-                                  return_details=return_details, eigensolver=eigensolver)
+                                  return_details=return_details, eigensolver=eigensolver, graphs=graphs)
 
 
 class SpectralDownsample(nn.Sequential):
@@ -364,6 +393,9 @@ class SpectralVMamba(StagedBackbone):
         eigensolver: ``'auto'`` (dense ``eigh`` up to 32 tokens, Chebyshev-filtered subspace iteration above: the
             cost that matters at detection/segmentation sizes), ``'dense'`` or ``'iterative'``; see
             :func:`spectral_order`. Upstream mode always uses the dense solver.
+        cuda_graphs: on CUDA, replay the iterative solver's launches as one CUDA graph per input shape (captured
+            the second time a shape is seen, up to 4 shapes, inputs up to 512x512 at batch 8; larger inputs run
+            eagerly). Same results; ``False`` always runs eagerly.
         rfn_pretrained: checkpoint for the frozen ResNet-18, e.g. ``'torchvision://resnet18'`` (downloaded by
             ``init_weights()`` when online, never at construction). ``None`` keeps random weights (with a warning)
             unless the whole backbone is loaded from a checkpoint, which holds them.
@@ -392,6 +424,7 @@ class SpectralVMamba(StagedBackbone):
                  knn: int = 5,
                  upstream_compat: bool = False,
                  eigensolver: str = 'auto',
+                 cuda_graphs: bool = True,
                  rfn_pretrained: Optional[str] = None,
                  ops_backend: str = 'auto',
                  norm_eval: bool = False,
@@ -415,6 +448,7 @@ class SpectralVMamba(StagedBackbone):
         if eigensolver not in EIGENSOLVERS:
             raise ValueError(f'SpectralVMamba: eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}.')
         self.eigensolver = eigensolver
+        self.order_graphs = solver_graphs(knn, enabled=cuda_graphs)  # not state: deepcopy/pickle give an empty cache
         self.rfn_pretrained = rfn_pretrained
         # The frozen RFN trunk, with upstream's keys (torchvision's ResNet-18 layout, layer4 and fc included so that
         # upstream checkpoints load strictly; only conv1..layer3 run).
@@ -509,7 +543,8 @@ class SpectralVMamba(StagedBackbone):
         for i, layer in enumerate(self.layers):
             if i == 0:  # the spectrum of the first stage's graph
                 order, details = layer.blocks[0].order_from_features(x, self.top_k, self.knn, self.upstream_compat,
-                                                                     self.eigensolver, return_details=True)
+                                                                     self.eigensolver, return_details=True,
+                                                                     graphs=self.order_graphs)
                 fields = details['eigenvectors'].transpose(1, 2).reshape(x.shape[0], self.top_k, *x.shape[-2:])
             elif self.upstream_compat:  # upstream: the previous order through the pooling indices (re-indexed)
                 order = propagate_order_upstream(orders[-1], kept, x.shape[-1])
