@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# GPU-machine checks in one call (see the device notes in README.md): build or install the kernels, then run the
+# steps named on the command line, each with its log under $OUT (default /tmp/vssm-gpu-out).
+#
+#   source .devwheels/activate.sh && bash tools/gpu/session.sh build tests fuzz order
+#
+# Steps:
+#   build   pip-build both kernels into /tmp/vssm-kern and keep their wheels in $OUT/kernel-wheels (reused by a later
+#           call when .kernel-wheels/ holds wheels built from the same sources: "install" step)
+#   install install prebuilt kernel wheels from .kernel-wheels/ instead of building
+#   tests   the GPU tests (tests/ops/*_cuda.py, tests/models/*_cuda.py)
+#   fuzz    tools/fuzz_kernels.py --cases $FUZZ_CASES (default 1000), one process per op, in parallel with "tests"
+#   order   tools/benchmarks/bench_spectral_order.py at 512x512 (after tests/fuzz: timings need a quiet GPU)
+#   ops     tools/benchmarks/bench_ops.py ($OPS_ARGS)
+#   bench   tools/analysis_tools/benchmark.py ($BENCH_ARGS)
+#   learn   tools/benchmarks/learning_runs.py ($LEARN_ARGS)
+# The logs end up in $OUT/logs.tar.gz.
+set -u
+OUT=${OUT:-/tmp/vssm-gpu-out}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/vssm-kern:/tmp/site:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+has() { [[ " $* " == *" $step "* ]]; }
+background=()
+for step in "$@"; do
+  start=$(date +%s)
+  case $step in
+    build)
+      python3 -m pip wheel --no-build-isolation --no-deps -w "$OUT/kernel-wheels" ./kernels/selective_scan \
+        ./kernels/dwconv2d > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      python3 -m pip install -q --no-deps --target /tmp/vssm-kern "$OUT"/kernel-wheels/*.whl >> "$OUT/build.log" 2>&1 ;;
+    install)
+      python3 -m pip install -q --no-deps --target /tmp/vssm-kern .kernel-wheels/*.whl > "$OUT/build.log" 2>&1 ;;
+    fuzz)
+      for op in scan-state scan-output dwconv2d state-fusion; do
+        timeout "${FUZZ_TIMEOUT:-330}" python3 tools/fuzz_kernels.py --cases "${FUZZ_CASES:-1000}" --ops $op \
+          --json "$OUT/fuzz-$op.json" > "$OUT/fuzz-$op.log" 2>&1 &
+        background+=($!)
+      done ;;
+    tests)
+      timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider tests/ops/test_selective_scan_cuda.py \
+        tests/ops/test_dwconv2d_cuda.py tests/models/test_spatial_mamba_cuda.py tests/models/test_spectral_vmamba_cuda.py \
+        > "$OUT/tests.log" 2>&1
+      tail -3 "$OUT/tests.log" ;;
+    order)
+      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      timeout "${ORDER_TIMEOUT:-150}" python3 tools/benchmarks/bench_spectral_order.py --sizes 512x512 \
+        --batches 1 2 8 --json "$OUT/order.json" > "$OUT/order.log" 2>&1
+      grep '^{' "$OUT/order.log" ;;
+    ops)
+      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      timeout "${OPS_TIMEOUT:-200}" python3 tools/benchmarks/bench_ops.py ${OPS_ARGS:-} > "$OUT/ops.log" 2>&1
+      tail -60 "$OUT/ops.log" ;;
+    bench)
+      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      timeout "${BENCH_TIMEOUT:-300}" python3 tools/analysis_tools/benchmark.py --json "$OUT/bench.json" \
+        --markdown "$OUT/bench.md" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+      tail -40 "$OUT/bench.log" ;;
+    learn)
+      timeout "${LEARN_TIMEOUT:-400}" python3 tools/benchmarks/learning_runs.py --work-dir /tmp/vssm-learn \
+        ${LEARN_ARGS:-} > "$OUT/learn.log" 2>&1
+      tail -30 "$OUT/learn.log"
+      (cd /tmp/vssm-learn && find . \( -name '*.json' -o -name '*.png' -o -name '*.md' -o -name '*.log' \) \
+        -not -path '*/data/*' | tar czf "$OUT/learn.tar.gz" -T -) ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  echo "step $step: $(( $(date +%s) - start )) s"
+done
+for pid in "${background[@]}"; do wait "$pid"; done
+for f in "$OUT"/fuzz-*.log; do [ -f "$f" ] && { echo "== $f"; tail -8 "$f"; }; done
+# Few files come back from the device: everything but the kernel wheels goes into one archive.
+(cd "$OUT" && find . -maxdepth 1 -type f ! -name '*.tar.gz' -printf '%f\n' | tar czf logs.tar.gz -T - --remove-files)
+exit 0
