@@ -2,7 +2,8 @@
 
 The metafiles follow the OpenMMLab model-index format with paths relative to the repository root (as mmpretrain,
 mmdet and mmseg write them; ``modelindex`` itself resolves README paths relative to the metafile, so its README
-check is replaced here by one against the root).
+check is replaced here by one against the root). The configs in ``<task>/configs/baselines/`` (other libraries'
+backbones, for comparisons) are not part of the model zoo.
 """
 import os
 from collections import Counter
@@ -15,7 +16,7 @@ from models.families import BY_NAME
 
 TASKS = ('classification', 'detection', 'segmentation')
 CONFIGS = sorted(p.relative_to(REPO_ROOT).as_posix() for task in TASKS
-                 for p in (REPO_ROOT / task / 'configs').glob('*/*.py') if p.parent.name != '_base_')
+                 for p in (REPO_ROOT / task / 'configs').glob('*/*.py') if p.parent.name not in ('_base_', 'baselines'))
 METAFILES = sorted(p.relative_to(REPO_ROOT).as_posix() for task in TASKS
                    for p in (REPO_ROOT / task / 'configs').glob('*/metafile.yml'))
 
