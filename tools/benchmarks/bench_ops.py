@@ -1,6 +1,6 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
-    python tools/benchmarks/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--json out.json]
+    python tools/benchmarks/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan fusion dwconv] [--json out.json]
 
 For every case it prints the median time of the forward pass and of forward + backward, the effective bandwidth
 (the minimal bytes the op must move divided by the time) and that bandwidth as a fraction of a device-to-device
@@ -169,6 +169,7 @@ def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: to
 
 
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
+OPS = ('scan', 'fusion', 'dwconv')  # --ops: selective scans, state fusion, dense 11x11 depthwise conv
 
 
 def main() -> None:
@@ -177,11 +178,14 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=128, help='batch of the classification shapes')
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile baseline')
     parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
+    parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
+                        help='which rows: selective scans, state fusion, dense 11x11 depthwise conv')
     parser.add_argument('--json', help='also write the rows here')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('bench_ops.py needs a CUDA device.')
-    if not (scan_kernel_available() and dw_kernel_available()):
+    ops = set(args.ops)
+    if ('scan' in ops and not scan_kernel_available()) or (ops & {'fusion', 'dwconv'} and not dw_kernel_available()):
         raise SystemExit('build the kernels first: see kernels/README.md')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -195,13 +199,19 @@ def main() -> None:
         dtype = DTYPES[dname]
         for i, (h, w) in enumerate(stages):
             d_sm, d_vm = 128 * 2**i, 96 * 2**i  # Spatial-Mamba-T and VMamba-T inner widths
-            bench_scan(table, 'state', bt, d_sm, 1, h * w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h * w}',
-                       not args.no_compile and i == 0)
-            bench_scan(table, 'output', bt, 4 * d_vm, 4, h * w, dtype, f'VM-T s{i + 1} {bt}x4x{d_vm}x{h * w}', False)
-            bench_fusion(table, bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')
-        bench_fusion(table, 2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')
-        bench_scan(table, 'state', 2, 128, 1, 200 * 336, dtype, 'SM-T det s1 2x128x67200', False)
-        bench_dense(table, bt, 128, 56, 56, 11, dtype, f'{bt}x128x56x56')
+            if 'scan' in ops:
+                bench_scan(table, 'state', bt, d_sm, 1, h * w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h * w}',
+                           not args.no_compile and i == 0)
+                bench_scan(table, 'output', bt, 4 * d_vm, 4, h * w, dtype, f'VM-T s{i + 1} {bt}x4x{d_vm}x{h * w}',
+                           False)
+            if 'fusion' in ops:
+                bench_fusion(table, bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')
+        if 'fusion' in ops:
+            bench_fusion(table, 2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')
+        if 'scan' in ops:
+            bench_scan(table, 'state', 2, 128, 1, 200 * 336, dtype, 'SM-T det s1 2x128x67200', False)
+        if 'dwconv' in ops:
+            bench_dense(table, bt, 128, 56, 56, 11, dtype, f'{bt}x128x56x56')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=copy_bw, rows=table.rows), f, indent=1)

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
 
 #include "vssm_cuda.h"
@@ -59,8 +60,9 @@ ConvParams make_params(const at::Tensor &x, const at::Tensor &weight, const TapG
               "vssm_dwconv2d: weight must be (C, taps) = (", x.size(1), ", ", g.taps, "), got ", weight.sizes());
   TORCH_CHECK(x.size(0) <= 65535 && x.size(1) <= 65535, "vssm_dwconv2d: batch and channels must be <= 65535, got ",
               x.sizes());
-  int device_limit = 0;
+  int device_limit = 0, sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()));
   TORCH_CHECK(smem_bytes <= device_limit, "vssm_dwconv2d: a reach of ", g.reach, " pixels needs ", smem_bytes,
               " bytes of shared memory per block, more than this GPU's ", device_limit,
               "; use backend='torch' for such kernels");
@@ -75,9 +77,17 @@ ConvParams make_params(const at::Tensor &x, const at::Tensor &weight, const TapG
   p.replicate = replicate;
   p.fusion = g.count == 3 && g.ksize[0] == 3 && g.ksize[1] == 3 && g.ksize[2] == 3 && g.dilation[0] == 1 &&
              g.dilation[1] == 3 && g.dilation[2] == 5 && !g.skip_center[0] && g.skip_center[1] && g.skip_center[2];
+  p.sm_count = sm_count;
   p.x = x.data_ptr();
   p.weight = weight.data_ptr<float>();
   return p;
+}
+
+// Whether the kernels may read and write rows of these (B, C, H, W) tensors in 16-byte vectors.
+bool vector_rows(std::initializer_list<const at::Tensor *> tensors) {
+  bool ok = true;
+  for (const at::Tensor *t : tensors) ok = ok && vssm::aligned16(*t) && (t->size(3) * t->element_size()) % 16 == 0;
+  return ok;
 }
 
 template <bool kForward>
@@ -103,6 +113,7 @@ at::Tensor dw_fwd(const at::Tensor &x, const at::Tensor &weight, const OptTensor
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   p.out = out.data_ptr();
+  p.vec = vector_rows({&x, &out});
   if (x.numel() > 0) dispatch<true>(p, x.scalar_type());
   return out;
 }
@@ -124,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bwd(const at::Tensor &dout, co
   p.dx = dx.data_ptr();
   p.dweight = dweight.data_ptr<float>();
   p.dbias = need_bias_grad ? dbias.data_ptr<float>() : nullptr;
+  p.vec = vector_rows({&dout, &x, &dx});
   if (x.numel() > 0) dispatch<false>(p, x.scalar_type());
   return {dx, dweight, dbias};
 }

@@ -17,6 +17,7 @@
 namespace vssm_dwconv {
 
 constexpr int kMaxGroups = 3;
+// Tile kernels (tap sets read at run time, the dense 11x11 backward, small planes' backward; see dwconv2d_kernel.cuh):
 constexpr int kTileH = 32, kTileW = 32;                 // output tile of a block
 constexpr int kPy = 8;                                   // each thread computes a column of kPy outputs of it, so a
                                                          // warp reads 32 consecutive floats: no bank conflicts
@@ -37,6 +38,9 @@ struct ConvParams {
   TapGroups groups;
   bool replicate;
   bool fusion;            // the groups are the state fusion's (3, 1), (3, 3, skip), (3, 5, skip)
+  bool vec;               // every (B, C, H, W) tensor of the call starts 16-byte aligned and a row is a multiple of
+                          // 16 bytes: rows can be read in 16-byte vectors
+  int sm_count;           // multiprocessors of the device
   const void *x;          // (B, C, H, W), input dtype
   const float *weight;    // (C, taps) fp32
   const float *bias;      // (C,) fp32 or null
