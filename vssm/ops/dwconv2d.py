@@ -34,7 +34,6 @@ KERNEL_MAX_SIZE = 31
 # The kernel convolves with groups of (kernel size, dilation, skip the centre tap): the state fusion's 25 distinct taps
 # are a dense 3x3 plus the 8 outer taps of the 3x3 kernels dilated by 3 and by 5.
 _FUSION_GROUPS = tuple((3, dil, i > 0) for i, dil in enumerate(FUSION_DILATIONS))
-_OUTER_TAPS = [0, 1, 2, 3, 5, 6, 7, 8]
 
 
 def kernel_available() -> bool:
@@ -210,10 +209,12 @@ def state_fusion(h: Tensor, kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Te
 
 def _fusion_tap_weights(kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Tensor, alpha: Tensor) -> Tensor:
     """The 25 distinct tap weights per channel, (C, 25), in the kernel's order (differentiable, float32)."""
+    # Slices only (no index tensors: an index list would be copied to the device on every call), few launches: the
+    # kernels are fast enough that this host-side preparation shows in the op's time.
     c = kernel_3.shape[0]
-    w0, w1, w2 = (alpha[i].float() * k.float().reshape(c, 9) for i, k in enumerate((kernel_3, kernel_3_1, kernel_3_2)))
-    centre = w0[:, 4:5] + w1[:, 4:5] + w2[:, 4:5]
-    return torch.cat([w0[:, :4], centre, w0[:, 5:], w1[:, _OUTER_TAPS], w2[:, _OUTER_TAPS]], dim=1)
+    w = alpha.float()[:, None, None] * torch.stack([kernel_3, kernel_3_1, kernel_3_2]).float().reshape(3, c, 9)
+    centre = w[:, :, 4:5].sum(dim=0)
+    return torch.cat([w[0, :, :4], centre, w[0, :, 5:], w[1, :, :4], w[1, :, 5:], w[2, :, :4], w[2, :, 5:]], dim=1)
 
 
 def merge_state_fusion_kernels(kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Tensor, alpha: Tensor) -> Tensor:
