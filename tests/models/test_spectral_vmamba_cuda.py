@@ -1,9 +1,11 @@
-"""SpectralVMamba on a GPU: the kernel path against the CPU reference (outputs and gradients), bf16 autocast, the
-iterative eigensolver against the dense one, rotation invariance, and upstream mode."""
+"""SpectralVMamba on a GPU: the kernel path against the reference path (outputs and gradients), the GPU against the
+CPU, bf16 autocast, the iterative eigensolver against the dense one, CUDA-graph replay of the ordering, rotation
+invariance, and upstream mode."""
 import pytest
 import torch
 from conftest import has_kernel
 from fixture_utils import rel_err
+from models.kernel_compare import assert_kernels_match_reference
 
 from vssm.models import SpectralVMamba
 from vssm.models.spectral_vmamba import spectral_order
@@ -22,26 +24,25 @@ def _pair(**kwargs):
     return cpu, gpu
 
 
-def test_cuda_matches_cpu_reference():
+def test_kernels_match_reference_on_gpu():
+    """Kernel path against the reference path, both on the GPU: the orders come from the stage-0 features, which
+    do not depend on the scan backend, so both paths scan the same sequences (outputs and every gradient)."""
+    assert_kernels_match_reference(lambda backend: SpectralVMamba(ARCH, out_indices=(0, 1, 2, 3), ops_backend=backend),
+                                   torch.randn(2, 3, 64, 96, device='cuda'))
+
+
+def test_gpu_matches_cpu():
+    """The same model on the GPU and on the CPU: the orders (L <= 24: the dense eigensolver on both) and outputs."""
     torch.backends.cudnn.allow_tf32 = False  # the RFN's convs
     cpu, gpu = _pair()
     x = torch.randn(2, 3, 64, 96)
-    outs_cpu, orders_cpu = cpu.forward_with_orders(x)
-    proj = [torch.randn(o.shape) for o in outs_cpu]
-    outs_gpu, orders_gpu = gpu.forward_with_orders(x.cuda())
-    for a, b in zip(orders_cpu, orders_gpu):  # L <= 24: the dense eigensolver on both
-        assert (a == b.cpu()).float().mean() > 0.97
-    for a, b in zip(outs_cpu, outs_gpu):
-        assert rel_err(b.cpu(), a) < 2e-3
-    # A random projection of the outputs (sum(o**2) of LayerNorm outputs is nearly constant: its gradient is noise).
-    sum((o * p.cuda()).sum() for o, p in zip(outs_gpu, proj)).backward()
-    sum((o * p).sum() for o, p in zip(outs_cpu, proj)).backward()
-    grads = {n: p.grad for n, p in cpu.named_parameters() if p.grad is not None}
-    scale = max(g.abs().max().item() for g in grads.values())
-    for name, param in gpu.named_parameters():
-        if name in grads:
-            err = (param.grad.cpu() - grads[name]).abs().max().item()
-            assert err <= 5e-2 * max(grads[name].abs().max().item(), 1e-2 * scale), name
+    with torch.no_grad():
+        outs_cpu, orders_cpu = cpu.forward_with_orders(x)
+        outs_gpu, orders_gpu = gpu.forward_with_orders(x.cuda())
+    for stage, (a, b) in enumerate(zip(orders_cpu, orders_gpu)):
+        assert (a == b.cpu()).float().mean() > 0.97, stage
+    for stage, (a, b) in enumerate(zip(outs_cpu, outs_gpu)):
+        assert rel_err(b.cpu(), a) < 2e-3, stage
 
 
 def test_upstream_mode_on_gpu():
@@ -52,10 +53,12 @@ def test_upstream_mode_on_gpu():
     features = torch.nn.functional.avg_pool2d(torch.randn(2, 64, 6, 8), 3, 1, 1)
     _, on_cpu = spectral_order(features, upstream_compat=True, return_details=True)
     order, on_gpu = spectral_order(features.cuda(), upstream_compat=True, return_details=True)
-    torch.testing.assert_close(on_gpu['eigenvalues'].cpu(), on_cpu['eigenvalues'], atol=1e-5, rtol=0)
+    # cdist takes the matrix-product path on both devices (more than 25 tokens), rounded differently: 5e-5.
+    torch.testing.assert_close(on_gpu['eigenvalues'].cpu(), on_cpu['eigenvalues'], atol=5e-5, rtol=0)
     assert torch.equal(order.sort(dim=1).values.cpu(), torch.arange(48)[None, :, None].expand(2, -1, 4))
-    outs = gpu(torch.randn(2, 3, 64, 96, device='cuda'))
-    assert all(torch.isfinite(o).all() for o in outs)
+    with torch.no_grad():
+        outs = gpu(torch.randn(2, 3, 64, 96, device='cuda'))
+    assert all(torch.isfinite(o).all() for o in outs), [torch.isfinite(o).all().item() for o in outs]
 
 
 def test_bf16_autocast_forward_and_backward_are_finite():

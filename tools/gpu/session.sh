@@ -41,7 +41,7 @@ for step in "$@"; do
       done ;;
     tests)
       timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider tests/ops/test_selective_scan_cuda.py \
-        tests/ops/test_dwconv2d_cuda.py tests/models/test_spatial_mamba_cuda.py tests/models/test_spectral_vmamba_cuda.py \
+        tests/ops/test_dwconv2d_cuda.py tests/models/test_spatial_mamba_cuda.py tests/models/test_vmamba_cuda.py tests/models/test_spectral_vmamba_cuda.py \
         > "$OUT/tests.log" 2>&1
       tail -3 "$OUT/tests.log" ;;
     order)

@@ -191,11 +191,11 @@ class ScanCase(_CaseBase):
 
 
 CPU_SCAN = ScanBounds(forms=('state', 'output'), dtypes=('float64', 'float32', 'float16', 'bfloat16'), max_batch=2,
-                      groups=(1, 2, 4), max_channels_per_group=4, d_states=(1, 2, 3, 4, 16),
+                      groups=(1, 2, 4, 8), max_channels_per_group=4, d_states=(1, 2, 3, 4, 16),
                       lengths=(1, 2, 3, 49, 129, 256, 257), max_length=300, max_elements=40_000)
 # Lengths around the kernel's 256-step chunks and the models' L = H*W; N up to the kernel's 16.
 GPU_SCAN = ScanBounds(forms=('state', 'output'), dtypes=('float32', 'float16', 'bfloat16'), max_batch=4,
-                      groups=(1, 2, 4), max_channels_per_group=48, d_states=(1, 2, 3, 4, 5, 8, 16),
+                      groups=(1, 2, 4, 8), max_channels_per_group=48, d_states=(1, 2, 3, 4, 5, 8, 16),
                       lengths=(1, 2, 49, 129, 196, 255, 256, 257, 511, 512, 513, 784, 1023, 3136, 4096, 6000),
                       max_length=6000, max_elements=1 << 24)
 
