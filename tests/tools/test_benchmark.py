@@ -137,3 +137,13 @@ def test_det_and_seg_latency_through_predict(benchmark, tmp_path):
     for row in rows:
         assert row['status'] == 'ok' and row['batch'] == 1 and row['ms_per_image'] > 0, row
     assert 'UPerNet latency, bf16' in (tmp_path / 'bench.md').read_text()
+
+
+def test_profile_lists_the_top_operators(benchmark):
+    """--profile: the top operators of a step with their time per step, share and calls per step."""
+    layer = nn.Linear(64, 64)
+    x = torch.randn(32, 64)
+    ops = benchmark.profile_top_ops(lambda: layer(x).relu().sum(), iters=2, device=torch.device('cpu'), top=3)
+    assert 1 <= len(ops) <= 3 and all(op['ms'] >= 0 and 0 <= op['share'] <= 1 for op in ops)
+    assert any('addmm' in op['name'] or 'linear' in op['name'] for op in ops)
+    assert ops == sorted(ops, key=lambda op: op['ms'], reverse=True)

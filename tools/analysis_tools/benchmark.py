@@ -277,9 +277,30 @@ def _peak_bytes(device: torch.device) -> Optional[int]:
     return torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None
 
 
+def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, top: int = 15) -> List[Dict[str, Any]]:
+    """Where the time of ``step`` goes: torch.profiler over ``iters`` calls, the ``top`` kernels (GPU) or operators
+    (CPU) by self time, each with its time per call of ``step`` (ms), share of the total and count per call."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        _synchronize(device)
+    gpu = device.type == 'cuda'
+    events = [e for e in prof.key_averages() if (e.device_type.name == 'CUDA' if gpu else True)]
+    self_us = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) or 1.0
+    events = sorted(events, key=self_us, reverse=True)[:top]
+    return [dict(name=e.key[:120], ms=self_us(e) / 1e3 / iters, share=self_us(e) / total, calls=e.count / iters)
+            for e in events]
+
+
 def classification_throughput(model: torch.nn.Module, mode: str, batch: int, size: int, warmup: int, iters: int,
-                              device: torch.device) -> Tuple[float, Optional[int]]:
-    """(images/s, peak bytes) of one classification mode, as the module docstring says."""
+                              device: torch.device, profile_iters: int = 0,
+                              profile_into: Optional[Dict[str, Any]] = None) -> Tuple[float, Optional[int]]:
+    """(images/s, peak bytes) of one classification mode, as the module docstring says. With ``profile_iters``,
+    that many more steps run under torch.profiler afterwards and their top kernels go to
+    ``profile_into['profile']``."""
     _reset_peak(device)
     dtype = mode.rsplit('-', 1)[1]
     images = torch.randn(batch, 3, size, size, device=device)
@@ -305,7 +326,10 @@ def classification_throughput(model: torch.nn.Module, mode: str, batch: int, siz
         for _ in range(warmup):
             step()
         seconds = _timed_span(step, iters, device)
-        return batch * iters / seconds, _peak_bytes(device)
+        peak = _peak_bytes(device)
+        if profile_iters > 0 and profile_into is not None:
+            profile_into['profile'] = profile_top_ops(step, profile_iters, device)
+        return batch * iters / seconds, peak
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
@@ -429,6 +453,8 @@ class Benchmark:
     def _add(self, row: Dict[str, Any]) -> None:
         self.rows.append(row)
         print(format_row(row), flush=True)
+        for op in row.get('profile', ()):
+            print(f"    {op['ms']:9.3f} ms {100 * op['share']:5.1f}% {op['calls']:6.1f}x  {op['name']}", flush=True)
 
     def run(self, on_model_done: Callable[[], None]) -> None:
         args = self.args
@@ -459,7 +485,8 @@ class Benchmark:
         rows = [self._row(spec, backend, mode, mode.rsplit('-', 1)[1], batch, size, warmup, iters) for mode in modes]
         self._measure(spec, backend, rows, lambda: build_classifier(spec, backend, self.args.size),
                       lambda model, row: classification_throughput(model, row['mode'], batch, self.args.size,
-                                                                   warmup, iters, self.device))
+                                                                   warmup, iters, self.device,
+                                                                   self.args.profile, row))
 
     def _latency(self, spec: ModelSpec, backend: str, mode: str) -> None:
         task = mode.split('-')[0]
@@ -648,6 +675,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='TF32 for fp32 matmuls and cuDNN convolutions (default: on)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='torch device (default: cuda when there is one, else cpu)')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='after timing each classification mode, profile N more steps with torch.profiler and '
+                        'print the top 15 kernels (their time per step and share; also in the JSON rows)')
     parser.add_argument('--json', metavar='PATH', help='write the settings and all rows as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='write Markdown tables (for docs/benchmarks.md)')
     args = parser.parse_args(argv)
@@ -657,7 +687,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ('batch', 'size', 'iters', 'torch_batch', 'torch_iters', 'seg_size'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
-    for name in ('warmup', 'torch_warmup'):
+    for name in ('warmup', 'torch_warmup', 'profile'):
         if getattr(args, name) < 0:
             parser.error(f'--{name.replace("_", "-")} must be at least 0, got {getattr(args, name)}')
     return args
