@@ -4,7 +4,7 @@
                                  [--json out.json] [--dry-run]
 
 For each op, ``--cases`` random cases are drawn from :mod:`vssm.ops.fuzz` (its GPU bounds: L up to 6000 with the
-models' and the 256-step chunk boundaries' lengths such as 1, 49, 129, 255-257, 3136; N up to 16; K = 1, 2 or 4
+models' and the 256-step chunk boundaries' lengths such as 1, 49, 129, 255-257, 3136; N up to 16; K = 1, 2, 4 or 8
 groups of B/C; depthwise kernels 1..31 with dilations, zero and replicate padding, planes from 1x1 across the 32x32
 tiles; every flag combination; fp32, fp16 and bf16; contiguous, transposed, sliced, stride-0 and channels-last
 inputs). Each case runs forward and backward on the kernel (``backend='cuda'``) and on the reference
