@@ -157,7 +157,8 @@ class StructureAwareSSM(nn.Module):
         states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
                                 backend=self.backend)  # (B, D, 1, L), float32
         states = self.state_fusion(states.view(b, -1, h, w)).flatten(2)  # (B, D, L)
-        y = states * C.float() + self.Ds.float()[:, None] * u.float()  # (B, D, L)
+        # Ds (fp32) * u promotes to fp32 without saving an fp32 copy of u for the backward (1.2 GiB at batch 128).
+        y = states * C.float() + self.Ds.float()[:, None] * u  # (B, D, L), float32
         y = self.out_norm(y.transpose(1, 2).reshape(b, h, w, -1).to(z.dtype))
         return self.out_proj(y * F.silu(z))
 
