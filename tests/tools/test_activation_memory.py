@@ -23,9 +23,11 @@ def tool() -> ModuleType:
 
 def _classifier(backbone: dict, width: int) -> torch.nn.Module:
     import vssm  # noqa: F401  (registers the backbones)
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
-    return MODELS.build(dict(type='ImageClassifier', backbone=backbone, neck=dict(type='GlobalAveragePooling'),
-                             head=dict(type='LinearClsHead', num_classes=10, in_channels=width)))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # other tests may leave mmdet's or mmseg's scope
+        return MODELS.build(dict(type='ImageClassifier', backbone=backbone, neck=dict(type='GlobalAveragePooling'),
+                                 head=dict(type='LinearClsHead', num_classes=10, in_channels=width)))
 
 
 def _spatial_mamba() -> torch.nn.Module:
