@@ -1,6 +1,8 @@
 """Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path."""
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -8,6 +10,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # fixture_utils
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(relative: str) -> ModuleType:
+    """A script of the repository (tools/ is no package) imported by path, e.g. ``load_tool('tools/train.py')``."""
+    path = REPO_ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # (rtol, atol) per dtype for kernel-vs-reference comparisons; gradients use GRAD_TOLERANCES.
 TOLERANCES = {

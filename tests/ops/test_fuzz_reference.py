@@ -8,7 +8,6 @@ keeps a run from replaying the failures of earlier ones. Also here: the fuzz mod
 space, and ``tools/fuzz_kernels.py`` on the CPU (its dry run and its comparison harness).
 """
 import dataclasses
-import importlib.util
 import itertools
 import json
 from functools import partial
@@ -17,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple, TypeVar, Union
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT
+from conftest import load_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ops.test_dwconv2d_ref import naive_dwconv
@@ -336,10 +335,7 @@ def test_cases_and_values_are_reproducible():
 @pytest.fixture(scope='module')
 def fuzz_kernels():
     """tools/fuzz_kernels.py as a module (tools/ is no package)."""
-    spec = importlib.util.spec_from_file_location('fuzz_kernels', REPO_ROOT / 'tools' / 'fuzz_kernels.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/fuzz_kernels.py')
 
 
 def test_fuzz_kernels_dry_run_lists_the_cases(fuzz_kernels, capsys, tmp_path):

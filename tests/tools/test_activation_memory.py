@@ -1,24 +1,19 @@
 """tools/analysis_tools/activation_memory.py on tiny classifiers: the report's sums agree, scaling is linear, and the
 fake-CUDA kernel path records what the kernels' autograd saves."""
 import importlib
-import importlib.util
 import json
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 
 BATCH, CHECK_BATCH, SCALE_BATCH, SIZE = 2, 4, 16, 64
 
 
 @pytest.fixture(scope='module')
 def tool() -> ModuleType:
-    path = REPO_ROOT / 'tools/analysis_tools/activation_memory.py'
-    spec = importlib.util.spec_from_file_location('activation_memory_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/analysis_tools/activation_memory.py')
 
 
 def _classifier(backbone: dict, width: int) -> torch.nn.Module:

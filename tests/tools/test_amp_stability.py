@@ -1,7 +1,6 @@
 """tools/benchmarks/amp_stability.py: the synthetic batches, the scan dtype probe, the skipped-step accounting and the
 verdicts on a CPU, and (slow) a whole bf16 run of VMamba-T's Mask R-CNN and UPerNet at tiny sizes for 2 iterations."""
 import importlib
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,17 +9,13 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 
 
 @pytest.fixture(scope='module')
 def tool() -> ModuleType:
     import vssm  # noqa: F401  (registers the backbones before mmdet/mmseg are imported)
-    path = REPO_ROOT / 'tools' / 'benchmarks' / 'amp_stability.py'
-    spec = importlib.util.spec_from_file_location('amp_stability', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/benchmarks/amp_stability.py')
 
 
 def test_every_config_exists(tool):

@@ -1,5 +1,4 @@
 """tools/analysis_tools/erf.py, tools/analysis_tools/plot_curves.py and tools/misc/print_config.py."""
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -7,7 +6,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 from mmengine.config import Config
 from PIL import Image
 from torch import nn
@@ -24,11 +23,7 @@ TINY_ARCHS = {  # family -> (a config of that family, a small arch)
 
 
 def _tool(relative: str) -> ModuleType:
-    path = REPO_ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(relative)
 
 
 @pytest.fixture(scope='module')

@@ -1,11 +1,10 @@
 """tools/analysis_tools/benchmark.py on a CPU with tiny settings (the numbers mean nothing here; the plumbing does)."""
-import importlib.util
 import json
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import load_tool
 from torch import nn
 
 TINY = ['--batch', '2', '--size', '64', '--warmup', '1', '--iters', '1', '--torch-warmup', '1', '--torch-iters', '1',
@@ -14,11 +13,7 @@ TINY = ['--batch', '2', '--size', '64', '--warmup', '1', '--iters', '1', '--torc
 
 @pytest.fixture(scope='module')
 def benchmark() -> ModuleType:
-    path = REPO_ROOT / 'tools/analysis_tools/benchmark.py'
-    spec = importlib.util.spec_from_file_location('benchmark_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/analysis_tools/benchmark.py')
 
 
 def test_help_states_the_protocol(benchmark, capsys):

@@ -5,13 +5,12 @@ checking a whole T model at 224 px takes 1-2 minutes per family on 2 CPU cores, 
 Outputs are compared relative to their largest magnitude: max |onnx - torch| <= TOLERANCE * max |torch| (fp32;
 measured 2e-7 to 2e-6).
 """
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -32,10 +31,7 @@ SMALL_CLASSIFIER = [*SMALL_ARCH, 'model.head.in_channels=64']
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location('export_onnx', REPO_ROOT / 'tools' / 'deployment' / 'export_onnx.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/deployment/export_onnx.py')
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,5 @@
 """tools/benchmarks/learning_runs.py: the options it passes to the launchers, the baseline verdicts, and (slow) a
 whole run of the Swin-T baseline on every task for 2 iterations producing the summary, the table and the loss PNGs."""
-import importlib.util
 import json
 import math
 import os
@@ -10,15 +9,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 
 
 def _load_tool() -> ModuleType:
-    path = REPO_ROOT / 'tools' / 'benchmarks' / 'learning_runs.py'
-    spec = importlib.util.spec_from_file_location('learning_runs', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/benchmarks/learning_runs.py')
 
 
 tool = _load_tool()

@@ -1,6 +1,5 @@
 """Tests for tools/make_demo_data.py: determinism, skipping, layouts, and loading through the OpenMMLab datasets."""
 import hashlib
-import importlib.util
 import time
 from pathlib import Path
 from types import ModuleType
@@ -15,15 +14,10 @@ from mmpretrain.datasets import CustomDataset
 from mmseg.datasets import BaseSegDataset
 from mmseg.datasets.transforms import LoadAnnotations
 from pycocotools.coco import COCO
-
-SCRIPT = Path(__file__).resolve().parents[2] / 'tools' / 'make_demo_data.py'
-
+from conftest import load_tool
 
 def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location('make_demo_data', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/make_demo_data.py')
 
 
 tool = _load_tool()

@@ -1,11 +1,10 @@
 """tools/analysis_tools/visualize_scan_order.py: a PNG of the orders on an image and its rotations; checkpoints."""
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import load_tool
 from PIL import Image
 
 from vssm.models import SpectralVMamba
@@ -14,11 +13,7 @@ ARCH = dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1])
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        'visualize_scan_order', REPO_ROOT / 'tools' / 'analysis_tools' / 'visualize_scan_order.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('tools/analysis_tools/visualize_scan_order.py')
 
 
 @pytest.fixture
