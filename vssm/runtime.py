@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 
-__all__ = ['load_config', 'apply_demo_override', 'prepare_for_device', 'register_safe_globals', 'add_common_args',
+__all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'register_safe_globals', 'add_common_args',
            'setup_run', 'build_runner', 'check_data_paths', 'finish_distributed', 'is_main_process', 'DEMO_OVERRIDES']
 
 DEMO_OVERRIDES = {
@@ -31,8 +31,8 @@ DEMO_OVERRIDES = {
 def apply_demo_override(cfg: Config, repo_root: Path) -> str:
     """Merge the task's demo override (chosen by ``default_scope``) into ``cfg``; return its path.
 
-    The demo loads no pretrained weights: the override clears the backbone's ``init_cfg``, and any other
-    ``*_pretrained`` argument of the backbone (e.g. SpectralVMamba's ``rfn_pretrained``) is set to None here.
+    The demo loads no pretrained weights: the override clears the backbone's ``init_cfg``, and
+    :func:`clear_pretrained` every other Pretrained ``init_cfg`` and ``*_pretrained`` argument of the model.
     """
     scope = cfg.get('default_scope')
     if scope not in DEMO_OVERRIDES:
@@ -40,10 +40,27 @@ def apply_demo_override(cfg: Config, repo_root: Path) -> str:
     path = Path(repo_root) / DEMO_OVERRIDES[scope]
     override = Config.fromfile(str(path))
     cfg.merge_from_dict(override.to_dict(), allow_list_keys=False)
-    backbone = cfg.model.get('backbone') or {}
-    for key in [k for k in backbone if k.endswith('_pretrained')]:
-        backbone[key] = None
+    clear_pretrained(cfg.model)
     return str(path)
+
+
+def clear_pretrained(node: Any) -> None:
+    """Clear, in place, every way a model config could load weights: ``init_cfg`` of type Pretrained (alone or in a
+    list), ``pretrained`` and ``*_pretrained`` arguments (e.g. SpectralVMamba's ``rfn_pretrained``). Initializers of
+    other types stay."""
+    if isinstance(node, dict):
+        for key in list(node):
+            value = node[key]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if key == 'init_cfg' and any(isinstance(i, dict) and i.get('type') == 'Pretrained' for i in items):
+                node[key] = None
+            elif key == 'pretrained' or key.endswith('_pretrained'):
+                node[key] = None
+            else:
+                clear_pretrained(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            clear_pretrained(value)
 
 
 def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,

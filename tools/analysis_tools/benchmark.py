@@ -166,39 +166,18 @@ def _config_file(path: str) -> Path:
     return REPO_ROOT / path
 
 
-def _strip_pretrained(node: Any) -> None:
-    """Clear every way a model config could load weights: ``init_cfg`` Pretrained, ``pretrained``, ``*_pretrained``."""
-    if isinstance(node, dict):
-        for key in list(node):
-            value = node[key]
-            if key == 'init_cfg' and _is_pretrained_init(value):
-                node[key] = None
-            elif key == 'pretrained' or key.endswith('_pretrained'):
-                node[key] = None
-            else:
-                _strip_pretrained(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _strip_pretrained(value)
-
-
-def _is_pretrained_init(init_cfg: Any) -> bool:
-    items = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
-    return any(isinstance(item, dict) and item.get('type') == 'Pretrained' for item in items)
-
-
 def _load_model_config(path: str):
     """The ``model`` dict of a config (and its scope), with SyncBN as BN on a CPU and no pretrained weights."""
     from mmengine.config import Config
 
-    from vssm.runtime import prepare_for_device
+    from vssm.runtime import clear_pretrained, prepare_for_device
     file = _config_file(path)
     if not file.is_file():
         raise FileNotFoundError(f'config {path!r} not found (looked at {file}).')
     cfg = Config.fromfile(str(file))
     prepare_for_device(cfg, 'none')
     model_cfg = cfg.model
-    _strip_pretrained(model_cfg)
+    clear_pretrained(model_cfg)
     return model_cfg, cfg.get('default_scope', 'mmpretrain')
 
 

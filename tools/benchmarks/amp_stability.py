@@ -163,34 +163,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # --- building ----------------------------------------------------------------------------------------------------
-def _clear_pretrained(node: Any) -> None:
-    """Clear every way a model config could load weights: ``init_cfg`` Pretrained, ``pretrained``, ``*_pretrained``."""
-    if isinstance(node, dict):
-        for key in list(node):
-            value = node[key]
-            items = value if isinstance(value, (list, tuple)) else [value]
-            if key == 'init_cfg' and any(isinstance(i, dict) and i.get('type') == 'Pretrained' for i in items):
-                node[key] = None
-            elif key == 'pretrained' or key.endswith('_pretrained'):
-                node[key] = None
-            else:
-                _clear_pretrained(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _clear_pretrained(value)
-
-
 def load_config(path: str, backend: Optional[str]):
     """The config with no pretrained weights, SyncBN as BN on a CPU, and the ops backend set."""
     from mmengine.config import Config
 
-    from vssm.runtime import prepare_for_device
+    from vssm.runtime import clear_pretrained, prepare_for_device
     file = REPO_ROOT / path
     if not file.is_file():
         raise FileNotFoundError(f'config {path!r} not found (looked at {file}).')
     cfg = Config.fromfile(str(file))
     prepare_for_device(cfg, 'none')
-    _clear_pretrained(cfg.model)
+    clear_pretrained(cfg.model)
     if backend is not None:
         cfg.model.backbone.ops_backend = backend
     return cfg
