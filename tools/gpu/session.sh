@@ -8,8 +8,10 @@
 #   build   pip-build both kernels into /tmp/vssm-kern and keep their wheels in $OUT/kernel-wheels (reused by a later
 #           call when .kernel-wheels/ holds wheels built from the same sources: "install" step)
 #   install install prebuilt kernel wheels from .kernel-wheels/ instead of building
-#   tests   the GPU tests (tests/ops/*_cuda.py, tests/models/*_cuda.py)
-#   fuzz    tools/fuzz_kernels.py --cases $FUZZ_CASES (default 1000), one process per op, in parallel with "tests"
+#   tests   the GPU tests (tests/ops/*_cuda.py, tests/models/*_cuda.py, or $TESTS); TESTS_BG=1 runs them in the
+#           background (with the next steps; the end of the script waits for them)
+#   fuzz    tools/fuzz_kernels.py --cases $FUZZ_CASES (default 1000), one process per op ($FUZZ_OPS: all four),
+#           in the background
 #   order   tools/benchmarks/bench_spectral_order.py at 512x512 (after tests/fuzz: timings need a quiet GPU)
 #   ops     tools/benchmarks/bench_ops.py ($OPS_ARGS)
 #   bench   tools/analysis_tools/benchmark.py ($BENCH_ARGS)
@@ -34,16 +36,19 @@ for step in "$@"; do
     install)
       python3 -m pip install -q --no-deps --target /tmp/vssm-kern .kernel-wheels/*.whl > "$OUT/build.log" 2>&1 ;;
     fuzz)
-      for op in scan-state scan-output dwconv2d state-fusion; do
+      for op in ${FUZZ_OPS:-scan-state scan-output dwconv2d state-fusion}; do
         timeout "${FUZZ_TIMEOUT:-330}" python3 tools/fuzz_kernels.py --cases "${FUZZ_CASES:-1000}" --ops $op \
           --json "$OUT/fuzz-$op.json" > "$OUT/fuzz-$op.log" 2>&1 &
         background+=($!)
       done ;;
     tests)
-      timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider tests/ops/test_selective_scan_cuda.py \
-        tests/ops/test_dwconv2d_cuda.py tests/models/test_spatial_mamba_cuda.py tests/models/test_vmamba_cuda.py tests/models/test_spectral_vmamba_cuda.py \
-        > "$OUT/tests.log" 2>&1
-      tail -3 "$OUT/tests.log" ;;
+      run_tests() {
+        timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider -rfE ${TESTS:-tests/ops/test_selective_scan_cuda.py \
+          tests/ops/test_dwconv2d_cuda.py tests/models/test_spatial_mamba_cuda.py tests/models/test_vmamba_cuda.py \
+          tests/models/test_spectral_vmamba_cuda.py} > "$OUT/tests.log" 2>&1
+        echo "== tests"; tail -15 "$OUT/tests.log"
+      }
+      if [ "${TESTS_BG:-0}" = 1 ]; then run_tests & background+=($!); else run_tests; fi ;;
     order)
       for pid in "${background[@]}"; do wait "$pid"; done; background=()
       timeout "${ORDER_TIMEOUT:-150}" python3 tools/benchmarks/bench_spectral_order.py --sizes 512x512 \
