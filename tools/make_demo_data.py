@@ -9,7 +9,10 @@ The same seed always gives byte-identical files. One call writes three standard 
 Shapes are filled polygons (circles are 32-gons) of the classes ``circle``, ``square``, ``triangle`` and ``cross``,
 sized by the diameter of their circumscribed circle, in a colour that contrasts with a noisy gradient background.
 
-A stamp file ``<out>/.complete`` (generator version, seed, counts) is written last, so a second call returns at
+``--scale N`` multiplies every split's image count by N (the learning check on the GPU machine uses more data than
+the CPU demo: ``tools/benchmarks/learning_runs.py``).
+
+A stamp file ``<out>/.complete`` (generator version, seed, scale, counts) is written last, so a second call returns at
 once and an interrupted run is regenerated the next time. Usage::
 
     python tools/make_demo_data.py                      # writes data/demo
@@ -177,7 +180,7 @@ def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=1) + '\n')
 
 
-def _make_classification(root: Path, seed: int) -> Dict[str, int]:
+def _make_classification(root: Path, seed: int, scale: int = 1) -> Dict[str, int]:
     """ImageNet-style folders ``<split>/<class>/<class>_<i>.JPEG`` with ``meta/<split>.txt`` and ``classes.txt``."""
     names = sorted(CLASSES)  # mmpretrain's CustomDataset labels folders in sorted order
     counts = {}
@@ -185,7 +188,7 @@ def _make_classification(root: Path, seed: int) -> Dict[str, int]:
         rng = np.random.default_rng([seed, 0, split_idx])
         lines = []
         for label, kind in enumerate(names):
-            for i in range(per_class):
+            for i in range(per_class * scale):
                 image, bg_mean = _background(rng, CLS_SIZE, CLS_SIZE)
                 radius = rng.uniform(0.5, 0.9) * CLS_SIZE / 2
                 jitter = min(CLS_SIZE / 8, CLS_SIZE / 2 - 1 - radius)
@@ -208,7 +211,7 @@ def _polygon_area(polygon: np.ndarray) -> float:
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
 
 
-def _make_coco(root: Path, seed: int) -> Dict[str, int]:
+def _make_coco(root: Path, seed: int, scale: int = 1) -> Dict[str, int]:
     """COCO ``<split>/<id:012d>.jpg`` and ``annotations/instances_<split>.json``; ids are unique across splits."""
     width, height = DET_SIZE
     categories = [dict(id=i + 1, name=name, supercategory='shape') for i, name in enumerate(CLASSES)]
@@ -217,7 +220,7 @@ def _make_coco(root: Path, seed: int) -> Dict[str, int]:
     for split_idx, (split, num_images) in enumerate(DET_IMAGES.items()):
         rng = np.random.default_rng([seed, 1, split_idx])
         images, annotations = [], []
-        for _ in range(num_images):
+        for _ in range(num_images * scale):
             image_id += 1
             image, shapes = _scene(rng, width, height, (1, 3), (24, 64))
             file_name = f'{image_id:012d}.jpg'
@@ -233,12 +236,12 @@ def _make_coco(root: Path, seed: int) -> Dict[str, int]:
         coco = dict(info=dict(description='vssm synthetic shapes demo data', version=str(GENERATOR_VERSION)),
                     licenses=[], images=images, annotations=annotations, categories=categories)
         _write_json(root / 'annotations' / f'instances_{split}.json', coco)
-        counts[f'coco/{split}'] = num_images
+        counts[f'coco/{split}'] = num_images * scale
         counts[f'coco/instances_{split}'] = len(annotations)
     return counts
 
 
-def _make_ade(root: Path, seed: int) -> Dict[str, int]:
+def _make_ade(root: Path, seed: int, scale: int = 1) -> Dict[str, int]:
     """ADE20K-style ``images/<split>/<name>.jpg`` and ``annotations/<split>/<name>.png`` label maps.
 
     Labels: 0 ignore (a 1 px ring on each shape's boundary), 1 background, 2..5 the ``CLASSES`` in order.
@@ -247,7 +250,7 @@ def _make_ade(root: Path, seed: int) -> Dict[str, int]:
     counts = {}
     for split_idx, (split, num_images) in enumerate(SEG_IMAGES.items()):
         rng = np.random.default_rng([seed, 2, split_idx])
-        for i in range(num_images):
+        for i in range(num_images * scale):
             image, shapes = _scene(rng, width, height, (2, 4), (28, 56))
             label = np.full((height, width), SEG_BACKGROUND, dtype=np.uint8)
             for kind, polygon in shapes:
@@ -256,7 +259,7 @@ def _make_ade(root: Path, seed: int) -> Dict[str, int]:
             name = f'{ADE_PREFIX[split]}_{i + 1:08d}'
             _write_image(root / 'images' / split / f'{name}.jpg', image, JPEG_PARAMS)
             _write_image(root / 'annotations' / split / f'{name}.png', label)
-        counts[f'ade/{split}'] = num_images
+        counts[f'ade/{split}'] = num_images * scale
     return counts
 
 
@@ -286,13 +289,14 @@ def _claim_output(out: Path, force: bool) -> None:
         shutil.rmtree(out / name)
 
 
-def make_demo_data(out: str, seed: int = 0, force: bool = False) -> dict:
+def make_demo_data(out: str, seed: int = 0, force: bool = False, scale: int = 1) -> dict:
     """Write the classification, COCO and ADE20K-style demo sets under ``out``, unless already complete.
 
     Args:
         out: Output root; it receives ``imagenet/``, ``coco/`` and ``ade/ADEChallengeData2016/``.
         seed: Non-negative random seed; the same seed gives byte-identical files.
         force: Regenerate even if ``out`` is complete (deletes and rewrites the three task folders).
+        scale: Positive multiplier of every split's image count (1: the CPU demo's sizes).
 
     Returns:
         ``dict(out=<out>, seed=<seed>, skipped=<True if nothing was written>, counts={<split>: <count>})``,
@@ -300,25 +304,28 @@ def make_demo_data(out: str, seed: int = 0, force: bool = False) -> dict:
         (``'coco/instances_val2017'``).
 
     Raises:
-        ValueError: If ``seed`` is negative.
+        ValueError: If ``seed`` is negative or ``scale`` is not positive.
         FileExistsError: If ``out`` holds task folders that this tool did not write and ``force`` is False.
     """
     if seed < 0:
         raise ValueError(f'seed must be a non-negative integer, got {seed}')
+    if scale < 1:
+        raise ValueError(f'scale must be a positive integer, got {scale}')
     root = Path(out)
     stamp = _read_stamp(root)
     if (not force and stamp is not None and stamp.get('generator_version') == GENERATOR_VERSION
-            and stamp.get('seed') == seed):
+            and stamp.get('seed') == seed and stamp.get('scale', 1) == scale):
         return dict(out=str(root), seed=seed, skipped=True, counts=stamp['counts'])
 
     _claim_output(root, force)
     counts = {}
-    counts.update(_make_classification(root / 'imagenet', seed))
-    counts.update(_make_coco(root / 'coco', seed))
-    counts.update(_make_ade(root / 'ade' / 'ADEChallengeData2016', seed))
+    counts.update(_make_classification(root / 'imagenet', seed, scale))
+    counts.update(_make_coco(root / 'coco', seed, scale))
+    counts.update(_make_ade(root / 'ade' / 'ADEChallengeData2016', seed, scale))
 
     tmp = root / f'{STAMP_NAME}.tmp'
-    tmp.write_text(json.dumps(dict(generator_version=GENERATOR_VERSION, seed=seed, counts=counts), indent=1) + '\n')
+    stamp = dict(generator_version=GENERATOR_VERSION, seed=seed, scale=scale, counts=counts)
+    tmp.write_text(json.dumps(stamp, indent=1) + '\n')
     os.replace(tmp, root / STAMP_NAME)  # the stamp appears last and atomically
     (root / PARTIAL_NAME).unlink()
     return dict(out=str(root), seed=seed, skipped=False, counts=counts)
@@ -330,12 +337,13 @@ def main() -> None:
                                      'COCO instance segmentation, ADE20K-style semantic segmentation).')
     parser.add_argument('--out', default='data/demo', help='output root (default: data/demo)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
+    parser.add_argument('--scale', type=int, default=1, help="multiply every split's image count (default: 1)")
     parser.add_argument('--force', action='store_true',
                         help='regenerate even if the output is complete; deletes <out>/{imagenet,coco,ade}')
     args = parser.parse_args()
 
     start = time.perf_counter()
-    result = make_demo_data(args.out, seed=args.seed, force=args.force)
+    result = make_demo_data(args.out, seed=args.seed, force=args.force, scale=args.scale)
     elapsed = time.perf_counter() - start
     action = 'already complete, skipped' if result['skipped'] else f'generated in {elapsed:.1f} s'
     print(f'demo data (seed {result["seed"]}) in {Path(result["out"]).resolve()}: {action}')

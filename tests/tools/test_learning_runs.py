@@ -31,14 +31,15 @@ def test_every_config_exists():
 
 
 def test_schedule_is_the_demo_recipe_stretched_to_the_budget():
-    options = _options(tool.schedule_options(300, log_interval=5, seed=3))
+    options = _options(tool.schedule_options(300, log_interval=5, seed=3, batch=16, lr=2e-4))
     assert options['train_cfg.max_iters'] == options['param_scheduler.1.end'] == '300'
     assert options['param_scheduler.0.end'] == options['param_scheduler.1.begin'] == '10'
     assert options['default_hooks.checkpoint.interval'] == '300'
     assert options['default_hooks.checkpoint.save_optimizer'] == 'False'
     assert options['val_dataloader'] == options['val_cfg'] == options['val_evaluator'] == 'None'  # the test measures
     assert options['default_hooks.logger.interval'] == '5' and options['randomness.seed'] == '3'
-    short = _options(tool.schedule_options(2, log_interval=5, seed=0))  # warm-up and logging fit in 2 iterations
+    assert options['train_dataloader.batch_size'] == '16' and options['optim_wrapper.optimizer.lr'] == '0.0002'
+    short = _options(tool.schedule_options(2, log_interval=5, seed=0, batch=2, lr=1e-4))  # warm-up and logging fit in 2 iterations
     assert short['param_scheduler.0.end'] == '1' and short['param_scheduler.1.end'] == '2'
     assert short['default_hooks.logger.interval'] == '2'
 
@@ -60,16 +61,21 @@ def test_dry_run_prints_one_train_and_one_test_command_per_run(tmp_path, capsys)
     assert all(line.startswith('tools/dist_train.sh') for line in lines[::2])
     assert all(line.startswith('tools/dist_test.sh') and '--tta' in line for line in lines[1::2])
     assert 'train_cfg.max_iters=7' in lines[0] and ' 1 --demo ' in lines[0]
+    seg = tool.TASKS['seg']
+    assert f'train_dataloader.batch_size={seg.default_batch}' in lines[0]
+    assert f'optim_wrapper.optimizer.lr={seg.default_lr}' in lines[0]
     assert not (tmp_path / 'data').exists()
 
 
-def test_bad_budget_is_refused():
+@pytest.mark.parametrize('option', [['--det-iters', '0'], ['--cls-batch', '0'], ['--seg-lr', '0'],
+                                    ['--data-scale', '0']])
+def test_bad_budget_is_refused(option):
     with pytest.raises(SystemExit):
-        tool.parse_args(['--work-dir', 'x', '--det-iters', '0'])
+        tool.parse_args(['--work-dir', 'x', *option])
 
 
 def _job(task, backbone, metrics):
-    job = tool.Job(task, backbone, tool.TASKS[task].configs[backbone], 2, Path('.'))
+    job = tool.Job(task, backbone, tool.TASKS[task].configs[backbone], 2, 2, 1e-4, Path('.'))
     job.metrics = metrics
     return job
 
@@ -93,7 +99,8 @@ def test_baseline_on_every_task_writes_summary_table_and_loss_curves(tmp_path):
     env.pop('PORT', None)
     result = subprocess.run(
         [sys.executable, 'tools/benchmarks/learning_runs.py', '--work-dir', str(work_dir), '--backbones', 'swin-t',
-         '--cls-iters', '2', '--det-iters', '2', '--seg-iters', '2', '--parallel', '3'],
+         '--cls-iters', '2', '--det-iters', '2', '--seg-iters', '2', '--parallel', '3', '--data-scale', '2',
+         '--cls-batch', '8', '--seg-batch', '2'],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
@@ -106,6 +113,8 @@ def test_baseline_on_every_task_writes_summary_table_and_loss_curves(tmp_path):
         assert (Path(run['work_dir']) / 'train.log').is_file() and (Path(run['work_dir']) / 'test.log').is_file()
         assert not list(Path(run['work_dir']).rglob('*.pth'))  # deleted after the test
     for task, info in summary['tasks'].items():
-        assert info['iters'] == 2 and Path(info['loss_curve']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        assert info['iters'] == 2 and info['batch'] == {'cls': 8, 'det': 2, 'seg': 2}[task]
+        assert Path(info['loss_curve']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert summary['data_scale'] == 2
     table = (work_dir / 'summary.md').read_text()
     assert '| swin-t |' in table and 'mIoU (%)' in table and 'bbox mAP' in table

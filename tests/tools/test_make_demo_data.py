@@ -73,7 +73,7 @@ def test_force_and_other_seed_regenerate(demo: Path, tmp_path: Path) -> None:
 def test_interrupted_run_is_regenerated(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / 'demo'
 
-    def interrupt(root: Path, seed: int) -> Dict[str, int]:
+    def interrupt(*args) -> Dict[str, int]:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
@@ -101,6 +101,25 @@ def test_refuses_folders_it_did_not_write(tmp_path: Path) -> None:
 def test_negative_seed_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match='non-negative'):
         tool.make_demo_data(str(tmp_path), seed=-1)
+
+
+def test_scale_multiplies_every_split_and_regenerates(demo: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match='scale must be a positive integer'):
+        tool.make_demo_data(str(tmp_path), seed=0, scale=0)
+    base = tool.make_demo_data(str(demo), seed=0)
+    assert base['skipped']
+    scaled = tool.make_demo_data(str(tmp_path), seed=0, scale=2)
+    assert not scaled['skipped']
+    assert scaled['counts'].keys() == base['counts'].keys()
+    for key, count in base['counts'].items():
+        if '/instances_' in key:  # the shapes per image are random
+            assert scaled['counts'][key] > count, key
+        else:
+            assert scaled['counts'][key] == 2 * count, key
+    assert len(list((tmp_path / ADE_ROOT / 'images' / 'training').glob('*.jpg'))) == 2 * tool.SEG_IMAGES['training']
+    assert tool.make_demo_data(str(tmp_path), seed=0, scale=2)['skipped']
+    assert not tool.make_demo_data(str(tmp_path), seed=0)['skipped']  # another scale regenerates
+    assert _file_hashes(tmp_path) == _file_hashes(demo)
 
 
 def test_counts_and_layout(demo: Path) -> None:

@@ -3,17 +3,24 @@ task, test the last checkpoints, and compare the metrics (top-1, bbox/segm mAP, 
 
     python tools/benchmarks/learning_runs.py --work-dir /tmp/learning [--parallel 4]
         [--tasks cls det seg] [--backbones spatial-mamba-t vmamba-t spectral-vmamba-t swin-t]
-        [--cls-iters 400] [--det-iters 250] [--seg-iters 300] [--seed 0] [--gpus 1] [--tta] [--keep-checkpoints]
+        [--cls-iters 500] [--det-iters 250] [--seg-iters 300] [--cls-batch 64] [--det-batch 2] [--seg-batch 8]
+        [--cls-lr 5e-4] [--det-lr 1e-4] [--seg-lr 1.2e-4] [--data-scale 10] [--seed 0] [--gpus 1] [--tta]
+        [--keep-checkpoints]
 
 The default budgets are meant to end each task's four runs in about 2-2.5 minutes with ``--parallel 4`` on one H200
 (an estimate from CPU timings, not a measurement; change them with ``--<task>-iters``).
 
 Steps:
 
-1. ``tools/make_demo_data.py --out WORK_DIR/data`` (skipped when already complete).
+1. ``tools/make_demo_data.py --out WORK_DIR/data --scale DATA_SCALE`` (skipped when already complete): the demo
+   data with ``--data-scale`` times as many images per split (default 10: 4,000 / 1,000 classification images, 240 /
+   80 COCO and ADE20K images). At the CPU demo's size (24 segmentation training images, 8 test images) the runs
+   measure memorization and the test metrics are noise.
 2. For every task and backbone: ``tools/dist_train.sh CONFIG GPUS --demo`` with the data roots pointed at
    ``WORK_DIR/data`` and the same schedule for every backbone of a task: ``--<task>-iters`` iterations of the demo
-   recipe (its warm-up of 10 iterations, then its cosine / poly decay stretched to the new length), the loss logged
+   recipe (its warm-up of 10 iterations, then its cosine / poly decay stretched to the new length) at
+   ``--<task>-batch`` images per GPU and the AdamW learning rate ``--<task>-lr`` (the CPU demo's classification
+   recipe, 1e-3 at batch 8, keeps every backbone, Swin-T included, at chance level), the loss logged
    every ``--log-interval`` iterations, the same ``--seed``, and one checkpoint (weights only) at the end; no
    validation during training, since the test of that checkpoint measures the same thing. Then
    ``tools/dist_test.sh`` on it (``--tta``: flip for classification, multi-scale + flip for segmentation; detection
@@ -63,12 +70,16 @@ class Task:
         metrics: (metric key in ``metrics.json``, label) of the numbers compared with the baseline.
         data: the task's folder under the demo data root (``tools/make_demo_data.py`` layout).
         default_iters: the default budget in iterations.
+    default_batch: the default images per GPU.
+    default_lr: the default AdamW learning rate.
     """
     name: str
     configs: Dict[str, str]
     metrics: Tuple[Tuple[str, str], ...]
     data: str
     default_iters: int
+    default_batch: int
+    default_lr: float
 
 
 TASKS = {
@@ -77,20 +88,20 @@ TASKS = {
         'vmamba-t': 'classification/configs/vmamba/vmamba-tiny_8xb128_in1k.py',
         'spectral-vmamba-t': 'classification/configs/spectral_vmamba/spectral-vmamba-tiny_8xb128_in1k.py',
         BASELINE: 'classification/configs/baselines/swin-tiny_8xb128_in1k.py',
-    }, (('accuracy/top1', 'top-1 (%)'), ), 'imagenet', 400),
+    }, (('accuracy/top1', 'top-1 (%)'), ), 'imagenet', 500, 64, 5e-4),
     'det': Task('detection', {
         'spatial-mamba-t': 'detection/configs/spatial_mamba/mask-rcnn_spatial-mamba-t_fpn_1x_coco.py',
         'vmamba-t': 'detection/configs/vmamba/mask-rcnn_vmamba-t_fpn_1x_coco.py',
         'spectral-vmamba-t': 'detection/configs/spectral_vmamba/mask-rcnn_spectral-vmamba-t_fpn_1x_coco.py',
         BASELINE: 'detection/configs/baselines/mask-rcnn_swin-t_fpn_1x_coco.py',
-    }, (('coco/bbox_mAP', 'bbox mAP'), ('coco/segm_mAP', 'segm mAP')), 'coco', 250),
+    }, (('coco/bbox_mAP', 'bbox mAP'), ('coco/segm_mAP', 'segm mAP')), 'coco', 250, 2, 1e-4),
     'seg': Task('segmentation', {
         'spatial-mamba-t': 'segmentation/configs/spatial_mamba/spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
         'vmamba-t': 'segmentation/configs/vmamba/vmamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
         'spectral-vmamba-t':
         'segmentation/configs/spectral_vmamba/spectral-vmamba-tiny_upernet_8xb2-160k_ade20k-512x512.py',
         BASELINE: 'segmentation/configs/baselines/swin-tiny_upernet_8xb2-160k_ade20k-512x512.py',
-    }, (('mIoU', 'mIoU (%)'), ), 'ade/ADEChallengeData2016', 300),
+    }, (('mIoU', 'mIoU (%)'), ), 'ade/ADEChallengeData2016', 300, 8, 1.2e-4),
 }
 BACKBONES = ('spatial-mamba-t', 'vmamba-t', 'spectral-vmamba-t', BASELINE)
 WARMUP_ITERS = 10  # the demo overrides' linear warm-up (classification/detection/segmentation configs/_base_/demo.py)
@@ -103,6 +114,8 @@ class Job:
     backbone: str
     config: str
     iters: int
+    batch: int
+    lr: float
     root: Path  # WORK_DIR/<task>/<backbone>
     status: str = 'pending'  # pending | running | ok | train failed | test failed
     train_s: float = 0.0
@@ -131,6 +144,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for key, task in TASKS.items():
         parser.add_argument(f'--{key}-iters', type=int, default=task.default_iters,
                             help=f'{task.name} training iterations (default: {task.default_iters})')
+        parser.add_argument(f'--{key}-batch', type=int, default=task.default_batch,
+                            help=f'{task.name} images per GPU (default: {task.default_batch})')
+        parser.add_argument(f'--{key}-lr', type=float, default=task.default_lr,
+                            help=f'{task.name} AdamW learning rate (default: {task.default_lr:g})')
+    parser.add_argument('--data-scale', type=int, default=10,
+                        help="multiplier of the demo data's image counts (tools/make_demo_data.py --scale; default 10)")
     parser.add_argument('--parallel', type=int, default=1, help='jobs run at the same time (default: 1)')
     parser.add_argument('--gpus', type=int, default=1, help='GPUs (CPU processes without GPUs) per run (default: 1)')
     parser.add_argument('--seed', type=int, default=0, help='training seed, the same for every run (default: 0)')
@@ -140,9 +159,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--keep-checkpoints', action='store_true', help='keep the .pth files after the test')
     parser.add_argument('--dry-run', action='store_true', help='print the commands and stop')
     args = parser.parse_args(argv)
-    for name in ('parallel', 'gpus', 'log_interval', *(f'{k}_iters' for k in TASKS)):
+    for name in ('parallel', 'gpus', 'log_interval', 'data_scale', *(f'{k}_{v}' for k in TASKS
+                                                                     for v in ('iters', 'batch'))):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    for key in TASKS:
+        if not getattr(args, f'{key}_lr') > 0:
+            parser.error(f'--{key}-lr must be positive, got {getattr(args, f"{key}_lr")}')
     return args
 
 
@@ -167,12 +190,13 @@ def data_options(task: str, data_root: Path, split: str) -> List[str]:
     return options
 
 
-def schedule_options(iters: int, log_interval: int, seed: int) -> List[str]:
-    """The demo recipe stretched to ``iters`` (warm-up, then decay to the end), one weights-only checkpoint at the
-    end, no validation."""
+def schedule_options(iters: int, log_interval: int, seed: int, batch: int, lr: float) -> List[str]:
+    """The demo recipe stretched to ``iters`` (warm-up, then decay to the end) at ``batch`` images per GPU and the
+    learning rate ``lr``, one weights-only checkpoint at the end, no validation."""
     warmup = max(1, min(WARMUP_ITERS, iters // 2))
     return [
-        f'train_cfg.max_iters={iters}', 'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None',
+        f'train_cfg.max_iters={iters}', f'train_dataloader.batch_size={batch}', f'optim_wrapper.optimizer.lr={lr}',
+        'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None',
         f'param_scheduler.0.end={warmup}', f'param_scheduler.1.begin={warmup}', f'param_scheduler.1.end={iters}',
         f'default_hooks.checkpoint.interval={iters}', 'default_hooks.checkpoint.save_optimizer=False',
         'default_hooks.checkpoint.save_param_scheduler=False',
@@ -182,7 +206,7 @@ def schedule_options(iters: int, log_interval: int, seed: int) -> List[str]:
 
 def train_command(job: Job, args: argparse.Namespace, data_root: Path) -> List[str]:
     return ['tools/dist_train.sh', job.config, str(args.gpus), '--demo', '--work-dir', str(job.train_dir),
-            '--cfg-options', *schedule_options(job.iters, args.log_interval, args.seed),
+            '--cfg-options', *schedule_options(job.iters, args.log_interval, args.seed, job.batch, job.lr),
             *data_options(job.task, data_root, 'train')]
 
 
@@ -329,10 +353,12 @@ def markdown(summary: dict) -> str:
     lines = [f'# Learning runs on the demo data ({summary["device"]})', '',
              f'The T configs with `--demo`, the same schedule and seed ({summary["seed"]}) for every backbone of a '
              f'task, {summary["gpus_per_run"]} GPU(s) per run, {summary["parallel"]} run(s) at a time. '
-             f'{finished}/{len(summary["runs"])} runs finished in {summary["wall_s"] / 60:.1f} min.', '']
+             f'{finished}/{len(summary["runs"])} runs finished in {summary["wall_s"] / 60:.1f} min. Demo data '
+             f'x{summary["data_scale"]}{", tested with TTA" if summary["tta"] else ""}.', '']
     for task, info in summary['tasks'].items():
         labels = [label for _, label in TASKS[task].metrics]
-        lines += [f'## {TASKS[task].name}: {info["iters"]} iterations', '',
+        lines += [f'## {TASKS[task].name}: {info["iters"]} iterations, batch {info["batch"]} per GPU, AdamW lr '
+                  f'{info["lr"]:g}', '',
                   f'Loss curves: `{info["loss_curve"]}`.' if info['loss_curve'] else 'Loss curves: none yet.', '',
                   '| backbone | ' + ' | '.join(labels) + ' | last loss (mean of 5) | s/iter | train (s) | '
                   f'>= {BASELINE} |', '|' + '---|' * (len(labels) + 5)]
@@ -358,12 +384,14 @@ def write_outputs(work_dir: Path, args: argparse.Namespace, jobs: Sequence[Job],
         task_jobs = [j for j in jobs if j.task == task]
         finished = [j for j in task_jobs if j.finished]
         curve = plot_losses(task, finished, work_dir / f'loss_{task}.png', plot_curves) if finished else None
-        tasks[task] = dict(name=TASKS[task].name, iters=task_jobs[0].iters, loss_curve=curve,
+        tasks[task] = dict(name=TASKS[task].name, iters=task_jobs[0].iters, batch=task_jobs[0].batch,
+                           lr=task_jobs[0].lr, loss_curve=curve,
                            metrics=[k for k, _ in TASKS[task].metrics])
     runs = [dict(task=j.task, backbone=j.backbone, config=j.config, status=j.status, iters=j.iters, metrics=j.metrics,
                  train_s=round(j.train_s, 1), test_s=round(j.test_s, 1), work_dir=str(j.root),
                  **(curve_stats(j, plot_curves) if j.finished else {})) for j in jobs]
     summary = dict(device=device, seed=args.seed, gpus_per_run=args.gpus, parallel=args.parallel, tta=args.tta,
+                   data_scale=args.data_scale,
                    baseline=BASELINE, wall_s=round(wall_s, 1), tasks=tasks, runs=runs,
                    meets_baseline=meets_baseline(jobs))
     (work_dir / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
@@ -382,8 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     work_dir = Path(args.work_dir).resolve()
     data_root = work_dir / 'data'
-    jobs = [Job(task, backbone, TASKS[task].configs[backbone],
-                getattr(args, f'{task}_iters'), work_dir / task / backbone)
+    jobs = [Job(task, backbone, TASKS[task].configs[backbone], getattr(args, f'{task}_iters'),
+                getattr(args, f'{task}_batch'), getattr(args, f'{task}_lr'), work_dir / task / backbone)
             for task in args.tasks for backbone in args.backbones]
     if args.dry_run:
         for job in jobs:
@@ -393,7 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     start = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, 'tools/make_demo_data.py', '--out', str(data_root)], cwd=REPO_ROOT, check=True)
+    subprocess.run([sys.executable, 'tools/make_demo_data.py', '--out', str(data_root), '--scale', str(args.data_scale)],
+                   cwd=REPO_ROOT, check=True)
     env = dict(os.environ, PYTHON=sys.executable)
     env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // (args.parallel * args.gpus))))
     ports = PortPool()
