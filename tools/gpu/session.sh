@@ -15,7 +15,10 @@
 #   order   tools/benchmarks/bench_spectral_order.py at 512x512 (after tests/fuzz: timings need a quiet GPU)
 #   ops     tools/benchmarks/bench_ops.py ($OPS_ARGS)
 #   bench   tools/analysis_tools/benchmark.py ($BENCH_ARGS)
-#   learn   tools/benchmarks/learning_runs.py ($LEARN_ARGS)
+#   learn   tools/benchmarks/learning_runs.py ($LEARN_ARGS); LEARN_BG=1 runs it in the background
+#   amp     tools/benchmarks/amp_stability.py, one process per task, model and dtype ($AMP_TASKS: det seg, $AMP_MODELS,
+#           $AMP_DTYPES: bf16 fp16, $AMP_ARGS, e.g. "--iters 500 --time-limit 400"), spread over the GPUs
+#   multigpu  tools/benchmarks/multi_gpu_check.py --gpus $(GPU count) ($MGPU_ARGS)
 # The logs end up in $OUT/logs.tar.gz.
 set -u
 OUT=${OUT:-/tmp/vssm-gpu-out}
@@ -64,11 +67,34 @@ for step in "$@"; do
         --markdown "$OUT/bench.md" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
       tail -40 "$OUT/bench.log" ;;
     learn)
-      timeout "${LEARN_TIMEOUT:-400}" python3 tools/benchmarks/learning_runs.py --work-dir /tmp/vssm-learn \
-        ${LEARN_ARGS:-} > "$OUT/learn.log" 2>&1
-      tail -30 "$OUT/learn.log"
-      (cd /tmp/vssm-learn && find . \( -name '*.json' -o -name '*.png' -o -name '*.md' -o -name '*.log' \) \
-        -not -path '*/data/*' | tar czf "$OUT/learn.tar.gz" -T -) ;;
+      run_learn() {
+        timeout "${LEARN_TIMEOUT:-400}" python3 tools/benchmarks/learning_runs.py --work-dir /tmp/vssm-learn \
+          ${LEARN_ARGS:-} > "$OUT/learn.log" 2>&1
+        echo "== learn"; tail -40 "$OUT/learn.log"
+        (cd /tmp/vssm-learn && find . \( -name '*.json' -o -name '*.png' -o -name '*.md' -o -name '*.log' \) \
+          -not -path '*/data/*' | tar czf "$OUT/learn.tar.gz" -T -)
+      }
+      if [ "${LEARN_BG:-0}" = 1 ]; then run_learn & background+=($!); else run_learn; fi ;;
+    amp)
+      ngpu=$(nvidia-smi -L | wc -l); i=0; amp=()
+      for task in ${AMP_TASKS:-det seg}; do
+        for model in ${AMP_MODELS:-spatial-mamba-t vmamba-t spectral-vmamba-t}; do
+          for dtype in ${AMP_DTYPES:-bf16 fp16}; do
+            CUDA_VISIBLE_DEVICES=$(( i % ngpu )) timeout "${AMP_TIMEOUT:-450}" python3 tools/benchmarks/amp_stability.py \
+              --tasks $task --models $model --dtypes $dtype --json "$OUT/amp-$task-$model-$dtype.json" ${AMP_ARGS:-} \
+              > "$OUT/amp-$task-$model-$dtype.log" 2>&1 &
+            amp+=($!); i=$(( i + 1 ))
+          done
+        done
+      done
+      for pid in "${amp[@]}"; do wait "$pid"; done
+      for f in "$OUT"/amp-*.log; do echo "== $f"; tail -4 "$f"; done ;;
+    multigpu)
+      timeout "${MGPU_TIMEOUT:-400}" python3 tools/benchmarks/multi_gpu_check.py --work-dir /tmp/vssm-mgpu \
+        --gpus "$(nvidia-smi -L | wc -l)" ${MGPU_ARGS:-} > "$OUT/multigpu.log" 2>&1
+      tail -20 "$OUT/multigpu.log"
+      (cd /tmp/vssm-mgpu && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
+        -not -path '*/data/*' | tar czf "$OUT/multigpu.tar.gz" -T -) ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "step $step: $(( $(date +%s) - start )) s"
