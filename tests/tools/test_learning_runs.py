@@ -89,6 +89,8 @@ def test_meets_baseline_needs_every_metric_of_the_task():
                                                  'spectral-vmamba-t': None}}
     assert tool.meets_baseline(jobs[1:]) == {'det': dict.fromkeys(['vmamba-t', 'spatial-mamba-t',
                                                                    'spectral-vmamba-t'])}
+    jobs[3].metrics = {}  # mmdet's CocoMetric returns {} when nothing was detected
+    assert tool.meets_baseline(jobs)['det']['spectral-vmamba-t'] is False
 
 
 @pytest.mark.slow

@@ -765,7 +765,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     deadline = None if args.time_limit is None else start + args.time_limit
     device = torch.device(args.device)
     if device.type == 'cuda':
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
     meta = dict(device=_device_name(device), torch=torch.__version__, cuda=torch.version.cuda, iters=args.iters,
                 det_size=list(args.det_size), seg_size=args.seg_size, batch=args.batch, backend=args.backend,
                 lr_schedule=args.lr_schedule, max_skipped_frac=args.max_skipped_frac, seed=args.seed,

@@ -312,7 +312,9 @@ def curve_stats(job: Job, plot_curves) -> dict:
 
 
 def meets_baseline(jobs: Sequence[Job]) -> Dict[str, Dict[str, Optional[bool]]]:
-    """Per task, per backbone of ours: every compared metric >= the baseline's (None when either run failed)."""
+    """Per task, per backbone of ours: every compared metric >= the baseline's (None when either run failed or the
+    baseline has no value; a metric missing from our run's results, e.g. mmdet's empty result for a detector that
+    detects nothing, counts as below the baseline)."""
     result = {}
     for task in dict.fromkeys(j.task for j in jobs):
         runs = {j.backbone: j for j in jobs if j.task == task}
@@ -321,10 +323,11 @@ def meets_baseline(jobs: Sequence[Job]) -> Dict[str, Dict[str, Optional[bool]]]:
         for name, job in runs.items():
             if name == BASELINE:
                 continue
-            if base is None or base.metrics is None or job.metrics is None:
+            keys = [k for k, _ in TASKS[task].metrics]
+            if base is None or base.metrics is None or job.metrics is None or any(k not in base.metrics for k in keys):
                 verdicts[name] = None
             else:
-                verdicts[name] = all(job.metrics[k] >= base.metrics[k] for k, _ in TASKS[task].metrics)
+                verdicts[name] = all(k in job.metrics and job.metrics[k] >= base.metrics[k] for k in keys)
         if verdicts:
             result[task] = verdicts
     return result
@@ -364,7 +367,8 @@ def markdown(summary: dict) -> str:
                   f'>= {BASELINE} |', '|' + '---|' * (len(labels) + 5)]
         for run in (r for r in summary['runs'] if r['task'] == task):
             metrics = run['metrics'] or {}
-            values = [f'{metrics[k]:.3f}' if k in metrics else run['status'] for k, _ in TASKS[task].metrics]
+            values = [f'{metrics[k]:.3f}' if k in metrics else ('no result' if run['status'] == 'ok' else run['status'])
+                      for k, _ in TASKS[task].metrics]
             loss = f'{run["mean_loss_last5"]:.4f}' if 'mean_loss_last5' in run else '-'
             speed = f'{run["s_per_iter"]:.3f}' if 's_per_iter' in run else '-'
             verdict = summary['meets_baseline'].get(task, {}).get(run['backbone'])
