@@ -82,12 +82,14 @@ def _capture_rng() -> dict:
 
 
 def _restore_rng(state: dict) -> None:
+    """Restore ``_capture_rng()``'s states. The tensors may be on a GPU: mmengine's resume loads the checkpoint with
+    ``map_location='default'`` (the current device), and the generators take CPU byte tensors."""
     random.setstate(state['python'])
     name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'].cpu())
     if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
 @HOOKS.register_module()

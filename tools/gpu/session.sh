@@ -48,7 +48,7 @@ for step in "$@"; do
       run_tests() {
         timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider -rfE ${TESTS:-tests/ops/test_selective_scan_cuda.py \
           tests/ops/test_dwconv2d_cuda.py tests/models/test_spatial_mamba_cuda.py tests/models/test_vmamba_cuda.py \
-          tests/models/test_spectral_vmamba_cuda.py} > "$OUT/tests.log" 2>&1
+          tests/models/test_spectral_vmamba_cuda.py tests/tools/test_resume_cuda.py} > "$OUT/tests.log" 2>&1
         echo "== tests"; tail -15 "$OUT/tests.log"
       }
       if [ "${TESTS_BG:-0}" = 1 ]; then run_tests & background+=($!); else run_tests; fi ;;
