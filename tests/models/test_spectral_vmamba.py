@@ -67,6 +67,28 @@ def test_fixed_model_is_invariant_to_90_degree_rotations(side):
     assert min(upstream) > 1e-2, upstream  # upstream loses invariance at the first downsampling
 
 
+def test_trainable_rfn_trains_conv1_to_layer3_and_keeps_the_invariance():
+    """rfn_frozen=False: the trunk that runs gets gradients (layer4 and fc, never run, stay frozen for DDP), its
+    BatchNorms follow train(), and the classifier stays invariant, in eval mode and (square inputs: the batch
+    statistics are taken over the four rotations together) in training mode."""
+    model = _classifier(rfn_frozen=False)
+    rfn = model.backbone.model_patchification
+    trainable = {n.split('.')[0] for n, p in rfn.named_parameters() if p.requires_grad}
+    assert trainable == {'conv1', 'bn1', 'layer1', 'layer2', 'layer3'}
+    assert not any(p.requires_grad for p in _classifier().backbone.model_patchification.parameters())
+    model.train()
+    assert rfn.bn1.training and rfn.layer3[0].bn1.training
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model(x, mode='tensor').square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in rfn.named_parameters()
+               if not n.startswith(('layer4', 'fc'))), 'an RFN parameter got no gradient'
+    with torch.no_grad():  # move the weights off their init (zero-initialized residual BatchNorms)
+        for p in rfn.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert max(_rotation_errors(model, x)) < 1e-3  # training mode
+    assert max(_rotation_errors(model.eval(), x)) < 1e-3
+
+
 def test_iterative_eigensolver_matches_dense():
     features = torch.nn.functional.avg_pool2d(torch.randn(2, 32, 24, 24, generator=torch.Generator().manual_seed(1)),
                                               3, 1, 1)  # L = 576, smooth features as in a trained model

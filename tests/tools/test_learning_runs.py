@@ -64,6 +64,9 @@ def test_dry_run_prints_one_train_and_one_test_command_per_run(tmp_path, capsys)
     seg = tool.TASKS['seg']
     assert f'train_dataloader.batch_size={seg.default_batch}' in lines[0]
     assert f'optim_wrapper.optimizer.lr={seg.default_lr}' in lines[0]
+    spectral = [line for line in lines[::2] if 'spectral' in line]
+    assert len(spectral) == 1 and 'model.backbone.rfn_frozen=False' in spectral[0]
+    assert sum('rfn_frozen' in line for line in lines) == 1
     assert not (tmp_path / 'data').exists()
 
 

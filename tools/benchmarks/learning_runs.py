@@ -20,7 +20,9 @@ Steps:
    ``WORK_DIR/data`` and the same schedule for every backbone of a task: ``--<task>-iters`` iterations of the demo
    recipe (its warm-up of 10 iterations, then its cosine / poly decay stretched to the new length) at
    ``--<task>-batch`` images per GPU and the AdamW learning rate ``--<task>-lr`` (the CPU demo's classification
-   recipe, 1e-3 at batch 8, keeps every backbone, Swin-T included, at chance level), the loss logged
+   recipe, 1e-3 at batch 8, keeps every backbone, Swin-T included, at chance level); Spectral VMamba with
+   ``rfn_frozen=False`` (its RFN cannot get ImageNet weights here, and frozen random it stays at chance level;
+   ``--frozen-rfn`` keeps it frozen); the loss logged
    every ``--log-interval`` iterations, the same ``--seed``, and one checkpoint (weights only) at the end; no
    validation during training, since the test of that checkpoint measures the same thing. Then
    ``tools/dist_test.sh`` on it (``--tta``: flip for classification, multi-scale + flip for segmentation; detection
@@ -104,6 +106,10 @@ TASKS = {
     }, (('mIoU', 'mIoU (%)'), ), 'ade/ADEChallengeData2016', 300, 8, 1.2e-4),
 }
 BACKBONES = ('spatial-mamba-t', 'vmamba-t', 'spectral-vmamba-t', BASELINE)
+RANDOM_RFN_OPTIONS = ('model.backbone.rfn_frozen=False', )
+"""Spectral VMamba's RFN (a ResNet-18 trunk) is frozen with ImageNet weights in the configs; no weights can be
+loaded here, and a frozen *random* trunk kept it at chance level (H200, 2026-11-30: top-1 25.0% with 4 classes, no
+detections, mIoU 19.9 vs Swin-T's 32.4), so the learning check trains it (``--frozen-rfn`` keeps it frozen)."""
 WARMUP_ITERS = 10  # the demo overrides' linear warm-up (classification/detection/segmentation configs/_base_/demo.py)
 
 
@@ -155,6 +161,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0, help='training seed, the same for every run (default: 0)')
     parser.add_argument('--log-interval', type=int, default=5,
                         help='iterations between logged losses (at most the budget; default: 5)')
+    parser.add_argument('--frozen-rfn', action='store_true',
+                        help="keep Spectral VMamba's RFN frozen (random weights here: see RANDOM_RFN_OPTIONS)")
     parser.add_argument('--tta', action='store_true', help='test with TTA (classification, segmentation)')
     parser.add_argument('--keep-checkpoints', action='store_true', help='keep the .pth files after the test')
     parser.add_argument('--dry-run', action='store_true', help='print the commands and stop')
@@ -205,9 +213,10 @@ def schedule_options(iters: int, log_interval: int, seed: int, batch: int, lr: f
 
 
 def train_command(job: Job, args: argparse.Namespace, data_root: Path) -> List[str]:
+    rfn = RANDOM_RFN_OPTIONS if job.backbone == 'spectral-vmamba-t' and not args.frozen_rfn else ()
     return ['tools/dist_train.sh', job.config, str(args.gpus), '--demo', '--work-dir', str(job.train_dir),
             '--cfg-options', *schedule_options(job.iters, args.log_interval, args.seed, job.batch, job.lr),
-            *data_options(job.task, data_root, 'train')]
+            *data_options(job.task, data_root, 'train'), *rfn]
 
 
 def test_command(job: Job, args: argparse.Namespace, data_root: Path, checkpoint: str) -> List[str]:

@@ -381,7 +381,7 @@ class SpectralVMamba(StagedBackbone):
         arch: ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``, ``'s'``, ``'b'``), or a dict with ``dims`` (the first
             must be 256, the RFN's width) and ``depths``.
         out_indices: stages whose outputs are returned (each through LayerNorm2d ``outnorm{i}``); strides 16..128.
-        frozen_stages: -1 freezes nothing; k >= 0 freezes the stem (the RFN is always frozen) and the first k stages.
+        frozen_stages: -1 freezes nothing; k >= 0 freezes the stem (the RFN) and the first k stages.
         drop_path_rate: stochastic depth, linearly increasing from 0 over all blocks.
         mlp_ratio: MLP hidden width / block width.
         ssm_ratio: SSM inner width D / block width.
@@ -399,6 +399,12 @@ class SpectralVMamba(StagedBackbone):
         rfn_pretrained: checkpoint for the frozen ResNet-18, e.g. ``'torchvision://resnet18'`` (downloaded by
             ``init_weights()`` when online, never at construction). ``None`` keeps random weights (with a warning)
             unless the whole backbone is loaded from a checkpoint, which holds them.
+        rfn_frozen: keep the RFN's ResNet-18 frozen (upstream: its parameters never train; in the fixed mode its
+            BatchNorms stay in eval mode). ``False`` trains it with the rest (BatchNorms follow ``train()``), for
+            training without ImageNet weights for it: a frozen *random* trunk keeps the model near chance level on
+            the demo data (``tools/benchmarks/learning_runs.py``). Rotation invariance does not depend on the
+            weights; in training mode the BatchNorm statistics of square inputs are taken over the four rotations
+            together, so they are rotation-invariant too.
         ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the selective scan.
         norm_eval: keep this backbone's BatchNorm layers (the RFN's) in eval mode while training.
         with_cp: gradient checkpointing of every block.
@@ -426,6 +432,7 @@ class SpectralVMamba(StagedBackbone):
                  eigensolver: str = 'auto',
                  cuda_graphs: bool = True,
                  rfn_pretrained: Optional[str] = None,
+                 rfn_frozen: bool = True,
                  ops_backend: str = 'auto',
                  norm_eval: bool = False,
                  with_cp: bool = False,
@@ -450,12 +457,14 @@ class SpectralVMamba(StagedBackbone):
         self.eigensolver = eigensolver
         self.order_graphs = solver_graphs(knn, enabled=cuda_graphs)  # not state: deepcopy/pickle give an empty cache
         self.rfn_pretrained = rfn_pretrained
-        # The frozen RFN trunk, with upstream's keys (torchvision's ResNet-18 layout, layer4 and fc included so that
-        # upstream checkpoints load strictly; only conv1..layer3 run).
+        self.rfn_frozen = rfn_frozen
+        # The RFN trunk, with upstream's keys (torchvision's ResNet-18 layout, layer4 and fc included so that
+        # upstream checkpoints load strictly; only conv1..layer3 run, so layer4 and fc never train).
         self.model_patchification = ResNet(depth=18, out_indices=(2, ))
         self.model_patchification.fc = nn.Linear(512, 1000)
-        for param in self.model_patchification.parameters():
-            param.requires_grad = False
+        r = self.model_patchification
+        for name, param in r.named_parameters():
+            param.requires_grad = not rfn_frozen and not name.startswith(('layer4.', 'fc.'))
         drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(self.dims, self.depths)):
@@ -475,9 +484,11 @@ class SpectralVMamba(StagedBackbone):
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             return  # a whole-backbone checkpoint holds the RFN's weights too
         if self.rfn_pretrained is None:
-            print_log('SpectralVMamba: the RFN ResNet-18 keeps random weights (no rfn_pretrained and no checkpoint); '
-                      "set rfn_pretrained='torchvision://resnet18' (or a local ResNet-18 file), or load a checkpoint "
-                      'of the whole backbone through init_cfg.', logger='current', level=30)
+            if self.rfn_frozen:
+                print_log('SpectralVMamba: the frozen RFN ResNet-18 keeps random weights (no rfn_pretrained and no '
+                          "checkpoint); set rfn_pretrained='torchvision://resnet18' (or a local ResNet-18 file), load "
+                          'a checkpoint of the whole backbone through init_cfg, or train the RFN too with '
+                          'rfn_frozen=False.', logger='current', level=30)
             return
         from mmengine.runner import load_checkpoint
         remote = self.rfn_pretrained.startswith(('torchvision://', 'http://', 'https://'))
@@ -492,14 +503,14 @@ class SpectralVMamba(StagedBackbone):
 
     def train(self, mode: bool = True) -> 'SpectralVMamba':
         super().train(mode)
-        # The RFN is frozen; its BatchNorms follow train() only in upstream mode (upstream's behaviour).
-        if not self.upstream_compat:
+        # A frozen RFN's BatchNorms follow train() only in upstream mode (upstream's behaviour).
+        if self.rfn_frozen and not self.upstream_compat:
             self.model_patchification.eval()
         return self
 
     @property
     def patch_embed(self) -> nn.Module:
-        """The stem: the RFN's ResNet-18 (frozen in any case)."""
+        """The stem: the RFN's ResNet-18."""
         return self.model_patchification
 
     # --- the RFN -------------------------------------------------------------------------------------------------
