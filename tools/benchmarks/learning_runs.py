@@ -434,8 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     start = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, 'tools/make_demo_data.py', '--out', str(data_root), '--scale', str(args.data_scale)],
-                   cwd=REPO_ROOT, check=True)
+    make_data = ['tools/make_demo_data.py', '--out', str(data_root), '--scale', str(args.data_scale)]
+    subprocess.run([sys.executable, *make_data], cwd=REPO_ROOT, check=True)
     env = dict(os.environ, PYTHON=sys.executable)
     env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // (args.parallel * args.gpus))))
     ports = PortPool()

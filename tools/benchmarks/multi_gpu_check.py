@@ -179,7 +179,8 @@ def check_one(task: str, backbone: str, args: argparse.Namespace, data_root: Pat
 def markdown(summary: dict) -> str:
     lines = [f'# Multi-GPU check ({summary["device"]}, {summary["gpus"]} processes per run)', '',
              f'{summary["iters"]} training iterations of each demo, resumed from iteration {summary["iters"] // 2}.',
-             '', '| task | backbone | ranks agree | resumed at | resumed vs uninterrupted weights (rel. L2) | metric | ok |',
+             '', '| task | backbone | ranks agree | resumed at | resumed vs uninterrupted weights (rel. L2) | metric '
+             '| ok |',
              '|---|---|---|---|---|---|---|']
     for r in summary['runs']:
         metrics = r.get('metrics') or {}

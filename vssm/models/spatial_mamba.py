@@ -29,8 +29,9 @@ from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
 from ..ops import selective_scan, state_fusion
-from .layers import (StagedBackbone, init_A_logs, init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight,
-                     parse_arch, to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (StagedBackbone, gelu_linear, init_A_logs, init_Ds, init_dt_bias, init_dt_weight,
+                     init_x_proj_weight, parse_arch, recomputed_linear, to_classifier_keys, trunc_normal_linear_init,
+                     unwrap_state_dict)
 
 __all__ = ['SpatialMamba', 'convert_upstream_state_dict']
 
@@ -159,12 +160,16 @@ class StructureAwareSSM(nn.Module):
         states = self.state_fusion(states.view(b, -1, h, w)).flatten(2)  # (B, D, L)
         # Ds (fp32) * u promotes to fp32 without saving an fp32 copy of u for the backward (1.2 GiB at batch 128).
         y = states * C.float() + self.Ds.float()[:, None] * u  # (B, D, L), float32
-        y = self.out_norm(y.transpose(1, 2).reshape(b, h, w, -1).to(z.dtype))
-        return self.out_proj(y * F.silu(z))
+        y = y.transpose(1, 2).reshape(b, h, w, -1).to(z.dtype)
+        # out_proj(out_norm(y) * SiLU(z)) saving y and z only (the norm and the gate run again in the backward:
+        # autograd would keep the fp32 norm input and output, SiLU(z) and the product, 2.5 GiB at batch 128).
+        shape, eps = self.out_norm.normalized_shape, self.out_norm.eps
+        gate = lambda t, g, wt, bs: F.layer_norm(t, shape, wt, bs, eps) * F.silu(g)  # noqa: E731
+        return recomputed_linear(gate, self.out_proj, y, z, self.out_norm.weight, self.out_norm.bias)
 
 
 class Mlp(nn.Module):
-    """Linear C -> rC, GELU, Linear rC -> C (channels-last)."""
+    """Linear C -> rC, GELU, Linear rC -> C (channels-last); GELU's output is recomputed in the backward, not saved."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -173,7 +178,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return gelu_linear(self.fc1(x), self.fc2)
 
 
 class SpatialMambaBlock(nn.Module):

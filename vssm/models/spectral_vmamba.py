@@ -41,8 +41,8 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, parse_arch, to_classifier_keys, trunc_normal_linear_init,
-                     unwrap_state_dict)
+from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, gather_index_only, parse_arch, to_classifier_keys,
+                     trunc_normal_linear_init, unwrap_state_dict)
 from .vmamba import SS2D, VSSBlock
 
 __all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'EIGENSOLVERS', 'spectral_scan', 'spectral_merge',
@@ -243,7 +243,7 @@ def spectral_scan(x: Tensor, order: Tensor) -> Tensor:
     """(B, D, H, W) -> (B, 2T, D, L): the tokens in each order, then each order reversed."""
     b, d = x.shape[:2]
     tokens = x.reshape(b, d, -1)  # (B, D, L)
-    seqs = [torch.gather(tokens, 2, order[:, None, :, t].expand(-1, d, -1)) for t in range(order.shape[2])]
+    seqs = [gather_index_only(tokens, 2, order[:, None, :, t].expand(-1, d, -1)) for t in range(order.shape[2])]
     return torch.stack(seqs + [s.flip(-1) for s in seqs], dim=1)
 
 
@@ -253,7 +253,7 @@ def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
     b, k, d, length = y.shape
     t = k // 2
     inverse = torch.argsort(order, dim=1, stable=True).permute(0, 2, 1)[:, :, None, :].expand(-1, -1, d, -1)
-    merged = torch.gather(y[:, :t], 3, inverse) + torch.gather(y[:, t:].flip(-1), 3, inverse)  # (B, T, D, L)
+    merged = gather_index_only(y[:, :t], 3, inverse) + gather_index_only(y[:, t:].flip(-1), 3, inverse)  # (B, T, D, L)
     return merged.sum(dim=1).view(b, d, height, width)
 
 
@@ -318,7 +318,7 @@ class SpectralSS2D(SS2D):
         height, width = x.shape[-2:]
         x = self.graph_features(x)  # (B, D, H, W)
         y = spectral_merge(self.scan(spectral_scan(x, order)), order, height, width)  # float32
-        return self.out_proj(self.out_norm(y).to(x.dtype))
+        return self.out_norm.project(y, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
 
 
 class SpectralBlock(VSSBlock):

@@ -24,8 +24,9 @@ from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
 from ..ops import selective_scan
-from .layers import (LayerNorm2d, Linear2d, StagedBackbone, init_A_logs, init_Ds, init_dt_bias, init_dt_weight,
-                     init_x_proj_weight, parse_arch, to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, init_A_logs, init_Ds, init_dt_bias,
+                     init_dt_weight, init_x_proj_weight, parse_arch, to_classifier_keys, trunc_normal_linear_init,
+                     unwrap_state_dict)
 
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge']
 
@@ -99,11 +100,11 @@ class SS2D(nn.Module):
         height, width = x.shape[-2:]
         x = self.act(self.conv2d(self.in_proj(x)))  # (B, D, H, W)
         y = cross_merge(self.scan(cross_scan(x)), height, width)  # (B, D, H, W), float32
-        return self.out_proj(self.out_norm(y).to(x.dtype))
+        return self.out_norm.project(y, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
 
 
 class Mlp2d(nn.Module):
-    """Linear2d C -> rC, GELU, Linear2d rC -> C."""
+    """Linear2d C -> rC, GELU, Linear2d rC -> C; GELU's output is recomputed in the backward, not saved."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -112,7 +113,7 @@ class Mlp2d(nn.Module):
         self.fc2 = Linear2d(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return gelu_linear(self.fc1(x), self.fc2, channels_first=True)
 
 
 class VSSBlock(nn.Module):

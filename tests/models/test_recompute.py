@@ -1,0 +1,109 @@
+"""vssm.models.layers.gelu_linear: the same outputs and gradients as ``fc(gelu(h))`` (channels last and first, fp32
+and under bf16 autocast), one hidden-width tensor fewer saved for the backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vssm.models.layers import Linear2d, gather_index_only, gelu_linear
+
+
+def _case(channels_first, seed=0):
+    torch.manual_seed(seed)
+    fc = Linear2d(16, 6) if channels_first else nn.Linear(16, 6)
+    h = torch.randn(2, 16, 5, 7) if channels_first else torch.randn(2, 5, 16)
+    return h, fc
+
+
+def _grads(fn, h, fc, autocast):
+    h = h.clone().requires_grad_()
+    fc.zero_grad()
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        out = fn(h, fc)
+    (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach().float(), h.grad, fc.weight.grad.clone(), fc.bias.grad.clone()
+
+
+@pytest.mark.parametrize('channels_first', [False, True])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_matches_the_plain_composition(channels_first, autocast):
+    h, fc = _case(channels_first)
+    plain = _grads(lambda x, m: m(F.gelu(x)), h, fc, autocast)
+    ours = _grads(lambda x, m: gelu_linear(x, m, channels_first), h, fc, autocast)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(['out', 'h', 'weight', 'bias'], ours, plain):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+def test_saves_one_hidden_tensor_fewer():
+    h, fc = _case(False)
+    h = h.requires_grad_()
+
+    def saved_bytes(fn):
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel()) or t, lambda t: t):
+            fn(h, fc).sum()
+        return sum(total)
+
+    plain = saved_bytes(lambda x, m: m(F.gelu(x)))
+    ours = saved_bytes(lambda x, m: gelu_linear(x, m))
+    assert plain - ours == h.numel()
+
+
+def test_gather_index_only_matches_gather_and_saves_only_the_index():
+    torch.manual_seed(0)
+    src = torch.randn(2, 3, 10, requires_grad=True)
+    index = torch.stack([torch.randperm(10) for _ in range(2)])[:, None, :].expand(-1, 3, -1)
+    repeated = torch.randint(0, 10, (2, 3, 7))  # repeated indices: the gradient adds up
+    for idx in (index, repeated):
+        weights = torch.randn(idx.shape)
+        a = (torch.gather(src, 2, idx) * weights).sum()
+        ga, = torch.autograd.grad(a, src)
+        b = (gather_index_only(src, 2, idx) * weights).sum()
+        gb, = torch.autograd.grad(b, src)
+        torch.testing.assert_close(gb, ga, rtol=0, atol=1e-6)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        gather_index_only(src, 2, index)
+    assert len(saved) == 1 and saved[0].dtype == torch.int64
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_norm_gate_projection_matches_autograd(autocast):
+    """Spatial-Mamba's out_proj(LN(y) * SiLU(z)) and SS2D's out_proj(LN2d(y)): outputs and every gradient (the
+    norm's weight and bias included) as plain autograd gives them, with fewer saved tensors."""
+    from vssm.models.layers import LayerNorm2d
+    from vssm.models.layers.recompute import recomputed_linear
+    torch.manual_seed(0)
+    norm, fc = nn.LayerNorm(16), nn.Linear(16, 6, bias=False)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16) * 0.1), norm.bias.add_(torch.randn(16) * 0.1)
+    y, z = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)
+    gate = lambda t, g, w, b: F.layer_norm(t, (16, ), w, b, 1e-5) * F.silu(g)  # noqa: E731
+    norm2d, fc2d = LayerNorm2d(16), Linear2d(16, 6, bias=False)
+    y2d = torch.randn(2, 16, 4, 5)
+    cases = [
+        (lambda a, b: fc(norm(a) * F.silu(b)),
+         lambda a, b: recomputed_linear(gate, fc, a, b, norm.weight, norm.bias), (y, z), (norm, fc)),
+        (lambda a: fc2d(norm2d(a).to(a.dtype)), lambda a: norm2d.project(a, fc2d, a.dtype), (y2d, ), (norm2d, fc2d)),
+    ]
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for plain, ours, inputs, modules in cases:
+        results = []
+        for fn in (plain, ours):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            for m in modules:
+                m.zero_grad()
+            saved = []
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                out = fn(*leaves)
+            (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            grads = [t.grad for t in leaves] + [p.grad.clone() for m in modules for p in m.parameters()]
+            results.append((out.detach().float(), grads, sum(saved)))
+        (out_a, grads_a, saved_a), (out_b, grads_b, saved_b) = results
+        torch.testing.assert_close(out_b, out_a, **tol)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(b, a, **tol)
+        assert saved_b < saved_a

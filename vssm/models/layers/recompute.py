@@ -1,0 +1,113 @@
+"""Autograd functions that save less for the backward than the plain composition (training memory).
+
+``gelu_linear(h, fc)`` is ``fc(gelu(h))`` for the second half of an MLP: autograd would save both ``h`` (for GELU's
+backward) and ``gelu(h)`` (for the weight gradient of ``fc``), two tensors of the hidden width (4C); this saves ``h``
+only and recomputes ``gelu(h)`` in the backward (one elementwise pass). Outputs and gradients are those of the
+plain composition, under autocast too (the matmul runs in the dtype autocast gave the forward's output).
+
+``recomputed_linear(f, fc, *inputs)`` generalizes it: ``fc(f(*inputs))`` saving the inputs, ``f`` (a norm, a gate)
+recomputed in the backward, e.g. Spatial-Mamba's ``out_proj(LN(y) * SiLU(z))``.
+
+``gather_index_only(src, dim, index)`` is ``torch.gather``, whose autograd saves the whole ``src`` although its
+backward (a scatter-add of the gradient) needs only the index and the shape; this one saves the index only. Spectral
+VMamba's scan and merge gather (B, D, L) tokens and (B, 8, D, L) fp32 scan outputs this way (3 GiB at batch 128).
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ['recomputed_linear', 'gelu_linear', 'gather_index_only']
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """out = linear(f(*inputs)) (channels last) or a 1x1 conv of it (channels first, weight (out, in)), saving
+    ``inputs``; ``f`` (elementwise or a norm: cheap) runs again in the backward, under the forward's autocast."""
+
+    @staticmethod
+    def forward(ctx, f: Callable, channels_first: bool, weight: Tensor, bias: Optional[Tensor], *inputs: Tensor):
+        a = f(*inputs)
+        if channels_first:
+            out = F.conv2d(a, weight[:, :, None, None], bias)
+        else:
+            out = F.linear(a, weight, bias)
+        device = inputs[0].device.type
+        ctx.f, ctx.channels_first = f, channels_first
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.compute_dtype = out.dtype  # autocast's choice for the matmul
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(weight, *inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weight, *inputs = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[2:4]
+        need_inputs = ctx.needs_input_grad[4:]
+        leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, need_inputs)]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            a = ctx.f(*leaves)
+        dt = ctx.compute_dtype
+        a_c, g, w = a.detach().to(dt), grad_out.to(dt), weight.to(dt)
+        need_a = any(need_inputs)
+        grad_w = grad_b = grad_a = None
+        if ctx.channels_first:
+            grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                g, a_c, w[:, :, None, None], [w.shape[0]] if ctx.bias_dtype is not None else None, [1, 1], [0, 0],
+                [1, 1], False, [0, 0], 1, [need_a, need_w, need_b and ctx.bias_dtype is not None])
+            grad_w = grad_w.flatten(1) if grad_w is not None else None
+        else:
+            g2 = g.reshape(-1, g.shape[-1])
+            grad_a = g @ w if need_a else None
+            grad_w = g2.t() @ a_c.reshape(-1, a_c.shape[-1]) if need_w else None
+            grad_b = g2.sum(0) if need_b and ctx.bias_dtype is not None else None
+        grads = [None] * len(inputs)
+        wanted = [i for i, need in enumerate(need_inputs) if need]
+        if wanted:
+            found = torch.autograd.grad(a, [leaves[i] for i in wanted], grad_a.to(a.dtype), allow_unused=True)
+            for i, grad in zip(wanted, found):
+                grads[i] = grad
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(ctx.bias_dtype) if grad_b is not None else None
+        return (None, None, grad_w, grad_b, *grads)
+
+
+def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, channels_first: bool = False) -> Tensor:
+    """``fc(f(*inputs))`` saving only ``inputs`` for the backward, where ``f`` runs again (it must be cheap and
+    deterministic: elementwise ops, norms; its parameters are passed in ``inputs`` to get gradients).
+
+    Args:
+        f: the function of ``inputs`` that gives ``fc``'s input: (..., in), or (B, in, H, W) with ``channels_first``.
+        fc: the output projection (``nn.Linear`` or ``Linear2d``: weight (out, in)).
+        channels_first: ``f``'s output is an NCHW map and ``fc`` a 1x1 convolution over its channels.
+    """
+    return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
+
+
+def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False) -> Tensor:
+    """``fc(gelu(h))`` saving only ``h`` for the backward (the second half of an MLP)."""
+    return recomputed_linear(F.gelu, fc, h, channels_first=channels_first)
+
+
+class _GatherIndexOnly(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, src: Tensor, dim: int, index: Tensor) -> Tensor:
+        ctx.dim, ctx.shape = dim, src.shape
+        ctx.save_for_backward(index)
+        return torch.gather(src, dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, = ctx.saved_tensors
+        grad_src = None
+        if ctx.needs_input_grad[0]:
+            grad_src = grad.new_zeros(ctx.shape).scatter_add_(ctx.dim, index, grad)
+        return grad_src, None, None
+
+
+def gather_index_only(src: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``torch.gather(src, dim, index)`` saving only ``index`` (and ``src``'s shape) for the backward."""
+    return _GatherIndexOnly.apply(src, dim, index)
