@@ -107,3 +107,25 @@ def test_norm_gate_projection_matches_autograd(autocast):
         for a, b in zip(grads_a, grads_b):
             torch.testing.assert_close(b, a, **tol)
         assert saved_b < saved_a
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_normed_linear_matches_autograd(autocast):
+    from vssm.models.layers import normed_linear
+    torch.manual_seed(0)
+    norm, fc = nn.LayerNorm(16), nn.Linear(16, 8)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16) * 0.1), norm.bias.add_(torch.randn(16) * 0.1)
+    x = torch.randn(2, 3, 4, 16)
+    results = []
+    for fn in (lambda t: fc(norm(t)), lambda t: normed_linear(t, norm, fc)):
+        leaf = x.clone().requires_grad_()
+        norm.zero_grad(), fc.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = fn(leaf)
+        (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append([out.detach().float(), leaf.grad] + [p.grad.clone() for m in (norm, fc) for p in m.parameters()])
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **tol)
+    assert normed_linear(x, None, fc).equal(fc(x))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..ops import selective_scan, state_fusion
 from .layers import (StagedBackbone, gelu_linear, init_A_logs, init_Ds, init_dt_bias, init_dt_weight,
-                     init_x_proj_weight, parse_arch, recomputed_linear, to_classifier_keys, trunc_normal_linear_init,
+                     init_x_proj_weight, normed_linear, parse_arch, recomputed_linear, to_classifier_keys, trunc_normal_linear_init,
                      unwrap_state_dict)
 
 __all__ = ['SpatialMamba', 'convert_upstream_state_dict']
@@ -146,20 +146,33 @@ class StructureAwareSSM(nn.Module):
         init_A_logs(self.A_logs)
         init_Ds(self.Ds)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _observe(self, states: Tensor, C: Tensor, u: Tensor, h: int, w: int) -> Tensor:
+        """y = fusion(states) * C + D * u, (B, D, L) float32."""
+        fused = self.state_fusion(states.view(states.shape[0], -1, h, w)).flatten(2)  # (B, D, L)
+        # Ds (fp32) * u promotes to fp32 without saving an fp32 copy of u for the backward (1.2 GiB at batch 128).
+        return fused * C.float() + self.Ds.float()[:, None] * u
+
+    def forward(self, x: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
+        """x: (B, H, W, C); ``norm``: the block's LayerNorm, applied to x first (and recomputed in the backward
+        instead of saving its output)."""
         b, h, w, _ = x.shape
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, D) each
+        x, z = normed_linear(x, norm, self.in_proj).chunk(2, dim=-1)  # (B, H, W, D) each
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
-        u = x.flatten(2)  # (B, D, L), raster order
-        x_dbl = torch.einsum('bdl,cd->bcl', u, self.x_proj_weight)  # (B, R + 2N, L)
+        u = x.flatten(2).contiguous()  # (B, D, L), raster order (one copy, shared by the scan and x_proj's backward)
+        # (B, R + 2N, L) as a 1x1 conv1d: its backward keeps u itself (the scan saves it too), where the einsum's bmm
+        # kept a transposed copy (0.65 GiB for the T model at batch 128).
+        x_dbl = F.conv1d(u, self.x_proj_weight[:, :, None])
         dt_raw, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.einsum('brl,dr->bdl', dt_raw, self.dt_projs_weight)  # (B, D, L)
         A = -torch.exp(self.A_logs.float())  # (D, N)
         states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
                                 backend=self.backend)  # (B, D, 1, L), float32
-        states = self.state_fusion(states.view(b, -1, h, w)).flatten(2)  # (B, D, L)
-        # Ds (fp32) * u promotes to fp32 without saving an fp32 copy of u for the backward (1.2 GiB at batch 128).
-        y = states * C.float() + self.Ds.float()[:, None] * u  # (B, D, L), float32
+        if torch.is_grad_enabled() and states.requires_grad:
+            # The fused states are needed for C's gradient: recomputing the fusion (one fast kernel) in the backward
+            # instead of saving them keeps one fp32 (B, D, L) map less (1.25 GiB for the T model at batch 128).
+            y = cp.checkpoint(self._observe, states, C, u, h, w, use_reentrant=False, preserve_rng_state=False)
+        else:
+            y = self._observe(states, C, u, h, w)
         y = y.transpose(1, 2).reshape(b, h, w, -1).to(z.dtype)
         # out_proj(out_norm(y) * SiLU(z)) saving y and z only (the norm and the gate run again in the backward:
         # autograd would keep the fp32 norm input and output, SiLU(z) and the product, 2.5 GiB at batch 128).
@@ -177,8 +190,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return gelu_linear(self.fc1(x), self.fc2)
+    def forward(self, x: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
+        """``norm``: applied to x first (and recomputed in the backward instead of saving its output)."""
+        return gelu_linear(normed_linear(x, norm, self.fc1), self.fc2)
 
 
 class SpatialMambaBlock(nn.Module):
@@ -202,9 +216,9 @@ class SpatialMambaBlock(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         x = self._cpe(self.cpe1, x)
-        x = x + self.drop_path(self.self_attention(self.ln_1(x)))
+        x = x + self.drop_path(self.self_attention(x, self.ln_1))
         x = self._cpe(self.cpe2, x)
-        return x + self.drop_path(self.mlp(self.ln_2(x)))
+        return x + self.drop_path(self.mlp(x, self.ln_2))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.with_cp and x.requires_grad:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['recomputed_linear', 'gelu_linear', 'gather_index_only']
+__all__ = ['recomputed_linear', 'normed_linear', 'gelu_linear', 'gather_index_only']
 
 
 class _RecomputedLinear(torch.autograd.Function):
@@ -84,6 +84,14 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
         channels_first: ``f``'s output is an NCHW map and ``fc`` a 1x1 convolution over its channels.
     """
     return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
+
+
+def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear) -> Tensor:
+    """``fc(norm(x))`` (channels last) saving only ``x`` for the backward; ``fc(x)`` when ``norm`` is None."""
+    if norm is None:
+        return fc(x)
+    shape, eps = norm.normalized_shape, norm.eps
+    return recomputed_linear(lambda t, w, b: F.layer_norm(t, shape, w, b, eps), fc, x, norm.weight, norm.bias)
 
 
 def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False) -> Tensor:
