@@ -326,7 +326,7 @@ class SpectralBlock(VSSBlock):
 
     def _forward(self, x: Tensor, order: Tensor) -> Tensor:
         x = x + self.drop_path(self.op(self.norm(x), order))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def forward(self, x: Tensor, order: Tensor) -> Tensor:
         if self.with_cp and x.requires_grad:

@@ -112,8 +112,10 @@ class Mlp2d(nn.Module):
         self.act = nn.GELU()
         self.fc2 = Linear2d(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return gelu_linear(self.fc1(x), self.fc2, channels_first=True)
+    def forward(self, x: Tensor, norm: Optional[LayerNorm2d] = None) -> Tensor:
+        """``norm``: applied to x first (and recomputed in the backward instead of saving its output)."""
+        h = norm.project(x, self.fc1, x.dtype) if norm is not None else self.fc1(x)
+        return gelu_linear(h, self.fc2, channels_first=True)
 
 
 class VSSBlock(nn.Module):
@@ -130,7 +132,7 @@ class VSSBlock(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.op(self.norm(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.with_cp and x.requires_grad:
