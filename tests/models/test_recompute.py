@@ -129,3 +129,28 @@ def test_normed_linear_matches_autograd(autocast):
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, **tol)
     assert normed_linear(x, None, fc).equal(fc(x))
+
+
+def test_set_recompute_off_gives_the_plain_compositions_and_the_same_model_outputs():
+    from vssm.models import SpatialMamba
+    from vssm.models.layers import recompute_enabled, set_recompute
+    torch.manual_seed(0)
+    model = SpatialMamba(dict(dims=[16, 32, 32, 32], depths=[1, 1, 1, 1]), out_indices=(0, 3)).train()
+    x = torch.randn(2, 3, 64, 64)
+    results, saved = [], []
+    try:
+        for enabled in (True, False):
+            set_recompute(enabled)
+            assert recompute_enabled() is enabled
+            model.zero_grad()
+            count = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(t.numel()) or t, lambda t: t):
+                outs = model(x)
+            sum(o.square().sum() for o in outs).backward()
+            results.append([o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()])
+            saved.append(sum(count))
+    finally:
+        set_recompute(True)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert saved[0] < saved[1]

@@ -120,6 +120,16 @@ def test_vmamba_and_swin_rows_json_and_markdown(benchmark, tmp_path):
     text = md_path.read_text()
     assert 'images/s vs Swin-T' in text and 'memory vs Swin-T' in text and 'kernel vs torch' in text
     assert '| Swin-T | - | 2 |' in text and '1.00x' in text and 'batch 2 at 64x64' in text
+    assert 'recomputation on' in text and data['meta']['recompute'] is True
+
+
+def test_no_recompute_turns_the_recomputations_off_and_says_so(benchmark, tmp_path, monkeypatch):
+    from vssm.models.layers import recompute
+    monkeypatch.setattr(recompute, '_ENABLED', True)  # restored after the test
+    json_path = tmp_path / 'bench.json'
+    benchmark.main(['--models', 'swin-t', '--modes', 'infer-fp32', '--no-recompute', '--json', str(json_path)] + TINY)
+    assert json.loads(json_path.read_text())['meta']['recompute'] is False
+    assert not recompute.recompute_enabled()
 
 
 @pytest.mark.slow

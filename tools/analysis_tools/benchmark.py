@@ -418,7 +418,7 @@ class Benchmark:
             cudnn_benchmark=torch.backends.cudnn.benchmark, batch=args.batch, size=args.size, warmup=args.warmup,
             iters=args.iters, torch_batch=args.torch_batch, torch_warmup=args.torch_warmup,
             torch_iters=args.torch_iters, det_size=list(args.det_size), seg_size=args.seg_size,
-            modes=list(args.modes), backends=list(args.backends), reference=REFERENCE,
+            modes=list(args.modes), backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute,
             command=' '.join(['python tools/analysis_tools/benchmark.py'] + list(args.argv)),
             date=time.strftime('%Y-%m-%d %H:%M'))
 
@@ -567,7 +567,8 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
     lines = [
         f"Device: {meta['device']}; torch {meta['torch']} (CUDA {meta['cuda']}); TF32 "
         f"{'on' if meta['tf32'] else 'off'} (fp32 matmuls and cuDNN convolutions); cuDNN benchmark "
-        f"{'on' if meta['cudnn_benchmark'] else 'off'}; {meta['date']}.",
+        f"{'on' if meta['cudnn_benchmark'] else 'off'}; memory-saving recomputation "
+        f"{'on' if meta.get('recompute', True) else 'off'}; {meta['date']}.",
         '',
         f"Classification: batch {meta['batch']} at {meta['size']}x{meta['size']}, {meta['warmup']} warm-up + "
         f"{meta['iters']} timed iterations; ops_backend='torch' rows (the pure-PyTorch reference ops): batch "
@@ -657,6 +658,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='after timing each classification mode, profile N more steps with torch.profiler and '
                         'print the top 15 kernels (their time per step and share; also in the JSON rows)')
+    parser.add_argument('--no-recompute', action='store_true',
+                        help="our models without their memory-saving recomputations in the backward "
+                        "(vssm.models.layers.set_recompute(False)): what they cost in training time and save in memory")
     parser.add_argument('--json', metavar='PATH', help='write the settings and all rows as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='write Markdown tables (for docs/benchmarks.md)')
     args = parser.parse_args(argv)
@@ -683,6 +687,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     torch.backends.cudnn.benchmark = False
     torch.manual_seed(0)
 
+    if args.no_recompute:
+        from vssm.models.layers import set_recompute
+        set_recompute(False)
     bench = Benchmark(args, device)
     meta = bench.meta
     print(f"device {meta['device']}, torch {meta['torch']} (CUDA {meta['cuda']}), TF32 "

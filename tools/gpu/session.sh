@@ -15,6 +15,8 @@
 #   order   tools/benchmarks/bench_spectral_order.py at 512x512 (after tests/fuzz: timings need a quiet GPU)
 #   ops     tools/benchmarks/bench_ops.py ($OPS_ARGS)
 #   bench   tools/analysis_tools/benchmark.py ($BENCH_ARGS)
+#   bench-norecompute  the training rows of our models again without the memory-saving recomputations
+#           (--no-recompute): their cost in time, their saving in memory
 #   learn   tools/benchmarks/learning_runs.py ($LEARN_ARGS); LEARN_BG=1 runs it in the background
 #   amp     tools/benchmarks/amp_stability.py, one process per task, model and dtype ($AMP_TASKS: det seg, $AMP_MODELS,
 #           $AMP_DTYPES: bf16 fp16, $AMP_ARGS, e.g. "--iters 500 --time-limit 400"), spread over the GPUs
@@ -66,6 +68,12 @@ for step in "$@"; do
       timeout "${BENCH_TIMEOUT:-300}" python3 tools/analysis_tools/benchmark.py --json "$OUT/bench.json" \
         --markdown "$OUT/bench.md" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
       tail -40 "$OUT/bench.log" ;;
+    bench-norecompute)
+      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      timeout "${BENCH_TIMEOUT:-300}" python3 tools/analysis_tools/benchmark.py --no-recompute --modes train-bf16 \
+        --backends cuda --models spatial-mamba-t vmamba-t spectral-vmamba-t \
+        --json "$OUT/bench-norecompute.json" --markdown "$OUT/bench-norecompute.md" > "$OUT/bench-norecompute.log" 2>&1
+      tail -12 "$OUT/bench-norecompute.log" ;;
     learn)
       run_learn() {
         timeout "${LEARN_TIMEOUT:-400}" python3 tools/benchmarks/learning_runs.py --work-dir /tmp/vssm-learn \

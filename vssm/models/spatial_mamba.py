@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from ..ops import selective_scan, state_fusion
 from .layers import (StagedBackbone, gelu_linear, init_A_logs, init_Ds, init_dt_bias, init_dt_weight,
-                     init_x_proj_weight, normed_linear, parse_arch, recomputed_linear, to_classifier_keys, trunc_normal_linear_init,
-                     unwrap_state_dict)
+                     init_x_proj_weight, normed_linear, parse_arch, recompute_enabled, recomputed_linear,
+                     to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 
 __all__ = ['SpatialMamba', 'convert_upstream_state_dict']
 
@@ -167,7 +167,7 @@ class StructureAwareSSM(nn.Module):
         A = -torch.exp(self.A_logs.float())  # (D, N)
         states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
                                 backend=self.backend)  # (B, D, 1, L), float32
-        if torch.is_grad_enabled() and states.requires_grad:
+        if recompute_enabled() and torch.is_grad_enabled() and states.requires_grad:
             # The fused states are needed for C's gradient: recomputing the fusion (one fast kernel) in the backward
             # instead of saving them keeps one fp32 (B, D, L) map less (1.25 GiB for the T model at batch 128).
             y = cp.checkpoint(self._observe, states, C, u, h, w, use_reentrant=False, preserve_rng_state=False)

@@ -11,14 +11,34 @@ recomputed in the backward, e.g. Spatial-Mamba's ``out_proj(LN(y) * SiLU(z))``.
 ``gather_index_only(src, dim, index)`` is ``torch.gather``, whose autograd saves the whole ``src`` although its
 backward (a scatter-add of the gradient) needs only the index and the shape; this one saves the index only. Spectral
 VMamba's scan and merge gather (B, D, L) tokens and (B, 8, D, L) fp32 scan outputs this way (3 GiB at batch 128).
+
+``set_recompute(False)`` (or ``VSSM_RECOMPUTE=0`` in the environment) makes all of them the plain compositions, to
+measure what the recomputation costs in time and saves in memory (``tools/analysis_tools/benchmark.py
+--no-recompute``).
 """
+import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['recomputed_linear', 'normed_linear', 'gelu_linear', 'gather_index_only']
+__all__ = [
+    'recomputed_linear', 'normed_linear', 'gelu_linear', 'gather_index_only', 'set_recompute', 'recompute_enabled'
+]
+
+_ENABLED = os.environ.get('VSSM_RECOMPUTE', '1') != '0'
+
+
+def set_recompute(enabled: bool) -> None:
+    """Turn the memory-saving recomputations of this module (and Spatial-Mamba's checkpointed state fusion) on or
+    off for the whole process; the results are the same either way."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def recompute_enabled() -> bool:
+    return _ENABLED
 
 
 class _RecomputedLinear(torch.autograd.Function):
@@ -83,6 +103,8 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
         fc: the output projection (``nn.Linear`` or ``Linear2d``: weight (out, in)).
         channels_first: ``f``'s output is an NCHW map and ``fc`` a 1x1 convolution over its channels.
     """
+    if not _ENABLED:
+        return fc(f(*inputs))
     return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
 
 
@@ -118,4 +140,6 @@ class _GatherIndexOnly(torch.autograd.Function):
 
 def gather_index_only(src: Tensor, dim: int, index: Tensor) -> Tensor:
     """``torch.gather(src, dim, index)`` saving only ``index`` (and ``src``'s shape) for the backward."""
+    if not _ENABLED:
+        return torch.gather(src, dim, index)
     return _GatherIndexOnly.apply(src, dim, index)
