@@ -103,7 +103,7 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
         fc: the output projection (``nn.Linear`` or ``Linear2d``: weight (out, in)).
         channels_first: ``f``'s output is an NCHW map and ``fc`` a 1x1 convolution over its channels.
     """
-    if not _ENABLED:
+    if not _ENABLED or not torch.is_grad_enabled():  # nothing is saved without autograd: the plain ops
         return fc(f(*inputs))
     return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
 
@@ -140,6 +140,6 @@ class _GatherIndexOnly(torch.autograd.Function):
 
 def gather_index_only(src: Tensor, dim: int, index: Tensor) -> Tensor:
     """``torch.gather(src, dim, index)`` saving only ``index`` (and ``src``'s shape) for the backward."""
-    if not _ENABLED:
+    if not _ENABLED or not torch.is_grad_enabled():
         return torch.gather(src, dim, index)
     return _GatherIndexOnly.apply(src, dim, index)
