@@ -15,6 +15,8 @@ from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
 from torch import nn
 
+from .models.layers.recompute import recompute_enabled, set_recompute
+
 __all__ = ['selective_scan_flop_jit', 'flop_handles', 'count_flops']
 
 
@@ -49,7 +51,14 @@ def count_flops(model: nn.Module, input_shape: Tuple[int, ...], mode: str = 'tra
     model = copy.deepcopy(model).train(mode == 'train')
     param = next(model.parameters())
     inputs = torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype)
-    analyzer = FlopAnalyzer(model, (inputs, )).set_op_handle(**flop_handles())
-    analyzer.unsupported_ops_warnings(False)
-    analyzer.uncalled_modules_warnings(False)
-    return int(analyzer.total())
+    # The memory-saving autograd functions (vssm.models.layers.recompute) would hide their matmuls from the tracer:
+    # count the plain ops (the same FLOPs).
+    previous = recompute_enabled()
+    set_recompute(False)
+    try:
+        analyzer = FlopAnalyzer(model, (inputs, )).set_op_handle(**flop_handles())
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        return int(analyzer.total())
+    finally:
+        set_recompute(previous)
