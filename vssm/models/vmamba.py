@@ -96,9 +96,12 @@ class SS2D(nn.Module):
                            backend=self.backend)  # (B, K * D, L)
         return y.view(b, k, d, length)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: Optional[LayerNorm2d] = None) -> Tensor:
+        """x: (B, C, H, W); ``norm``: the block's LayerNorm2d, applied to x first (and recomputed in the backward
+        instead of saving its output)."""
         height, width = x.shape[-2:]
-        x = self.act(self.conv2d(self.in_proj(x)))  # (B, D, H, W)
+        x = norm.project(x, self.in_proj, x.dtype) if norm is not None else self.in_proj(x)
+        x = self.act(self.conv2d(x))  # (B, D, H, W)
         y = cross_merge(self.scan(cross_scan(x)), height, width)  # (B, D, H, W), float32
         return self.out_norm.project(y, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
 
@@ -131,7 +134,7 @@ class VSSBlock(nn.Module):
         self.mlp = Mlp2d(dim, int(dim * mlp_ratio))
 
     def _forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
+        x = x + self.drop_path(self.op(x, self.norm))
         return x + self.drop_path(self.mlp(x, self.norm2))
 
     def forward(self, x: Tensor) -> Tensor:
