@@ -73,7 +73,7 @@ def test_gather_index_only_matches_gather_and_saves_only_the_index():
 def test_norm_gate_projection_matches_autograd(autocast):
     """Spatial-Mamba's out_proj(LN(y) * SiLU(z)) and SS2D's out_proj(LN2d(y)): outputs and every gradient (the
     norm's weight and bias included) as plain autograd gives them, with fewer saved tensors."""
-    from vssm.models.layers import LayerNorm2d
+    from vssm.models.layers import LayerNorm2d, normed_linear
     from vssm.models.layers.recompute import recomputed_linear
     torch.manual_seed(0)
     norm, fc = nn.LayerNorm(16), nn.Linear(16, 6, bias=False)
@@ -86,7 +86,8 @@ def test_norm_gate_projection_matches_autograd(autocast):
     cases = [
         (lambda a, b: fc(norm(a) * F.silu(b)),
          lambda a, b: recomputed_linear(gate, fc, a, b, norm.weight, norm.bias), (y, z), (norm, fc)),
-        (lambda a: fc2d(norm2d(a).to(a.dtype)), lambda a: norm2d.project(a, fc2d, a.dtype), (y2d, ), (norm2d, fc2d)),
+        (lambda a: fc2d(norm2d(a).to(a.dtype)), lambda a: normed_linear(a, norm2d, fc2d, a.dtype), (y2d, ),
+         (norm2d, fc2d)),
     ]
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
     for plain, ours, inputs, modules in cases:

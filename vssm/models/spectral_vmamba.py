@@ -41,8 +41,8 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, gather_index_only, parse_arch, to_classifier_keys,
-                     trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, gather_index_only, normed_linear, parse_arch,
+                     to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 from .vmamba import SS2D, VSSBlock
 
 __all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'EIGENSOLVERS', 'spectral_scan', 'spectral_merge',
@@ -242,19 +242,20 @@ def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: boo
 def spectral_scan(x: Tensor, order: Tensor) -> Tensor:
     """(B, D, H, W) -> (B, 2T, D, L): the tokens in each order, then each order reversed."""
     b, d = x.shape[:2]
-    tokens = x.reshape(b, d, -1)  # (B, D, L)
-    seqs = [gather_index_only(tokens, 2, order[:, None, :, t].expand(-1, d, -1)) for t in range(order.shape[2])]
-    return torch.stack(seqs + [s.flip(-1) for s in seqs], dim=1)
+    orders = order.transpose(1, 2)  # (B, T, L)
+    orders = torch.cat([orders, orders.flip(-1)], dim=1)  # the reversed sequences: reversed (small) index rows
+    tokens = x.reshape(b, 1, d, -1).expand(-1, orders.shape[1], -1, -1)  # (B, 2T, D, L), a view
+    return gather_index_only(tokens, 3, orders[:, :, None, :].expand(-1, -1, d, -1))
 
 
 def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
     """(B, 2T, D, L) -> (B, D, H, W): every sequence scattered back to raster positions (through argsort(order), the
     inverse permutation) and summed."""
     b, k, d, length = y.shape
-    t = k // 2
-    inverse = torch.argsort(order, dim=1, stable=True).permute(0, 2, 1)[:, :, None, :].expand(-1, -1, d, -1)
-    merged = gather_index_only(y[:, :t], 3, inverse) + gather_index_only(y[:, t:].flip(-1), 3, inverse)  # (B, T, D, L)
-    return merged.sum(dim=1).view(b, d, height, width)
+    inverse = torch.argsort(order, dim=1, stable=True).transpose(1, 2)  # (B, T, L)
+    # A reversed sequence holds raster token order[L - 1 - j] at position j: read it at L - 1 - inverse.
+    inverse = torch.cat([inverse, length - 1 - inverse], dim=1)[:, :, None, :].expand(-1, -1, d, -1)
+    return gather_index_only(y, 3, inverse).sum(dim=1).view(b, d, height, width)  # (B, 2T, D, L) summed
 
 
 def equivariant_pool(x: Tensor) -> Tensor:
@@ -318,7 +319,7 @@ class SpectralSS2D(SS2D):
         height, width = x.shape[-2:]
         x = self.graph_features(x)  # (B, D, H, W)
         y = spectral_merge(self.scan(spectral_scan(x, order)), order, height, width)  # float32
-        return self.out_norm.project(y, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
+        return normed_linear(y, self.out_norm, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
 
 
 class SpectralBlock(VSSBlock):

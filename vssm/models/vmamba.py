@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ..ops import selective_scan
 from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, init_A_logs, init_Ds, init_dt_bias,
-                     init_dt_weight, init_x_proj_weight, parse_arch, to_classifier_keys, trunc_normal_linear_init,
-                     unwrap_state_dict)
+                     init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, to_classifier_keys,
+                     trunc_normal_linear_init, unwrap_state_dict)
 
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge']
 
@@ -100,10 +100,10 @@ class SS2D(nn.Module):
         """x: (B, C, H, W); ``norm``: the block's LayerNorm2d, applied to x first (and recomputed in the backward
         instead of saving its output)."""
         height, width = x.shape[-2:]
-        x = norm.project(x, self.in_proj, x.dtype) if norm is not None else self.in_proj(x)
+        x = normed_linear(x, norm, self.in_proj)
         x = self.act(self.conv2d(x))  # (B, D, H, W)
         y = cross_merge(self.scan(cross_scan(x)), height, width)  # (B, D, H, W), float32
-        return self.out_norm.project(y, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
+        return normed_linear(y, self.out_norm, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
 
 
 class Mlp2d(nn.Module):
@@ -117,8 +117,7 @@ class Mlp2d(nn.Module):
 
     def forward(self, x: Tensor, norm: Optional[LayerNorm2d] = None) -> Tensor:
         """``norm``: applied to x first (and recomputed in the backward instead of saving its output)."""
-        h = norm.project(x, self.fc1, x.dtype) if norm is not None else self.fc1(x)
-        return gelu_linear(h, self.fc2, channels_first=True)
+        return gelu_linear(normed_linear(x, norm, self.fc1), self.fc2, channels_first=True)
 
 
 class VSSBlock(nn.Module):

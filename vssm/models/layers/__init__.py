@@ -3,9 +3,8 @@ from .arch import parse_arch
 from .base import StagedBackbone
 from .checkpoint import to_classifier_keys, unwrap_state_dict
 from .cuda_graph import CudaGraphCache
-from .norm import LayerNorm2d, Linear2d
-from .recompute import (gather_index_only, gelu_linear, normed_linear, recompute_enabled, recomputed_linear,
-                        set_recompute)
+from .norm import LayerNorm2d, Linear2d, normed_linear
+from .recompute import gather_index_only, gelu_linear, recompute_enabled, recomputed_linear, set_recompute
 from .ssm_init import init_A_logs, init_dt_bias, init_dt_weight, init_Ds, init_x_proj_weight, trunc_normal_linear_init
 
 __all__ = [

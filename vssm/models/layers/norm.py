@@ -1,5 +1,8 @@
 """Channel-first layers of the VMamba-based families: LayerNorm over C of an NCHW map, and a 1x1 conv whose
-weight is stored 2-D ``(out, in)`` like ``nn.Linear`` (upstream's ``LayerNorm2d`` and ``Linear2d``)."""
+weight is stored 2-D ``(out, in)`` like ``nn.Linear`` (upstream's ``LayerNorm2d`` and ``Linear2d``), and
+``normed_linear``: a linear layer of a LayerNorm's output that recomputes the norm in the backward."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,12 +22,23 @@ class LayerNorm2d(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         return layer_norm_2d(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
-    def project(self, y: Tensor, fc: nn.Linear, dtype: torch.dtype) -> Tensor:
-        """``fc(self(y).to(dtype))`` with ``fc`` a ``Linear2d``, saving only ``y`` for the backward (the normalized
-        map is recomputed there): the SS2D output projection."""
-        shape, eps = self.normalized_shape, self.eps
-        return recomputed_linear(lambda t, w, b: layer_norm_2d(t, shape, w, b, eps).to(dtype), fc, y, self.weight,
-                                 self.bias, channels_first=True)
+
+def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear,
+                  dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``fc(norm(x).to(dtype))`` saving only ``x`` for the backward (the norm runs again there); ``fc(x)`` when
+    ``norm`` is None. A ``LayerNorm2d`` takes (B, C, H, W) maps and ``fc`` is then a ``Linear2d``; an
+    ``nn.LayerNorm`` takes channels-last inputs and an ``nn.Linear``. ``dtype``: cast of the normalized input."""
+    if norm is None:
+        return fc(x)
+    shape, eps = norm.normalized_shape, norm.eps
+    channels_first = isinstance(norm, LayerNorm2d)
+    layer_norm = layer_norm_2d if channels_first else F.layer_norm
+
+    def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        t = layer_norm(t, shape, weight, bias, eps)
+        return t if dtype is None else t.to(dtype)
+
+    return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=channels_first)
 
 
 class Linear2d(nn.Linear):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    'recomputed_linear', 'normed_linear', 'gelu_linear', 'gather_index_only', 'set_recompute', 'recompute_enabled'
+    'recomputed_linear', 'gelu_linear', 'gather_index_only', 'set_recompute', 'recompute_enabled'
 ]
 
 _ENABLED = os.environ.get('VSSM_RECOMPUTE', '1') != '0'
@@ -106,14 +106,6 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
     if not _ENABLED or not torch.is_grad_enabled():  # nothing is saved without autograd: the plain ops
         return fc(f(*inputs))
     return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
-
-
-def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear) -> Tensor:
-    """``fc(norm(x))`` (channels last) saving only ``x`` for the backward; ``fc(x)`` when ``norm`` is None."""
-    if norm is None:
-        return fc(x)
-    shape, eps = norm.normalized_shape, norm.eps
-    return recomputed_linear(lambda t, w, b: F.layer_norm(t, shape, w, b, eps), fc, x, norm.weight, norm.bias)
 
 
 def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False) -> Tensor:
