@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 
-__all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'register_safe_globals', 'add_common_args',
+__all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'register_safe_globals', 'add_common_args', 'load_tool_module',
            'setup_run', 'build_runner', 'check_data_paths', 'finish_distributed', 'is_main_process', 'DEMO_OVERRIDES']
 
 DEMO_OVERRIDES = {
@@ -241,3 +241,16 @@ def build_runner(cfg: Config, strict_load: bool = True):
 
     runner.load_checkpoint = load_checkpoint
     return runner
+
+
+def load_tool_module(path: Path, name: str):
+    """Import a script of ``tools/`` (not a package) by its path, once per process (cached in ``sys.modules`` under
+    ``name``): for tools that reuse another tool's functions."""
+    import importlib.util
+    import sys
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -46,7 +46,6 @@ Output: per model, the total saved bytes at the run's batch and scaled, the tota
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import inspect
 import json
 import re
@@ -76,13 +75,8 @@ KERNEL_OPS = (('vssm.ops.selective_scan', 'kernels/selective_scan/csrc/selective
 
 def _benchmark_module() -> ModuleType:
     """tools/analysis_tools/benchmark.py (model names, config loading), imported by path."""
-    name = 'vssm_benchmark_tool'
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name('benchmark.py'))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from vssm.runtime import load_tool_module
+    return load_tool_module(Path(__file__).with_name('benchmark.py'), 'vssm_benchmark_tool')
 
 
 # --- recording ---------------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ log) and the others go on; the exit status is 1 if any run failed. Reaching the 
 exit status: read it in the summary.
 """
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -179,11 +178,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _plot_curves_module():
     """tools/analysis_tools/plot_curves.py (a script, not a package module)."""
-    path = REPO_ROOT / 'tools' / 'analysis_tools' / 'plot_curves.py'
-    spec = importlib.util.spec_from_file_location('plot_curves', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from vssm.runtime import load_tool_module
+    return load_tool_module(REPO_ROOT / 'tools' / 'analysis_tools' / 'plot_curves.py', 'vssm_plot_curves_tool')
 
 
 def data_options(task: str, data_root: Path, split: str) -> List[str]:

@@ -24,7 +24,6 @@ under ``WORK_DIR/<task>/<backbone>/`` (``train.log``, ``resume.log``, ``test.log
 status 1 if any check failed.
 """
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -44,10 +43,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def _learning_runs():
     """tools/benchmarks/learning_runs.py (configs per task, data options, ports, logged launcher runs)."""
-    spec = importlib.util.spec_from_file_location('learning_runs', Path(__file__).with_name('learning_runs.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from vssm.runtime import load_tool_module
+    return load_tool_module(Path(__file__).with_name('learning_runs.py'), 'vssm_learning_runs_tool')
 
 
 lr = _learning_runs()
