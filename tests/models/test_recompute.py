@@ -1,11 +1,12 @@
-"""vssm.models.layers.gelu_linear: the same outputs and gradients as ``fc(gelu(h))`` (channels last and first, fp32
-and under bf16 autocast), one hidden-width tensor fewer saved for the backward."""
+"""vssm.models.layers' memory-saving functions (gelu_linear, recomputed_linear, normed_linear, gather_index_only,
+grouped_matmul): the outputs and gradients of the plain compositions (fp32 and under bf16 autocast), less saved for
+the backward."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vssm.models.layers import Linear2d, gather_index_only, gelu_linear
+from vssm.models.layers import Linear2d, gather_index_only, gelu_linear, grouped_matmul
 
 
 def _case(channels_first, seed=0):
@@ -155,3 +156,39 @@ def test_set_recompute_off_gives_the_plain_compositions_and_the_same_model_outpu
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert saved[0] < saved[1]
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a GPU'))])
+@pytest.mark.parametrize('groups', [1, 4])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_grouped_matmul_matches_matmul_and_saves_no_weight_copy(groups, autocast, device):
+    torch.manual_seed(0)
+    weight = torch.randn(groups, 5, 7, device=device, requires_grad=True)
+    x = torch.randn(3, groups, 7, 11, device=device, requires_grad=True)
+    x_view = x[:, :, :, 1:]  # a strided view, as the split rows of x_proj's output that dt_proj takes
+    probe = torch.randn(3, groups, 5, 10, device=device)
+    results, saved = [], []
+    for fn in (torch.matmul, grouped_matmul):
+        weight.grad = x.grad = None
+        stored = []
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: stored.append(t) or t, lambda t: t):
+                out = fn(weight, x_view)
+        (out.float() * probe).sum().backward()
+        results.append((out.detach(), weight.grad.clone(), x.grad.clone()))
+        saved.append(stored)
+    tol = dict(rtol=2e-2, atol=5e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(['out', 'weight grad', 'x grad'], results[1], results[0]):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    # Only views are saved: of x (its storage) and of the weight or its autocast copy, whose size is the weight's,
+    # never a copy expanded over the batch.
+    for t in saved[1]:
+        assert t.untyped_storage().nbytes() <= max(x.untyped_storage().nbytes(),
+                                                   weight.numel() * t.element_size()), tuple(t.shape)
+
+
+def test_grouped_matmul_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r'weight \(K, O, I\) and x \(B, K, I, L\)'):
+        grouped_matmul(torch.randn(2, 5, 7), torch.randn(3, 4, 7, 11))

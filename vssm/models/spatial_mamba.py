@@ -29,7 +29,7 @@ from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
 from ..ops import selective_scan, state_fusion
-from .layers import (StagedBackbone, gelu_linear, init_A_logs, init_Ds, init_dt_bias, init_dt_weight,
+from .layers import (StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds, init_dt_bias, init_dt_weight,
                      init_x_proj_weight, normed_linear, parse_arch, recompute_enabled, recomputed_linear,
                      to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 
@@ -71,7 +71,10 @@ class StemLayer(nn.Module):
         x = self.conv1(x)
         x = x + self.conv2(x)
         x = self.conv3(x)
-        return x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        # Channels-last in memory, not only in shape: the blocks' LayerNorms and Linears then read it without a
+        # copy, their residual adds are vectorized, and cuDNN's NHWC depthwise kernels take the cpe convs (a
+        # permuted NCHW map went through a copy before every LayerNorm and a strided add after every branch).
+        return x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
 
 
 class Downsample(nn.Module):
@@ -86,7 +89,7 @@ class Downsample(nn.Module):
             ConvNormAct(hidden, out_dim, 1, bias=True, act=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()  # a no-op copy for NHWC convs
 
 
 class StateFusion(nn.Module):
@@ -150,7 +153,7 @@ class StructureAwareSSM(nn.Module):
         """y = fusion(states) * C + D * u, (B, D, L) float32."""
         fused = self.state_fusion(states.view(states.shape[0], -1, h, w)).flatten(2)  # (B, D, L)
         # Ds (fp32) * u promotes to fp32 without saving an fp32 copy of u for the backward (1.2 GiB at batch 128).
-        return fused * C.float() + self.Ds.float()[:, None] * u
+        return torch.addcmul(self.Ds.float()[:, None] * u, fused, C.float())
 
     def forward(self, x: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
         """x: (B, H, W, C); ``norm``: the block's LayerNorm, applied to x first (and recomputed in the backward
@@ -163,7 +166,8 @@ class StructureAwareSSM(nn.Module):
         # kept a transposed copy (0.65 GiB for the T model at batch 128).
         x_dbl = F.conv1d(u, self.x_proj_weight[:, :, None])
         dt_raw, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.einsum('brl,dr->bdl', dt_raw, self.dt_projs_weight)  # (B, D, L)
+        # (B, D, L), contiguous for the scan; an einsum's backward was 2.7x slower (tools/benchmarks/bench_layouts.py)
+        delta = grouped_matmul(self.dt_projs_weight[None], dt_raw[:, None])[:, 0]
         A = -torch.exp(self.A_logs.float())  # (D, N)
         states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
                                 backend=self.backend)  # (B, D, 1, L), float32
