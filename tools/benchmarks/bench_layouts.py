@@ -1,138 +1,213 @@
-"""Layout micro-benchmark: the memory-bound pieces of the Spatial-Mamba / VMamba blocks in the layouts they can be
-written in (which copy, which cuDNN/ATen kernel), at the T models' stage-1 shapes, batch 128.
+"""Layout micro-benchmark: the memory-bound pieces of the Spatial-Mamba / VMamba blocks in the forms they can be
+written in (which copy, which cuDNN / ATen / vssm kernel runs), at the T models' stage-1 shapes (batch 128, 56x56).
 
-    python tools/benchmarks/bench_layouts.py [--batch 128] [--iters 20]
+    python tools/benchmarks/bench_layouts.py [--batch 128] [--hw 56] [--iters 20] [--dtypes fp32 bf16]
+        [--pieces cpe local ln2d linear2d x_proj dt_proj sm_x_proj copy] [--device cuda]
 
-Each case prints its forward time (no autograd) and forward+backward time, in fp32 (TF32 on) and under bf16 autocast,
-and the variants of one piece side by side, so the block code can use the fastest form.
+Each piece is a group of variants that compute the same function of the same inputs; the first is the form the
+models used before the layout work of issue 5 ("was"), the one marked "now" is what they use. For every variant
+and dtype (fp32 with TF32 on, or under bf16 autocast) it prints the forward time (no autograd) and the
+forward+backward time, and checks that its output equals the first variant's (max relative difference). On a GPU the
+times come from CUDA events; on a CPU (``--device cpu``, for a smoke test) from the wall clock and mean nothing.
+
+Shapes: Spatial-Mamba-T stage 1 has C = 64 channels and D = 128 inner channels; VMamba-T C = 96, D = 192, K = 4
+directions, dt rank R = 6; x_proj gets R + 32 output rows here (a state size of 16, wider than the models' 1).
 """
 import argparse
 import contextlib
+import time
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+Variant = Tuple[str, Callable[..., torch.Tensor]]
 
-def timeit(fn, iters):
+
+def _timer(device: torch.device, fn: Callable[[], None], iters: int) -> float:
+    """Milliseconds per call after 3 warm-up calls."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / iters
+    begin = time.perf_counter()
     for _ in range(iters):
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return (time.perf_counter() - begin) * 1e3 / iters
 
 
-def run(name, make, body, iters, dtype):
-    """make() -> inputs (leaf tensors requiring grad); body(*inputs) -> output."""
-    ac = torch.autocast('cuda', torch.bfloat16) if dtype == 'bf16' else contextlib.nullcontext()
-    inputs = make()
+def build_pieces(batch: int, hw: int, device: torch.device):
+    """name -> (make inputs, [(variant name, body)]); every body returns the piece's output."""
+    from vssm.models.layers import grouped_matmul
+    from vssm.ops import dwconv2d
+    b, h, w = batch, hw, hw
+    length = h * w
+    kernel = 'cuda' if device.type == 'cuda' else 'torch'
 
-    def fwd():
-        with torch.no_grad(), ac:
-            body(*inputs)
+    def leaf(*shape):
+        return lambda: torch.randn(*shape, device=device, requires_grad=True)
 
-    def fwdbwd():
-        with ac:
-            out = body(*inputs)
-        out.float().sum().backward() if out.dtype != torch.float32 else out.sum().backward()
-        for t in inputs:
-            t.grad = None
-    try:
-        f = timeit(fwd, iters)
-        fb = timeit(fwdbwd, iters)
-        print(f'{name:58s} {dtype:5s} fwd {f:7.3f} ms   fwd+bwd {fb:7.3f} ms', flush=True)
-    except Exception as e:  # noqa: BLE001
-        print(f'{name:58s} {dtype:5s} failed: {type(e).__name__}: {str(e)[:120]}', flush=True)
+    def inputs(*makers):
+        return lambda: [m() for m in makers]
+
+    c, d = 64, 128  # Spatial-Mamba-T stage 1
+    cl = torch.channels_last
+    cpe = [
+        ('was: NCHW-memory x + conv(x) (ATen depthwise)',
+         lambda x, wt, bs: (lambda y: y + F.conv2d(y, wt, bs, padding=1, groups=c))(
+             x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)),
+        ('now: NHWC x + conv(x.permute) (cuDNN NHWC)',
+         lambda x, wt, bs: x + F.conv2d(x.permute(0, 3, 1, 2), wt, bs, padding=1, groups=c).permute(0, 2, 3, 1)),
+        ('NHWC, weight channels_last too',
+         lambda x, wt, bs: x + F.conv2d(x.permute(0, 3, 1, 2), wt.contiguous(memory_format=cl), bs, padding=1,
+                                        groups=c).permute(0, 2, 3, 1)),
+        ('NCHW copy + vssm dwconv2d',
+         lambda x, wt, bs: (lambda y: y + dwconv2d(y, wt, bs, backend=kernel))(
+             x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)),
+    ]
+    local = [
+        ('now: slice.permute -> conv -> SiLU -> u contiguous',
+         lambda xz, wt, bs: F.silu(F.conv2d(xz[..., :d].permute(0, 3, 1, 2), wt, bs, padding=1,
+                                            groups=d)).flatten(2).contiguous()),
+        ('slice.permute.contiguous -> conv',
+         lambda xz, wt, bs: F.silu(F.conv2d(xz[..., :d].permute(0, 3, 1, 2).contiguous(), wt, bs, padding=1,
+                                            groups=d)).flatten(2)),
+        ('slice.contiguous (NHWC) -> conv, weight channels_last',
+         lambda xz, wt, bs: F.silu(F.conv2d(xz[..., :d].contiguous().permute(0, 3, 1, 2),
+                                            wt.contiguous(memory_format=cl), bs, padding=1,
+                                            groups=d)).flatten(2).contiguous()),
+        ('permute.contiguous -> vssm dwconv2d',
+         lambda xz, wt, bs: F.silu(dwconv2d(xz[..., :d].permute(0, 3, 1, 2).contiguous(), wt, bs,
+                                            backend=kernel)).flatten(2)),
+    ]
+    cv, dv, k, r = 96, 192, 4, 6  # VMamba-T stage 1
+    ln2d = [
+        ('now: permute -> F.layer_norm -> permute',
+         lambda x, wt, bs: F.layer_norm(x.permute(0, 2, 3, 1), (cv, ), wt, bs).permute(0, 3, 1, 2)),
+        ('mean / var over channels',
+         lambda x, wt, bs: ((x - x.mean(1, keepdim=True)) * torch.rsqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
+                            * wt[:, None, None] + bs[:, None, None])),
+    ]
+    linear2d = [
+        ('now: 1x1 conv2d on channels_last memory',
+         lambda x, wt: F.conv2d(x.permute(0, 3, 1, 2), wt[:, :, None, None])),
+        ('1x1 conv2d on NCHW memory', lambda x, wt: F.conv2d(x.permute(0, 3, 1, 2).contiguous(), wt[:, :, None, None])),
+        ('matmul W @ x.view(B, C, L) (NCHW)',
+         lambda x, wt: torch.matmul(wt, x.permute(0, 3, 1, 2).contiguous().flatten(2)).view(b, -1, h, w)),
+        ('F.linear on NHWC (as Swin)', lambda x, wt: F.linear(x, wt).permute(0, 3, 1, 2)),
+    ]
+    x_proj = [
+        ('was: grouped 1x1 conv1d',
+         lambda xs, wt: F.conv1d(xs.reshape(b, k * dv, length), wt.reshape(-1, dv, 1), groups=k).view(b, k, -1, length)),
+        ('now: grouped_matmul', lambda xs, wt: grouped_matmul(wt, xs)),
+        ('torch.matmul (broadcast)', lambda xs, wt: torch.matmul(wt, xs)),
+        ('einsum bkdl,kcd->bkcl', lambda xs, wt: torch.einsum('bkdl,kcd->bkcl', xs, wt)),
+    ]
+    dt_proj = [
+        ('was: einsum bkrl,kdr->bkdl', lambda dts, wt: torch.einsum('bkrl,kdr->bkdl', dts, wt)),
+        ('now: grouped_matmul', lambda dts, wt: grouped_matmul(wt, dts)),
+        ('torch.matmul (broadcast)', lambda dts, wt: torch.matmul(wt, dts)),
+    ]
+    sm_x_proj = [
+        ('now: 1x1 conv1d', lambda u, wt: F.conv1d(u, wt[:, :, None])),
+        ('matmul', lambda u, wt: torch.matmul(wt, u)),
+    ]
+    copy = [('one (B, L, 128) map read and written', lambda x: x.clone())]
+    return {
+        'cpe': (inputs(leaf(b, h, w, c), leaf(c, 1, 3, 3), leaf(c)), cpe),
+        'local': (inputs(leaf(b, h, w, 2 * d), leaf(d, 1, 3, 3), leaf(d)), local),
+        'ln2d': (inputs(leaf(b, cv, h, w), leaf(cv), leaf(cv)), ln2d),
+        'linear2d': (inputs(leaf(b, h, w, cv), leaf(2 * cv, cv)), linear2d),
+        'x_proj': (inputs(leaf(b, k, dv, length), leaf(k, r + 32, dv)), x_proj),
+        'dt_proj': (inputs(leaf(b, k, r, length), leaf(k, dv, r)), dt_proj),
+        'sm_x_proj': (inputs(leaf(b, d, length), leaf(r, d)), sm_x_proj),
+        'copy': (inputs(leaf(b, h, w, d)), copy),
+    }
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument('--batch', type=int, default=128)
-    p.add_argument('--iters', type=int, default=20)
-    a = p.parse_args()
+def measure(device: torch.device, make: Callable[[], List[torch.Tensor]], variants: Sequence[Variant], dtype: str,
+            iters: int) -> List[dict]:
+    """One row per variant: forward and forward+backward ms, max relative difference of the output to variant 0."""
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bf16' else contextlib.nullcontext()
+    torch.manual_seed(0)
+    args = make()
+    rows, reference = [], None
+    for name, body in variants:
+        def forward():
+            with torch.no_grad(), autocast():
+                return body(*args)
+
+        def forward_backward():
+            with autocast():
+                out = body(*args)
+            out.float().sum().backward()
+            for t in args:
+                t.grad = None
+        row = dict(name=name, dtype=dtype)
+        try:
+            out = forward().float()
+            if reference is None:
+                reference = out
+            row['max_rel_diff'] = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+            row['fwd_ms'] = _timer(device, forward, iters)
+            row['fwd_bwd_ms'] = _timer(device, forward_backward, iters)
+        except Exception as error:  # noqa: BLE001  (a variant the device cannot run is reported, not fatal)
+            row['error'] = f'{type(error).__name__}: {str(error).splitlines()[0][:120]}'
+        rows.append(row)
+    return rows
+
+
+def format_row(piece: str, row: dict) -> str:
+    head = f"{piece:9s} {row['dtype']:4s}  {row['name']:55s}"
+    if 'error' in row:
+        return f"{head} failed: {row['error']}"
+    return (f"{head} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms   "
+            f"max rel. diff {row['max_rel_diff']:.1e}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--hw', type=int, default=56, help='feature map side (stage 1 of a 224x224 input: 56)')
+    parser.add_argument('--iters', type=int, default=20, help='timed calls per variant (default: 20)')
+    parser.add_argument('--dtypes', nargs='+', choices=['fp32', 'bf16'], default=['fp32', 'bf16'])
+    parser.add_argument('--pieces', nargs='+', default=None, help='which pieces (default: all)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    for name in ('batch', 'hw', 'iters'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    return args
+
+
+def main(argv=None) -> List[dict]:
+    args = parse_args(argv)
+    import vssm  # noqa: F401  (registers the backbones and ops)
+    device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    dev = 'cuda'
-    B, H, W = a.batch, 56, 56
-    L = H * W
-    g = lambda *s: torch.randn(*s, device=dev, requires_grad=True)  # noqa: E731
-    try:
-        import vssm.ops as vops
-        from vssm.ops import dwconv2d as vdw
-    except Exception:  # noqa: BLE001
-        vops = None
-    for dtype in ('fp32', 'bf16'):
-        # --- Spatial-Mamba cpe: x + dwconv3x3(x), x channels-last (B, H, W, C=64)
-        C = 64
-        run('SM cpe: NHWC x + conv(permute) [current]', lambda: (g(B, H, W, C), g(C, 1, 3, 3), g(C)),
-            lambda x, w, b: x + F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=1, groups=C).permute(0, 2, 3, 1),
-            a.iters, dtype)
-        run('SM cpe: NHWC, weight channels_last', lambda: (g(B, H, W, C), g(C, 1, 3, 3), g(C)),
-            lambda x, w, b: x + F.conv2d(x.permute(0, 3, 1, 2), w.contiguous(memory_format=torch.channels_last), b,
-                                         padding=1, groups=C).permute(0, 2, 3, 1), a.iters, dtype)
-        run('SM cpe: NCHW x + conv(x)', lambda: (g(B, C, H, W), g(C, 1, 3, 3), g(C)),
-            lambda x, w, b: x + F.conv2d(x, w, b, padding=1, groups=C), a.iters, dtype)
-        if vops is not None:
-            run('SM cpe: NCHW x + vssm dwconv2d(x)', lambda: (g(B, C, H, W), g(C, 1, 3, 3), g(C)),
-                lambda x, w, b: x + vops.dwconv2d(x, w, b, backend="cuda"), a.iters, dtype)
-        # --- Spatial-Mamba local conv on the x half of in_proj's output (B, H, W, 2D), D=128 -> u (B, D, L)
-        D = 128
-        run('SM local: slice.permute -> conv -> silu -> u [current]', lambda: (g(B, H, W, 2 * D), g(D, 1, 3, 3), g(D)),
-            lambda xz, w, b: F.silu(F.conv2d(xz[..., :D].permute(0, 3, 1, 2), w, b, padding=1,
-                                             groups=D)).flatten(2).contiguous(), a.iters, dtype)
-        run('SM local: slice.permute.contiguous -> conv', lambda: (g(B, H, W, 2 * D), g(D, 1, 3, 3), g(D)),
-            lambda xz, w, b: F.silu(F.conv2d(xz[..., :D].permute(0, 3, 1, 2).contiguous(), w, b, padding=1,
-                                             groups=D)).flatten(2), a.iters, dtype)
-        run('SM local: slice.contiguous (NHWC) -> conv w CL', lambda: (g(B, H, W, 2 * D), g(D, 1, 3, 3), g(D)),
-            lambda xz, w, b: F.silu(F.conv2d(xz[..., :D].contiguous().permute(0, 3, 1, 2),
-                                             w.contiguous(memory_format=torch.channels_last), b, padding=1,
-                                             groups=D)).flatten(2).contiguous(), a.iters, dtype)
-        if vops is not None:
-            run('SM local: permute.contiguous -> vssm dwconv2d', lambda: (g(B, H, W, 2 * D), g(D, 1, 3, 3), g(D)),
-                lambda xz, w, b: F.silu(vops.dwconv2d(xz[..., :D].permute(0, 3, 1, 2).contiguous(), w, b,
-                                                      backend="cuda")).flatten(2), a.iters, dtype)
-        # --- LayerNorm over C
-        run('LN NHWC (B, L, 64) F.layer_norm', lambda: (g(B, H, W, C), g(C), g(C)),
-            lambda x, w, b: F.layer_norm(x, (C, ), w, b), a.iters, dtype)
-        C2 = 96
-        run('LN2d NCHW (B, 96, H, W) permute-LN-permute [VMamba]', lambda: (g(B, C2, H, W), g(C2), g(C2)),
-            lambda x, w, b: F.layer_norm(x.permute(0, 2, 3, 1), (C2, ), w, b).permute(0, 3, 1, 2), a.iters, dtype)
-        run('LN2d NCHW manual mean/var', lambda: (g(B, C2, H, W), g(C2), g(C2)),
-            lambda x, w, b: ((x - x.mean(1, keepdim=True)) * torch.rsqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
-                             * w[:, None, None] + b[:, None, None]), a.iters, dtype)
-        # --- Linear2d (1x1 conv) on NCHW (B, 96, H, W) -> 192*2... VMamba-T in_proj 96 -> 192
-        run('Linear2d: conv2d 1x1 NCHW [current]', lambda: (g(B, C2, H, W), g(2 * C2, C2)),
-            lambda x, w: F.conv2d(x, w[:, :, None, None]), a.iters, dtype)
-        run('Linear2d: matmul W @ x.view(B, C, L)', lambda: (g(B, C2, H, W), g(2 * C2, C2)),
-            lambda x, w: torch.matmul(w, x.flatten(2)).view(B, -1, H, W), a.iters, dtype)
-        run('Linear2d: conv2d 1x1 on channels_last input', lambda: (g(B, H, W, C2), g(2 * C2, C2)),
-            lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w[:, :, None, None]), a.iters, dtype)
-        run('Linear NHWC F.linear (Swin-like)', lambda: (g(B, H, W, C2), g(2 * C2, C2)),
-            lambda x, w: F.linear(x, w), a.iters, dtype)
-        # --- VMamba x_proj: (B, K=4, D=192, L) -> (B, K, 6+32, L)
-        K, Dv, R = 4, 192, 6
-        run('x_proj: grouped conv1d [current]', lambda: (g(B, K, Dv, L), g(K, R + 32, Dv)),
-            lambda xs, w: F.conv1d(xs.reshape(B, K * Dv, L), w.reshape(-1, Dv, 1), groups=K), a.iters, dtype)
-        run('x_proj: matmul(w, xs)', lambda: (g(B, K, Dv, L), g(K, R + 32, Dv)),
-            lambda xs, w: torch.matmul(w, xs), a.iters, dtype)
-        run('x_proj: einsum bkdl,kcd->bkcl', lambda: (g(B, K, Dv, L), g(K, R + 32, Dv)),
-            lambda xs, w: torch.einsum('bkdl,kcd->bkcl', xs, w), a.iters, dtype)
-        run('dt_proj: einsum bkrl,kdr->bkdl [current]', lambda: (g(B, K, R, L), g(K, Dv, R)),
-            lambda d, w: torch.einsum('bkrl,kdr->bkdl', d, w), a.iters, dtype)
-        run('dt_proj: matmul(w, dts)', lambda: (g(B, K, R, L), g(K, Dv, R)),
-            lambda d, w: torch.matmul(w, d), a.iters, dtype)
-        # --- SM x_proj (B, D=128, L) -> (B, 4+2, L)
-        run('SM x_proj: conv1d [current]', lambda: (g(B, D, L), g(6, D)),
-            lambda u, w: F.conv1d(u, w[:, :, None]), a.iters, dtype)
-        run('SM x_proj: matmul(w, u)', lambda: (g(B, D, L), g(6, D)),
-            lambda u, w: torch.matmul(w, u), a.iters, dtype)
-        # copy floor
-        run('copy (B, L, 128) (reference: one map read+write)', lambda: (g(B, H, W, D), ),
-            lambda x: x.clone(), a.iters, dtype)
+    table = build_pieces(args.batch, args.hw, device)
+    unknown = set(args.pieces or ()) - set(table)
+    if unknown:
+        raise SystemExit(f'--pieces: unknown {sorted(unknown)}; choose from {", ".join(table)}')
+    print(f'device {device}, batch {args.batch}, {args.hw}x{args.hw}, TF32 on, {args.iters} timed calls', flush=True)
+    results = []
+    for dtype in args.dtypes:
+        for piece in args.pieces or table:
+            make, variants = table[piece]
+            for row in measure(device, make, variants, dtype, args.iters):
+                row['piece'] = piece
+                results.append(row)
+                print(format_row(piece, row), flush=True)
+    return results
 
 
 if __name__ == '__main__':
