@@ -2,7 +2,7 @@
 written in (which copy, which cuDNN / ATen / vssm kernel runs), at the T models' stage-1 shapes (batch 128, 56x56).
 
     python tools/benchmarks/bench_layouts.py [--batch 128] [--hw 56] [--iters 20] [--dtypes fp32 bf16]
-        [--pieces cpe local ln2d linear2d x_proj dt_proj sm_x_proj copy] [--device cuda]
+        [--pieces cpe local ln2d linear2d x_proj dt_proj sm_x_proj copy stem] [--device cuda]
 
 Each piece is a group of variants that compute the same function of the same inputs; the first is the form the
 models used before the layout work of issue 5 ("was"), the one marked "now" is what they use. For every variant
@@ -15,6 +15,7 @@ directions, dt rank R = 6; x_proj gets R + 32 output rows here (a state size of 
 """
 import argparse
 import contextlib
+import copy as _copy
 import time
 from typing import Callable, List, Sequence, Tuple
 
@@ -41,6 +42,10 @@ def _timer(device: torch.device, fn: Callable[[], None], iters: int) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - begin) * 1e3 / iters
+
+
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    return _copy.deepcopy(module)
 
 
 def build_pieces(batch: int, hw: int, device: torch.device):
@@ -120,6 +125,15 @@ def build_pieces(batch: int, hw: int, device: torch.device):
         ('matmul', lambda u, wt: torch.matmul(wt, u)),
     ]
     copy = [('one (B, L, 128) map read and written', lambda x: x.clone())]
+    # Spatial-Mamba-T's stem (convs + BatchNorm at 112x112 and 56x56; its BatchNorm backward took 10 ms of a
+    # 211 ms training step at batch 128) in NCHW and in channels-last memory.
+    from vssm.models.spatial_mamba import StemLayer
+    stem_nchw = StemLayer(3, c).to(device)
+    stem_nhwc = copy_module(stem_nchw).to(memory_format=cl)
+    stem = [
+        ('now: NCHW stem, output made contiguous NHWC', lambda img: stem_nchw(img)),
+        ('channels_last stem', lambda img: stem_nhwc(img.contiguous(memory_format=cl))),
+    ]
     return {
         'cpe': (inputs(leaf(b, h, w, c), leaf(c, 1, 3, 3), leaf(c)), cpe),
         'local': (inputs(leaf(b, h, w, 2 * d), leaf(d, 1, 3, 3), leaf(d)), local),
@@ -129,6 +143,7 @@ def build_pieces(batch: int, hw: int, device: torch.device):
         'dt_proj': (inputs(leaf(b, k, r, length), leaf(k, dv, r)), dt_proj),
         'sm_x_proj': (inputs(leaf(b, d, length), leaf(r, d)), sm_x_proj),
         'copy': (inputs(leaf(b, h, w, d)), copy),
+        'stem': (inputs(leaf(b, 3, 4 * h, 4 * w)), stem),
     }
 
 
