@@ -192,3 +192,12 @@ def test_grouped_matmul_matches_matmul_and_saves_no_weight_copy(groups, autocast
 def test_grouped_matmul_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r'weight \(K, O, I\) and x \(B, K, I, L\)'):
         grouped_matmul(torch.randn(2, 5, 7), torch.randn(3, 4, 7, 11))
+
+
+def test_grouped_matmul_traces_to_plain_gemms():
+    """Under tracing (FLOP counting, export) the GEMMs are plain aten::bmm nodes, not an opaque autograd function."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(4, 5, 7), torch.randn(3, 4, 7, 11)
+    traced = torch.jit.trace(grouped_matmul, (weight, x))
+    assert 'aten::bmm' in str(traced.graph)
+    torch.testing.assert_close(traced(weight, x), torch.matmul(weight, x), rtol=1e-5, atol=1e-5)
