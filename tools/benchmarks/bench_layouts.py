@@ -110,7 +110,8 @@ def build_pieces(batch: int, hw: int, device: torch.device):
     ]
     x_proj = [
         ('was: grouped 1x1 conv1d',
-         lambda xs, wt: F.conv1d(xs.reshape(b, k * dv, length), wt.reshape(-1, dv, 1), groups=k).view(b, k, -1, length)),
+         lambda xs, wt: F.conv1d(xs.reshape(b, k * dv, length), wt.reshape(-1, dv, 1),
+                                 groups=k).view(b, k, -1, length)),
         ('now: grouped_matmul', lambda xs, wt: grouped_matmul(wt, xs)),
         ('torch.matmul (broadcast)', lambda xs, wt: torch.matmul(wt, xs)),
         ('einsum bkdl,kcd->bkcl', lambda xs, wt: torch.einsum('bkdl,kcd->bkcl', xs, wt)),

@@ -93,7 +93,8 @@ for step in "$@"; do
       for task in ${AMP_TASKS:-det seg}; do
         for model in ${AMP_MODELS:-spatial-mamba-t vmamba-t spectral-vmamba-t}; do
           for dtype in ${AMP_DTYPES:-bf16 fp16}; do
-            CUDA_VISIBLE_DEVICES=$(( i % ngpu )) OMP_NUM_THREADS=$amp_threads timeout "${AMP_TIMEOUT:-450}" python3 tools/benchmarks/amp_stability.py \
+            CUDA_VISIBLE_DEVICES=$(( i % ngpu )) OMP_NUM_THREADS=$amp_threads timeout "${AMP_TIMEOUT:-450}" \
+              python3 tools/benchmarks/amp_stability.py \
               --tasks $task --models $model --dtypes $dtype --json "$OUT/amp-$task-$model-$dtype.json" ${AMP_ARGS:-} \
               > "$OUT/amp-$task-$model-$dtype.log" 2>&1 &
             amp+=($!); i=$(( i + 1 ))
