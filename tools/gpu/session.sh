@@ -14,7 +14,8 @@
 #           in the background
 #   order   tools/benchmarks/bench_spectral_order.py at 512x512 (after tests/fuzz: timings need a quiet GPU)
 #   ops     tools/benchmarks/bench_ops.py ($OPS_ARGS)
-#   bench   tools/analysis_tools/benchmark.py ($BENCH_ARGS)
+#   bench   tools/analysis_tools/benchmark.py ($BENCH_ARGS; default: the T models and the two peers, which fit the
+#           step's time limit; all models with the S/B sizes do not)
 #   bench-norecompute  the training rows of our models again without the memory-saving recomputations
 #           (--no-recompute): their cost in time, their saving in memory
 #   learn   tools/benchmarks/learning_runs.py ($LEARN_ARGS); LEARN_BG=1 runs it in the background
@@ -66,7 +67,8 @@ for step in "$@"; do
     bench)
       for pid in "${background[@]}"; do wait "$pid"; done; background=()
       timeout "${BENCH_TIMEOUT:-300}" python3 tools/analysis_tools/benchmark.py --json "$OUT/bench.json" \
-        --markdown "$OUT/bench.md" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+        --markdown "$OUT/bench.md" ${BENCH_ARGS:---models spatial-mamba-t vmamba-t spectral-vmamba-t swin-t convnext-t} \
+        > "$OUT/bench.log" 2>&1
       tail -40 "$OUT/bench.log" ;;
     bench-norecompute)
       for pid in "${background[@]}"; do wait "$pid"; done; background=()
