@@ -15,8 +15,8 @@ directions, dt rank R = 6; x_proj gets R + 32 output rows here (a state size of 
 """
 import argparse
 import contextlib
-import copy as _copy
-import time
+import copy
+from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
 import torch
@@ -26,26 +26,13 @@ Variant = Tuple[str, Callable[..., torch.Tensor]]
 
 
 def _timer(device: torch.device, fn: Callable[[], None], iters: int) -> float:
-    """Milliseconds per call after 3 warm-up calls."""
+    """Milliseconds per call after 3 warm-up calls (benchmark.py's timed span: CUDA events on a GPU)."""
+    from vssm.runtime import load_tool_module
+    bench = load_tool_module(Path(__file__).resolve().parents[1] / 'analysis_tools' / 'benchmark.py',
+                             'vssm_benchmark_tool')
     for _ in range(3):
         fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / iters
-    begin = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - begin) * 1e3 / iters
-
-
-def copy_module(module: torch.nn.Module) -> torch.nn.Module:
-    return _copy.deepcopy(module)
+    return bench._timed_span(fn, iters, device) * 1e3 / iters
 
 
 def build_pieces(batch: int, hw: int, device: torch.device):
@@ -125,12 +112,12 @@ def build_pieces(batch: int, hw: int, device: torch.device):
         ('now: 1x1 conv1d', lambda u, wt: F.conv1d(u, wt[:, :, None])),
         ('matmul', lambda u, wt: torch.matmul(wt, u)),
     ]
-    copy = [('one (B, L, 128) map read and written', lambda x: x.clone())]
+    clone = [('one (B, L, 128) map read and written', lambda x: x.clone())]
     # Spatial-Mamba-T's stem (convs + BatchNorm at 112x112 and 56x56; its BatchNorm backward took 10 ms of a
     # 211 ms training step at batch 128) in NCHW and in channels-last memory.
     from vssm.models.spatial_mamba import StemLayer
     stem_nchw = StemLayer(3, c).to(device)
-    stem_nhwc = copy_module(stem_nchw).to(memory_format=cl)
+    stem_nhwc = copy.deepcopy(stem_nchw).to(memory_format=cl)
     stem = [
         ('now: NCHW stem, output made contiguous NHWC', lambda img: stem_nchw(img)),
         ('channels_last stem', lambda img: stem_nhwc(img.contiguous(memory_format=cl))),
@@ -143,7 +130,7 @@ def build_pieces(batch: int, hw: int, device: torch.device):
         'x_proj': (inputs(leaf(b, k, dv, length), leaf(k, r + 32, dv)), x_proj),
         'dt_proj': (inputs(leaf(b, k, r, length), leaf(k, dv, r)), dt_proj),
         'sm_x_proj': (inputs(leaf(b, d, length), leaf(r, d)), sm_x_proj),
-        'copy': (inputs(leaf(b, h, w, d)), copy),
+        'copy': (inputs(leaf(b, h, w, d)), clone),
         'stem': (inputs(leaf(b, 3, 4 * h, 4 * w)), stem),
     }
 
