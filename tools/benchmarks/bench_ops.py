@@ -1,10 +1,13 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
-    python tools/benchmarks/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan fusion dwconv] [--json out.json]
+    python tools/benchmarks/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan fusion dwconv] [--quick]
+        [--json out.json] [--markdown out.md]
 
-For every case it prints the median time of the forward pass and of forward + backward, the effective bandwidth
-(the minimal bytes the op must move divided by the time) and that bandwidth as a fraction of a device-to-device
-copy measured in the same run. Rows:
+For every case it prints the time per call of the forward pass and of forward + backward (calls back to back, as a
+model makes them: the median over 7 spans of 3 calls, after 5 warm-up calls), the effective bandwidth (the minimal
+bytes the op must move divided by the time) and that bandwidth as a fraction of a device-to-device copy measured in
+the same run; at the end, the verdict on each target of the kernels issue (scan bandwidth, state-fusion bandwidth
+and speed-up, dense 11x11 speed-up). Rows:
 
 * selective scan (Spatial-Mamba's state form, VMamba's output form): the CUDA kernel, the PyTorch reference
   (log-depth scan) and the reference under ``torch.compile``;
@@ -16,7 +19,8 @@ TF32 is enabled for the cuDNN baselines (as in training).
 import argparse
 import json
 import statistics
-from typing import Callable, Dict, List, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,27 +32,29 @@ from vssm.ops.selective_scan import kernel_available as scan_kernel_available
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 25) -> float:
-    """Median wall time of ``fn`` on the GPU, in milliseconds."""
+def time_ms(fn: Callable[[], object], warmup: int = 5, rounds: int = 7, calls: int = 3) -> float:
+    """Milliseconds per call of ``fn`` on the GPU: the median over ``rounds`` spans of ``calls`` back-to-back calls
+    (benchmark.py's timed span: CUDA events around the span).
+
+    Back to back, as a model calls the op: the host prepares the next call while the GPU runs this one, so host
+    overhead shows only where it exceeds the GPU time. (Timing single calls between synchronizations adds the host
+    time before the first kernel's launch to every call: ~0.15 ms for the state fusion, more than half of its kernel
+    time at stage 1.)
+    """
+    from vssm.runtime import load_tool_module
+    bench = load_tool_module(Path(__file__).resolve().parents[1] / 'analysis_tools' / 'benchmark.py',
+                             'vssm_benchmark_tool')
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    device = torch.device('cuda', torch.cuda.current_device())
+    return statistics.median(bench._timed_span(fn, calls, device) * 1e3 / calls for _ in range(rounds))
 
 
 def copy_bandwidth() -> float:
     """Bytes per second of a device-to-device copy of 1 GiB (bytes read + written)."""
     src = torch.empty(256 * 2**20, device='cuda', dtype=torch.float32)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), iters=20)
+    ms = time_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
@@ -78,6 +84,9 @@ class Table:
                    fwd_bwd_gbps=None if fwdbwd_ms is None else (fwd_bytes + bwd_bytes) / (fwdbwd_ms * 1e-3) / 1e9)
         row['fwd_frac'] = row['fwd_gbps'] * 1e9 / self.copy_bw
         row['fwd_bwd_frac'] = None if fwdbwd_ms is None else row['fwd_bwd_gbps'] * 1e9 / self.copy_bw
+        # The backward alone: the forward+backward span minus the forward (the backward's bytes over the difference).
+        bwd_ms = None if fwdbwd_ms is None else fwdbwd_ms - fwd_ms
+        row['bwd_frac'] = None if not bwd_ms or bwd_ms <= 0 else bwd_bytes / (bwd_ms * 1e-3) / self.copy_bw
         self.rows.append(row)
         fb = '      -' if fwdbwd_ms is None else f'{fwdbwd_ms:7.3f}'
         fbf = '    -' if fwdbwd_ms is None else f'{row["fwd_bwd_frac"]:5.0%}'
@@ -171,6 +180,77 @@ def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: to
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
 OPS = ('scan', 'fusion', 'dwconv')  # --ops: selective scans, state fusion, dense 11x11 depthwise conv
 
+def _pct(v: Optional[float]) -> str:
+    return '-' if v is None else f'{v:.0%}'
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """The rows as the Markdown table of kernels/README.md."""
+    lines = ['| op | shape | dtype | implementation | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        fb = '-' if r['fwd_bwd_ms'] is None else f"{r['fwd_bwd_ms']:.3f}"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['impl']} | {r['fwd_ms']:.3f} | "
+                     f"{_pct(r['fwd_frac'])} | {fb} | {_pct(r['fwd_bwd_frac'])} |")
+    return '\n'.join(lines)
+
+
+def _find(rows: List[Dict], op: str, shape: str, dtype: str, impl: str) -> Optional[Dict]:
+    return next((r for r in rows if (r['op'], r['shape'], r['dtype'], r['impl']) == (op, shape, dtype, impl)), None)
+
+
+def _case(r: Dict) -> str:
+    """'SM-T s1 fp32' from a row (the stage or 'det s1' part of its shape, and its dtype)."""
+    words = r['shape'].split()
+    return ' '.join(words[1:-1] if len(words) > 2 else words[:1]) + ' ' + r['dtype']
+
+
+def target_rows(rows: List[Dict]) -> List[Tuple[str, str, str]]:
+    """(target, measured, status) for each target of the kernels issue that these rows measure.
+
+    Scan bandwidth at stages 1/2 (batch 128): forward >= 70% and backward >= 50% of the copy; state fusion forward >=
+    50% of the copy and forward+backward >= 5x the three cuDNN convs (every shape measured, detection included);
+    dense 11x11 forward+backward >= 3x ``F.conv2d(groups=C)``.
+    """
+    out = []
+
+    def verdict(name: str, values: List[Tuple[str, float]], threshold: float, fmt: str) -> None:
+        if not values:
+            return
+        met = [v >= threshold for _, v in values]
+        status = 'met' if all(met) else 'not met' if not any(met) else (
+            'not met at ' + ', '.join(c for (c, _), ok in zip(values, met) if not ok))
+        out.append((name, ', '.join(f'{c}: {fmt.format(v)}' for c, v in values), status))
+
+    scans = [r for r in rows if r['op'].startswith('scan-') and r['impl'] == 'cuda kernel'
+             and any(f' s{i} ' in r['shape'] for i in (1, 2)) and ' det ' not in r['shape']]
+    scans = [dict(r, case=f"{r['op'][5:]} {_case(r)}") for r in scans]
+    verdict('scan fwd >= 70% of copy, stages 1/2', [(r['case'], r['fwd_frac']) for r in scans], 0.70, '{:.0%}')
+    verdict('scan bwd >= 50% of copy, stages 1/2',
+            [(r['case'], r['bwd_frac']) for r in scans if r['bwd_frac'] is not None], 0.50, '{:.0%}')
+    fused = [r for r in rows if r['op'] == 'state-fusion' and r['impl'] == 'fused kernel']
+    verdict('state fusion fwd >= 50% of copy', [(_case(r), r['fwd_frac']) for r in fused], 0.50, '{:.0%}')
+    speedups = []
+    for r in fused:
+        base = _find(rows, 'state-fusion', r['shape'], r['dtype'], '3x cuDNN dilated+pad')
+        if base and r['fwd_bwd_ms'] and base['fwd_bwd_ms']:
+            speedups.append((_case(r), base['fwd_bwd_ms'] / r['fwd_bwd_ms']))
+    verdict('state fusion fwd+bwd >= 5x three cuDNN convs', speedups, 5.0, '{:.1f}x')
+    speedups = []
+    for r in rows:
+        if r['op'] == 'dwconv11x11' and r['impl'] == 'cuda kernel':
+            base = _find(rows, r['op'], r['shape'], r['dtype'], 'cuDNN F.conv2d')
+            if base and r['fwd_bwd_ms'] and base['fwd_bwd_ms']:
+                speedups.append((r['dtype'], base['fwd_bwd_ms'] / r['fwd_bwd_ms']))
+    verdict('dense 11x11 fwd+bwd >= 3x F.conv2d', speedups, 3.0, '{:.1f}x')
+    return out
+
+
+def targets_markdown(rows: List[Dict]) -> str:
+    lines = ['| target | measured | status |', '|---|---|---|']
+    lines += [f'| {t} | {m} | {s} |' for t, m, s in target_rows(rows)]
+    return '\n'.join(lines)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,6 +261,8 @@ def main() -> None:
     parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
                         help='which rows: selective scans, state fusion, dense 11x11 depthwise conv')
     parser.add_argument('--json', help='also write the rows here')
+    parser.add_argument('--markdown', help="also write the rows and the targets' verdicts here as Markdown tables "
+                        '(those of kernels/README.md)')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('bench_ops.py needs a CUDA device.')
@@ -215,6 +297,11 @@ def main() -> None:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=copy_bw, rows=table.rows), f, indent=1)
+    print('\n' + targets_markdown(table.rows))
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, device-to-device copy '
+                    f'{copy_bw / 1e12:.2f} TB/s\n\n{markdown_table(table.rows)}\n\n{targets_markdown(table.rows)}\n')
 
 
 if __name__ == '__main__':

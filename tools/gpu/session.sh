@@ -13,7 +13,7 @@
 #   fuzz    tools/fuzz_kernels.py --cases $FUZZ_CASES (default 1000), one process per op ($FUZZ_OPS: all four),
 #           in the background
 #   order   tools/benchmarks/bench_spectral_order.py at 512x512 (after tests/fuzz: timings need a quiet GPU)
-#   ops     tools/benchmarks/bench_ops.py ($OPS_ARGS)
+#   ops     tools/benchmarks/bench_ops.py ($OPS_ARGS; the kernels/README.md tables in $OUT/ops.md)
 #   bench   tools/analysis_tools/benchmark.py ($BENCH_ARGS; default: the T models and the two peers, which fit the
 #           step's time limit; all models with the S/B sizes do not)
 #   bench-norecompute  the training rows of our models again without the memory-saving recomputations
@@ -62,8 +62,9 @@ for step in "$@"; do
       grep '^{' "$OUT/order.log" ;;
     ops)
       for pid in "${background[@]}"; do wait "$pid"; done; background=()
-      timeout "${OPS_TIMEOUT:-200}" python3 tools/benchmarks/bench_ops.py ${OPS_ARGS:-} > "$OUT/ops.log" 2>&1
-      tail -60 "$OUT/ops.log" ;;
+      timeout "${OPS_TIMEOUT:-200}" python3 tools/benchmarks/bench_ops.py --json "$OUT/ops.json" \
+        --markdown "$OUT/ops.md" ${OPS_ARGS:-} > "$OUT/ops.log" 2>&1
+      tail -12 "$OUT/ops.log" ;;
     bench)
       for pid in "${background[@]}"; do wait "$pid"; done; background=()
       timeout "${BENCH_TIMEOUT:-300}" python3 tools/analysis_tools/benchmark.py --json "$OUT/bench.json" \

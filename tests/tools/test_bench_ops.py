@@ -1,0 +1,59 @@
+"""tools/benchmarks/bench_ops.py's tables and target verdicts (the timing itself needs a GPU: tools/gpu/session.sh)."""
+import pytest
+from conftest import load_tool
+
+bench_ops = load_tool('tools/benchmarks/bench_ops.py')
+
+COPY_BW = 4e12  # bytes/s
+
+
+def _table(fusion_ms=(0.2, 1.0), three_convs_ms=(3.0, 12.0), det_fusion_ms=(0.3, 1.4), det_three_ms=(1.0, 4.0)):
+    table = bench_ops.Table(COPY_BW)
+    el, s = 128 * 128 * 56 * 56, 4
+    # A scan whose forward moves 1e9 bytes in 0.5 ms (50% of the copy) and whose backward moves 2e9 bytes in 0.8 ms.
+    table.add('scan-state', 'SM-T s1 128x128x3136', 'fp32', 'cuda kernel', 0.5, 1.3, 1e9, 2e9)
+    table.add('scan-state', 'SM-T s1 128x128x3136', 'fp32', 'torch reference', 10.0, 30.0, 1e9, 2e9)
+    table.add('scan-state', 'SM-T s3 128x512x196', 'fp32', 'cuda kernel', 0.5, 1.0, 1e8, 1e8)
+    table.add('scan-state', 'SM-T det s1 2x128x67200', 'fp32', 'cuda kernel', 0.5, 1.0, 1e8, 1e8)
+    table.add('state-fusion', 'SM-T s1 128x128x56x56', 'fp32', 'fused kernel', *fusion_ms, 2 * el * s, 3 * el * s)
+    table.add('state-fusion', 'SM-T s1 128x128x56x56', 'fp32', '3x cuDNN dilated+pad', *three_convs_ms, 2 * el * s,
+              3 * el * s)
+    det_el = 2 * 128 * 200 * 336
+    table.add('state-fusion', 'SM-T det s1 2x128x200x336', 'fp32', 'fused kernel', *det_fusion_ms, 2 * det_el * s,
+              3 * det_el * s)
+    table.add('state-fusion', 'SM-T det s1 2x128x200x336', 'fp32', '3x cuDNN dilated+pad', *det_three_ms,
+              2 * det_el * s, 3 * det_el * s)
+    table.add('dwconv11x11', '128x128x56x56', 'bf16', 'cuda kernel', 1.0, 5.0, el * 4, el * 6)
+    table.add('dwconv11x11', '128x128x56x56', 'bf16', 'cuDNN F.conv2d', 3.0, 16.0, el * 4, el * 6)
+    return table
+
+
+def test_rows_carry_bandwidth_fractions_of_the_copy(capsys):
+    row = _table().rows[0]
+    assert row['fwd_frac'] == pytest.approx(0.5)  # 1e9 B / 0.5 ms = 2e12 B/s of 4e12
+    assert row['bwd_frac'] == pytest.approx(2e9 / 0.8e-3 / COPY_BW)  # the backward alone: 1.3 - 0.5 ms
+    assert row['fwd_bwd_frac'] == pytest.approx(3e9 / 1.3e-3 / COPY_BW)
+    assert 'scan-state' in capsys.readouterr().out
+
+
+def test_target_verdicts():
+    verdicts = {name: (measured, status) for name, measured, status in bench_ops.target_rows(_table().rows)}
+    # Only the kernel rows at stages 1/2 count for the scan (not the reference, stage 3 or the detection shape).
+    assert verdicts['scan fwd >= 70% of copy, stages 1/2'] == ('state s1 fp32: 50%', 'not met')
+    assert verdicts['scan bwd >= 50% of copy, stages 1/2'] == ('state s1 fp32: 62%', 'met')
+    fwd_measured, fwd_status = verdicts['state fusion fwd >= 50% of copy']
+    assert fwd_measured.startswith('s1 fp32: 51%') and 'det s1 fp32' in fwd_measured
+    assert fwd_status == 'not met at det s1 fp32'
+    assert verdicts['state fusion fwd+bwd >= 5x three cuDNN convs'] == ('s1 fp32: 12.0x, det s1 fp32: 2.9x',
+                                                                        'not met at det s1 fp32')
+    assert verdicts['dense 11x11 fwd+bwd >= 3x F.conv2d'] == ('bf16: 3.2x', 'met')
+
+
+def test_markdown_tables():
+    rows = _table().rows
+    table = bench_ops.markdown_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[2] == '| scan-state | SM-T s1 128x128x3136 | fp32 | cuda kernel | 0.500 | 50% | 1.300 | 58% |'
+    targets = bench_ops.targets_markdown(rows).splitlines()
+    assert targets[0] == '| target | measured | status |' and len(targets) == 2 + 5
