@@ -22,6 +22,8 @@
 #   amp     tools/benchmarks/amp_stability.py, one process per task, model and dtype ($AMP_TASKS: det seg, $AMP_MODELS,
 #           $AMP_DTYPES: bf16 fp16, $AMP_ARGS, e.g. "--iters 500 --time-limit 400"), spread over the GPUs
 #   multigpu  tools/benchmarks/multi_gpu_check.py --gpus $(GPU count) ($MGPU_ARGS)
+#   ncu     Nsight Compute counters of the kernels at the shapes of the missed targets
+#           (tools/benchmarks/ncu_kernels.py, $NCU_ARGS e.g. "--cases fusion-s1-fp32"): $OUT/ncu.md
 # The logs end up in $OUT/logs.tar.gz.
 set -u
 OUT=${OUT:-/tmp/vssm-gpu-out}
@@ -112,6 +114,20 @@ for step in "$@"; do
       tail -20 "$OUT/multigpu.log"
       (cd /tmp/vssm-mgpu && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
         -not -path '*/data/*' | tar czf "$OUT/multigpu.tar.gz" -T -) ;;
+    ncu)
+      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+      if [ -z "$ncu" ]; then echo "ncu: not found"; else
+        timeout "${NCU_TIMEOUT:-240}" "$ncu" --profile-from-start off --clock-control none -f -o "$OUT/kernels" \
+          --kernel-name 'regex:(dw_[a-z_]*kernel|scan_[a-z]*_kernel|spin_kernel)' \
+          --metrics "$(python3 tools/benchmarks/ncu_kernels.py --metrics)" \
+          python3 tools/benchmarks/ncu_kernels.py --run ${NCU_ARGS:-} > "$OUT/ncu-run.log" 2>&1
+        "$ncu" --import "$OUT/kernels.ncu-rep" --csv --page raw --print-units base --print-kernel-base function \
+          > "$OUT/ncu.csv" 2> "$OUT/ncu-import.log"
+        python3 tools/benchmarks/ncu_kernels.py --summarize "$OUT/ncu.csv" --parts "$OUT/ncu-run.log" \
+          --markdown "$OUT/ncu.md" > "$OUT/ncu-summary.log" 2>&1 || tail -20 "$OUT/ncu-run.log"
+        tail -40 "$OUT/ncu-summary.log"
+      fi ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "step $step: $(( $(date +%s) - start )) s"
