@@ -21,6 +21,7 @@
 #   learn   tools/benchmarks/learning_runs.py ($LEARN_ARGS); LEARN_BG=1 runs it in the background
 #   amp     tools/benchmarks/amp_stability.py, one process per task, model and dtype ($AMP_TASKS: det seg, $AMP_MODELS,
 #           $AMP_DTYPES: bf16 fp16, $AMP_ARGS, e.g. "--iters 500 --time-limit 400"), spread over the GPUs
+#           ($AMP_GPUS, default all); AMP_BG=1 runs them in the background
 #   multigpu  tools/benchmarks/multi_gpu_check.py --gpus $(GPU count) ($MGPU_ARGS)
 #   ncu     Nsight Compute counters of the kernels at the shapes of the missed targets
 #           (tools/benchmarks/ncu_kernels.py, $NCU_ARGS e.g. "--cases fusion-s1-fp32"): $OUT/ncu.md
@@ -89,25 +90,32 @@ for step in "$@"; do
       }
       if [ "${LEARN_BG:-0}" = 1 ]; then run_learn & background+=($!); else run_learn; fi ;;
     amp)
-      ngpu=$(nvidia-smi -L | wc -l); i=0; amp=()
+      ngpu=$(nvidia-smi -L | wc -l)
+      gpus=(${AMP_GPUS:-$(seq 0 $(( ngpu - 1 )))})
       words() { echo $# ; }
       nproc_amp=$(( $(words ${AMP_TASKS:-det seg}) * $(words ${AMP_MODELS:-a b c}) * $(words ${AMP_DTYPES:-a b}) ))
       # Each process gets its share of the cores (torch's default is all of them in every process; the 12-process
       # run of 10:10 took 1.3 s per Mask R-CNN iteration at 1333x800)
       amp_threads=$(( $(nproc) / nproc_amp )); [ "$amp_threads" -ge 1 ] || amp_threads=1
-      for task in ${AMP_TASKS:-det seg}; do
-        for model in ${AMP_MODELS:-spatial-mamba-t vmamba-t spectral-vmamba-t}; do
-          for dtype in ${AMP_DTYPES:-bf16 fp16}; do
-            CUDA_VISIBLE_DEVICES=$(( i % ngpu )) OMP_NUM_THREADS=$amp_threads timeout "${AMP_TIMEOUT:-450}" \
-              python3 tools/benchmarks/amp_stability.py \
-              --tasks $task --models $model --dtypes $dtype --json "$OUT/amp-$task-$model-$dtype.json" ${AMP_ARGS:-} \
-              > "$OUT/amp-$task-$model-$dtype.log" 2>&1 &
-            amp+=($!); i=$(( i + 1 ))
+      run_amp() {
+        local i=0 pids=()
+        for task in ${AMP_TASKS:-det seg}; do
+          for model in ${AMP_MODELS:-spatial-mamba-t vmamba-t spectral-vmamba-t}; do
+            for dtype in ${AMP_DTYPES:-bf16 fp16}; do
+              CUDA_VISIBLE_DEVICES=${gpus[$(( i % ${#gpus[@]} ))]} OMP_NUM_THREADS=$amp_threads \
+                timeout "${AMP_TIMEOUT:-450}" python3 tools/benchmarks/amp_stability.py --tasks $task --models $model \
+                --dtypes $dtype --json "$OUT/amp-$task-$model-$dtype.json" ${AMP_ARGS:-} \
+                > "$OUT/amp-$task-$model-$dtype.log" 2>&1 &
+              pids+=($!); i=$(( i + 1 ))
+            done
           done
         done
-      done
-      for pid in "${amp[@]}"; do wait "$pid"; done
-      for f in "$OUT"/amp-*.log; do echo "== $f"; tail -4 "$f"; done ;;
+        for pid in "${pids[@]}"; do wait "$pid"; done
+        for f in "$OUT"/amp-*.log; do echo "== $f"; tail -4 "$f"; done
+      }
+      # AMP_BG=1: the next steps run meanwhile, on other GPUs (e.g. AMP_GPUS="1" and CUDA_VISIBLE_DEVICES=0 for the
+      # rest): the steps that wait for a quiet GPU do not wait for these
+      if [ "${AMP_BG:-0}" = 1 ]; then run_amp & amp_background=$!; else run_amp; fi ;;
     multigpu)
       timeout "${MGPU_TIMEOUT:-400}" python3 tools/benchmarks/multi_gpu_check.py --work-dir /tmp/vssm-mgpu \
         --gpus "$(nvidia-smi -L | wc -l)" ${MGPU_ARGS:-} > "$OUT/multigpu.log" 2>&1
@@ -132,7 +140,7 @@ for step in "$@"; do
   esac
   echo "step $step: $(( $(date +%s) - start )) s"
 done
-for pid in "${background[@]}"; do wait "$pid"; done
+for pid in "${background[@]}" ${amp_background:-}; do wait "$pid"; done
 for f in "$OUT"/fuzz-*.log; do [ -f "$f" ] && { echo "== $f"; tail -8 "$f"; }; done
 # Few files come back from the device: everything but the kernel wheels goes into one archive.
 (cd "$OUT" && find . -maxdepth 1 -type f ! -name '*.tar.gz' -printf '%f\n' | tar czf logs.tar.gz -T - --remove-files)
