@@ -6,7 +6,7 @@ from models.families import BY_NAME, build_classifier
 
 from vssm.models import VMamba
 from vssm.models.layers import Linear2d
-from vssm.models.vmamba import convert_upstream_state_dict, cross_merge, cross_scan
+from vssm.models.vmamba import convert_upstream_state_dict, cross_merge, cross_scan, cross_scan_index
 
 
 def test_cross_scan_orders_and_merge_is_its_adjoint():
@@ -19,6 +19,37 @@ def test_cross_scan_orders_and_merge_is_its_adjoint():
     torch.testing.assert_close(cross_merge(xs, 4, 5), 4 * x)  # every direction puts each token back in place
     y = torch.randn_like(xs)  # <scan(x), y> == <x, merge(y)>
     torch.testing.assert_close((xs * y).sum(), (x * cross_merge(y, 4, 5)).sum())
+
+
+def test_cross_scan_and_merge_gradients_are_each_others_forward():
+    """The custom backwards (cross-merge for the scan, cross-scan for the merge) against autograd through plain
+    flips and adds, on a non-square map; and the traced (plain-op) path gives the same values."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 4, 3, 20, dtype=torch.float64, requires_grad=True)
+
+    def plain_scan(t):
+        rows, cols = t.flatten(2), t.transpose(2, 3).flatten(2)
+        return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+    def plain_merge(t):
+        rows, cols = t[:, 0] + t[:, 2].flip(-1), t[:, 1] + t[:, 3].flip(-1)
+        return rows.view(2, 3, 4, 5) + cols.view(2, 3, 5, 4).transpose(2, 3)
+
+    for ours, plain, inp in ((cross_scan, plain_scan, x), (lambda t: cross_merge(t, 4, 5), plain_merge, y)):
+        out = ours(inp)
+        torch.testing.assert_close(out, plain(inp))
+        grad = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, inp, grad)[0],
+                                   torch.autograd.grad(plain(inp), inp, grad)[0])
+    traced = torch.jit.trace(lambda t: cross_merge(cross_scan(t), 4, 5), (x.detach(), ))
+    torch.testing.assert_close(traced(x.detach()), 4 * x.detach())
+    index, inverse = cross_scan_index(4, 5, x.device)
+    assert index.shape == (4, 20) and torch.equal(inverse.gather(1, index), torch.arange(20).expand(4, 20))
+    assert cross_scan_index(4, 5, x.device)[0] is index  # cached
+    from vssm.models import vmamba
+    for size in range(1, 40):  # bounded: the oldest shapes leave
+        cross_scan_index(size, 3, x.device)
+    assert len(vmamba._INDEX_CACHE) == vmamba._INDEX_CACHE_SIZE and (1, 3, x.device) not in vmamba._INDEX_CACHE
 
 
 def test_linear2d_accepts_4d_weights_and_missing_keys_do_not_crash():

@@ -12,7 +12,8 @@ def bench_layouts():
 def test_every_variant_runs_and_matches_the_first(bench_layouts):
     rows = bench_layouts.main(['--device', 'cpu', '--batch', '2', '--hw', '6', '--iters', '1'])
     pieces = {row['piece'] for row in rows}
-    assert pieces == {'cpe', 'local', 'ln2d', 'linear2d', 'x_proj', 'dt_proj', 'sm_x_proj', 'copy', 'stem'}
+    assert pieces == {'cpe', 'local', 'ln2d', 'linear2d', 'x_proj', 'dt_proj', 'sm_x_proj', 'cross_scan', 'cross_merge',
+                      'copy', 'stem'}
     assert {row['dtype'] for row in rows} == {'fp32', 'bf16'}
     for row in rows:
         assert 'error' not in row, row

@@ -2,7 +2,7 @@
 written in (which copy, which cuDNN / ATen / vssm kernel runs), at the T models' stage-1 shapes (batch 128, 56x56).
 
     python tools/benchmarks/bench_layouts.py [--batch 128] [--hw 56] [--iters 20] [--dtypes fp32 bf16]
-        [--pieces cpe local ln2d linear2d x_proj dt_proj sm_x_proj copy stem] [--device cuda]
+        [--pieces cpe local ln2d linear2d x_proj dt_proj sm_x_proj cross_scan cross_merge copy stem] [--device cuda]
 
 Each piece is a group of variants that compute the same function of the same inputs; the first is the form the
 models used before the layout work of issue 5 ("was"), the one marked "now" is what they use. For every variant
@@ -112,6 +112,22 @@ def build_pieces(batch: int, hw: int, device: torch.device):
         ('now: 1x1 conv1d', lambda u, wt: F.conv1d(u, wt[:, :, None])),
         ('matmul', lambda u, wt: torch.matmul(wt, u)),
     ]
+    # VMamba's cross-scan: a strided copy for the column-major sequence, two flips and a stack (14 passes over a
+    # (B, D, L) map), against one gather writing the four directions (5 passes); and the cross-merge's backward.
+    from vssm.models.vmamba import cross_merge, cross_scan
+
+    def flips_scan(x):
+        rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
+        return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+    def flips_merge(y):
+        rows, cols = y[:, 0] + y[:, 2].flip(-1), y[:, 1] + y[:, 3].flip(-1)
+        return rows.view(b, dv, h, w) + cols.view(b, dv, w, h).transpose(2, 3)
+
+    scan = [('was: transposed copy, two flips, stack', flips_scan),
+            ('now: one gather (backward: the merge)', cross_scan)]
+    merge = [('was: two flips, three adds', flips_merge),
+             ('now: gather to raster order, sum (backward: one gather)', lambda y: cross_merge(y, h, w))]
     clone = [('one (B, L, 128) map read and written', lambda x: x.clone())]
     # Spatial-Mamba-T's stem (convs + BatchNorm at 112x112 and 56x56; its BatchNorm backward took 10 ms of a
     # 211 ms training step at batch 128) in NCHW and in channels-last memory.
@@ -130,6 +146,8 @@ def build_pieces(batch: int, hw: int, device: torch.device):
         'x_proj': (inputs(leaf(b, k, dv, length), leaf(k, r + 32, dv)), x_proj),
         'dt_proj': (inputs(leaf(b, k, r, length), leaf(k, dv, r)), dt_proj),
         'sm_x_proj': (inputs(leaf(b, d, length), leaf(r, d)), sm_x_proj),
+        'cross_scan': (inputs(leaf(b, dv, h, w)), scan),
+        'cross_merge': (inputs(leaf(b, k, dv, length)), merge),
         'copy': (inputs(leaf(b, h, w, d)), clone),
         'stem': (inputs(leaf(b, 3, 4 * h, 4 * w)), stem),
     }

@@ -14,6 +14,7 @@ Shape legend: B batch, C block width, H/W height/width, L = H*W, K = 4 scan dire
 size, R dt_rank.
 """
 import math
+from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,22 +29,94 @@ from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, grouped
                      init_dt_bias, init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, to_classifier_keys,
                      trunc_normal_linear_init, unwrap_state_dict)
 
-__all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge']
+__all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge', 'cross_scan_index']
+
+
+_INDEX_CACHE: 'OrderedDict[Tuple[int, int, torch.device], Tuple[Tensor, Tensor]]' = OrderedDict()
+_INDEX_CACHE_SIZE = 32  # shapes (detection's multi-scale inputs make many: 4 per input size)
+
+
+def cross_scan_index(height: int, width: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``(index, inverse)``, each (K = 4, L): ``index[k, i]`` is the raster position (h * W + w) that direction k
+    reads at step i (row-major, column-major, and both reversed); ``inverse[k, p]`` the step at which it reads
+    position p. The last 32 shapes' are cached per device (fake tensors of tracers and meta devices are not)."""
+    key = (height, width, torch.device(device))
+    cached = _INDEX_CACHE.get(key)
+    if cached is not None:
+        _INDEX_CACHE.move_to_end(key)
+        return cached
+    raster = torch.arange(height * width, device=device).view(height, width)
+    rows, cols = raster.flatten(), raster.t().flatten()
+    index = torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
+    inverse = torch.empty_like(index).scatter_(1, index, raster.flatten().expand_as(index).contiguous())
+    if type(index) is torch.Tensor and index.device.type != 'meta':
+        _INDEX_CACHE[key] = (index, inverse)
+        if len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.popitem(last=False)
+    return index, inverse
+
+
+def _gather_directions(x: Tensor, index: Tensor) -> Tensor:
+    """(B, D, L) -> (B, K, D, L) with out[:, k, :, i] = x[:, :, index[k, i]]: one gather kernel."""
+    b, d, length = x.shape
+    k = index.shape[0]
+    return x.unsqueeze(1).expand(b, k, d, length).gather(3, index.view(1, k, 1, length).expand(b, k, d, length))
+
+
+def _scan(x: Tensor, index: Tensor) -> Tensor:
+    return _gather_directions(x.flatten(2), index)
+
+
+def _merge(y: Tensor, inverse: Tensor, height: int, width: int) -> Tensor:
+    b, _, d, _ = y.shape
+    return y.gather(3, inverse.view(1, -1, 1, height * width).expand_as(y)).sum(1).view(b, d, height, width)
+
+
+class _CrossScan(torch.autograd.Function):
+    """Forward: one gather; backward: the cross-merge (its adjoint) of the gradient, saving nothing."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        ctx.hw = (height, width)
+        return _scan(x, cross_scan_index(height, width, x.device)[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        height, width = ctx.hw
+        return _merge(grad, cross_scan_index(height, width, grad.device)[1], height, width)
+
+
+class _CrossMerge(torch.autograd.Function):
+    """Forward: a gather back to raster order and a sum over K; backward: the cross-scan of the gradient."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, height: int, width: int) -> Tensor:
+        return _merge(y, cross_scan_index(height, width, y.device)[1], height, width)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        height, width = grad.shape[-2:]
+        return _scan(grad, cross_scan_index(height, width, grad.device)[0]), None, None
 
 
 def cross_scan(x: Tensor) -> Tensor:
-    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed."""
-    rows = x.flatten(2)  # (B, D, L), index h * W + w
-    cols = x.transpose(2, 3).flatten(2)  # (B, D, L), index w * H + h
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed.
+
+    One gather writing the four sequences (the flips and stack it replaces made 14 passes over a (B, D, L) map, the
+    gather 5), with the cross-merge as its backward (autograd through flips and slices wrote a zero-filled
+    (B, 4, D, L) gradient per direction)."""
+    if torch.jit.is_tracing():  # plain ops for tracers and exporters
+        return _scan(x, cross_scan_index(x.shape[-2], x.shape[-1], x.device)[0])
+    return _CrossScan.apply(x)
 
 
 def cross_merge(y: Tensor, height: int, width: int) -> Tensor:
-    """(B, 4, D, L) -> (B, D, H, W): sum the four directions back in raster positions."""
-    b, _, d, _ = y.shape
-    rows = y[:, 0] + y[:, 2].flip(-1)  # (B, D, L) row-major
-    cols = y[:, 1] + y[:, 3].flip(-1)  # (B, D, L) column-major
-    return rows.view(b, d, height, width) + cols.view(b, d, width, height).transpose(2, 3)
+    """(B, 4, D, L) -> (B, D, H, W): sum the four directions back in raster positions (the adjoint of
+    :func:`cross_scan`; its backward is the cross-scan of the gradient)."""
+    if torch.jit.is_tracing():
+        return _merge(y, cross_scan_index(height, width, y.device)[1], height, width)
+    return _CrossMerge.apply(y, height, width)
 
 
 class SS2D(nn.Module):
