@@ -113,7 +113,8 @@ def build_pieces(batch: int, hw: int, device: torch.device):
         ('matmul', lambda u, wt: torch.matmul(wt, u)),
     ]
     # VMamba's cross-scan: a strided copy for the column-major sequence, two flips and a stack (14 passes over a
-    # (B, D, L) map), against one gather writing the four directions (5 passes); and the cross-merge's backward.
+    # (B, D, L) map), against one gather writing the four directions (5 passes); the cross-merge keeps its flips and
+    # adds, and each is now the other's backward.
     from vssm.models.vmamba import cross_merge, cross_scan
 
     def flips_scan(x):
@@ -126,8 +127,8 @@ def build_pieces(batch: int, hw: int, device: torch.device):
 
     scan = [('was: transposed copy, two flips, stack', flips_scan),
             ('now: one gather (backward: the merge)', cross_scan)]
-    merge = [('was: two flips, three adds', flips_merge),
-             ('now: gather to raster order, sum (backward: one gather)', lambda y: cross_merge(y, h, w))]
+    merge = [('was: two flips, three adds (autograd backward)', flips_merge),
+             ('now: the same (backward: one gather)', lambda y: cross_merge(y, h, w))]
     clone = [('one (B, L, 128) map read and written', lambda x: x.clone())]
     # Spatial-Mamba-T's stem (convs + BatchNorm at 112x112 and 56x56; its BatchNorm backward took 10 ms of a
     # 211 ms training step at batch 128) in NCHW and in channels-last memory.

@@ -32,90 +32,86 @@ from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, grouped
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge', 'cross_scan_index']
 
 
-_INDEX_CACHE: 'OrderedDict[Tuple[int, int, torch.device], Tuple[Tensor, Tensor]]' = OrderedDict()
+_INDEX_CACHE: 'OrderedDict[Tuple[int, int, torch.device], Tensor]' = OrderedDict()
 _INDEX_CACHE_SIZE = 32  # shapes (detection's multi-scale inputs make many: 4 per input size)
 
 
-def cross_scan_index(height: int, width: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """``(index, inverse)``, each (K = 4, L): ``index[k, i]`` is the raster position (h * W + w) that direction k
-    reads at step i (row-major, column-major, and both reversed); ``inverse[k, p]`` the step at which it reads
-    position p. The last 32 shapes' are cached per device (fake tensors of tracers and meta devices are not)."""
+def cross_scan_index(height: int, width: int, device: torch.device) -> Tensor:
+    """(K = 4, L): ``index[k, i]`` is the raster position (h * W + w) that direction k reads at step i (row-major,
+    column-major, and both reversed). The last 32 shapes' are cached per device (fake tensors of tracers and meta
+    devices are not)."""
     key = (height, width, torch.device(device))
-    cached = _INDEX_CACHE.get(key)
-    if cached is not None:
+    index = _INDEX_CACHE.get(key)
+    if index is not None:
         _INDEX_CACHE.move_to_end(key)
-        return cached
+        return index
     raster = torch.arange(height * width, device=device).view(height, width)
     rows, cols = raster.flatten(), raster.t().flatten()
     index = torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
-    inverse = torch.empty_like(index).scatter_(1, index, raster.flatten().expand_as(index).contiguous())
     if type(index) is torch.Tensor and index.device.type != 'meta':
-        _INDEX_CACHE[key] = (index, inverse)
+        _INDEX_CACHE[key] = index
         if len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
             _INDEX_CACHE.popitem(last=False)
-    return index, inverse
+    return index
 
 
-def _gather_directions(x: Tensor, index: Tensor) -> Tensor:
-    """(B, D, L) -> (B, K, D, L) with out[:, k, :, i] = x[:, :, index[k, i]]: one gather kernel."""
-    b, d, length = x.shape
-    k = index.shape[0]
-    return x.unsqueeze(1).expand(b, k, d, length).gather(3, index.view(1, k, 1, length).expand(b, k, d, length))
+def _scan(x: Tensor) -> Tensor:
+    """(B, D, H, W) -> (B, K, D, L), out[:, k, :, i] = x[:, :, index[k, i]]: one gather kernel (5 passes over a
+    (B, D, L) map; the transposed copy, two flips and the stack it replaces made 14)."""
+    b, d, height, width = x.shape
+    index = cross_scan_index(height, width, x.device)
+    k, length = index.shape
+    return x.flatten(2).unsqueeze(1).expand(b, k, d, length).gather(3, index.view(1, k, 1, length).expand(b, k, d,
+                                                                                                          length))
 
 
-def _scan(x: Tensor, index: Tensor) -> Tensor:
-    return _gather_directions(x.flatten(2), index)
-
-
-def _merge(y: Tensor, inverse: Tensor, height: int, width: int) -> Tensor:
+def _merge(y: Tensor, height: int, width: int) -> Tensor:
+    """(B, K, D, L) -> (B, D, H, W): each direction back in raster order, summed (two flips and three adds)."""
     b, _, d, _ = y.shape
-    return y.gather(3, inverse.view(1, -1, 1, height * width).expand_as(y)).sum(1).view(b, d, height, width)
+    rows = y[:, 0] + y[:, 2].flip(-1)  # (B, D, L) row-major
+    cols = y[:, 1] + y[:, 3].flip(-1)  # (B, D, L) column-major
+    return rows.view(b, d, height, width) + cols.view(b, d, width, height).transpose(2, 3)
 
 
 class _CrossScan(torch.autograd.Function):
-    """Forward: one gather; backward: the cross-merge (its adjoint) of the gradient, saving nothing."""
+    """Forward: the gather; backward: the cross-merge (its adjoint) of the gradient, saving nothing."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        height, width = x.shape[-2:]
-        ctx.hw = (height, width)
-        return _scan(x, cross_scan_index(height, width, x.device)[0])
+        ctx.hw = x.shape[-2:]
+        return _scan(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        height, width = ctx.hw
-        return _merge(grad, cross_scan_index(height, width, grad.device)[1], height, width)
+        return _merge(grad, *ctx.hw)
 
 
 class _CrossMerge(torch.autograd.Function):
-    """Forward: a gather back to raster order and a sum over K; backward: the cross-scan of the gradient."""
+    """Forward: the flips and adds; backward: the cross-scan (gather) of the gradient. (Autograd through the slices
+    of ``y`` wrote a zero-filled (B, K, D, L) gradient for each of the four.)"""
 
     @staticmethod
     def forward(ctx, y: Tensor, height: int, width: int) -> Tensor:
-        return _merge(y, cross_scan_index(height, width, y.device)[1], height, width)
+        return _merge(y, height, width)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        height, width = grad.shape[-2:]
-        return _scan(grad, cross_scan_index(height, width, grad.device)[0]), None, None
+        return _scan(grad.contiguous()), None, None
 
 
 def cross_scan(x: Tensor) -> Tensor:
-    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed.
-
-    One gather writing the four sequences (the flips and stack it replaces made 14 passes over a (B, D, L) map, the
-    gather 5), with the cross-merge as its backward (autograd through flips and slices wrote a zero-filled
-    (B, 4, D, L) gradient per direction)."""
+    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed (one gather; its backward is
+    :func:`cross_merge`)."""
     if torch.jit.is_tracing():  # plain ops for tracers and exporters
-        return _scan(x, cross_scan_index(x.shape[-2], x.shape[-1], x.device)[0])
+        return _scan(x)
     return _CrossScan.apply(x)
 
 
 def cross_merge(y: Tensor, height: int, width: int) -> Tensor:
     """(B, 4, D, L) -> (B, D, H, W): sum the four directions back in raster positions (the adjoint of
-    :func:`cross_scan`; its backward is the cross-scan of the gradient)."""
+    :func:`cross_scan`, which is its backward)."""
     if torch.jit.is_tracing():
-        return _merge(y, cross_scan_index(height, width, y.device)[1], height, width)
+        return _merge(y, height, width)
     return _CrossMerge.apply(y, height, width)
 
 
