@@ -23,6 +23,7 @@
 #           $AMP_DTYPES: bf16 fp16, $AMP_ARGS, e.g. "--iters 500 --time-limit 400"), spread over the GPUs
 #           ($AMP_GPUS, default all); AMP_BG=1 runs them in the background
 #   multigpu  tools/benchmarks/multi_gpu_check.py --gpus $(GPU count) ($MGPU_ARGS)
+#   layouts tools/benchmarks/bench_layouts.py ($LAYOUTS_ARGS, e.g. "--pieces cross_scan cross_merge")
 #   ncu     Nsight Compute counters of the kernels at the shapes of the missed targets
 #           (tools/benchmarks/ncu_kernels.py, $NCU_ARGS e.g. "--cases fusion-s1-fp32"): $OUT/ncu.md
 # The logs end up in $OUT/logs.tar.gz.
@@ -122,6 +123,11 @@ for step in "$@"; do
       tail -20 "$OUT/multigpu.log"
       (cd /tmp/vssm-mgpu && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
         -not -path '*/data/*' | tar czf "$OUT/multigpu.tar.gz" -T -) ;;
+    layouts)
+      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      timeout "${LAYOUTS_TIMEOUT:-200}" python3 tools/benchmarks/bench_layouts.py ${LAYOUTS_ARGS:-} \
+        > "$OUT/layouts.log" 2>&1
+      grep -v Warning "$OUT/layouts.log" | tail -40 ;;
     ncu)
       for pid in "${background[@]}"; do wait "$pid"; done; background=()
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
