@@ -38,8 +38,8 @@ _INDEX_CACHE_SIZE = 32  # shapes (detection's multi-scale inputs make many: 4 pe
 
 def cross_scan_index(height: int, width: int, device: torch.device) -> Tensor:
     """(K = 4, L): ``index[k, i]`` is the raster position (h * W + w) that direction k reads at step i (row-major,
-    column-major, and both reversed). The last 32 shapes' are cached per device (fake tensors of tracers and meta
-    devices are not)."""
+    column-major, and both reversed). Cached per device for the last 32 shapes (not for the fake tensors of tracers and
+    meta devices)."""
     key = (height, width, torch.device(device))
     index = _INDEX_CACHE.get(key)
     if index is not None:
