@@ -65,8 +65,8 @@ def test_metric_list_and_cases():
 
 def test_run_prints_the_plan_of_parts(capsys):
     """The driver on the CPU (reference ops, batch 1): forward and backward of each case, a PART line for each."""
-    parts = ncu.run(['fusion-s2-fp32', 'scan-output-s2-bf16'], device='cpu', batch=1)
+    parts = ncu.run(['fusion-s2-fp32', 'scan-output-s2-bf16', 'scan-state-s2-fp32'], device='cpu', batch=1)
     assert [p for p, _ in parts] == ['fusion-s2-fp32 fwd', 'fusion-s2-fp32 bwd', 'scan-output-s2-bf16 fwd',
-                                     'scan-output-s2-bf16 bwd']
+                                     'scan-output-s2-bf16 bwd', 'scan-state-s2-fp32 fwd', 'scan-state-s2-fp32 bwd']
     assert parts[0][1] == 2 * 256 * 28 * 28 * 4  # the fusion forward reads and writes one fp32 map
     assert ncu.read_parts(capsys.readouterr().out) == parts
