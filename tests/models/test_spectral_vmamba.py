@@ -166,6 +166,26 @@ def test_scan_and_merge_are_adjoint_permutations():
     seqs = spectral_scan(x, order)  # (B, 8, D, L)
     assert seqs.shape == (2, 8, 3, 20)
     torch.testing.assert_close(spectral_merge(seqs, order, 4, 5), 8 * x)
+    # Each is the other's backward: gradients as autograd's through the plain gathers (torch.gather's backward).
+    x = x.double().requires_grad_()
+    y = torch.randn(2, 8, 3, 20, dtype=torch.float64, requires_grad=True)
+    orders = torch.cat([order.transpose(1, 2), order.transpose(1, 2).flip(-1)], dim=1)  # (B, 8, L)
+    orders = orders[:, :, None, :].expand(-1, -1, 3, -1)
+    inverse = torch.argsort(orders, dim=3)
+
+    def plain_scan(t):
+        return torch.gather(t.reshape(2, 1, 3, 20).expand(-1, 8, -1, -1), 3, orders)
+
+    def plain_merge(t):
+        return torch.gather(t, 3, inverse).sum(1).view(2, 3, 4, 5)
+
+    for ours, plain, inp in ((lambda t: spectral_scan(t, order), plain_scan, x),
+                             (lambda t: spectral_merge(t, order, 4, 5), plain_merge, y)):
+        out = ours(inp)
+        torch.testing.assert_close(out, plain(inp))
+        grad = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, inp, grad)[0],
+                                   torch.autograd.grad(plain(inp), inp, grad)[0])
 
 
 def test_clear_errors():

@@ -41,7 +41,7 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, gather_index_only, normed_linear, parse_arch,
+from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, linear_map, normed_linear, parse_arch,
                      to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 from .vmamba import SS2D, VSSBlock
 
@@ -239,23 +239,35 @@ def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: boo
     return order
 
 
-def spectral_scan(x: Tensor, order: Tensor) -> Tensor:
-    """(B, D, H, W) -> (B, 2T, D, L): the tokens in each order, then each order reversed."""
+def _sequences(x: Tensor, order: Tensor, height: int, width: int) -> Tensor:
+    """(B, D, H, W) -> (B, 2T, D, L): one gather of the tokens in each order, then in each order reversed."""
     b, d = x.shape[:2]
     orders = order.transpose(1, 2)  # (B, T, L)
     orders = torch.cat([orders, orders.flip(-1)], dim=1)  # the reversed sequences: reversed (small) index rows
     tokens = x.reshape(b, 1, d, -1).expand(-1, orders.shape[1], -1, -1)  # (B, 2T, D, L), a view
-    return gather_index_only(tokens, 3, orders[:, :, None, :].expand(-1, -1, d, -1))
+    return torch.gather(tokens, 3, orders[:, :, None, :].expand(-1, -1, d, -1))
 
 
-def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
-    """(B, 2T, D, L) -> (B, D, H, W): every sequence scattered back to raster positions (through argsort(order), the
+def _raster_sum(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
+    """(B, 2T, D, L) -> (B, D, H, W): every sequence gathered back to raster positions (through argsort(order), the
     inverse permutation) and summed."""
     b, k, d, length = y.shape
     inverse = torch.argsort(order, dim=1, stable=True).transpose(1, 2)  # (B, T, L)
     # A reversed sequence holds raster token order[L - 1 - j] at position j: read it at L - 1 - inverse.
     inverse = torch.cat([inverse, length - 1 - inverse], dim=1)[:, :, None, :].expand(-1, -1, d, -1)
-    return gather_index_only(y, 3, inverse).sum(dim=1).view(b, d, height, width)  # (B, 2T, D, L) summed
+    return torch.gather(y, 3, inverse).sum(dim=1).view(b, d, height, width)  # (B, 2T, D, L) summed
+
+
+def spectral_scan(x: Tensor, order: Tensor) -> Tensor:
+    """(B, D, H, W) -> (B, 2T, D, L): the tokens in each order, then each order reversed. Its backward is
+    :func:`spectral_merge` of the gradient (saving only ``order``)."""
+    return linear_map(_sequences, _raster_sum, x, order, *x.shape[-2:])
+
+
+def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
+    """(B, 2T, D, L) -> (B, D, H, W): every sequence back in raster positions, summed (the adjoint of
+    :func:`spectral_scan`, which is its backward)."""
+    return linear_map(_raster_sum, _sequences, y, order, height, width)
 
 
 def equivariant_pool(x: Tensor) -> Tensor:

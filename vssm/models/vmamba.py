@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from ..ops import dwconv2d, selective_scan
 from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds,
-                     init_dt_bias, init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, to_classifier_keys,
-                     trunc_normal_linear_init, unwrap_state_dict)
+                     init_dt_bias, init_dt_weight, init_x_proj_weight, linear_map, normed_linear, parse_arch,
+                     to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge', 'cross_scan_index']
 
@@ -55,13 +55,13 @@ def cross_scan_index(height: int, width: int, device: torch.device) -> Tensor:
     return index
 
 
-def _scan(x: Tensor) -> Tensor:
+def _scan(x: Tensor, height: int, width: int) -> Tensor:
     """(B, D, H, W) -> (B, K, D, L), out[:, k, :, i] = x[:, :, index[k, i]]: one gather kernel (5 passes over a
     (B, D, L) map; the transposed copy, two flips and the stack it replaces made 14)."""
-    b, d, height, width = x.shape
+    b, d = x.shape[:2]
     index = cross_scan_index(height, width, x.device)
     k, length = index.shape
-    return x.flatten(2).unsqueeze(1).expand(b, k, d, length).gather(3, index.view(1, k, 1, length).expand(b, k, d,
+    return x.reshape(b, 1, d, length).expand(b, k, d, length).gather(3, index.view(1, k, 1, length).expand(b, k, d,
                                                                                                           length))
 
 
@@ -73,46 +73,17 @@ def _merge(y: Tensor, height: int, width: int) -> Tensor:
     return rows.view(b, d, height, width) + cols.view(b, d, width, height).transpose(2, 3)
 
 
-class _CrossScan(torch.autograd.Function):
-    """Forward: the gather; backward: the cross-merge (its adjoint) of the gradient, saving nothing."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.hw = x.shape[-2:]
-        return _scan(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return _merge(grad, *ctx.hw)
-
-
-class _CrossMerge(torch.autograd.Function):
-    """Forward: the flips and adds; backward: the cross-scan (gather) of the gradient. (Autograd through the slices
-    of ``y`` wrote a zero-filled (B, K, D, L) gradient for each of the four.)"""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, height: int, width: int) -> Tensor:
-        return _merge(y, height, width)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _scan(grad.contiguous()), None, None
-
-
 def cross_scan(x: Tensor) -> Tensor:
-    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed (one gather; its backward is
-    :func:`cross_merge`)."""
-    if torch.jit.is_tracing():  # plain ops for tracers and exporters
-        return _scan(x)
-    return _CrossScan.apply(x)
+    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed (one gather). Its backward is
+    :func:`cross_merge` of the gradient: autograd through the merge's slices of its (B, 4, D, L) input zero-filled a
+    gradient of that size for each of the four."""
+    return linear_map(_scan, _merge, x, *x.shape[-2:])
 
 
 def cross_merge(y: Tensor, height: int, width: int) -> Tensor:
     """(B, 4, D, L) -> (B, D, H, W): sum the four directions back in raster positions (the adjoint of
     :func:`cross_scan`, which is its backward)."""
-    if torch.jit.is_tracing():
-        return _merge(y, height, width)
-    return _CrossMerge.apply(y, height, width)
+    return linear_map(_merge, _scan, y, height, width)
 
 
 class SS2D(nn.Module):

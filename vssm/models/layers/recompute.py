@@ -8,9 +8,12 @@ plain composition, under autocast too (the matmul runs in the dtype autocast gav
 ``recomputed_linear(f, fc, *inputs)`` generalizes it: ``fc(f(*inputs))`` saving the inputs, ``f`` (a norm, a gate)
 recomputed in the backward, e.g. Spatial-Mamba's ``out_proj(LN(y) * SiLU(z))``.
 
-``gather_index_only(src, dim, index)`` is ``torch.gather``, whose autograd saves the whole ``src`` although its
-backward (a scatter-add of the gradient) needs only the index and the shape; this one saves the index only. Spectral
-VMamba's scan and merge gather (B, D, L) tokens and (B, 8, D, L) fp32 scan outputs this way (3 GiB at batch 128).
+``linear_map(op, adjoint, x, *args)`` is ``op(x, *args)`` for an ``op`` linear in ``x`` that only moves and adds
+its elements (the scan orders of VMamba and Spectral VMamba: gathers of the tokens, sums of gathered sequences), with
+``adjoint(grad, *args)`` as its backward: the other one of the pair. It saves only the tensors among ``args``
+(indices). Autograd through a gather saved the whole source (3 GiB at batch 128 for Spectral VMamba-T's fp32 scan
+outputs) and its backward zero-filled a gradient of the gathered size and scatter-added into it; through slices and
+flips it zero-filled one such gradient per slice. Not a recomputation: used with the switch below off too.
 
 ``grouped_matmul(weight, x)`` is ``torch.matmul(weight, x)`` for per-group weights (K, O, I) and inputs (B, K, I, L)
 (the x_proj / dt_proj projections of the K scan sequences): one batched GEMM per group with the weight broadcast over
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    'recomputed_linear', 'gelu_linear', 'gather_index_only', 'grouped_matmul', 'set_recompute', 'recompute_enabled'
+    'recomputed_linear', 'gelu_linear', 'linear_map', 'grouped_matmul', 'set_recompute', 'recompute_enabled'
 ]
 
 _ENABLED = os.environ.get('VSSM_RECOMPUTE', '1') != '0'
@@ -120,28 +123,33 @@ def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False) -> Tenso
     return recomputed_linear(F.gelu, fc, h, channels_first=channels_first)
 
 
-class _GatherIndexOnly(torch.autograd.Function):
+_TENSOR = object()  # marks, in ctx.args, a tensor argument kept through save_for_backward
+
+
+class _LinearMap(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, src: Tensor, dim: int, index: Tensor) -> Tensor:
-        ctx.dim, ctx.shape = dim, src.shape
-        ctx.save_for_backward(index)
-        return torch.gather(src, dim, index)
+    def forward(ctx, op: Callable[..., Tensor], adjoint: Callable[..., Tensor], x: Tensor, *args) -> Tensor:
+        ctx.adjoint = adjoint
+        ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
+        ctx.args = [_TENSOR if isinstance(a, Tensor) else a for a in args]
+        return op(x, *args)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        index, = ctx.saved_tensors
-        grad_src = None
-        if ctx.needs_input_grad[0]:
-            grad_src = grad.new_zeros(ctx.shape).scatter_add_(ctx.dim, index, grad)
-        return grad_src, None, None
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if a is _TENSOR else a for a in ctx.args]
+        grad_x = ctx.adjoint(grad, *args) if ctx.needs_input_grad[2] else None
+        return (None, None, grad_x, *(None for _ in args))
 
 
-def gather_index_only(src: Tensor, dim: int, index: Tensor) -> Tensor:
-    """``torch.gather(src, dim, index)`` saving only ``index`` (and ``src``'s shape) for the backward."""
-    if not _ENABLED or not torch.is_grad_enabled():
-        return torch.gather(src, dim, index)
-    return _GatherIndexOnly.apply(src, dim, index)
+def linear_map(op: Callable[..., Tensor], adjoint: Callable[..., Tensor], x: Tensor, *args) -> Tensor:
+    """``op(x, *args)`` for an ``op`` linear in ``x``, differentiated by ``adjoint(grad, *args)`` (its adjoint, which
+    must return a gradient shaped like ``x``); saves only the tensors in ``args``. Plain ``op`` under tracing (FLOP
+    counters, exporters) and without autograd."""
+    if torch.jit.is_tracing() or not torch.is_grad_enabled():
+        return op(x, *args)
+    return _LinearMap.apply(op, adjoint, x, *args)
 
 
 class _GroupedMatmul(torch.autograd.Function):
