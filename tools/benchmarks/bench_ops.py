@@ -20,7 +20,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +94,19 @@ class Table:
               f'fwd+bwd {fb} ms ({fbf})', flush=True)
 
 
-def bench_scan(table: Table, form: str, bt: int, d: int, groups: int, length: int, dtype: torch.dtype,
-               name: str, with_compile: bool) -> None:
-    s = torch.tensor([], dtype=dtype).element_size()
-    kw = dict(device='cuda')
+class Case(NamedTuple):
+    """One op case: ``run(backend)`` computes it on its inputs, ``leaves`` get gradients, and the minimal bytes its
+    forward and its backward must move (every input read once, every output written once)."""
+    run: Callable[[str], torch.Tensor]
+    leaves: List[torch.Tensor]
+    fwd_bytes: float
+    bwd_bytes: float
+
+
+def scan_case(form: str, bt: int, d: int, groups: int, length: int, dtype: torch.dtype,
+              device: str = 'cuda') -> Case:
+    """A selective scan: the state form (Spatial-Mamba) or the output form with C and D (VMamba)."""
+    kw = dict(device=device)
     u = torch.randn(bt, d, length, **kw).to(dtype).requires_grad_()
     delta = (torch.randn(bt, d, length, **kw) * 0.5 - 1).to(dtype).requires_grad_()
     A = (-torch.rand(d, 1, **kw) - 0.1).requires_grad_()
@@ -109,36 +118,46 @@ def bench_scan(table: Table, form: str, bt: int, d: int, groups: int, length: in
         extra = dict(C=torch.randn(bt, groups, 1, length, **kw).to(dtype).requires_grad_(),
                      D=torch.ones(d, **kw).requires_grad_())
         leaves += list(extra.values())
-    el, bc = bt * d * length, bt * groups * length
+    s, el, bc = u.element_size(), bt * d * length, bt * groups * length
     n_bc = 2 if form == 'output' else 1
     fwd_bytes = 2 * el * s + n_bc * bc * s + el * 4
     bwd_bytes = 2 * el * s + n_bc * bc * s + el * 4 + 2 * el * s + n_bc * bc * 4
+    return Case(lambda backend: selective_scan(u, delta, A, B, delta_bias=bias, backend=backend, **extra), leaves,
+                fwd_bytes, bwd_bytes)
+
+
+def fusion_case(bt: int, d: int, h: int, w: int, dtype: torch.dtype, device: str = 'cuda') -> Case:
+    """Spatial-Mamba's state fusion of a (B, D, H, W) map; leaves: the map, the three kernels, alpha."""
+    x = torch.randn(bt, d, h, w, device=device).to(dtype).requires_grad_()
+    ks = [(torch.randn(d, 1, 3, 3, device=device) * 0.3).requires_grad_() for _ in range(3)]
+    alpha = torch.ones(3, device=device, requires_grad=True)
+    el, s = x.numel(), x.element_size()
+    return Case(lambda backend: state_fusion(x, *ks, alpha, backend=backend), [x, *ks, alpha], 2 * el * s,
+                3 * el * s)
+
+
+def bench_scan(table: Table, form: str, bt: int, d: int, groups: int, length: int, dtype: torch.dtype,
+               name: str, with_compile: bool) -> None:
+    case = scan_case(form, bt, d, groups, length, dtype)
     impls = [('cuda kernel', 'cuda'), ('torch reference', 'torch')]
     for impl, backend in impls:
         def fn(backend=backend):
-            return selective_scan(u, delta, A, B, delta_bias=bias, backend=backend, **extra)
+            return case.run(backend)
         with torch.no_grad():
             fwd = time_ms(fn)
-        table.add(f'scan-{form}', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, leaves)), fwd_bytes,
-                  bwd_bytes)
+        table.add(f'scan-{form}', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, case.leaves)),
+                  case.fwd_bytes, case.bwd_bytes)
     if with_compile:
-        compiled = torch.compile(lambda: selective_scan(u, delta, A, B, delta_bias=bias, backend='torch', **extra))
+        compiled = torch.compile(lambda: case.run('torch'))
         with torch.no_grad():
             fwd = time_ms(compiled)
         table.add(f'scan-{form}', name, DTYPE_NAME[dtype], 'torch ref (compiled)', fwd,
-                  time_ms(fwd_bwd(compiled, leaves)), fwd_bytes, bwd_bytes)
+                  time_ms(fwd_bwd(compiled, case.leaves)), case.fwd_bytes, case.bwd_bytes)
 
 
 def bench_fusion(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dtype, name: str) -> None:
-    s = torch.tensor([], dtype=dtype).element_size()
-    x = torch.randn(bt, d, h, w, device='cuda').to(dtype).requires_grad_()
-    ks = [(torch.randn(d, 1, 3, 3, device='cuda') * 0.3).requires_grad_() for _ in range(3)]
-    alpha = torch.ones(3, device='cuda', requires_grad=True)
-    el = x.numel()
-    fwd_bytes, bwd_bytes = 2 * el * s, 3 * el * s
-
-    def ours():
-        return state_fusion(x, *ks, alpha, backend='cuda')
+    case = fusion_case(bt, d, h, w, dtype)
+    x, *ks, alpha = case.leaves
 
     def three_convs():
         xp = F.pad(x, (5, 5, 5, 5), mode='replicate')
@@ -153,13 +172,13 @@ def bench_fusion(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dty
     def dense11():
         return F.conv2d(x, merged, padding=5, groups=d)
 
-    for impl, fn, leaves in (('fused kernel', ours, [x, *ks, alpha]), ('3x cuDNN dilated+pad', three_convs,
-                                                                       [x, *ks, alpha]),
+    for impl, fn, leaves in (('fused kernel', lambda: case.run('cuda'), case.leaves),
+                             ('3x cuDNN dilated+pad', three_convs, case.leaves),
                              ('cuDNN dense 11x11', dense11, [x, merged])):
         with torch.no_grad():
             fwd = time_ms(fn)
-        table.add('state-fusion', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, leaves)), fwd_bytes,
-                  bwd_bytes)
+        table.add('state-fusion', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, leaves)), case.fwd_bytes,
+                  case.bwd_bytes)
 
 
 def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: torch.dtype, name: str) -> None:
@@ -179,6 +198,7 @@ def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: to
 
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
 OPS = ('scan', 'fusion', 'dwconv')  # --ops: selective scans, state fusion, dense 11x11 depthwise conv
+
 
 def _pct(v: Optional[float]) -> str:
     return '-' if v is None else f'{v:.0%}'

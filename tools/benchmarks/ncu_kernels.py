@@ -19,7 +19,8 @@ parallelism (low DRAM throughput at low occupancy), or instruction-bound (SM thr
 import argparse
 import csv
 import io
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 METRICS = (
     'gpu__time_duration.sum',
@@ -48,53 +49,22 @@ CASES = {
 }
 
 
-def _fusion_case(b: int, c: int, h: int, w: int, dtype, device: str,
-                 backend: str) -> Tuple[Callable, List, Dict[str, float]]:
-    import torch
-    from vssm.ops import state_fusion
-    x = torch.randn(b, c, h, w, device=device).to(dtype).requires_grad_()
-    ks = [(torch.randn(c, 1, 3, 3, device=device) * 0.3).requires_grad_() for _ in range(3)]
-    alpha = torch.ones(3, device=device, requires_grad=True)
-    el, s = x.numel(), x.element_size()
-    return (lambda: state_fusion(x, *ks, alpha, backend=backend)), [x, *ks, alpha], dict(fwd=2 * el * s, bwd=3 * el * s)
-
-
-def _scan_case(form: str, b: int, d: int, length: int, dtype, device: str,
-               backend: str) -> Tuple[Callable, List, Dict[str, float]]:
-    import torch
-    from vssm.ops import selective_scan
-    groups = 4 if form == 'output' else 1
-    u = torch.randn(b, d, length, device=device).to(dtype).requires_grad_()
-    delta = (torch.randn(b, d, length, device=device) * 0.5 - 1).to(dtype).requires_grad_()
-    A = (-torch.rand(d, 1, device=device) - 0.1).requires_grad_()
-    B = torch.randn(b, groups, 1, length, device=device).to(dtype).requires_grad_()
-    bias = (torch.rand(d, device=device) - 2).requires_grad_()
-    leaves, extra = [u, delta, A, B, bias], {}
-    if form == 'output':
-        extra = dict(C=torch.randn(b, groups, 1, length, device=device).to(dtype).requires_grad_(),
-                     D=torch.ones(d, device=device).requires_grad_())
-        leaves += list(extra.values())
-    s, el, bc = u.element_size(), b * d * length, b * groups * length
-    n_bc = 2 if form == 'output' else 1
-    # As bench_ops.py: the forward reads u, delta, B (and C) and writes float32 outputs; the backward reads them and
-    # the float32 output gradient and writes the input gradients.
-    fwd = 2 * el * s + n_bc * bc * s + el * 4
-    bwd = 2 * el * s + n_bc * bc * s + el * 4 + 2 * el * s + n_bc * bc * 4
-    return (lambda: selective_scan(u, delta, A, B, delta_bias=bias, backend=backend, **extra)), leaves, dict(fwd=fwd,
-                                                                                                             bwd=bwd)
-
-
 def build_case(name: str, device: str = 'cuda', batch: Optional[int] = None):
-    """(function, leaves, minimal bytes of its forward and backward) of a case; ``batch`` overrides its batch and
-    a CPU device takes the reference ops (for tests)."""
+    """bench_ops.py's case (inputs, ``run(backend)``, minimal bytes) for one of :data:`CASES`; ``batch`` overrides
+    its batch and a CPU device takes the reference ops (for tests). Returns (function, leaves, minimal bytes)."""
     import torch
+    from vssm.runtime import load_tool_module
+    bench_ops = load_tool_module(Path(__file__).resolve().parent / 'bench_ops.py', 'vssm_bench_ops_tool')
     op, b, c, h, w, dname = CASES[name]
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dname]
     b = batch or b
-    backend = 'cuda' if device == 'cuda' else 'torch'
     if op == 'fusion':
-        return _fusion_case(b, c, h, w, dtype, device, backend)
-    return _scan_case(op.split('-')[1], b, c, h * w, dtype, device, backend)
+        case = bench_ops.fusion_case(b, c, h, w, dtype, device)
+    else:
+        form = op.split('-')[1]
+        case = bench_ops.scan_case(form, b, c, 4 if form == 'output' else 1, h * w, dtype, device)
+    backend = 'cuda' if device == 'cuda' else 'torch'
+    return (lambda: case.run(backend)), case.leaves, dict(fwd=case.fwd_bytes, bwd=case.bwd_bytes)
 
 
 def run(cases: Sequence[str], device: str = 'cuda', batch: Optional[int] = None) -> List[Tuple[str, float]]:

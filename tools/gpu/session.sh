@@ -36,6 +36,8 @@ export PYTHONPATH=/tmp/vssm-kern:/tmp/site:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 has() { [[ " $* " == *" $step "* ]]; }
 background=()
+# Steps that time things wait for the background jobs (tests, fuzz, learn) to end first: timings need a quiet GPU.
+wait_background() { for pid in "${background[@]}"; do wait "$pid"; done; background=(); }
 for step in "$@"; do
   start=$(date +%s)
   case $step in
@@ -60,23 +62,23 @@ for step in "$@"; do
       }
       if [ "${TESTS_BG:-0}" = 1 ]; then run_tests & background+=($!); else run_tests; fi ;;
     order)
-      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      wait_background
       timeout "${ORDER_TIMEOUT:-150}" python3 tools/benchmarks/bench_spectral_order.py --sizes 512x512 \
         --batches 1 2 8 --json "$OUT/order.json" > "$OUT/order.log" 2>&1
       grep '^{' "$OUT/order.log" ;;
     ops)
-      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      wait_background
       timeout "${OPS_TIMEOUT:-200}" python3 tools/benchmarks/bench_ops.py --json "$OUT/ops.json" \
         --markdown "$OUT/ops.md" ${OPS_ARGS:-} > "$OUT/ops.log" 2>&1
       tail -12 "$OUT/ops.log" ;;
     bench)
-      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      wait_background
       timeout "${BENCH_TIMEOUT:-300}" python3 tools/analysis_tools/benchmark.py --json "$OUT/bench.json" \
         --markdown "$OUT/bench.md" ${BENCH_ARGS:---models spatial-mamba-t vmamba-t spectral-vmamba-t swin-t convnext-t} \
         > "$OUT/bench.log" 2>&1
       tail -40 "$OUT/bench.log" ;;
     bench-norecompute)
-      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      wait_background
       timeout "${BENCH_TIMEOUT:-300}" python3 tools/analysis_tools/benchmark.py --no-recompute --modes train-bf16 \
         --backends cuda --models spatial-mamba-t vmamba-t spectral-vmamba-t \
         --json "$OUT/bench-norecompute.json" --markdown "$OUT/bench-norecompute.md" > "$OUT/bench-norecompute.log" 2>&1
@@ -124,12 +126,12 @@ for step in "$@"; do
       (cd /tmp/vssm-mgpu && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) \
         -not -path '*/data/*' | tar czf "$OUT/multigpu.tar.gz" -T -) ;;
     layouts)
-      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      wait_background
       timeout "${LAYOUTS_TIMEOUT:-200}" python3 tools/benchmarks/bench_layouts.py ${LAYOUTS_ARGS:-} \
         > "$OUT/layouts.log" 2>&1
       grep -v Warning "$OUT/layouts.log" | tail -40 ;;
     ncu)
-      for pid in "${background[@]}"; do wait "$pid"; done; background=()
+      wait_background
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
       if [ -z "$ncu" ]; then echo "ncu: not found"; else
         timeout "${NCU_TIMEOUT:-240}" "$ncu" --profile-from-start off --clock-control none -f -o "$OUT/kernels" \

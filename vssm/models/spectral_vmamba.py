@@ -41,8 +41,8 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, linear_map, normed_linear, parse_arch,
-                     to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, gather_sequences, linear_map, normed_linear,
+                     parse_arch, to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 from .vmamba import SS2D, VSSBlock
 
 __all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'EIGENSOLVERS', 'spectral_scan', 'spectral_merge',
@@ -241,11 +241,8 @@ def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: boo
 
 def _sequences(x: Tensor, order: Tensor, height: int, width: int) -> Tensor:
     """(B, D, H, W) -> (B, 2T, D, L): one gather of the tokens in each order, then in each order reversed."""
-    b, d = x.shape[:2]
     orders = order.transpose(1, 2)  # (B, T, L)
-    orders = torch.cat([orders, orders.flip(-1)], dim=1)  # the reversed sequences: reversed (small) index rows
-    tokens = x.reshape(b, 1, d, -1).expand(-1, orders.shape[1], -1, -1)  # (B, 2T, D, L), a view
-    return torch.gather(tokens, 3, orders[:, :, None, :].expand(-1, -1, d, -1))
+    return gather_sequences(x, torch.cat([orders, orders.flip(-1)], dim=1))  # reversed sequences: reversed index rows
 
 
 def _raster_sum(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:

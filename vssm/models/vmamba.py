@@ -25,8 +25,8 @@ from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
 from ..ops import dwconv2d, selective_scan
-from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds,
-                     init_dt_bias, init_dt_weight, init_x_proj_weight, linear_map, normed_linear, parse_arch,
+from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gather_sequences, gelu_linear, grouped_matmul, init_A_logs,
+                     init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight, linear_map, normed_linear, parse_arch,
                      to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
 
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge', 'cross_scan_index']
@@ -58,11 +58,7 @@ def cross_scan_index(height: int, width: int, device: torch.device) -> Tensor:
 def _scan(x: Tensor, height: int, width: int) -> Tensor:
     """(B, D, H, W) -> (B, K, D, L), out[:, k, :, i] = x[:, :, index[k, i]]: one gather kernel (5 passes over a
     (B, D, L) map; the transposed copy, two flips and the stack it replaces made 14)."""
-    b, d = x.shape[:2]
-    index = cross_scan_index(height, width, x.device)
-    k, length = index.shape
-    return x.reshape(b, 1, d, length).expand(b, k, d, length).gather(3, index.view(1, k, 1, length).expand(b, k, d,
-                                                                                                          length))
+    return gather_sequences(x, cross_scan_index(height, width, x.device)[None])
 
 
 def _merge(y: Tensor, height: int, width: int) -> Tensor:

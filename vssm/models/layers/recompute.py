@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    'recomputed_linear', 'gelu_linear', 'linear_map', 'grouped_matmul', 'set_recompute', 'recompute_enabled'
+    'recomputed_linear', 'gelu_linear', 'linear_map', 'gather_sequences', 'grouped_matmul', 'set_recompute',
+    'recompute_enabled'
 ]
 
 _ENABLED = os.environ.get('VSSM_RECOMPUTE', '1') != '0'
@@ -150,6 +151,14 @@ def linear_map(op: Callable[..., Tensor], adjoint: Callable[..., Tensor], x: Ten
     if torch.jit.is_tracing() or not torch.is_grad_enabled():
         return op(x, *args)
     return _LinearMap.apply(op, adjoint, x, *args)
+
+
+def gather_sequences(x: Tensor, index: Tensor) -> Tensor:
+    """(B, D, H, W) or (B, D, L) tokens and (B or 1, K, L) raster positions -> (B, K, D, L) with
+    ``out[b, k, :, i] = x[b, :, index[b, k, i]]``: the K scan sequences written by one gather kernel."""
+    b, d = x.shape[:2]
+    k, length = index.shape[-2:]
+    return x.reshape(b, 1, d, length).expand(b, k, d, length).gather(3, index[:, :, None, :].expand(b, k, d, length))
 
 
 class _GroupedMatmul(torch.autograd.Function):
