@@ -74,6 +74,15 @@ def test_state_fusion_odd_sizes(mode, dtype, size):
     fusion_case(2, 8, *size, mode, dtype)
 
 
+# Replicate padding's backward folds the padded positions onto the border pixels: from running sums of the border
+# bands in shared memory when the plane is at least reach + 1 = 6 pixels on each side and its bands fit in 48 KiB
+# (6x6, 520x500: the largest that fit), one thread per border pixel otherwise (5x40, and H + W > 1024).
+@pytest.mark.parametrize('size', [(6, 6), (520, 500), (5, 40), (6, 1100), (1100, 6)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_state_fusion_replicate_fold_paths(size, dtype):
+    fusion_case(1, 3, *size, 'replicate', dtype)
+
+
 @pytest.mark.parametrize('k, dilation', [(3, 1), (5, 1), (7, 1), (7, 2), (11, 1), (13, 1), (3, 5), (31, 1)])
 @pytest.mark.parametrize('mode', ['zeros', 'replicate'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])

@@ -5,8 +5,9 @@
 #   source .devwheels/activate.sh && bash tools/gpu/session.sh build tests fuzz order
 #
 # Steps:
-#   build   pip-build both kernels into /tmp/vssm-kern and keep their wheels in $OUT/kernel-wheels (reused by a later
-#           call when .kernel-wheels/ holds wheels built from the same sources: "install" step)
+#   build   pip-build the kernels ($BUILD_KERNELS, default both; "install build" with BUILD_KERNELS=dwconv2d rebuilds one
+#           and takes the other from .kernel-wheels/) into /tmp/vssm-kern and keep their wheels in $OUT/kernel-wheels
+#           (reused by a later call when .kernel-wheels/ holds wheels built from the same sources: "install" step)
 #   install install prebuilt kernel wheels from .kernel-wheels/ instead of building
 #   tests   the GPU tests (tests/ops/*_cuda.py, tests/models/*_cuda.py, or $TESTS); TESTS_BG=1 runs them in the
 #           background (with the next steps; the end of the script waits for them)
@@ -42,9 +43,11 @@ for step in "$@"; do
   start=$(date +%s)
   case $step in
     build)
-      python3 -m pip wheel --no-build-isolation --no-deps -w "$OUT/kernel-wheels" ./kernels/selective_scan \
-        ./kernels/dwconv2d > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-      python3 -m pip install -q --no-deps --target /tmp/vssm-kern "$OUT"/kernel-wheels/*.whl >> "$OUT/build.log" 2>&1 ;;
+      python3 -m pip wheel --no-build-isolation --no-deps -w "$OUT/kernel-wheels" \
+        $(for k in ${BUILD_KERNELS:-selective_scan dwconv2d}; do echo ./kernels/$k; done) > "$OUT/build.log" 2>&1 \
+        || { tail -40 "$OUT/build.log"; exit 1; }
+      python3 -m pip install -q --no-deps --upgrade --target /tmp/vssm-kern "$OUT"/kernel-wheels/*.whl \
+        >> "$OUT/build.log" 2>&1 ;;
     install)
       python3 -m pip install -q --no-deps --target /tmp/vssm-kern .kernel-wheels/*.whl > "$OUT/build.log" 2>&1 ;;
     fuzz)

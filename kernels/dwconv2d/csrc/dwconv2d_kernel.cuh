@@ -23,8 +23,9 @@
 // block in shared memory.
 //
 // Replicate padding, backward: the transposed tap sum is exact for zero padding and for every pixel off the border;
-// border pixels also collect the taps that were clamped onto them, which dw_fold_kernel recomputes afterwards (one
-// thread per border pixel).
+// border pixels also collect the taps that were clamped onto them, which a fold kernel recomputes afterwards
+// (dw_fold_bands_kernel: one block per plane, from running sums of the border bands staged in shared memory;
+// dw_fold_kernel, one thread per border pixel reading global memory, where the bands do not fit).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -495,7 +496,7 @@ __global__ void __launch_bounds__(kRowThreads) dw_rows_bwd_kernel(const ConvPara
   if (b.pl < b.np && b.oy < height && b.ox < width) {
     const int64_t n = b.n0 + b.pl * b.step;
     const int off = (b.pl * tl.sh + b.ty * kRows) * tl.sw + b.tx * kCols;
-    // Input gradient (the zero-padding adjoint; replicate borders are redone by dw_fold_kernel).
+    // Input gradient (the zero-padding adjoint; replicate borders are redone by a fold kernel).
     {
       float wr[kTaps];
       load_weights(wr, p.weight, b.channel(p, b.pl));
@@ -634,7 +635,7 @@ __global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const ConvParams p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int ly = (threadIdx.x / kTileW) * kPy, lx = threadIdx.x % kTileW;
 
-  // Input gradient (the zero-padding adjoint; replicate borders are redone by dw_fold_kernel).
+  // Input gradient (the zero-padding adjoint; replicate borders are redone by a fold kernel).
   if (y0 + ly < height && x0 + lx < width) {
     float dx[kPy];
 #pragma unroll
@@ -719,6 +720,107 @@ __global__ void dw_fold_kernel(const ConvParams p) {
     s = fmaf(w[t], tap, s);
   });
   static_cast<T *>(p.dx)[plane * height * width + static_cast<int64_t>(y) * width + x] = from_float<T>(s);
+}
+
+// Replicate padding, backward, the same fold from partial sums: for an H x W plane with H, W >= max(reach + 1, 3),
+// every rectangle of dout that the fold sums for one tap is a run of up to reach + 1 pixels starting at the plane's
+// edge, in a row (left / right columns of the plane, corners included: one run per row of the rectangle) or in a
+// column (top / bottom rows). A block takes one plane: it stages the running sums of the first reach + 1 pixels of
+// every row from both ends and of every column from both ends, 2 (reach + 1) (H + W) floats, then each border pixel is
+// one lookup per tap (at most reach + 1 at the corners) instead of up to (reach + 1)^2 global loads.
+inline int fold_bands_floats(int64_t height, int64_t width, int reach) {
+  return static_cast<int>(2 * (reach + 1) * (height + width));
+}
+constexpr int kFoldBandsMaxBytes = 48 * 1024;  // dynamic shared memory without an opt-in
+
+inline bool fold_bands_fits(const ConvParams &p) {
+  const int reach = p.groups.reach;
+  const int64_t low = std::max(reach + 1, 3);
+  return p.height >= low && p.width >= low &&
+         fold_bands_floats(p.height, p.width, reach) * static_cast<int64_t>(sizeof(float)) <= kFoldBandsMaxBytes;
+}
+
+template <typename T, typename Taps>
+__global__ void dw_fold_bands_kernel(const ConvParams p) {
+  extern __shared__ float bands[];
+  const TapGroups &g = p.groups;
+  const int reach = Taps::reach(g), run = reach + 1;
+  const int height = static_cast<int>(p.height), width = static_cast<int>(p.width);
+  const int64_t plane = blockIdx.x;
+  const T *dout = static_cast<const T *>(p.dout) + plane * height * width;
+  // rows[side][r][k]: sum of the first k + 1 pixels of row r from the left (side 0) or the right (1);
+  // cols[side][k][c]: sum of the first k + 1 pixels of column c from the top (0) or the bottom (1).
+  float *rows = bands, *cols = bands + 2 * height * run;
+  for (int i = threadIdx.x; i < 2 * (height + width); i += blockDim.x) {
+    float s = 0.f;
+    if (i < 2 * height) {
+      const int side = i / height, r = i % height;
+      const T *src = dout + static_cast<int64_t>(r) * width + (side ? width - 1 : 0);
+      const int step = side ? -1 : 1;
+      float *dst = rows + (side * height + r) * run;
+      for (int k = 0; k < run; ++k) {
+        s += to_float(src[k * step]);
+        dst[k] = s;
+      }
+    } else {
+      const int j = i - 2 * height, side = j / width, c = j % width;
+      const T *src = dout + (side ? static_cast<int64_t>(height - 1) * width : 0) + c;
+      const int64_t step = side ? -static_cast<int64_t>(width) : width;
+      float *dst = cols + side * run * width + c;
+      for (int k = 0; k < run; ++k) {
+        s += to_float(src[k * step]);
+        dst[k * width] = s;
+      }
+    }
+  }
+  __syncthreads();
+  const int c = static_cast<int>(plane % p.channels);
+  const float *w = p.weight + static_cast<int64_t>(c) * g.taps;
+  T *dx = static_cast<T *>(p.dx) + plane * height * width;
+  const int nb = static_cast<int>(border_pixels(height, width));
+  for (int k = threadIdx.x; k < nb; k += blockDim.x) {
+    int y, x;
+    if (k < width) {
+      y = 0;
+      x = k;
+    } else if (k < 2 * width) {
+      y = height - 1;
+      x = k - width;
+    } else {
+      y = 1 + (k - 2 * width) / 2;
+      x = ((k - 2 * width) % 2) ? width - 1 : 0;
+    }
+    const bool xedge = x == 0 || x == width - 1;
+    float s = 0.f;
+    Taps::for_each(g, [&](int t, int oy, int ox) {
+      // The padded positions folded onto (y, x) are a run from the edge, of length reach + 1, along each axis where
+      // (y, x) is on the border; tap (oy, ox) reads dout at those positions minus (oy, ox): a run from the edge of
+      // length reach + 1 - (reach + o) = 1 - o on the near side (-o for the top / left run), nothing when negative.
+      float tap = 0.f;
+      if (xedge) {
+        const int len = x == 0 ? -ox : ox;  // run length - 1 along the row
+        if (len < 0) return;
+        const float *side = rows + (x == 0 ? 0 : height * run) + len;
+        if (y == 0 || y == height - 1) {
+          const int ylen = y == 0 ? -oy : oy;
+          if (ylen < 0) return;
+          const int r0 = y == 0 ? 0 : height - 1 - ylen;
+          for (int r = r0; r <= r0 + ylen; ++r) tap += side[r * run];
+        } else {
+          const int r = y - oy;
+          if (r < 0 || r >= height) return;
+          tap = side[r * run];
+        }
+      } else {
+        const int ylen = y == 0 ? -oy : oy;
+        const int cc = x - ox;
+        if (ylen < 0 || cc < 0 || cc >= width) return;
+        tap = cols[((y == 0 ? 0 : run) + ylen) * width + cc];
+      }
+      s = fmaf(w[t], tap, s);
+    });
+    dx[static_cast<int64_t>(y) * width + x] = from_float<T>(s);
+  }
 }
 
 // Small planes (H, W <= kSmallPlane): a 32 x 32 tile would leave most threads idle, so a block stages whole planes,
@@ -820,7 +922,7 @@ __global__ void __launch_bounds__(kThreads) dw_small_bwd_kernel(const ConvParams
   float gv[kSmallOutputs];  // dout at this thread's outputs (0 past the end)
 #pragma unroll
   for (int k = 0; k < kSmallOutputs; ++k) gv[k] = offs[k] >= 0 ? gwin[offs[k]] : 0.f;
-  // Input gradient (zero-padding adjoint; replicate borders are redone by dw_fold_kernel).
+  // Input gradient (zero-padding adjoint; replicate borders are redone by a fold kernel).
   float acc[kSmallOutputs];
 #pragma unroll
   for (int k = 0; k < kSmallOutputs; ++k) acc[k] = 0.f;
@@ -1012,7 +1114,13 @@ void launch_bwd_taps(const ConvParams &p, cudaStream_t stream) {
   } else {
     launch_tile_bwd<T, Taps>(p, stream);
   }
-  if (p.replicate) {
+  if (p.replicate && fold_bands_fits(p)) {
+    const int64_t work = std::max<int64_t>(2 * (p.height + p.width), border_pixels(p.height, p.width));
+    const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(64, (work + 31) / 32 * 32)));
+    const int bytes = fold_bands_floats(p.height, p.width, p.groups.reach) * static_cast<int>(sizeof(float));
+    dw_fold_bands_kernel<T, Taps><<<static_cast<unsigned>(p.batch * p.channels), threads, bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (p.replicate) {
     const int64_t n = p.batch * p.channels * border_pixels(p.height, p.width);
     dw_fold_kernel<T, Taps><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
