@@ -119,3 +119,27 @@ def test_half_inputs_with_float32_parameters(dtype):
     out = dwconv2d(x.to(dtype), weight, bias, backend='torch')
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), dwconv2d(x, weight, bias, backend='torch'), rtol=5e-2, atol=1e-1)
+
+
+def test_fusion_tap_weights_are_the_merged_kernels_taps():
+    """The kernel path's (C, 25) weights, in the order of its tap groups, are the 25 non-zero taps of the merged 11x11
+    kernel (the three centres summed); float32 under autocast; the device map is not cached for fake tensors."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    dw = importlib.import_module('vssm.ops.dwconv2d')  # the module (the package exports the function of its name)
+    ks = [torch.randn(6, 1, 3, 3, dtype=torch.float64) for _ in range(3)]
+    alpha = torch.rand(3, dtype=torch.float64) + 0.5
+    weights = dw._fusion_tap_weights(*ks, alpha)
+    merged = merge_state_fusion_kernels(*(k.float() for k in ks), alpha.float())
+    offsets = [((ky - 1) * dil, (kx - 1) * dil) for _, dil, skip in dw._FUSION_GROUPS for ky in range(3)
+               for kx in range(3) if not (skip and ky == kx == 1)]
+    assert weights.shape == (6, 25) and weights.dtype == torch.float32 and len(set(offsets)) == 25
+    expected = torch.stack([merged[:, 0, 5 + oy, 5 + ox] for oy, ox in offsets], dim=1)
+    torch.testing.assert_close(weights, expected)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert dw._fusion_tap_weights(*(k.float() for k in ks), alpha.float()).dtype == torch.float32
+    dw._FUSION_MAPS.clear()
+    with FakeTensorMode():
+        dw._fusion_tap_map(torch.device('cpu'))
+    assert not dw._FUSION_MAPS

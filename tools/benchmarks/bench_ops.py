@@ -19,6 +19,7 @@ TF32 is enabled for the cuDNN baselines (as in training).
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -58,6 +59,19 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def host_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """Milliseconds of host time per call: ``calls`` calls issued without waiting for the GPU. Where it is close to
+    :func:`time_ms`, the GPU waits for the host (the op's launches and Python, not its kernels, set its time)."""
+    fn()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - begin
+    torch.cuda.synchronize()
+    return host * 1e3 / calls
+
+
 def fwd_bwd(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor]) -> Callable[[], None]:
     grad = None
 
@@ -78,8 +92,9 @@ class Table:
         self.rows: List[Dict] = []
 
     def add(self, op: str, shape: str, dtype: str, impl: str, fwd_ms: float, fwdbwd_ms: Optional[float],
-            fwd_bytes: float, bwd_bytes: float) -> None:
+            fwd_bytes: float, bwd_bytes: float, host_fwd_bwd_ms: Optional[float] = None) -> None:
         row = dict(op=op, shape=shape, dtype=dtype, impl=impl, fwd_ms=fwd_ms, fwd_bwd_ms=fwdbwd_ms,
+                   host_fwd_bwd_ms=host_fwd_bwd_ms,
                    fwd_gbps=fwd_bytes / (fwd_ms * 1e-3) / 1e9,
                    fwd_bwd_gbps=None if fwdbwd_ms is None else (fwd_bytes + bwd_bytes) / (fwdbwd_ms * 1e-3) / 1e9)
         row['fwd_frac'] = row['fwd_gbps'] * 1e9 / self.copy_bw
@@ -91,7 +106,8 @@ class Table:
         fb = '      -' if fwdbwd_ms is None else f'{fwdbwd_ms:7.3f}'
         fbf = '    -' if fwdbwd_ms is None else f'{row["fwd_bwd_frac"]:5.0%}'
         print(f'{op:14s} {shape:28s} {dtype:5s} {impl:22s} fwd {fwd_ms:7.3f} ms ({row["fwd_frac"]:5.0%} of copy)  '
-              f'fwd+bwd {fb} ms ({fbf})', flush=True)
+              f'fwd+bwd {fb} ms ({fbf})' + ('' if host_fwd_bwd_ms is None else f'  host {host_fwd_bwd_ms:.3f} ms'),
+              flush=True)
 
 
 class Case(NamedTuple):
@@ -177,8 +193,9 @@ def bench_fusion(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dty
                              ('cuDNN dense 11x11', dense11, [x, merged])):
         with torch.no_grad():
             fwd = time_ms(fn)
-        table.add('state-fusion', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, leaves)), case.fwd_bytes,
-                  case.bwd_bytes)
+        step = fwd_bwd(fn, leaves)
+        table.add('state-fusion', name, DTYPE_NAME[dtype], impl, fwd, time_ms(step), case.fwd_bytes, case.bwd_bytes,
+                  host_ms(step))
 
 
 def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: torch.dtype, name: str) -> None:
@@ -206,12 +223,13 @@ def _pct(v: Optional[float]) -> str:
 
 def markdown_table(rows: List[Dict]) -> str:
     """The rows as the Markdown table of kernels/README.md."""
-    lines = ['| op | shape | dtype | implementation | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| op | shape | dtype | implementation | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy | '
+             'host ms per fwd+bwd |', '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         fb = '-' if r['fwd_bwd_ms'] is None else f"{r['fwd_bwd_ms']:.3f}"
+        host = '-' if r.get('host_fwd_bwd_ms') is None else f"{r['host_fwd_bwd_ms']:.3f}"
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['impl']} | {r['fwd_ms']:.3f} | "
-                     f"{_pct(r['fwd_frac'])} | {fb} | {_pct(r['fwd_bwd_frac'])} |")
+                     f"{_pct(r['fwd_frac'])} | {fb} | {_pct(r['fwd_bwd_frac'])} | {host} |")
     return '\n'.join(lines)
 
 
@@ -254,7 +272,8 @@ def target_rows(rows: List[Dict]) -> List[Tuple[str, str, str]]:
     for r in fused:
         base = _find(rows, 'state-fusion', r['shape'], r['dtype'], '3x cuDNN dilated+pad')
         if base and r['fwd_bwd_ms'] and base['fwd_bwd_ms']:
-            speedups.append((_case(r), base['fwd_bwd_ms'] / r['fwd_bwd_ms']))
+            host_bound = (r.get('host_fwd_bwd_ms') or 0) >= 0.9 * r['fwd_bwd_ms']
+            speedups.append((_case(r) + (' (host-bound)' if host_bound else ''), base['fwd_bwd_ms'] / r['fwd_bwd_ms']))
     verdict('state fusion fwd+bwd >= 5x three cuDNN convs', speedups, 5.0, '{:.1f}x')
     speedups = []
     for r in rows:

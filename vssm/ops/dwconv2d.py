@@ -207,14 +207,37 @@ def state_fusion(h: Tensor, kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Te
     return state_fusion_ref(h, kernel_3, kernel_3_1, kernel_3_2, alpha, padding_mode)
 
 
+_FUSION_MAPS = {}  # device -> (27, 25) float32 map of _fusion_tap_weights
+
+
+def _fusion_tap_map(device: torch.device) -> Tensor:
+    """(27, 25) 0/1 matrix: row 9 * branch + tap (the 3x3 taps row-major) -> the kernel's tap (the dense 3x3 first, its
+    centre shared by the three branches, then the 8 outer taps of the dilation-3 and dilation-5 kernels). Cached per
+    device (not for the fake tensors of tracers and meta devices)."""
+    device = torch.device(device)
+    found = _FUSION_MAPS.get(device)
+    if found is not None:
+        return found
+    target = [t if b == 0 or t == 4 else 9 + 8 * (b - 1) + t - (t > 4) for b in range(3) for t in range(9)]
+    rows = torch.zeros(27, 25)
+    rows[torch.arange(27), torch.tensor(target)] = 1
+    found = rows.to(device)
+    if type(found) is torch.Tensor and found.device.type != 'meta':
+        _FUSION_MAPS[device] = found
+    return found
+
+
 def _fusion_tap_weights(kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Tensor, alpha: Tensor) -> Tensor:
-    """The 25 distinct tap weights per channel, (C, 25), in the kernel's order (differentiable, float32)."""
-    # Slices only (no index tensors: an index list would be copied to the device on every call), few launches: the
-    # kernels are fast enough that this host-side preparation shows in the op's time.
+    """The 25 distinct tap weights per channel, (C, 25), in the kernel's order (differentiable, float32).
+
+    Few ops, forward and backward: the op's kernels are fast enough that the host time of this preparation is what
+    the op's calls take at small shapes. One product with a constant 0/1 map and a sum (elementwise, so autocast keeps
+    float32; deterministic) instead of slices and a cat (whose backward zero-filled and copied once per slice: ~35
+    kernels per call).
+    """
     c = kernel_3.shape[0]
-    w = alpha.float()[:, None, None] * torch.stack([kernel_3, kernel_3_1, kernel_3_2]).float().reshape(3, c, 9)
-    centre = w[:, :, 4:5].sum(dim=0)
-    return torch.cat([w[0, :, :4], centre, w[0, :, 5:], w[1, :, :4], w[1, :, 5:], w[2, :, :4], w[2, :, 5:]], dim=1)
+    k = torch.stack([kernel_3, kernel_3_1, kernel_3_2], dim=1).float().reshape(c, 3, 9) * alpha.float()[None, :, None]
+    return (k.reshape(c, 27, 1) * _fusion_tap_map(k.device)).sum(1)
 
 
 def merge_state_fusion_kernels(kernel_3: Tensor, kernel_3_1: Tensor, kernel_3_2: Tensor, alpha: Tensor) -> Tensor:
