@@ -676,6 +676,24 @@ __host__ __device__ inline int64_t border_pixels(int64_t height, int64_t width) 
   return (height <= 2 || width <= 2) ? height * width : 2 * width + 2 * (height - 2);
 }
 
+// Border pixel k (0 <= k < border_pixels) of an H x W plane: the top row, the bottom row, then the left and right
+// pixels of each row in between (row-major over the whole plane when H or W is at most 2).
+__device__ __forceinline__ void border_pixel(int k, int height, int width, int &y, int &x) {
+  if (height <= 2 || width <= 2) {
+    y = k / width;
+    x = k % width;
+  } else if (k < width) {
+    y = 0;
+    x = k;
+  } else if (k < 2 * width) {
+    y = height - 1;
+    x = k - width;
+  } else {
+    y = 1 + (k - 2 * width) / 2;
+    x = ((k - 2 * width) % 2) ? width - 1 : 0;
+  }
+}
+
 // Replicate padding, backward: a border pixel also receives every tap that the forward pass clamped onto it. One
 // thread per border pixel recomputes its whole gradient: sum over the padded positions (py, px) folded onto it of
 // sum_t w_t dout[py - oy_t, px - ox_t].
@@ -685,23 +703,9 @@ __global__ void dw_fold_kernel(const ConvParams p) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * p.channels * nb) return;
   const int64_t plane = idx / nb;
-  int64_t k = idx % nb;
   const int height = static_cast<int>(p.height), width = static_cast<int>(p.width);
   int y, x;
-  if (height <= 2 || width <= 2) {
-    y = static_cast<int>(k / width);
-    x = static_cast<int>(k % width);
-  } else if (k < width) {
-    y = 0;
-    x = static_cast<int>(k);
-  } else if (k < 2 * width) {
-    y = height - 1;
-    x = static_cast<int>(k - width);
-  } else {
-    k -= 2 * width;
-    y = 1 + static_cast<int>(k / 2);
-    x = (k % 2) ? width - 1 : 0;
-  }
+  border_pixel(static_cast<int>(idx % nb), height, width, y, x);
   const TapGroups &g = p.groups;
   const int reach = Taps::reach(g);
   const int ylo = y == 0 ? -reach : y, yhi = y == height - 1 ? height - 1 + reach : y;
@@ -780,22 +784,13 @@ __global__ void dw_fold_bands_kernel(const ConvParams p) {
   const int nb = static_cast<int>(border_pixels(height, width));
   for (int k = threadIdx.x; k < nb; k += blockDim.x) {
     int y, x;
-    if (k < width) {
-      y = 0;
-      x = k;
-    } else if (k < 2 * width) {
-      y = height - 1;
-      x = k - width;
-    } else {
-      y = 1 + (k - 2 * width) / 2;
-      x = ((k - 2 * width) % 2) ? width - 1 : 0;
-    }
+    border_pixel(k, height, width, y, x);
     const bool xedge = x == 0 || x == width - 1;
     float s = 0.f;
     Taps::for_each(g, [&](int t, int oy, int ox) {
-      // The padded positions folded onto (y, x) are a run from the edge, of length reach + 1, along each axis where
-      // (y, x) is on the border; tap (oy, ox) reads dout at those positions minus (oy, ox): a run from the edge of
-      // length reach + 1 - (reach + o) = 1 - o on the near side (-o for the top / left run), nothing when negative.
+      // Along an axis where (y, x) is on the border, the padded positions folded onto it are the edge pixel and the
+      // reach outside it; shifted back by the tap's offset o they cover the first -o + 1 pixels from the top / left
+      // edge (o + 1 from the bottom / right), none when that is below 1: one running sum (len = -o or o).
       float tap = 0.f;
       if (xedge) {
         const int len = x == 0 ? -ox : ox;  // run length - 1 along the row
