@@ -25,6 +25,7 @@ from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
 from ..ops import dwconv2d, selective_scan
+from ..ops._backend import is_cacheable
 from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gather_sequences, gelu_linear, grouped_matmul, init_A_logs,
                      init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight, linear_map, normed_linear, parse_arch,
                      to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
@@ -48,7 +49,7 @@ def cross_scan_index(height: int, width: int, device: torch.device) -> Tensor:
     raster = torch.arange(height * width, device=device).view(height, width)
     rows, cols = raster.flatten(), raster.t().flatten()
     index = torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
-    if type(index) is torch.Tensor and index.device.type != 'meta':
+    if is_cacheable(index):
         _INDEX_CACHE[key] = index
         if len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
             _INDEX_CACHE.popitem(last=False)

@@ -68,3 +68,10 @@ def describe_backends(backend: str, x: Tensor) -> str:
         parts.append(f'{op} -> ' + ('CUDA kernel' if chosen == 'cuda' else
                                     'PyTorch reference' + ('' if module._EXT is not None else ' (kernel not built)')))
     return f"ops_backend='{backend}': " + ', '.join(parts)
+
+
+def is_cacheable(t: Tensor) -> bool:
+    """Whether a constant tensor built inside an op (an index, a map) may be kept in a module-level cache: not the
+    fake tensors of tracers (FakeTensorMode, torch.compile) or tensors on the meta device, which would leak into later
+    real calls."""
+    return type(t) is Tensor and t.device.type != 'meta'

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve_backend, try_import_extension
+from ._backend import is_cacheable, resolve_backend, try_import_extension
 
 __all__ = ['dwconv2d', 'dwconv2d_ref', 'state_fusion', 'state_fusion_ref', 'merge_state_fusion_kernels',
            'kernel_available', 'FUSION_DILATIONS', 'KERNEL_DTYPES']
@@ -222,7 +222,7 @@ def _fusion_tap_map(device: torch.device) -> Tensor:
     rows = torch.zeros(27, 25)
     rows[torch.arange(27), torch.tensor(target)] = 1
     found = rows.to(device)
-    if type(found) is torch.Tensor and found.device.type != 'meta':
+    if is_cacheable(found):
         _FUSION_MAPS[device] = found
     return found
 
