@@ -1,12 +1,11 @@
-"""vssm.models.layers' memory-saving functions (gelu_linear, recomputed_linear, normed_linear, linear_map,
-grouped_matmul): the outputs and gradients of the plain compositions (fp32 and under bf16 autocast), less saved for
-the backward."""
+"""vssm.models.layers' memory-saving functions (gelu_linear, recomputed_linear, normed_linear, grouped_matmul): the
+outputs and gradients of the plain compositions (fp32 and under bf16 autocast), less saved for the backward."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vssm.models.layers import Linear2d, gelu_linear, grouped_matmul, linear_map
+from vssm.models.layers import Linear2d, gelu_linear, grouped_matmul
 
 
 def _case(channels_first, seed=0):
@@ -50,33 +49,6 @@ def test_saves_one_hidden_tensor_fewer():
     plain = saved_bytes(lambda x, m: m(F.gelu(x)))
     ours = saved_bytes(lambda x, m: gelu_linear(x, m))
     assert plain - ours == h.numel()
-
-
-def test_linear_map_takes_the_adjoint_as_backward_and_saves_only_the_index():
-    """A permutation by an index tensor and its inverse as the adjoint: gradients as autograd's through the plain
-    gather; only the index is saved; plain ops without autograd and under tracing."""
-    torch.manual_seed(0)
-    src = torch.randn(2, 3, 10, requires_grad=True)
-    perm = torch.randperm(10)
-
-    def permute(t, index):
-        return t[..., index]
-
-    def unpermute(t, index):
-        return t[..., torch.argsort(index)]
-
-    weights = torch.randn(2, 3, 10)
-    ga, = torch.autograd.grad((permute(src, perm) * weights).sum(), src)
-    gb, = torch.autograd.grad((linear_map(permute, unpermute, src, perm) * weights).sum(), src)
-    torch.testing.assert_close(gb, ga, rtol=0, atol=0)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        linear_map(permute, unpermute, src, perm)
-    assert len(saved) == 1 and saved[0] is perm
-    with torch.no_grad():
-        assert linear_map(permute, unpermute, src, perm).grad_fn is None
-    traced = torch.jit.trace(lambda t: linear_map(permute, unpermute, t, perm), (src.detach(), ))
-    torch.testing.assert_close(traced(src.detach()), permute(src.detach(), perm))
 
 
 @pytest.mark.parametrize('autocast', [False, True])

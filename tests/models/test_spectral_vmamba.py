@@ -8,7 +8,8 @@ from fixture_utils import fixture_weights, load_fixture, rel_err
 from models.families import BY_NAME, build_classifier
 
 from vssm.models import SpectralVMamba
-from vssm.models.spectral_vmamba import spectral_merge, spectral_order, spectral_scan
+from vssm.models.spectral_vmamba import scan_index, spectral_merge, spectral_order, spectral_scan
+from vssm.ops import plain_autograd
 
 ARCH = dict(dims=[256, 64, 128, 256], depths=[1, 2, 1, 1])
 
@@ -160,32 +161,47 @@ def test_no_state_shared_between_forwards():
         torch.testing.assert_close(got, ref)
 
 
-def test_scan_and_merge_are_adjoint_permutations():
-    x = torch.randn(2, 3, 4, 5)
+def test_scan_and_merge_of_permutations_are_adjoint():
+    """Fixed mode (orders are permutations): the merge puts every step back where the scan read it, so merging the
+    scan gives 2T x the input and the two are adjoint; gradients as autograd's through plain gathers."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     order = torch.stack([torch.stack([torch.randperm(20) for _ in range(4)], dim=1) for _ in range(2)])
-    seqs = spectral_scan(x, order)  # (B, 8, D, L)
+    index = scan_index(order)
+    seqs = spectral_scan(x, index)  # (B, 8, D, L)
     assert seqs.shape == (2, 8, 3, 20)
-    torch.testing.assert_close(spectral_merge(seqs, order, 4, 5), 8 * x)
-    # Each is the other's backward: gradients as autograd's through the plain gathers (torch.gather's backward).
-    x = x.double().requires_grad_()
-    y = torch.randn(2, 8, 3, 20, dtype=torch.float64, requires_grad=True)
-    orders = torch.cat([order.transpose(1, 2), order.transpose(1, 2).flip(-1)], dim=1)  # (B, 8, L)
-    orders = orders[:, :, None, :].expand(-1, -1, 3, -1)
-    inverse = torch.argsort(orders, dim=3)
+    assert torch.equal(seqs[:, 1, :, 0], x.flatten(2)[torch.arange(2), :, order[:, 0, 1]])
+    assert torch.equal(seqs[:, 4:], seqs[:, :4].flip(-1))
+    torch.testing.assert_close(spectral_merge(seqs, index, 4, 5), 8 * x)
+    y = torch.randn_like(seqs)
+    torch.testing.assert_close((seqs * y).sum(), (x * spectral_merge(y, index, 4, 5)).sum())
+    _assert_gradients_match_plain_autograd(x, y, index)
 
-    def plain_scan(t):
-        return torch.gather(t.reshape(2, 1, 3, 20).expand(-1, 8, -1, -1), 3, orders)
 
-    def plain_merge(t):
-        return torch.gather(t, 3, inverse).sum(1).view(2, 3, 4, 5)
-
-    for ours, plain, inp in ((lambda t: spectral_scan(t, order), plain_scan, x),
-                             (lambda t: spectral_merge(t, order, 4, 5), plain_merge, y)):
-        out = ours(inp)
-        torch.testing.assert_close(out, plain(inp))
+def _assert_gradients_match_plain_autograd(x, y, index):
+    x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+    for fn, inp in ((lambda t: spectral_scan(t, index), x), (lambda t: spectral_merge(t, index, 4, 5), y)):
+        out = fn(inp)
+        with plain_autograd():
+            plain = fn(inp)
+        torch.testing.assert_close(out, plain)
         grad = torch.randn_like(out)
-        torch.testing.assert_close(torch.autograd.grad(out, inp, grad)[0],
-                                   torch.autograd.grad(plain(inp), inp, grad)[0])
+        torch.testing.assert_close(torch.autograd.grad(out, inp, grad)[0], torch.autograd.grad(plain, inp, grad)[0])
+
+
+def test_upstream_merge_of_orders_that_repeat_and_skip_tokens():
+    """Upstream mode after an odd width: the orders repeat and skip tokens. The merge is upstream's (each sequence
+    read back at argsort(order)), and both gradients are exact (the scan's is a scatter-add, not the merge)."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    order = torch.randint(0, 20, (2, 20, 4))
+    index = scan_index(order, upstream_compat=True)
+    seqs = spectral_scan(x, index)
+    assert torch.equal(seqs[:, :4], x.flatten(2)[:, None].expand(-1, 4, -1, -1).gather(
+        3, order.transpose(1, 2)[:, :, None, :].expand(-1, -1, 3, -1)))
+    y = torch.randn_like(seqs)
+    inverse = torch.argsort(order, dim=1).transpose(1, 2)[:, :, None, :].expand(-1, -1, 3, -1)  # upstream's merge
+    expected = (y[:, :4].gather(3, inverse) + y[:, 4:].flip(-1).gather(3, inverse)).sum(1).view(2, 3, 4, 5)
+    torch.testing.assert_close(spectral_merge(y, index, 4, 5), expected)
+    _assert_gradients_match_plain_autograd(x, y, index)
 
 
 def test_clear_errors():

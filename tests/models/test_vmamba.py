@@ -43,9 +43,10 @@ def test_cross_scan_and_merge_gradients_are_each_others_forward():
                                    torch.autograd.grad(plain(inp), inp, grad)[0])
     traced = torch.jit.trace(lambda t: cross_merge(cross_scan(t), 4, 5), (x.detach(), ))
     torch.testing.assert_close(traced(x.detach()), 4 * x.detach())
-    index = cross_scan_index(4, 5, x.device)
-    assert index.shape == (4, 20) and index[1, :5].tolist() == [0, 5, 10, 15, 1]
-    assert cross_scan_index(4, 5, x.device) is index  # cached
+    index, inverse = cached = cross_scan_index(4, 5, x.device)
+    assert index.shape == inverse.shape == (1, 4, 20) and index[0, 1, :5].tolist() == [0, 5, 10, 15, 1]
+    assert torch.equal(index.gather(2, inverse), torch.arange(20).expand(1, 4, 20))
+    assert cross_scan_index(4, 5, x.device) is cached
     from vssm.models import vmamba
     for size in range(1, 40):  # bounded: the oldest shapes leave
         cross_scan_index(size, 3, x.device)

@@ -16,13 +16,17 @@ Two behaviours, chosen by ``upstream_compat``:
   batch, its per-token eigenvector sign fix, the order computed once (stage 0) and carried to later stages through the
   pooling indices with its re-indexing (which assumes the previous grid is exactly twice as wide, so after an odd
   width the "order" is not a permutation), the stride-2 subsampling of the top-left pixel, rotations on a fixed canvas
-  (corners cut for non-square inputs), and train-mode BatchNorm in the frozen ResNet.
+  (corners cut for non-square inputs), train-mode BatchNorm in the frozen ResNet, and upstream's sort calls (not
+  stable: tied keys, e.g. eigenvectors that vanish on one component of the graph, are ordered as the sort
+  implementation breaks the tie, so CPU and GPU may differ there, as upstream's do). Its gradients are exact for
+  every order, permutation or not (the scan's backward scatter-adds, and the merge's is derived from upstream's).
 * ``False`` (default) fixes it: sigma per image, a sign per eigenvector from its third moment, a small uniform edge
   weight that keeps the graph connected, the spectrum still computed once (stage 0, as upstream) but carried to later
   stages by pooling the eigenvector fields like the features and sorting them again (a valid permutation for every
   input size, one eigensolve per forward), rotation-equivariant pooling (2x2 windows on even sides, 3x3 stride-2
   windows centred on the even pixels of odd sides), exact rotations with ``torch.rot90`` (non-square inputs keep their corners) and the
-  frozen ResNet always in eval mode. A classifier is then invariant to 90/180/270-degree rotations of square inputs.
+  frozen ResNet always in eval mode, stable sorts (ties keep raster order). A classifier is then invariant to
+  90/180/270-degree rotations of square inputs.
 
 The order lives in the forward's own state and is passed block to block (upstream keeps it in a module-level global,
 which breaks with EMA teachers, threads and gradient checkpointing). It is integer-valued: no gradient reaches it.
@@ -31,7 +35,7 @@ Shape legend: B batch, C block width, H/W height/width, L = H*W tokens, K = 8 se
 D inner width.
 """
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +45,13 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, gather_sequences, linear_map, normed_linear,
-                     parse_arch, to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
+from ..ops import gather_tokens, inverse_permutation, scatter_tokens
+from .layers import (CudaGraphCache, LayerNorm2d, StagedBackbone, normed_linear, parse_arch, to_classifier_keys,
+                     trunc_normal_linear_init, unwrap_state_dict)
 from .vmamba import SS2D, VSSBlock
 
-__all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'EIGENSOLVERS', 'spectral_scan', 'spectral_merge',
-           'propagate_order_upstream']
+__all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_order', 'EIGENSOLVERS', 'scan_index', 'ScanIndex',
+           'spectral_scan', 'spectral_merge', 'propagate_order_upstream']
 
 RFN_CHANNELS = 256  # ResNet-18 layer3
 RFN_STRIDE = 16
@@ -232,39 +237,64 @@ def _spectral_order(features: Tensor, top_k: int, knn: int, upstream_compat: boo
     else:
         third = (selected**3).sum(dim=1, keepdim=True)  # per eigenvector; invariant to permuting the tokens
         selected = selected * torch.where(third < 0, -1.0, 1.0)
-    sorted_vectors, order = torch.sort(selected, dim=1, stable=True)
+    # Upstream's sort call in upstream mode (ties, e.g. eigenvectors that vanish on a graph component, fall as the
+    # sort implementation breaks them, so CPU and GPU may differ there as upstream's do); a stable sort otherwise.
+    sorted_vectors, order = torch.sort(selected, dim=1) if upstream_compat else torch.sort(selected, dim=1, stable=True)
     if return_details:
         return order, dict(eigenvalues=eigenvalues, eigenvectors_before_sign_fix=raw, eigenvectors=selected,
                            sorted_eigenvectors=sorted_vectors)
     return order
 
 
-def _sequences(x: Tensor, order: Tensor, height: int, width: int) -> Tensor:
-    """(B, D, H, W) -> (B, 2T, D, L): one gather of the tokens in each order, then in each order reversed."""
-    orders = order.transpose(1, 2)  # (B, T, L)
-    return gather_sequences(x, torch.cat([orders, orders.flip(-1)], dim=1))  # reversed sequences: reversed index rows
+class ScanIndex(NamedTuple):
+    """A stage's scan order as the index maps of :func:`vssm.ops.gather_tokens` / :func:`vssm.ops.scatter_tokens`,
+    built once per stage by :func:`scan_index` (each (B, 2T, L) int64).
+
+    ``scan``: the raster token read at each step of the 2T sequences (the T orders, then each reversed).
+    ``merge``: where step i of each sequence is added back (equal to ``scan`` when the orders are permutations).
+    ``inverse``: the inverse permutations of the rows of ``merge``; also those of ``scan`` when ``exact_inverse``.
+    """
+    scan: Tensor
+    merge: Tensor
+    inverse: Tensor
+    exact_inverse: bool
 
 
-def _raster_sum(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
-    """(B, 2T, D, L) -> (B, D, H, W): every sequence gathered back to raster positions (through argsort(order), the
-    inverse permutation) and summed."""
-    b, k, d, length = y.shape
-    inverse = torch.argsort(order, dim=1, stable=True).transpose(1, 2)  # (B, T, L)
-    # A reversed sequence holds raster token order[L - 1 - j] at position j: read it at L - 1 - inverse.
-    inverse = torch.cat([inverse, length - 1 - inverse], dim=1)[:, :, None, :].expand(-1, -1, d, -1)
-    return torch.gather(y, 3, inverse).sum(dim=1).view(b, d, height, width)  # (B, 2T, D, L) summed
+def _with_reversed(index: Tensor) -> Tensor:
+    """(B, L, T) or (B, T, L) ... -> (B, 2T, L): the rows, then each row reversed."""
+    return torch.cat([index, index.flip(-1)], dim=1)
 
 
-def spectral_scan(x: Tensor, order: Tensor) -> Tensor:
-    """(B, D, H, W) -> (B, 2T, D, L): the tokens in each order, then each order reversed. Its backward is
-    :func:`spectral_merge` of the gradient (saving only ``order``)."""
-    return linear_map(_sequences, _raster_sum, x, order, *x.shape[-2:])
+def scan_index(order: Tensor, upstream_compat: bool = False) -> ScanIndex:
+    """The index maps of the sequences of ``order`` (B, L, T) (raster token at each step).
+
+    In the fixed mode every order is a permutation: the merge puts each step back where it was read, and both ops
+    use the inverse permutations. In upstream mode an order can repeat and skip tokens (after an odd width); the merge
+    then reproduces upstream's: raster token p takes step ``argsort(order)[p]`` of each sequence (upstream's argsort
+    call, whose ties the sort implementation breaks), i.e. step i goes to raster position ``rank[i]``, where ``rank``
+    is the inverse of that argsort. The scan's backward is then the scatter-add of its own index (never the merge).
+    """
+    length = order.shape[1]
+    if upstream_compat:  # upstream's call on its (B, L, T) layout: ties broken as the sort implementation breaks them
+        inverse = torch.argsort(order, dim=1).transpose(1, 2)  # (B, T, L)
+        order = order.transpose(1, 2)
+        rank = inverse_permutation(inverse)
+    else:
+        order = order.transpose(1, 2)  # (B, T, L)
+        inverse, rank = inverse_permutation(order), order
+    # A reversed sequence holds at step j what the forward one holds at step L - 1 - j.
+    inverse = torch.cat([inverse, length - 1 - inverse], dim=1)
+    return ScanIndex(_with_reversed(order), _with_reversed(rank), inverse, exact_inverse=not upstream_compat)
 
 
-def spectral_merge(y: Tensor, order: Tensor, height: int, width: int) -> Tensor:
-    """(B, 2T, D, L) -> (B, D, H, W): every sequence back in raster positions, summed (the adjoint of
-    :func:`spectral_scan`, which is its backward)."""
-    return linear_map(_raster_sum, _sequences, y, order, height, width)
+def spectral_scan(x: Tensor, index: ScanIndex) -> Tensor:
+    """(B, D, H, W) -> (B, 2T, D, L): the tokens in each order, then each order reversed (one gather)."""
+    return gather_tokens(x, index.scan, index.inverse if index.exact_inverse else None)
+
+
+def spectral_merge(y: Tensor, index: ScanIndex, height: int, width: int) -> Tensor:
+    """(B, 2T, D, L) -> (B, D, H, W): every sequence added back onto raster positions (one gather and a sum)."""
+    return scatter_tokens(y, index.merge, height * width, index.inverse).view(y.shape[0], y.shape[2], height, width)
 
 
 def equivariant_pool(x: Tensor) -> Tensor:
@@ -295,7 +325,7 @@ def propagate_order_upstream(order: Tensor, kept: Tensor, width: int) -> Tensor:
 
     Returns:
         (B, M, T) int64. A previous token present twice counts at its later position; kept tokens absent from the
-        previous order go last, in raster order (upstream's tie-breaking).
+        previous order go last, in the order upstream's (unstable) argsort leaves them.
     """
     b, lp, t = order.shape
     positions = torch.full((b, max(lp, int(kept.max()) + 1)), lp + 1, dtype=torch.long, device=order.device)
@@ -304,7 +334,7 @@ def propagate_order_upstream(order: Tensor, kept: Tensor, width: int) -> Tensor:
         pos = torch.full_like(positions, -1).scatter_reduce(
             1, order[:, :, i], torch.arange(lp, device=order.device).expand(b, -1), reduce='amax')
         pos = torch.where(pos < 0, positions, pos)  # absent: lp + 1
-        ranked = torch.gather(kept, 1, torch.argsort(torch.gather(pos, 1, kept), dim=1, stable=True))
+        ranked = torch.gather(kept, 1, torch.argsort(torch.gather(pos, 1, kept), dim=1))  # upstream's call
         result.append((ranked // (2 * width) // 2) * width + (ranked % (2 * width)) // 2)
     return torch.stack(result, dim=2)
 
@@ -324,24 +354,24 @@ class SpectralSS2D(SS2D):
         """The features the graph is built on: in_proj, then SiLU."""
         return self.act(self.in_proj(x))
 
-    def forward(self, x: Tensor, order: Tensor) -> Tensor:
+    def forward(self, x: Tensor, index: ScanIndex) -> Tensor:
         height, width = x.shape[-2:]
         x = self.graph_features(x)  # (B, D, H, W)
-        y = spectral_merge(self.scan(spectral_scan(x, order)), order, height, width)  # float32
+        y = spectral_merge(self.scan(spectral_scan(x, index)), index, height, width)  # float32
         return normed_linear(y, self.out_norm, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
 
 
 class SpectralBlock(VSSBlock):
-    """VSSBlock whose SS2D takes the token order."""
+    """VSSBlock whose SS2D takes the stage's scan order (:func:`scan_index`)."""
 
-    def _forward(self, x: Tensor, order: Tensor) -> Tensor:
-        x = x + self.drop_path(self.op(self.norm(x), order))
+    def _forward(self, x: Tensor, index: ScanIndex) -> Tensor:
+        x = x + self.drop_path(self.op(self.norm(x), index))
         return x + self.drop_path(self.mlp(x, self.norm2))
 
-    def forward(self, x: Tensor, order: Tensor) -> Tensor:
+    def forward(self, x: Tensor, index: ScanIndex) -> Tensor:
         if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, order, use_reentrant=False)
-        return self._forward(x, order)
+            return cp.checkpoint(self._forward, x, index, use_reentrant=False)
+        return self._forward(x, index)
 
     def order_from_features(self, x: Tensor, top_k: int, knn: int, upstream_compat: bool,
                             eigensolver: str = 'auto', return_details: bool = False,
@@ -572,8 +602,9 @@ class SpectralVMamba(StagedBackbone):
             else:  # fixed: the eigenvector fields pooled like the features, then sorted (a valid permutation)
                 order, fields = pooled_order(fields)
             orders.append(order)
+            index = scan_index(order, self.upstream_compat)
             for block in layer.blocks:
-                x = block(x, order)
+                x = block(x, index)
             if i in self.out_indices:
                 outs.append(getattr(self, f'outnorm{i}')(x).contiguous())
             if layer.downsample is not None:

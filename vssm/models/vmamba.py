@@ -24,63 +24,50 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import dwconv2d, selective_scan
+from ..ops import dwconv2d, gather_tokens, inverse_permutation, scatter_tokens, selective_scan
 from ..ops._backend import is_cacheable
-from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gather_sequences, gelu_linear, grouped_matmul, init_A_logs,
-                     init_Ds, init_dt_bias, init_dt_weight, init_x_proj_weight, linear_map, normed_linear, parse_arch,
-                     to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds,
+                     init_dt_bias, init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, to_classifier_keys,
+                     trunc_normal_linear_init, unwrap_state_dict)
 
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge', 'cross_scan_index']
 
 
-_INDEX_CACHE: 'OrderedDict[Tuple[int, int, torch.device], Tensor]' = OrderedDict()
+_INDEX_CACHE: 'OrderedDict[Tuple[int, int, torch.device], Tuple[Tensor, Tensor]]' = OrderedDict()
 _INDEX_CACHE_SIZE = 32  # shapes (detection's multi-scale inputs make many: 4 per input size)
 
 
-def cross_scan_index(height: int, width: int, device: torch.device) -> Tensor:
-    """(K = 4, L): ``index[k, i]`` is the raster position (h * W + w) that direction k reads at step i (row-major,
-    column-major, and both reversed). Cached per device for the last 32 shapes (not for the fake tensors of tracers and
-    meta devices)."""
+def cross_scan_index(height: int, width: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The four directions as index maps: ``index[0, k, i]`` is the raster position (h * W + w) that direction k
+    reads at step i (row-major, column-major, and both reversed), and ``inverse`` (1, K, L) its inverse permutations.
+    Cached per device for the last 32 shapes (not for the fake tensors of tracers and meta devices)."""
     key = (height, width, torch.device(device))
-    index = _INDEX_CACHE.get(key)
-    if index is not None:
+    cached = _INDEX_CACHE.get(key)
+    if cached is not None:
         _INDEX_CACHE.move_to_end(key)
-        return index
+        return cached
     raster = torch.arange(height * width, device=device).view(height, width)
     rows, cols = raster.flatten(), raster.t().flatten()
-    index = torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
+    index = torch.stack([rows, cols, rows.flip(0), cols.flip(0)])[None]  # (1, K, L)
+    cached = index, inverse_permutation(index)
     if is_cacheable(index):
-        _INDEX_CACHE[key] = index
+        _INDEX_CACHE[key] = cached
         if len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
             _INDEX_CACHE.popitem(last=False)
-    return index
-
-
-def _scan(x: Tensor, height: int, width: int) -> Tensor:
-    """(B, D, H, W) -> (B, K, D, L), out[:, k, :, i] = x[:, :, index[k, i]]: one gather kernel (5 passes over a
-    (B, D, L) map; the transposed copy, two flips and the stack it replaces made 14)."""
-    return gather_sequences(x, cross_scan_index(height, width, x.device)[None])
-
-
-def _merge(y: Tensor, height: int, width: int) -> Tensor:
-    """(B, K, D, L) -> (B, D, H, W): each direction back in raster order, summed (two flips and three adds)."""
-    b, _, d, _ = y.shape
-    rows = y[:, 0] + y[:, 2].flip(-1)  # (B, D, L) row-major
-    cols = y[:, 1] + y[:, 3].flip(-1)  # (B, D, L) column-major
-    return rows.view(b, d, height, width) + cols.view(b, d, width, height).transpose(2, 3)
+    return cached
 
 
 def cross_scan(x: Tensor) -> Tensor:
-    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed (one gather). Its backward is
-    :func:`cross_merge` of the gradient: autograd through the merge's slices of its (B, 4, D, L) input zero-filled a
-    gradient of that size for each of the four."""
-    return linear_map(_scan, _merge, x, *x.shape[-2:])
+    """(B, D, H, W) -> (B, 4, D, L): row-major, column-major, and both reversed (one gather; the backward is
+    :func:`cross_merge` of the gradient)."""
+    return gather_tokens(x, *cross_scan_index(*x.shape[-2:], x.device))
 
 
 def cross_merge(y: Tensor, height: int, width: int) -> Tensor:
-    """(B, 4, D, L) -> (B, D, H, W): sum the four directions back in raster positions (the adjoint of
+    """(B, 4, D, L) -> (B, D, H, W): the four directions added back onto their raster positions (the adjoint of
     :func:`cross_scan`, which is its backward)."""
-    return linear_map(_merge, _scan, y, height, width)
+    index, inverse = cross_scan_index(height, width, y.device)
+    return scatter_tokens(y, index, height * width, inverse).view(y.shape[0], y.shape[2], height, width)
 
 
 class SS2D(nn.Module):

@@ -6,8 +6,9 @@ input lives on a CUDA device, the reference otherwise; ``'torch'`` forces the re
 ``'cuda'`` demands the extension (and fails with the build command when it is missing).
 """
 import importlib
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import Tensor
 
@@ -68,6 +69,28 @@ def describe_backends(backend: str, x: Tensor) -> str:
         parts.append(f'{op} -> ' + ('CUDA kernel' if chosen == 'cuda' else
                                     'PyTorch reference' + ('' if module._EXT is not None else ' (kernel not built)')))
     return f"ops_backend='{backend}': " + ', '.join(parts)
+
+
+_PLAIN_AUTOGRAD = False
+
+
+@contextmanager
+def plain_autograd(enabled: bool = True) -> Iterator[None]:
+    """Inside this context every op with a hand-written backward runs on the reference path as plain PyTorch ops
+    that autograd differentiates itself: the selective scan's reference, the token maps, ``grouped_matmul`` and the
+    recomputed projections (no recomputation). Slower and memory-hungry; it exists to check the hand-written
+    backwards (and to debug one) against autograd. Process-wide, not thread-local."""
+    global _PLAIN_AUTOGRAD
+    previous, _PLAIN_AUTOGRAD = _PLAIN_AUTOGRAD, bool(enabled)
+    try:
+        yield
+    finally:
+        _PLAIN_AUTOGRAD = previous
+
+
+def plain_autograd_enabled() -> bool:
+    """Whether :func:`plain_autograd` is on."""
+    return _PLAIN_AUTOGRAD
 
 
 def is_cacheable(t: Tensor) -> bool:

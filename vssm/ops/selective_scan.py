@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve_backend, try_import_extension
+from ._backend import plain_autograd_enabled, resolve_backend, try_import_extension
 
 __all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available', 'KERNEL_DTYPES']
 
@@ -92,22 +92,26 @@ def _states(u5: Tensor, dt: Tensor, A4: Tensor, B5: Tensor) -> Tuple[Tensor, Ten
     return a, h
 
 
+def _reference_forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> Tensor:
+    """The reference's forward as plain tensor ops (differentiable by autograd: :func:`~vssm.ops.plain_autograd`)."""
+    u5, _, dt, A4, B5, C5 = _grouped(u, delta, A, B, C, delta_bias, delta_softplus)
+    _, h = _states(u5, dt, A4, B5)
+    bt, d, length = u.shape
+    if C5 is None:
+        return h.reshape(bt, d, -1, length)
+    y = (h * C5).sum(3)  # (Bt, G, Dg, L)
+    if D is not None:
+        y = y + D.to(y.dtype).reshape(1, *y.shape[1:3], 1) * u5.squeeze(3)
+    return y.reshape(bt, d, length)
+
+
 class _SelectiveScanRef(torch.autograd.Function):
     """The reference scan as one autograd node (one node also lets FLOP counters see it)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
         with torch.no_grad():
-            u5, _, dt, A4, B5, C5 = _grouped(u, delta, A, B, C, delta_bias, delta_softplus)
-            _, h = _states(u5, dt, A4, B5)
-            bt, d, length = u.shape
-            if C5 is None:
-                out = h.reshape(bt, d, -1, length)
-            else:
-                y = (h * C5).sum(3)  # (Bt, G, Dg, L)
-                if D is not None:
-                    y = y + D.to(y.dtype).reshape(1, *y.shape[1:3], 1) * u5.squeeze(3)
-                out = y.reshape(bt, d, length)
+            out = _reference_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
         ctx.delta_softplus = delta_softplus
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         return out
@@ -280,6 +284,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[T
     """
     B, C = _normalize_groups('B', B), _normalize_groups('C', C)
     _check_inputs(u, delta, A, B, C, D, delta_bias)
+    if plain_autograd_enabled():
+        return _reference_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if resolve_backend(backend, _EXT, _EXT_NAME, 'selective_scan', u) == 'cuda':
         if u.dtype in KERNEL_DTYPES:
             return _selective_scan_cuda(u, delta, A, B, C, D, delta_bias, delta_softplus)

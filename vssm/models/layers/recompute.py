@@ -8,13 +8,6 @@ plain composition, under autocast too (the matmul runs in the dtype autocast gav
 ``recomputed_linear(f, fc, *inputs)`` generalizes it: ``fc(f(*inputs))`` saving the inputs, ``f`` (a norm, a gate)
 recomputed in the backward, e.g. Spatial-Mamba's ``out_proj(LN(y) * SiLU(z))``.
 
-``linear_map(op, adjoint, x, *args)`` is ``op(x, *args)`` for an ``op`` linear in ``x`` that only moves and adds
-its elements (the scan orders of VMamba and Spectral VMamba: gathers of the tokens, sums of gathered sequences), with
-``adjoint(grad, *args)`` as its backward: the other one of the pair. It saves only the tensors among ``args``
-(indices). Autograd through a gather saved the whole source (3 GiB at batch 128 for Spectral VMamba-T's fp32 scan
-outputs) and its backward zero-filled a gradient of the gathered size and scatter-added into it; through slices and
-flips it zero-filled one such gradient per slice. Not a recomputation: used with the switch below off too.
-
 ``grouped_matmul(weight, x)`` is ``torch.matmul(weight, x)`` for per-group weights (K, O, I) and inputs (B, K, I, L)
 (the x_proj / dt_proj projections of the K scan sequences): one batched GEMM per group with the weight broadcast over
 the batch as a stride-0 view. ``torch.matmul``'s broadcasting materializes a (B*K, O, I) copy of the weight and saves it
@@ -22,9 +15,10 @@ for the backward (6.8 GiB for Spectral VMamba-T at batch 128, whose weights are 
 an einsum saves a permuted copy of x instead, and a grouped ``conv1d`` (the same saves) runs 60x slower in fp32 on
 cuDNN. Not a recomputation: it is used with the switch below off too.
 
-``set_recompute(False)`` (or ``VSSM_RECOMPUTE=0`` in the environment) makes all of them the plain compositions, to
-measure what the recomputation costs in time and saves in memory (``tools/analysis_tools/benchmark.py
---no-recompute``).
+``set_recompute(False)`` (or ``VSSM_RECOMPUTE=0`` in the environment) makes the recomputed projections the plain
+compositions, to measure what the recomputation costs in time and saves in memory (``tools/analysis_tools/benchmark.py
+--no-recompute``). :func:`vssm.ops.plain_autograd` makes every function here the plain composition, differentiated by
+autograd (to check the hand-written backwards).
 """
 import os
 from typing import Callable, Optional
@@ -33,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    'recomputed_linear', 'gelu_linear', 'linear_map', 'gather_sequences', 'grouped_matmul', 'set_recompute',
-    'recompute_enabled'
-]
+from ...ops._backend import plain_autograd_enabled
+
+__all__ = ['recomputed_linear', 'gelu_linear', 'grouped_matmul', 'set_recompute', 'recompute_enabled']
 
 _ENABLED = os.environ.get('VSSM_RECOMPUTE', '1') != '0'
 
@@ -114,7 +107,7 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
         fc: the output projection (``nn.Linear`` or ``Linear2d``: weight (out, in)).
         channels_first: ``f``'s output is an NCHW map and ``fc`` a 1x1 convolution over its channels.
     """
-    if not _ENABLED or not torch.is_grad_enabled():  # nothing is saved without autograd: the plain ops
+    if not _ENABLED or not torch.is_grad_enabled() or plain_autograd_enabled():  # nothing saved without autograd
         return fc(f(*inputs))
     return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
 
@@ -122,43 +115,6 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
 def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False) -> Tensor:
     """``fc(gelu(h))`` saving only ``h`` for the backward (the second half of an MLP)."""
     return recomputed_linear(F.gelu, fc, h, channels_first=channels_first)
-
-
-_TENSOR = object()  # marks, in ctx.args, a tensor argument kept through save_for_backward
-
-
-class _LinearMap(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, op: Callable[..., Tensor], adjoint: Callable[..., Tensor], x: Tensor, *args) -> Tensor:
-        ctx.adjoint = adjoint
-        ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
-        ctx.args = [_TENSOR if isinstance(a, Tensor) else a for a in args]
-        return op(x, *args)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        saved = iter(ctx.saved_tensors)
-        args = [next(saved) if a is _TENSOR else a for a in ctx.args]
-        grad_x = ctx.adjoint(grad, *args) if ctx.needs_input_grad[2] else None
-        return (None, None, grad_x, *(None for _ in args))
-
-
-def linear_map(op: Callable[..., Tensor], adjoint: Callable[..., Tensor], x: Tensor, *args) -> Tensor:
-    """``op(x, *args)`` for an ``op`` linear in ``x``, differentiated by ``adjoint(grad, *args)`` (its adjoint, which
-    must return a gradient shaped like ``x``); saves only the tensors in ``args``. Plain ``op`` under tracing (FLOP
-    counters, exporters) and without autograd."""
-    if torch.jit.is_tracing() or not torch.is_grad_enabled():
-        return op(x, *args)
-    return _LinearMap.apply(op, adjoint, x, *args)
-
-
-def gather_sequences(x: Tensor, index: Tensor) -> Tensor:
-    """(B, D, H, W) or (B, D, L) tokens and (B or 1, K, L) raster positions -> (B, K, D, L) with
-    ``out[b, k, :, i] = x[b, :, index[b, k, i]]``: the K scan sequences written by one gather kernel."""
-    b, d = x.shape[:2]
-    k, length = index.shape[-2:]
-    return x.reshape(b, 1, d, length).expand(b, k, d, length).gather(3, index[:, :, None, :].expand(b, k, d, length))
 
 
 class _GroupedMatmul(torch.autograd.Function):
@@ -199,7 +155,7 @@ def grouped_matmul(weight: Tensor, x: Tensor) -> Tensor:
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     weight, x = weight.to(dtype), x.to(dtype)
-    if torch.jit.is_tracing():  # the same GEMMs as plain ops, seen by FLOP counters and exporters
+    if torch.jit.is_tracing() or plain_autograd_enabled():  # the same GEMMs as plain ops (FLOP counters, exporters)
         shape = (x.shape[0], ) + tuple(weight.shape[1:])
         return torch.stack([torch.bmm(weight[k].expand(shape), x[:, k]) for k in range(weight.shape[0])], dim=1)
     return _GroupedMatmul.apply(weight, x)

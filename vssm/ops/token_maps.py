@@ -1,0 +1,168 @@
+"""Scan orders as index maps: tokens gathered into K sequences, and sequences added back onto the tokens.
+
+VMamba reads the H x W tokens in four directions and Spectral VMamba in the orders of Laplacian eigenvectors; both
+then add the K output sequences back onto the raster positions. With ``index`` (B or 1, K, M) holding, for sequence k,
+the raster position read at each step::
+
+    gather_tokens(x, index)[b, k, :, i]  = x[b, :, index[b, k, i]]                           (B, D, L) -> (B, K, D, M)
+    scatter_tokens(y, index, L)[b, :, p] = sum of y[b, k, :, i] over all (k, i) with index[b, k, i] = p
+                                                                                        (B, K, D, M) -> (B, D, L)
+
+The two are adjoint linear maps for the same ``index``, so each is the other's backward, exact for every index map:
+a position read twice gets both gradients, a position never read gets zero. Each op saves only ``index`` (and
+``inverse``) for its backward.
+
+``inverse`` (same batch dim, (B or 1, K, L)) is an optional fact about ``index``: every row of it is a permutation of
+0..L-1 (M = L) and ``inverse[b, k, index[b, k, i]] = i`` (:func:`inverse_permutation`). Given it, ``scatter_tokens``
+(and so ``gather_tokens``' backward) is one gather and a sum over k, deterministic on every device; without it, a
+scatter-add per sequence, which is deterministic while no row repeats a position and uses atomic adds on CUDA when one
+does. Pass ``inverse`` only for index maps that are permutations by construction.
+
+Both are ``torch.library`` custom ops with fake and autograd registrations: ``torch.compile`` traces them as graph
+nodes. Under ``torch.jit.trace`` and ``torch.export`` (FLOP counters, ONNX export) and in
+:func:`~vssm.ops.plain_autograd` mode they run as plain PyTorch ops (``torch.gather`` / ``Tensor.scatter_add``) that
+autograd differentiates itself.
+
+Shape legend: B batch, D channels, L = H*W tokens, K sequences, M steps per sequence.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import plain_autograd_enabled
+
+__all__ = ['gather_tokens', 'scatter_tokens', 'inverse_permutation']
+
+
+def _exporting() -> bool:
+    """Traced for FLOP counting or exported (ONNX): plain ops, which those tools know."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def _expand_index(index: Tensor, batch: int, channels: int) -> Tensor:
+    """(B or 1, K, M) -> (B, K, D, M) view."""
+    return index[:, :, None, :].expand(batch, index.shape[1], channels, index.shape[2])
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """Plain gather: (B, D, L), (B or 1, K, M) -> (B, K, D, M), one kernel (x expanded over K, never copied)."""
+    b, d, length = x.shape
+    k = index.shape[1]
+    return x[:, None].expand(b, k, d, length).gather(3, _expand_index(index, b, d))
+
+
+def _scatter(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor]) -> Tensor:
+    """Plain scatter-add: (B, K, D, M) -> (B, D, L); a gather and a sum over K with the inverse permutations."""
+    b, k, d, _ = y.shape
+    if inverse is not None:
+        return y.gather(3, _expand_index(inverse, b, d)).sum(1)
+    out = y.new_zeros(b, d, length)
+    for i in range(k):  # one sequence at a time: no two adds to one address in a launch unless a row repeats
+        out = out.scatter_add(2, index[:, i, None, :].expand(b, d, index.shape[2]), y[:, i])
+    return out
+
+
+@torch.library.custom_op('vssm::gather_tokens', mutates_args=())
+def _gather_op(x: Tensor, index: Tensor, inverse: Optional[Tensor]) -> Tensor:
+    return _gather(x, index)
+
+
+@torch.library.custom_op('vssm::scatter_tokens', mutates_args=())
+def _scatter_op(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor]) -> Tensor:
+    return _scatter(y, index, length, inverse)
+
+
+@_gather_op.register_fake
+def _(x, index, inverse):
+    return x.new_empty(x.shape[0], index.shape[1], x.shape[1], index.shape[2])
+
+
+@_scatter_op.register_fake
+def _(y, index, length, inverse):
+    return y.new_empty(y.shape[0], y.shape[2], length)
+
+
+def _setup_gather(ctx, inputs, output):
+    x, index, inverse = inputs
+    ctx.length = x.shape[2]
+    ctx.save_for_backward(index, inverse)
+
+
+def _backward_gather(ctx, grad):
+    index, inverse = ctx.saved_tensors
+    return _scatter_op(grad.contiguous(), index, ctx.length, inverse), None, None
+
+
+def _setup_scatter(ctx, inputs, output):
+    _, index, _, inverse = inputs
+    ctx.save_for_backward(index, inverse)
+
+
+def _backward_scatter(ctx, grad):
+    index, inverse = ctx.saved_tensors
+    return _gather_op(grad.contiguous(), index, inverse), None, None, None
+
+
+_gather_op.register_autograd(_backward_gather, setup_context=_setup_gather)
+_scatter_op.register_autograd(_backward_scatter, setup_context=_setup_scatter)
+
+
+def _check(name: str, index: Tensor, inverse: Optional[Tensor], batch: int, length: Optional[int]) -> None:
+    if index.dim() != 3 or index.shape[0] not in (1, batch) or index.dtype != torch.long:
+        raise ValueError(f'{name}: index must be int64 (B or 1, K, M) with B = {batch}, got {index.dtype} '
+                         f'{tuple(index.shape)}.')
+    if inverse is not None and (inverse.shape != index.shape[:2] + (length, ) or inverse.dtype != torch.long):
+        raise ValueError(f'{name}: inverse must be int64 {tuple(index.shape[:2]) + (length, )} (the inverse '
+                         f'permutations of the rows of index), got {inverse.dtype} {tuple(inverse.shape)}.')
+
+
+def gather_tokens(x: Tensor, index: Tensor, inverse: Optional[Tensor] = None) -> Tensor:
+    """Tokens in K orders: ``out[b, k, :, i] = x[b, :, index[b, k, i]]``.
+
+    Args:
+        x: (B, D, L) tokens, or a (B, D, H, W) map (L = H*W, raster order).
+        index: (B or 1, K, M) int64 raster positions in [0, L).
+        inverse: (B or 1, K, L) inverse permutations of the rows of ``index``, only where they are permutations
+            (makes the backward a gather; see the module docstring).
+
+    Returns:
+        (B, K, D, M), x's dtype.
+    """
+    x = x.flatten(2)
+    if _exporting():
+        return _gather(x, index)
+    _check('gather_tokens', index, inverse, x.shape[0], x.shape[2] if inverse is not None else None)
+    if plain_autograd_enabled():
+        return _gather(x, index)
+    return _gather_op(x, index, inverse)
+
+
+def scatter_tokens(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor] = None) -> Tensor:
+    """K sequences added back onto the tokens: the adjoint of :func:`gather_tokens` for the same ``index``.
+
+    Args:
+        y: (B, K, D, M) sequences.
+        index: (B or 1, K, M) int64 raster positions in [0, length): where step i of sequence k goes.
+        length: L, the number of tokens.
+        inverse: as in :func:`gather_tokens`.
+
+    Returns:
+        (B, D, L), y's dtype.
+    """
+    if _exporting():
+        return _scatter(y, index, length, None)
+    _check('scatter_tokens', index, inverse, y.shape[0], length if inverse is not None else None)
+    if y.shape[1] != index.shape[1] or y.shape[3] != index.shape[2]:
+        raise ValueError(f'scatter_tokens: y (B, K, D, M) = {tuple(y.shape)} does not match index (B or 1, K, M) = '
+                         f'{tuple(index.shape)}.')
+    if plain_autograd_enabled():
+        return _scatter(y, index, length, None)
+    return _scatter_op(y, index, length, inverse)
+
+
+def inverse_permutation(index: Tensor) -> Tensor:
+    """The inverse of each row of a (..., L) tensor of permutations of 0..L-1: ``out[..., index[..., i]] = i``
+    (one scatter, no sort). For rows that are not permutations the result is meaningless."""
+    steps = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+    return torch.empty_like(index).scatter_(-1, index, steps)
