@@ -13,7 +13,7 @@ import os.path as osp
 from pathlib import Path
 
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
-from vssm.runtime import add_common_args, build_runner, check_data_paths, finish_distributed, is_main_process, setup_run
+from vssm.engine import add_common_args, build_runner, check_data_paths, finish_distributed, is_main_process, setup_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
-from vssm.resume import resolve_resume, use_atomic_checkpoints
-from vssm.runtime import add_common_args, build_runner, check_data_paths, finish_distributed, setup_run
+from vssm.engine import (add_common_args, build_runner, check_data_paths, finish_distributed, resolve_resume, setup_run,
+                         use_atomic_checkpoints)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def main() -> None:
         if 'auto_scale_lr' not in cfg:
             raise ValueError('--auto-scale-lr needs `auto_scale_lr = dict(base_batch_size=...)` in the config.')
         cfg.auto_scale_lr.enable = True
-    # Nothing lost on a crash: atomic checkpoint files, every rank's RNG states in them (vssm/resume.py).
+    # Nothing lost on a crash: atomic checkpoint files, rank 0's RNG states in them (vssm/engine/).
     use_atomic_checkpoints()
     hooks = list(cfg.get('custom_hooks', None) or [])
     if not any(str(h.get('type', '')).endswith('RNGStateHook') for h in hooks):

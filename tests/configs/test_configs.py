@@ -52,7 +52,7 @@ def test_config_builds(path):
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.basename(p))
 def test_config_with_demo_override_builds(path):
-    from vssm.runtime import apply_demo_override
+    from vssm.engine.launch import apply_demo_override
     cfg = Config.fromfile(path)
     apply_demo_override(cfg, REPO_ROOT)
     assert 'data/demo' in str(cfg.train_dataloader.dataset)

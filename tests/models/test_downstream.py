@@ -9,7 +9,7 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 from models.families import FAMILIES
 
-from vssm.runtime import register_safe_globals
+from vssm.fileio import register_safe_globals
 
 CONFIGS = {
     ('SpatialMamba', 'mmdet'): 'detection/configs/spatial_mamba/mask-rcnn_spatial-mamba-t_fpn_1x_coco.py',

@@ -8,7 +8,8 @@ from fixture_utils import fixture_weights, load_fixture, rel_err
 from models.families import BY_NAME, build_classifier
 
 from vssm.models import SpectralVMamba
-from vssm.models.spectral_vmamba import scan_index, spectral_merge, spectral_order, spectral_scan
+from vssm.models.spectral_vmamba import spectral_merge, spectral_scan
+from vssm.ops.spectral_order import scan_index, spectral_order
 from vssm.ops import plain_autograd
 
 ARCH = dict(dims=[256, 64, 128, 256], depths=[1, 2, 1, 1])

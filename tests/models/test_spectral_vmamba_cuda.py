@@ -8,7 +8,7 @@ from fixture_utils import rel_err
 from models.kernel_compare import assert_kernels_match_reference
 
 from vssm.models import SpectralVMamba
-from vssm.models.spectral_vmamba import spectral_order
+from vssm.ops.spectral_order import spectral_order
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and has_kernel('selective_scan')),
                                 reason='needs a GPU and the selective_scan kernel: see kernels/README.md')
@@ -98,7 +98,7 @@ def test_rotation_invariance_on_gpu():
 
 
 def test_cuda_graph_replay_matches_eager():
-    from vssm.models.spectral_vmamba import solver_graphs
+    from vssm.ops.spectral_order import solver_graphs
     features = torch.nn.functional.avg_pool2d(torch.randn(2, 512, 32, 32, device='cuda'), 3, 1, 1)
     graphs = solver_graphs()
     eager_order, eager = spectral_order(features, return_details=True)

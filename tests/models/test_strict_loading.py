@@ -5,7 +5,7 @@ import torch
 from mmengine.config import Config
 
 from vssm.models import SpatialMamba, VMamba
-from vssm.runtime import check_data_paths
+from vssm.engine.launch import check_data_paths
 
 ARCH = dict(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1], ssm_ratio=1.0)
 

@@ -39,7 +39,7 @@ def test_every_model_config_exists(benchmark):
 
 
 def test_pretrained_weights_are_cleared():
-    from vssm.runtime import clear_pretrained
+    from vssm.engine.launch import clear_pretrained
     cfg = dict(backbone=dict(init_cfg=dict(type='Pretrained', checkpoint='x.pth'), rfn_pretrained='torchvision://r'),
                head=dict(init_cfg=[dict(type='Normal', std=0.01)]), pretrained='y.pth')
     clear_pretrained(cfg)

@@ -44,7 +44,7 @@ def _config(name: str) -> str:
 
 
 def _build(tool, config: str, cfg_options, backbone_only: bool = False):
-    from vssm.runtime import load_config
+    from vssm.engine.launch import load_config
     cfg = load_config(_config(config), tool.parse_args([config, '--cfg-options', *cfg_options]).cfg_options)
     return tool.build_model(cfg, backbone_only)
 

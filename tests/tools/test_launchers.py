@@ -1,7 +1,7 @@
 """tools/train.py, tools/test.py and the torchrun wrappers on a tiny mmpretrain config (ResNet-18, 8 images of 32x32).
 
 The distributed runs (2 CPU processes over gloo when there is no GPU) are marked ``slow``; the single-process runs
-and the helpers in ``vssm.runtime`` are not.
+and the helpers in ``vssm.engine.launch`` are not.
 """
 import json
 import math
@@ -18,7 +18,8 @@ import torch
 from conftest import REPO_ROOT
 from mmengine.config import Config
 
-from vssm.runtime import prepare_for_device, register_safe_globals
+from vssm.engine.launch import prepare_for_device
+from vssm.fileio import register_safe_globals
 
 CONFIG = """
 default_scope = 'mmpretrain'

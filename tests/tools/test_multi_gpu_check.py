@@ -1,4 +1,4 @@
-"""tools/benchmarks/multi_gpu_check.py and vssm.rank_agreement.RankAgreementHook: the checksum comparison, the hook on a
+"""tools/benchmarks/multi_gpu_check.py and vssm.engine.hooks.RankAgreementHook: the checksum comparison, the hook on a
 single process, the script's option checks, and (slow) the whole check on 2 CPU processes over gloo."""
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 from conftest import REPO_ROOT, load_tool
 from mmengine.registry import HOOKS
 
-from vssm.rank_agreement import RankAgreementHook, compare_checksums, model_checksums
+from vssm.engine.hooks import RankAgreementHook, compare_checksums, model_checksums
 
 tool = load_tool('tools/benchmarks/multi_gpu_check.py')
 
@@ -50,7 +50,7 @@ def test_hook_records_every_check_once_and_raises_on_differing_parameters(tmp_pa
     assert [(r['iter'], r['world_size'], r['params_agree'], r['parameters'], r['buffers']) for r in records] == [
         (4, 1, True, 4, 3)]
 
-    import vssm.rank_agreement as module
+    import vssm.engine.hooks as module
 
     def two_ranks_one_off(sums):
         off = sums.clone()

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from vssm.resume import AtomicLocalBackend, atomic_write, is_readable_checkpoint, resolve_resume
+from vssm.engine.resume import AtomicLocalBackend, resolve_resume
+from vssm.fileio import atomic_write, is_readable_checkpoint
 
 CONFIG = 'classification/configs/vmamba/vmamba-tiny_8xb128_in1k.py'  # drop path 0.2: random numbers every step
 ITERS, INTERVAL = 6, 2
@@ -82,8 +83,8 @@ def test_sigkill_between_checkpoints_then_resume_reproduces_the_loss_curve(tmp_p
 
 
 def test_rng_states_are_in_checkpoints_and_load_weights_only(tmp_path):
-    from vssm.resume import RNGStateHook
-    from vssm.runtime import register_safe_globals
+    from vssm.engine.hooks import RNGStateHook
+    from vssm.fileio import register_safe_globals
     checkpoint = {}
     RNGStateHook().before_save_checkpoint(None, checkpoint)
     path = tmp_path / 'ckpt.pth'

@@ -1,4 +1,4 @@
-"""vssm/resume.py on a GPU: the generator states come back from a checkpoint loaded onto the GPU (mmengine's resume
+"""vssm/engine/resume.py on a GPU: the generator states come back from a checkpoint loaded onto the GPU (mmengine's resume
 uses ``map_location='default'``, the current device; a 2-GPU resume failed on this before the fix)."""
 import random
 

@@ -1,4 +1,4 @@
-"""vssm.runtime: config overrides, CPU adaptation, safe checkpoint loading."""
+"""vssm.engine.launch: config overrides, CPU adaptation, safe checkpoint loading."""
 import pickle
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 from conftest import REPO_ROOT
 from mmengine.config import Config
 
-from vssm.runtime import _replace_sync_bn, apply_demo_override, load_config, prepare_for_device, register_safe_globals
+from vssm.engine.launch import _replace_sync_bn, apply_demo_override, load_config, prepare_for_device
+from vssm.fileio import register_safe_globals
 
 CLS_CONFIG = str(REPO_ROOT / 'classification/configs/spatial_mamba/spatial-mamba-tiny_8xb128_in1k.py')
 SEG_CONFIG = str(REPO_ROOT / 'segmentation/configs/spatial_mamba/spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py')

@@ -75,7 +75,7 @@ KERNEL_OPS = (('vssm.ops.selective_scan', 'kernels/selective_scan/csrc/selective
 
 def _benchmark_module() -> ModuleType:
     """tools/analysis_tools/benchmark.py (model names, config loading), imported by path."""
-    from vssm.runtime import load_tool_module
+    from vssm.engine.launch import load_tool_module
     return load_tool_module(Path(__file__).with_name('benchmark.py'), 'vssm_benchmark_tool')
 
 

@@ -170,7 +170,7 @@ def _load_model_config(path: str):
     """The ``model`` dict of a config (and its scope), with SyncBN as BN on a CPU and no pretrained weights."""
     from mmengine.config import Config
 
-    from vssm.runtime import clear_pretrained, prepare_for_device
+    from vssm.engine.launch import clear_pretrained, prepare_for_device
     file = _config_file(path)
     if not file.is_file():
         raise FileNotFoundError(f'config {path!r} not found (looked at {file}).')

@@ -77,7 +77,7 @@ def build_backbone(config: str, stage: int, ops_backend: Optional[str] = None,
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
 
-    from vssm.runtime import load_config
+    from vssm.engine.launch import load_config
 
     try:
         cfg = load_config(config, cfg_options)
@@ -116,7 +116,7 @@ def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> None:
     The output norms' keys (``outnorm{i}``) are neither required nor used (see :func:`drop_output_norm`); a
     classifier holds only the last stage's.
     """
-    from vssm.runtime import register_safe_globals
+    from vssm.fileio import register_safe_globals
     if not osp.isfile(checkpoint):
         raise SystemExit(f'erf: checkpoint {checkpoint!r} does not exist.')
     register_safe_globals()

@@ -51,7 +51,7 @@ def load_image(path: str, size: int) -> torch.Tensor:
 def build_model(args: argparse.Namespace):
     import vssm  # noqa: F401
     from vssm.models import SpectralVMamba
-    from vssm.runtime import register_safe_globals
+    from vssm.fileio import register_safe_globals
     arch = json.loads(args.arch) if args.arch.lstrip().startswith('{') else args.arch
     model = SpectralVMamba(arch, out_indices=(0, 1, 2, 3), upstream_compat=args.upstream_compat)
     if args.checkpoint:

@@ -167,7 +167,7 @@ def load_config(path: str, backend: Optional[str]):
     """The config with no pretrained weights, SyncBN as BN on a CPU, and the ops backend set."""
     from mmengine.config import Config
 
-    from vssm.runtime import clear_pretrained, prepare_for_device
+    from vssm.engine.launch import clear_pretrained, prepare_for_device
     file = REPO_ROOT / path
     if not file.is_file():
         raise FileNotFoundError(f'config {path!r} not found (looked at {file}).')

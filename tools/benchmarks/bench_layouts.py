@@ -27,7 +27,7 @@ Variant = Tuple[str, Callable[..., torch.Tensor]]
 
 def _timer(device: torch.device, fn: Callable[[], None], iters: int) -> float:
     """Milliseconds per call after 3 warm-up calls (benchmark.py's timed span: CUDA events on a GPU)."""
-    from vssm.runtime import load_tool_module
+    from vssm.engine.launch import load_tool_module
     bench = load_tool_module(Path(__file__).resolve().parents[1] / 'analysis_tools' / 'benchmark.py',
                              'vssm_benchmark_tool')
     for _ in range(3):

@@ -42,7 +42,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, rounds: int = 7, calls: i
     time before the first kernel's launch to every call: ~0.15 ms for the state fusion, more than half of its kernel
     time at stage 1.)
     """
-    from vssm.runtime import load_tool_module
+    from vssm.engine.launch import load_tool_module
     bench = load_tool_module(Path(__file__).resolve().parents[1] / 'analysis_tools' / 'benchmark.py',
                              'vssm_benchmark_tool')
     for _ in range(warmup):

@@ -22,7 +22,7 @@ from typing import Callable, List
 import torch
 
 from vssm.models import SpectralVMamba
-from vssm.models.spectral_vmamba import DENSE_MAX_TOKENS, pooled_order, spectral_order
+from vssm.ops.spectral_order import DENSE_MAX_TOKENS, pooled_order, spectral_order
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:

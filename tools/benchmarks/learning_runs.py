@@ -178,7 +178,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _plot_curves_module():
     """tools/analysis_tools/plot_curves.py (a script, not a package module)."""
-    from vssm.runtime import load_tool_module
+    from vssm.engine.launch import load_tool_module
     return load_tool_module(REPO_ROOT / 'tools' / 'analysis_tools' / 'plot_curves.py', 'vssm_plot_curves_tool')
 
 

@@ -8,7 +8,7 @@ For every task and backbone (the T configs of tools/benchmarks/learning_runs.py,
 ``tools/make_demo_data.py --out WORK_DIR/data``):
 
 1. ``tools/dist_train.sh CONFIG GPUS --demo`` for ``--iters`` iterations (a checkpoint at the half and at the end),
-   with ``RankAgreementHook`` added to the config's ``custom_hooks`` (vssm/rank_agreement.py): at the half and at the
+   with ``RankAgreementHook`` added to the config's ``custom_hooks`` (vssm/engine/hooks.py): at the half and at the
    end, every parameter's checksum must be the same on every rank (it raises otherwise; BatchNorm buffers are
    reported, since only SyncBN keeps them equal). NCCL on GPUs, gloo on CPUs; the configs' SyncBN is real with more
    than one process.
@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def _learning_runs():
     """tools/benchmarks/learning_runs.py (configs per task, data options, ports, logged launcher runs)."""
-    from vssm.runtime import load_tool_module
+    from vssm.engine.launch import load_tool_module
     return load_tool_module(Path(__file__).with_name('learning_runs.py'), 'vssm_learning_runs_tool')
 
 

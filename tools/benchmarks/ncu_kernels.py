@@ -53,7 +53,7 @@ def build_case(name: str, device: str = 'cuda', batch: Optional[int] = None):
     """bench_ops.py's case (inputs, ``run(backend)``, minimal bytes) for one of :data:`CASES`; ``batch`` overrides
     its batch and a CPU device takes the reference ops (for tests). Returns (function, leaves, minimal bytes)."""
     import torch
-    from vssm.runtime import load_tool_module
+    from vssm.engine.launch import load_tool_module
     bench_ops = load_tool_module(Path(__file__).resolve().parent / 'bench_ops.py', 'vssm_bench_ops_tool')
     op, b, c, h, w, dname = CASES[name]
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dname]

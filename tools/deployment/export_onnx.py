@@ -149,7 +149,7 @@ def load_weights(model: nn.Module, checkpoint: str) -> None:
     classifier/detector/segmentor checkpoint, or a backbone's own keys)."""
     from mmengine.runner.checkpoint import _load_checkpoint, load_checkpoint, load_state_dict
 
-    from vssm.runtime import register_safe_globals
+    from vssm.fileio import register_safe_globals
 
     if not osp.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist.')
@@ -272,7 +272,7 @@ def _print_preprocessing(cfg) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
-    from vssm.runtime import load_config
+    from vssm.engine.launch import load_config
 
     if len(args.shape) not in (1, 2):
         raise SystemExit(f'export_onnx: --shape takes one or two integers (H W), got {args.shape}.')

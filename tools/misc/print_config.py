@@ -2,7 +2,7 @@
 
     python tools/misc/print_config.py CONFIG [--demo] [--cfg-options k=v ...] [--work-dir DIR] [--save out.py]
 
-The overrides go through :func:`vssm.runtime.load_config`, in the launchers' order: the task's demo override
+The overrides go through :func:`vssm.engine.launch.load_config`, in the launchers' order: the task's demo override
 (``<task>/configs/_base_/demo.py``, chosen by ``default_scope``) first, then ``--cfg-options``, then the work dir
 (default ``work_dirs/<config name>``, ``..._demo`` with ``--demo``). The CPU adaptation that tools/train.py makes at
 run time on a machine without GPUs (SyncBN -> BN, gloo) is not applied. ``--save`` writes the resolved config as a
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
 from mmengine.config import Config, DictAction
 
-from vssm.runtime import load_config
+from vssm.engine.launch import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

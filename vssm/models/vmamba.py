@@ -18,7 +18,6 @@ from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS

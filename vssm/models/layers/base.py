@@ -14,6 +14,7 @@ from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...fileio import is_readable_checkpoint, register_safe_globals
 from ...ops._backend import check_backend_name, describe_backends
 
 
@@ -57,8 +58,6 @@ class StagedBackbone(BaseBackbone):
         backbone, keeping the keys under ``prefix`` (e.g. ``'backbone.'``); see :meth:`init_weights`."""
         from mmengine.runner.checkpoint import _load_checkpoint
 
-        from ...resume import is_readable_checkpoint
-        from ...runtime import register_safe_globals
         name = type(self).__name__
         if '://' not in checkpoint:
             if not osp.isfile(checkpoint):

@@ -1,4 +1,10 @@
-"""``RankAgreementHook``: check that every rank of a distributed run holds the same model.
+"""mmengine hooks of vssm's training runs.
+
+``RNGStateHook`` saves the Python, NumPy, torch and CUDA generator states in each checkpoint (rank 0's: mmengine
+saves on rank 0) and restores them right before the first iteration after a resume, so a resumed single-process run
+in deterministic mode draws the same random numbers (drop path, mixup, ...) as an uninterrupted one.
+
+``RankAgreementHook`` checks that every rank of a distributed run holds the same model.
 
 DDP keeps the replicas equal by construction (one all-reduced gradient, the same optimizer step on every rank); a
 bug in a custom op, a parameter left out of the gradient all-reduce, a rank-dependent branch or a broken resume
@@ -11,13 +17,15 @@ Buffers are reported, not enforced: BatchNorm running statistics legitimately di
 forward unless the layer is a SyncBN (DDP broadcasts rank 0's buffers at the start of every forward, then each
 rank updates them with its own batch).
 
-Use it from a config: ``custom_hooks = [..., dict(type='mmengine.RankAgreementHook')]``
-(``tools/benchmarks/multi_gpu_check.py`` does).
+Both register in mmengine's root ``HOOKS`` when ``vssm.engine`` is imported (tools/train.py does; a config adds
+``'vssm.engine'`` to its ``custom_imports``): ``custom_hooks = [..., dict(type='mmengine.RankAgreementHook')]``.
 """
 import json
 import os.path as osp
-from typing import Dict, List, Tuple
+import random
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from mmengine.dist import all_gather, get_rank, get_world_size
 from mmengine.hooks import Hook
@@ -25,7 +33,62 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-__all__ = ['RankAgreementHook', 'model_checksums', 'compare_checksums']
+__all__ = ['RNGStateHook', 'RankAgreementHook', 'model_checksums', 'compare_checksums']
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _capture_rng() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(
+        python=random.getstate(),
+        numpy=(name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def _restore_rng(state: dict) -> None:
+    """Restore ``_capture_rng()``'s states. The tensors may be on a GPU: mmengine's resume loads the checkpoint with
+    ``map_location='default'`` (the current device), and the generators take CPU byte tensors."""
+    random.setstate(state['python'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'].cpu())
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+
+
+@HOOKS.register_module()
+class RNGStateHook(Hook):
+    """Save the generator states in checkpoints; restore them when training resumes (see the module doc).
+
+    mmengine saves checkpoints on rank 0 only, so a checkpoint holds rank 0's states: a single-process run resumes
+    bit-reproducibly; in a multi-process run rank 0 gets its states back and the other ranks keep their seeded
+    generators (a warning says so). No collective is added to the training loop.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict] = None
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint['rng_states'] = [_capture_rng()]
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        states = checkpoint.get('rng_states')
+        if not states:
+            return
+        if get_world_size() > 1:
+            print_log(f'RNGStateHook: the checkpoint holds rank 0\'s generator states; restoring them on rank 0 only '
+                      f'({get_world_size()} processes: the run is not bit-reproducible on the other ranks).',
+                      logger='current', level=30)
+        if get_rank() == 0:
+            self._pending = states[0]
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if self._pending is not None:  # after the data loader was rebuilt and advanced: as in the first run
+            _restore_rng(self._pending)
+            self._pending = None
 
 
 def model_checksums(model: torch.nn.Module) -> Tuple[List[str], List[str], torch.Tensor]:

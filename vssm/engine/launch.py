@@ -1,25 +1,24 @@
-"""What tools/train.py and tools/test.py share: config loading, CPU distributed runs, safe checkpoint loading.
+"""What tools/train.py and tools/test.py share before the Runner: the config, its overrides, CPU distributed runs.
 
 * ``load_config``: read a config and apply ``--cfg-options``, ``--work-dir``, ``--demo``.
 * ``prepare_for_device``: without GPUs, distributed runs use gloo, DDP without device ids, BN instead of
   SyncBN, and the process group is initialised here (mmengine's ``init_dist`` calls ``torch.cuda.set_device``).
-* ``register_safe_globals``: torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine checkpoints
-  (resume, ``load_from``, ``Pretrained`` init) need a few extra classes allowed, nothing more.
+* ``check_data_paths``: a missing dataset fails at once, naming the config key and the fix.
 """
 import argparse
-import codecs
 import os
 import os.path as osp
-import pickle
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 
-__all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'register_safe_globals', 'add_common_args', 'load_tool_module',
-           'setup_run', 'build_runner', 'check_data_paths', 'finish_distributed', 'is_main_process', 'DEMO_OVERRIDES']
+from ..fileio import register_safe_globals
+
+__all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'add_common_args',
+           'load_tool_module', 'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process',
+           'DEMO_OVERRIDES']
 
 DEMO_OVERRIDES = {
     'mmpretrain': 'classification/configs/_base_/demo.py',
@@ -74,7 +73,7 @@ def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optio
         raise FileNotFoundError(f'config file {config!r} does not exist.')
     cfg = Config.fromfile(config)
     if demo:
-        apply_demo_override(cfg, repo_root or Path(__file__).resolve().parents[1])
+        apply_demo_override(cfg, repo_root or Path(__file__).resolve().parents[2])
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     if work_dir is not None:
@@ -127,37 +126,6 @@ def prepare_for_device(cfg: Config, launcher: str) -> List[str]:
                                    'tools/dist_train.sh / dist_test.sh (torchrun, launcher pytorch).')
             torch.distributed.init_process_group(backend='gloo')
     return changes
-
-
-def _history_buffer_method(owner: type, name: str):
-    """The only ``getattr`` that mmengine checkpoints need: HistoryBuffer's statistics methods."""
-    from mmengine.logging import HistoryBuffer
-    if owner is not HistoryBuffer or name not in ('min', 'max', 'current', 'mean'):
-        raise pickle.UnpicklingError(f'refusing getattr({owner!r}, {name!r}) in a weights_only checkpoint')
-    return getattr(owner, name)
-
-
-def register_safe_globals() -> None:
-    """Allow what mmengine checkpoints contain under ``torch.load(weights_only=True)``, and nothing more.
-
-    Found by saving checkpoints with the Runner (optimizer, schedulers, message hub) and disassembling
-    them: the message hub's ``HistoryBuffer`` logs hold numpy arrays and scalars, and their statistics
-    methods are pickled as ``getattr(HistoryBuffer, 'min')``. ``getattr`` itself is never allowed: its
-    name is bound to a function that only returns those four methods.
-    """
-    from mmengine.logging import HistoryBuffer
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
-    dtypes = [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
-    # Pickles written under numpy 1 name these numpy.core.multiarray.*, under numpy 2 numpy._core.multiarray.*.
-    aliases = [(fn, f'{module}.{fn.__name__}') for fn in (_reconstruct, scalar)
-               for module in ('numpy.core.multiarray', 'numpy._core.multiarray')]
-    torch.serialization.add_safe_globals([
-        HistoryBuffer, np.ndarray, np.dtype, codecs.encode, *dtypes, *aliases,
-        (_history_buffer_method, '__builtin__.getattr'), (_history_buffer_method, 'builtins.getattr')
-    ])
 
 
 def is_main_process() -> bool:
@@ -218,29 +186,6 @@ def finish_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def build_runner(cfg: Config, strict_load: bool = True):
-    """mmengine's Runner (or the config's own ``runner_type``) whose checkpoint loading (``load_from``, ``--resume``,
-    the test checkpoint) is strict and checks the file first: a checkpoint of another family or size fails listing
-    the missing and unexpected keys instead of "loading" with warnings (mmengine's default is ``strict=False``)."""
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-
-    from .resume import is_readable_checkpoint
-    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    load = runner.load_checkpoint
-
-    def load_checkpoint(filename: str, map_location='cpu', strict: bool = strict_load,
-                        revise_keys=[(r'^module\.', '')]):
-        if '://' not in filename and not is_readable_checkpoint(filename):
-            state = 'does not exist' if not osp.isfile(filename) else 'is truncated or corrupt (not a readable ' \
-                'torch zip archive); copy it again, or resume from an earlier checkpoint'
-            raise ValueError(f'checkpoint {filename!r} {state}.')
-        return load(filename, map_location=map_location, strict=strict, revise_keys=revise_keys)
-
-    runner.load_checkpoint = load_checkpoint
-    return runner
 
 
 def load_tool_module(path: Path, name: str):
