@@ -276,11 +276,14 @@ def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, 
 
 def classification_throughput(model: torch.nn.Module, mode: str, batch: int, size: int, warmup: int, iters: int,
                               device: torch.device, profile_iters: int = 0,
-                              profile_into: Optional[Dict[str, Any]] = None) -> Tuple[float, Optional[int]]:
+                              profile_into: Optional[Dict[str, Any]] = None,
+                              compile: bool = False) -> Tuple[float, Optional[int]]:
     """(images/s, peak bytes) of one classification mode, as the module docstring says. With ``profile_iters``,
     that many more steps run under torch.profiler afterwards and their top kernels go to
-    ``profile_into['profile']``."""
+    ``profile_into['profile']``. ``compile``: the model runs through ``torch.compile`` (inductor, default mode;
+    compiled during the warm-up iterations)."""
     _reset_peak(device)
+    forward = torch.compile(model) if compile else model
     dtype = mode.rsplit('-', 1)[1]
     images = torch.randn(batch, 3, size, size, device=device)
     if mode.startswith('infer'):
@@ -288,7 +291,7 @@ def classification_throughput(model: torch.nn.Module, mode: str, batch: int, siz
 
         def step() -> None:
             with torch.no_grad(), _autocast(device, dtype):
-                model(images, mode='tensor')
+                forward(images, mode='tensor')
     else:
         model.train()
         labels = torch.randint(0, model.head.num_classes, (batch, ), device=device)
@@ -297,7 +300,7 @@ def classification_throughput(model: torch.nn.Module, mode: str, batch: int, siz
 
         def step() -> None:
             with _autocast(device, dtype):
-                logits = model(images, mode='tensor')
+                logits = forward(images, mode='tensor')
             F.cross_entropy(logits.float(), labels).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -418,7 +421,7 @@ class Benchmark:
             cudnn_benchmark=torch.backends.cudnn.benchmark, batch=args.batch, size=args.size, warmup=args.warmup,
             iters=args.iters, torch_batch=args.torch_batch, torch_warmup=args.torch_warmup,
             torch_iters=args.torch_iters, det_size=list(args.det_size), seg_size=args.seg_size,
-            modes=list(args.modes), backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute,
+            modes=list(args.modes), backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute, compile=args.compile,
             command=' '.join(['python tools/analysis_tools/benchmark.py'] + list(args.argv)),
             date=time.strftime('%Y-%m-%d %H:%M'))
 
@@ -465,7 +468,7 @@ class Benchmark:
         self._measure(spec, backend, rows, lambda: build_classifier(spec, backend, self.args.size),
                       lambda model, row: classification_throughput(model, row['mode'], batch, self.args.size,
                                                                    warmup, iters, self.device,
-                                                                   self.args.profile, row))
+                                                                   self.args.profile, row, self.args.compile))
 
     def _latency(self, spec: ModelSpec, backend: str, mode: str) -> None:
         task = mode.split('-')[0]
@@ -658,6 +661,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='after timing each classification mode, profile N more steps with torch.profiler and '
                         'print the top 15 kernels (their time per step and share; also in the JSON rows)')
+    parser.add_argument('--compile', action='store_true',
+                        help='classification modes through torch.compile (inductor, default mode), ours and the '
+                        'peers alike; compilation happens in the warm-up iterations')
     parser.add_argument('--no-recompute', action='store_true',
                         help="our models without their memory-saving recomputations in the backward "
                         "(vssm.models.layers.set_recompute(False)): what they cost in training time and save in memory")

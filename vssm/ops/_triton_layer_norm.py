@@ -1,6 +1,7 @@
 """Triton kernels of :func:`vssm.ops.layer_norm_2d`: LayerNorm over the channels of a contiguous (B, C, L) map.
 
-A program takes ``BLOCK_L`` consecutive pixels of one image. Channels up to ``SINGLE_MAX_C`` are held in registers
+A program takes ``BLOCK_L`` consecutive pixels of the flattened (B * L) pixel axis (runs of consecutive addresses per
+channel, across image boundaries, so small maps still give many programs). Channels up to ``SINGLE_MAX_C`` are held in registers
 (one read of x, one write of y); wider maps are reduced in chunks of ``BLOCK_C`` channels with Chan's merge of
 (mean, M2) (numerically stable, two reads of x). Statistics are float32 whatever the dtype. The backward gives dx per
 pixel and per-program partial sums of the weight and bias gradients, reduced over programs on the host side.
@@ -13,17 +14,30 @@ from torch import Tensor
 SINGLE_MAX_C = 256  # channels held in registers in one tile (padded to a power of two)
 
 
-def _tiles(channels: int):
-    """(single pass, BLOCK_C, BLOCK_L) for a channel count: about 8K elements per tile, 32+ pixels per row."""
+def _tiles(channels: int, elements: int):
+    """(single pass, BLOCK_C, BLOCK_L) for a channel count: about ``elements`` per tile and 16 to 64 pixels per row
+    (enough programs for small maps; 64+ contiguous bytes per channel row)."""
     if channels <= SINGLE_MAX_C:
         block_c = triton.next_power_of_2(channels)
-        return True, block_c, max(32, 8192 // block_c)
-    return False, 64, 64
+        return True, block_c, min(64, max(16, elements // block_c))
+    return False, 64, 32
+
+
+FWD_ELEMENTS, BWD_ELEMENTS, NUM_WARPS = 8192, 4096, 8
 
 
 @triton.jit
-def _stats_single(x_ptr, offs_c, offs_l, mask, length, n_c):
-    x = tl.load(x_ptr + offs_c[:, None] * length + offs_l[None, :], mask=mask, other=0.).to(tl.float32)
+def _pixels(pid, n_c, length, n_pixels, BLOCK_L: tl.constexpr):
+    """The program's pixels: their flat index (B * L axis), a mask, and the offset of channel 0 of each."""
+    offs_p = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_p = offs_p < n_pixels
+    base = (offs_p // length) * n_c * length + offs_p % length
+    return offs_p, mask_p, base
+
+
+@triton.jit
+def _stats_single(x_ptr, offs_c, base, mask, length, n_c):
+    x = tl.load(x_ptr + offs_c[:, None] * length + base[None, :], mask=mask, other=0.).to(tl.float32)
     mean = tl.sum(x, 0) / n_c
     xc = tl.where(mask, x - mean[None, :], 0.)
     var = tl.sum(xc * xc, 0) / n_c
@@ -31,25 +45,19 @@ def _stats_single(x_ptr, offs_c, offs_l, mask, length, n_c):
 
 
 @triton.jit
-def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length, eps,
+def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length, n_pixels, eps,
                      SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_l = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_l = offs_l < length
-    base = batch * n_c * length
-    x_ptr += base
-    y_ptr += base
+    offs_p, mask_l, base = _pixels(tl.program_id(0), n_c, length, n_pixels, BLOCK_L)
     if SINGLE:
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < n_c
         mask = mask_c[:, None] & mask_l[None, :]
-        xc, mean, var = _stats_single(x_ptr, offs_c, offs_l, mask, length, n_c)
+        xc, mean, var = _stats_single(x_ptr, offs_c, base, mask, length, n_c)
         rstd = 1. / tl.sqrt(var + eps)
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
         b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
         y = xc * rstd[None, :] * w[:, None] + b[:, None]
-        tl.store(y_ptr + offs_c[:, None] * length + offs_l[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs_c[:, None] * length + base[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         count = tl.zeros([BLOCK_L], dtype=tl.float32)
         mean = tl.zeros([BLOCK_L], dtype=tl.float32)
@@ -57,7 +65,7 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length
         for c0 in range(0, n_c, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = (offs_c < n_c)[:, None] & mask_l[None, :]
-            x = tl.load(x_ptr + offs_c[:, None] * length + offs_l[None, :], mask=mask, other=0.).to(tl.float32)
+            x = tl.load(x_ptr + offs_c[:, None] * length + base[None, :], mask=mask, other=0.).to(tl.float32)
             n_b = tl.sum(mask.to(tl.float32), 0)
             mean_b = tl.sum(x, 0) / tl.maximum(n_b, 1.)
             xc = tl.where(mask, x - mean_b[None, :], 0.)
@@ -72,36 +80,28 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < n_c
             mask = mask_c[:, None] & mask_l[None, :]
-            x = tl.load(x_ptr + offs_c[:, None] * length + offs_l[None, :], mask=mask, other=0.).to(tl.float32)
+            ptrs = offs_c[:, None] * length + base[None, :]
+            x = tl.load(x_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
             w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
             b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
             y = (x - mean[None, :]) * rstd[None, :] * w[:, None] + b[:, None]
-            tl.store(y_ptr + offs_c[:, None] * length + offs_l[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    stat = batch * length + offs_l
-    tl.store(mean_ptr + stat, mean, mask=mask_l)
-    tl.store(rstd_ptr + stat, rstd, mask=mask_l)
+            tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + offs_p, mean, mask=mask_l)
+    tl.store(rstd_ptr + offs_p, rstd, mask=mask_l)
 
 
 @triton.jit
 def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, n_c, length,
-                     SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_l = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    program = batch * tl.num_programs(0) + pid_l  # row of the partial sums
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_l = offs_l < length
-    base = batch * n_c * length
-    x_ptr += base
-    dy_ptr += base
-    dx_ptr += base
-    stat = batch * length + offs_l
-    mean = tl.load(mean_ptr + stat, mask=mask_l, other=0.)
-    rstd = tl.load(rstd_ptr + stat, mask=mask_l, other=0.)
+                     n_pixels, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    program = tl.program_id(0).to(tl.int64)  # row of the partial sums
+    offs_p, mask_l, base = _pixels(tl.program_id(0), n_c, length, n_pixels, BLOCK_L)
+    mean = tl.load(mean_ptr + offs_p, mask=mask_l, other=0.)
+    rstd = tl.load(rstd_ptr + offs_p, mask=mask_l, other=0.)
     if SINGLE:
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < n_c
         mask = mask_c[:, None] & mask_l[None, :]
-        ptrs = offs_c[:, None] * length + offs_l[None, :]
+        ptrs = offs_c[:, None] * length + base[None, :]
         x = tl.load(x_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
         dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
@@ -120,7 +120,7 @@ def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < n_c
             mask = mask_c[:, None] & mask_l[None, :]
-            ptrs = offs_c[:, None] * length + offs_l[None, :]
+            ptrs = offs_c[:, None] * length + base[None, :]
             x = tl.load(x_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
             dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
             w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
@@ -134,7 +134,7 @@ def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < n_c
             mask = mask_c[:, None] & mask_l[None, :]
-            ptrs = offs_c[:, None] * length + offs_l[None, :]
+            ptrs = offs_c[:, None] * length + base[None, :]
             x = tl.load(x_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
             dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
             w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
@@ -148,25 +148,24 @@ def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
 def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype):
     """x (B, C, L) contiguous -> y (B, C, L) of ``out_dtype``, mean and rstd (B, L) float32."""
     b, c, length = x.shape
-    single, block_c, block_l = _tiles(c)
+    single, block_c, block_l = _tiles(c, FWD_ELEMENTS)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(b, length, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    grid = (triton.cdiv(length, block_l), b)
-    _ln2d_fwd_kernel[grid](x, weight, bias, y, mean, rstd, c, length, eps, SINGLE=single, BLOCK_C=block_c,
-                           BLOCK_L=block_l, num_warps=4)
+    grid = (triton.cdiv(b * length, block_l), )
+    _ln2d_fwd_kernel[grid](x, weight, bias, y, mean, rstd, c, length, b * length, eps, SINGLE=single,
+                           BLOCK_C=block_c, BLOCK_L=block_l, num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
 def backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor):
     """dx (x's dtype), dweight, dbias (float32) of :func:`forward`."""
     b, c, length = x.shape
-    single, block_c, block_l = _tiles(c)
-    grid = (triton.cdiv(length, block_l), b)
+    single, block_c, block_l = _tiles(c, BWD_ELEMENTS)
+    grid = (triton.cdiv(b * length, block_l), )
     dx = torch.empty_like(x)
-    programs = grid[0] * grid[1]
-    dw_part = torch.empty(programs, c, dtype=torch.float32, device=x.device)
+    dw_part = torch.empty(grid[0], c, dtype=torch.float32, device=x.device)
     db_part = torch.empty_like(dw_part)
-    _ln2d_bwd_kernel[grid](x, weight, dy, mean, rstd, dx, dw_part, db_part, c, length, SINGLE=single,
-                           BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4)
+    _ln2d_bwd_kernel[grid](x, weight, dy, mean, rstd, dx, dw_part, db_part, c, length, b * length, SINGLE=single,
+                           BLOCK_C=block_c, BLOCK_L=block_l, num_warps=NUM_WARPS)
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -43,46 +43,21 @@ def layer_norm_2d_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     return y if out_dtype is None else y.to(out_dtype)
 
 
-@torch.library.custom_op('vssm::layer_norm_2d', mutates_args=())
-def _ln2d_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor,
-                                                                                                     Tensor]:
-    y, mean, rstd = _KERNEL.forward(x.flatten(2), weight, bias, eps, out_dtype)
-    return y.view(x.shape), mean, rstd
+class _LayerNorm2d(torch.autograd.Function):
+    """The kernel's forward and backward; saves x, the weight and the (B, L) float32 statistics. (Under
+    ``torch.compile`` the reference runs instead, for inductor to fuse, so no custom op is registered.)"""
 
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+        y, mean, rstd = _KERNEL.forward(x.flatten(2), weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y.view(x.shape)
 
-@_ln2d_op.register_fake
-def _(x, weight, bias, eps, out_dtype):
-    stats = x.new_empty(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op('vssm::layer_norm_2d_backward', mutates_args=())
-def _ln2d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor,
-                                                                                                   Tensor]:
-    dx, dw, db = _KERNEL.backward(dy.contiguous().flatten(2), x.flatten(2), weight, mean, rstd)
-    return dx.view(x.shape), dw, db
-
-
-@_ln2d_backward_op.register_fake
-def _(dy, x, weight, mean, rstd):
-    channels = dict(dtype=torch.float32)
-    return torch.empty_like(x), weight.new_empty(weight.shape, **channels), weight.new_empty(weight.shape, **channels)
-
-
-def _setup(ctx, inputs, output):
-    x, weight, _, _, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _ln2d_backward_op(dy, x, weight, mean, rstd)
-    return dx, dw.to(weight.dtype), db.to(weight.dtype), None, None
-
-
-_ln2d_op.register_autograd(_backward, setup_context=_setup)
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _KERNEL.backward(dy.contiguous().flatten(2), x.flatten(2), weight, mean, rstd)
+        return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype), None, None
 
 
 def _use_kernel(backend: str, x: Tensor) -> bool:
@@ -118,5 +93,5 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
                          f'{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}.')
     if not _use_kernel(backend, x):
         return layer_norm_2d_ref(x, weight, bias, eps, out_dtype)
-    return _ln2d_op(x.contiguous(), weight, bias, float(eps), out_dtype or _default_dtype(x))[0]
+    return _LayerNorm2d.apply(x.contiguous(), weight, bias, float(eps), out_dtype or _default_dtype(x))
 
