@@ -89,8 +89,8 @@ def test_saved_and_order_tables(benchmark):
     assert 'SS2D' in row['largest module types (GiB)']
     row = tables['Spectral ordering inside the backbone forward, fp32', 'Spectral VMamba-T', 'cuda']
     assert float(row['ordering share'].rstrip('%')) == pytest.approx(12.5)
-    assert 'ordering 2.50 ms of a 20.00 ms forward' in benchmark.format_row(dict(order[0], seconds=1.0, params_m=1.0,
-                                                                                   size='512x512', warmup=1, iters=2))
+    line = benchmark.format_row(dict(order[0], seconds=1.0, params_m=1.0, warmup=1, iters=2))
+    assert 'ordering 2.50 ms' in line and '12.5%' in line
 
 
 class _StandIn(nn.Module):
