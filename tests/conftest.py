@@ -1,5 +1,6 @@
-"""Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path."""
+"""Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path, fuzzing options."""
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -10,6 +11,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # fixture_utils
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup('vssm', 'vssm kernel fuzzing (tests/ops/test_fuzz_kernels_cuda.py)')
+    group.addoption('--fuzz-cases', type=int, default=int(os.environ.get('VSSM_FUZZ_CASES', 20)),
+                    help='random cases per op for the kernel fuzzing tests (default: $VSSM_FUZZ_CASES or 20)')
+    group.addoption('--fuzz-seed', type=int, default=int(os.environ.get('VSSM_FUZZ_SEED', 0)),
+                    help='seed of the fuzzing cases (default: $VSSM_FUZZ_SEED or 0)')
 
 
 def load_tool(relative: str) -> ModuleType:

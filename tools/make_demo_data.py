@@ -9,8 +9,8 @@ The same seed always gives byte-identical files. One call writes three standard 
 Shapes are filled polygons (circles are 32-gons) of the classes ``circle``, ``square``, ``triangle`` and ``cross``,
 sized by the diameter of their circumscribed circle, in a colour that contrasts with a noisy gradient background.
 
-``--scale N`` multiplies every split's image count by N (the learning check on the GPU machine uses more data than
-the CPU demo: ``tools/benchmarks/learning_runs.py``).
+``--scale N`` multiplies every split's image count by N (learning runs on a GPU use more data than the CPU
+demo: docs/benchmarks.md).
 
 A stamp file ``<out>/.complete`` (generator version, seed, scale, counts) is written last, so a second call returns at
 once and an interrupted run is regenerated the next time. Usage::

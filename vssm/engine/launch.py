@@ -17,7 +17,7 @@ from mmengine.config import Config, DictAction
 from ..fileio import register_safe_globals
 
 __all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'add_common_args',
-           'load_tool_module', 'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process',
+           'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process',
            'DEMO_OVERRIDES']
 
 DEMO_OVERRIDES = {
@@ -187,15 +187,3 @@ def finish_distributed() -> None:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
-
-def load_tool_module(path: Path, name: str):
-    """Import a script of ``tools/`` (not a package) by its path, once per process (cached in ``sys.modules`` under
-    ``name``): for tools that reuse another tool's functions."""
-    import importlib.util
-    import sys
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]

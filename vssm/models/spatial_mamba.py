@@ -166,7 +166,7 @@ class StructureAwareSSM(nn.Module):
         # kept a transposed copy (0.65 GiB for the T model at batch 128).
         x_dbl = F.conv1d(u, self.x_proj_weight[:, :, None])
         dt_raw, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        # (B, D, L), contiguous for the scan; an einsum's backward was 2.7x slower (tools/benchmarks/bench_layouts.py)
+        # (B, D, L), contiguous for the scan; an einsum's backward was 2.7x slower (docs/benchmarks.md)
         delta = grouped_matmul(self.dt_projs_weight[None], dt_raw[:, None])[:, 0]
         A = -torch.exp(self.A_logs.float())  # (D, N)
         states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,

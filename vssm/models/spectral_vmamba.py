@@ -179,7 +179,7 @@ class SpectralVMamba(StagedBackbone):
         rfn_frozen: keep the RFN's ResNet-18 frozen (upstream: its parameters never train; in the fixed mode its
             BatchNorms stay in eval mode). ``False`` trains it with the rest (BatchNorms follow ``train()``), for
             training without ImageNet weights for it: a frozen *random* trunk keeps the model near chance level on
-            the demo data (``tools/benchmarks/learning_runs.py``). Rotation invariance does not depend on the
+            the demo data (the learning runs in docs/benchmarks.md). Rotation invariance does not depend on the
             weights; in training mode the BatchNorm statistics of square inputs are taken over the four rotations
             together, so they are rotation-invariant too.
         ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the selective scan.

@@ -110,7 +110,7 @@ class SS2D(nn.Module):
         b, k, d, length = xs.shape
         # One GEMM per sequence group with the weight broadcast over the batch (grouped_matmul: its backward keeps
         # views of xs, which the scan saves too). The grouped conv1d it replaced ran 60x slower in fp32 on cuDNN
-        # (22.5 vs 0.36 ms at VMamba-T's stage 1, batch 128, H200: tools/benchmarks/bench_layouts.py), and the
+        # (22.5 vs 0.36 ms at VMamba-T's stage 1, batch 128, H200: docs/benchmarks.md), and the
         # einsum of dt_proj had a 2.7x slower backward.
         x_dbl = grouped_matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -126,7 +126,7 @@ class SS2D(nn.Module):
         height, width = x.shape[-2:]
         x = normed_linear(x, norm, self.in_proj)
         # The depthwise conv through vssm.ops.dwconv2d (the kernel: 2.1x cuDNN's forward, 2.7x its forward+backward
-        # at stage 1 in fp32 and bf16, bench_layouts.py); same function and parameters as the nn.Conv2d.
+        # at stage 1 in fp32 and bf16, docs/benchmarks.md); same function and parameters as the nn.Conv2d.
         x = self.act(dwconv2d(x, self.conv2d.weight, self.conv2d.bias, backend=self.backend))  # (B, D, H, W)
         y = cross_merge(self.scan(cross_scan(x)), height, width)  # (B, D, H, W), float32
         return normed_linear(y, self.out_norm, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
