@@ -109,9 +109,8 @@ class SS2D(nn.Module):
         """Projections and the selective scan of K sequences: (B, K, D, L) -> (B, K, D, L) float32."""
         b, k, d, length = xs.shape
         # One GEMM per sequence group with the weight broadcast over the batch (grouped_matmul: its backward keeps
-        # views of xs, which the scan saves too). The grouped conv1d it replaced ran 60x slower in fp32 on cuDNN
-        # (22.5 vs 0.36 ms at VMamba-T's stage 1, batch 128, H200: docs/benchmarks.md), and the
-        # einsum of dt_proj had a 2.7x slower backward.
+        # views of xs, which the scan saves too). A grouped conv1d runs 60x slower in fp32 on cuDNN (22.5 vs 0.36 ms
+        # at VMamba-T's stage 1, batch 128, H200: docs/benchmarks.md) and an einsum's backward 2.7x slower.
         x_dbl = grouped_matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = grouped_matmul(self.dt_projs_weight, dts)  # (B, K, D, L)
