@@ -232,3 +232,32 @@ def test_profile_lists_the_top_operators(benchmark):
     assert 1 <= len(ops) <= 3 and all(op['ms'] >= 0 and 0 <= op['share'] <= 1 for op in ops)
     assert any('addmm' in op['name'] or 'linear' in op['name'] for op in ops)
     assert ops == sorted(ops, key=lambda op: op['ms'], reverse=True)
+
+
+def _tiny_task_model(spec, task: str, backend: str = 'torch') -> nn.Module:
+    """Mask R-CNN or UPerNet of a VMamba config with a tiny arch (and the neck/heads narrowed to it)."""
+    from vssm.analysis.models import build_model, prepare_config
+    cfg = prepare_config(spec.config(task))
+    cfg.model.backbone.update(arch=TINY_VMAMBA, ops_backend=backend)
+    if task == 'det':
+        cfg.model.neck.in_channels = [8, 16, 32, 64]
+    else:
+        cfg.model.decode_head.update(in_channels=[8, 16, 32, 64], channels=16)
+        cfg.model.auxiliary_head.update(in_channels=32, channels=16)
+    return build_model(cfg)
+
+
+@pytest.mark.slow
+def test_task_training_modes_run_train_step(benchmark, monkeypatch, tmp_path):
+    """det-train-fp16 / seg-train-bf16: model.train_step with the configs' optimizer wrapper on random images and
+    ground truth (a tiny VMamba in the full Mask R-CNN and UPerNet, whose heads keep the step at ~10 s on a CPU; on a
+    CPU fp16 runs as fp32)."""
+    monkeypatch.setattr(benchmark, 'build_spec_model', _tiny_task_model)
+    rows = benchmark.main(['--latency-models', 'vmamba-t', '--modes', 'det-train-fp16', 'seg-train-bf16',
+                           '--backends', 'torch', '--det-size', '96', '64', '--seg-size', '64', '--det-train-batch', '1',
+                           '--seg-train-batch', '2', '--markdown', str(tmp_path / 'rows.md')] + TINY)
+    assert [(r['mode'], r['dtype'], r['batch'], r['status']) for r in rows] == [
+        ('det-train-fp16', 'fp16', 1, 'ok'), ('seg-train-bf16', 'bf16', 2, 'ok')], rows
+    assert all(r['images_per_s'] > 0 for r in rows)
+    text = (tmp_path / 'rows.md').read_text()
+    assert 'Mask R-CNN training step, fp16' in text and 'UPerNet training step, bf16' in text

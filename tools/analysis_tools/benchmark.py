@@ -48,6 +48,11 @@ Protocol:
   swin/swin-tiny-patch4-window7-in1k-pre_upernet_*-512x512.py), 'whole' inference on a ``--seg-size`` square image.
   Only ``--latency-models`` take part (default: the T models and Swin-T). Batch-1 latency is bound by the host
   (kernel launches) as much as by the GPU.
+* Task training modes (on request), the ``--latency-models`` too: ``det-train-fp16``, a Mask R-CNN
+  ``model.train_step`` at ``--det-size`` with ``--det-train-batch`` images (default 2) under the configs' fp16
+  ``AmpOptimWrapper`` (dynamic loss scale), and ``seg-train-bf16``, an UPerNet step at ``--seg-size`` with
+  ``--seg-train-batch`` images (default 8) in bf16; random images and ground truth (8 boxes with box-shaped masks per
+  image; a random label map), AdamW; images/s over the timed steps.
 * Memory: the peak of ``torch.cuda.max_memory_allocated()`` per mode (the caches emptied and the peak reset before
   each mode), weights, gradients and optimizer state included; not measured on a CPU.
 * Numerics: TF32 for fp32 matmuls and cuDNN convolutions is on by default (``--no-tf32`` turns it off; the setting
@@ -85,7 +90,8 @@ CLS_MODES = ('infer-fp32', 'infer-bf16', 'train-bf16', 'train-fp32')
 SAVED_MODES = ('saved-bf16', 'saved-fp32')
 ORDER_MODES = ('order-fp32', 'order-bf16')
 LATENCY_MODES = ('det-latency', 'seg-latency')
-MODES = CLS_MODES + SAVED_MODES + ORDER_MODES + LATENCY_MODES
+TASK_TRAIN_MODES = ('det-train-fp16', 'seg-train-bf16')
+MODES = CLS_MODES + SAVED_MODES + ORDER_MODES + LATENCY_MODES + TASK_TRAIN_MODES
 DEFAULT_MODES = ('infer-fp32', 'infer-bf16', 'train-bf16', 'det-latency', 'seg-latency')
 BACKENDS = ('torch', 'cuda', 'auto')
 LATENCY_DTYPES = ('fp32', 'bf16')
@@ -286,6 +292,72 @@ def task_latency(model: torch.nn.Module, task: str, dtype: str, width: int, heig
     return statistics.median(times) * 1e3, peak_bytes(device)
 
 
+def _train_batch(task: str, batch: int, width: int, height: int, num_classes: int, device: torch.device) -> dict:
+    """A ``train_step`` input of ``batch`` random uint8 images with random ground truth: 8 boxes per image with
+    their box-shaped masks (Mask R-CNN), or a random label map (UPerNet)."""
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, device=device) for _ in range(batch)]
+    samples = []
+    for i in range(batch):
+        meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
+                    scale_factor=(1.0, 1.0), flip=False, img_id=i, img_path='benchmark.jpg')
+        if task == 'det':
+            import numpy as np
+            from mmdet.structures import DetDataSample
+            from mmdet.structures.mask import BitmapMasks
+            from mmengine.structures import InstanceData
+            corners = torch.rand(8, 2) * torch.tensor([width - 64, height - 64])
+            sizes = 32 + torch.rand(8, 2) * torch.tensor([width, height]) / 4
+            boxes = torch.cat([corners, (corners + sizes).minimum(torch.tensor([width - 1, height - 1]))], dim=1)
+            masks = np.zeros((8, height, width), dtype=np.uint8)
+            for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+                m[y1:y2, x1:x2] = 1
+            sample = DetDataSample(metainfo=meta)
+            sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, num_classes, (8, )),
+                                               masks=BitmapMasks(masks, height, width))
+        else:
+            from mmengine.structures import PixelData
+            from mmseg.structures import SegDataSample
+            sample = SegDataSample(metainfo=meta)
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, height, width)))
+        samples.append(sample)
+    return dict(inputs=images, data_samples=samples)
+
+
+def task_train_throughput(model: torch.nn.Module, task: str, dtype: str, batch: int, width: int, height: int,
+                          warmup: int, iters: int, device: torch.device) -> Tuple[float, Optional[int]]:
+    """(images/s, peak bytes) of ``model.train_step`` on random batches: the configs' mixed precision
+    (mmengine's ``AmpOptimWrapper``, dynamic loss scale for fp16) around AdamW (lr 1e-4, weight decay 0.05). On a
+    CPU (tests) the step runs under CPU autocast for bf16 and in fp32 for fp16, without a loss scaler."""
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+    reset_peak(device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    amp_dtype = torch.float16 if dtype == 'fp16' else torch.bfloat16
+    if device.type == 'cuda':
+        wrapper = AmpOptimWrapper(optimizer=optimizer, dtype=amp_dtype,
+                                  loss_scale='dynamic' if dtype == 'fp16' else 512.)
+        context = contextlib.nullcontext
+    else:
+        wrapper = OptimWrapper(optimizer=optimizer)
+        context = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if dtype == 'bf16' else contextlib.nullcontext
+    head = model.roi_head.bbox_head if task == 'det' else model.decode_head
+    batches = [_train_batch(task, batch, width, height, head.num_classes, device) for _ in range(2)]
+
+    def step(data: dict) -> None:
+        with context():
+            model.train_step(data, wrapper)
+
+    try:
+        for i in range(warmup):
+            step(batches[i % 2])
+        counter = iter(range(iters))
+        seconds = timed_span(lambda: step(batches[next(counter) % 2]), iters, device)
+        return batch * iters / seconds, peak_bytes(device)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
 @contextlib.contextmanager
 def _bf16_features(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """Run ``model.extract_feat`` (backbone and neck) under bf16 autocast and hand fp32 maps to the heads."""
@@ -341,6 +413,7 @@ class Benchmark:
             cudnn_benchmark=torch.backends.cudnn.benchmark, batch=args.batch, size=args.size, warmup=args.warmup,
             iters=args.iters, torch_batch=args.torch_batch, torch_warmup=args.torch_warmup,
             torch_iters=args.torch_iters, det_size=list(args.det_size), seg_size=args.seg_size,
+            det_train_batch=args.det_train_batch, seg_train_batch=args.seg_train_batch,
             order_size=list(args.order_size), order_batches=list(args.order_batches), modes=list(args.modes),
             backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute, compile=args.compile,
             command=' '.join(['python tools/analysis_tools/benchmark.py'] + list(args.argv)),
@@ -373,10 +446,13 @@ class Benchmark:
                 for backend in self._backends(MODEL_SPECS[name]):
                     self._ordering(MODEL_SPECS[name], backend, order_modes)
                     on_model_done()
-        for mode in [m for m in args.modes if m in LATENCY_MODES]:
+        for mode in [m for m in args.modes if m in LATENCY_MODES + TASK_TRAIN_MODES]:
             for name in args.latency_models:
                 for backend in self._backends(MODEL_SPECS[name]):
-                    self._latency(MODEL_SPECS[name], backend, mode)
+                    if mode in LATENCY_MODES:
+                        self._latency(MODEL_SPECS[name], backend, mode)
+                    else:
+                        self._task_train(MODEL_SPECS[name], backend, mode)
                     on_model_done()
 
     def _backends(self, spec: ModelSpec) -> Sequence[str]:
@@ -428,6 +504,20 @@ class Benchmark:
             return dict(images_per_s=1e3 / ms, peak_mem_bytes=peak)
 
         self._measure(spec, backend, rows, lambda: build_task_model(spec, task, backend), measure)
+
+    def _task_train(self, spec: ModelSpec, backend: str, mode: str) -> None:
+        task, dtype = mode.split('-')[0], mode.rsplit('-', 1)[1]
+        _, warmup, iters = self._settings(spec, backend)
+        batch = self.args.det_train_batch if task == 'det' else self.args.seg_train_batch
+        width, height = self.args.det_size if task == 'det' else (self.args.seg_size, self.args.seg_size)
+        rows = [self._row(spec, backend, mode, dtype, batch, f'{width}x{height}', warmup, iters)]
+
+        def measure(model: torch.nn.Module, row: Dict[str, Any]) -> Dict[str, Any]:
+            images_per_s, peak = task_train_throughput(model, task, dtype, batch, width, height, warmup, iters,
+                                                       self.device)
+            return dict(images_per_s=images_per_s, peak_mem_bytes=peak)
+
+        self._measure(spec, backend, rows, lambda: build_spec_model(spec, task, backend), measure)
 
     def _measure(self, spec: ModelSpec, backend: str, rows: List[Dict[str, Any]],
                  build: Callable[[], torch.nn.Module],
@@ -603,6 +693,8 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
         'order-fp32': 'Spectral ordering inside the backbone forward, fp32',
         'order-bf16': 'Spectral ordering inside the backbone forward, bf16 autocast',
         'det-latency': 'Mask R-CNN latency', 'seg-latency': 'UPerNet latency',
+        'det-train-fp16': 'Mask R-CNN training step, fp16 (AmpOptimWrapper)',
+        'seg-train-bf16': 'UPerNet training step, bf16 (AmpOptimWrapper)',
     }
     sections = []
     for row in rows:
@@ -643,7 +735,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--models', nargs='+', type=_model_names, default=list(DEFAULT_MODELS), metavar='NAME',
                         help=f'classification models, in order (default: all): {", ".join(MODEL_SPECS)}')
     parser.add_argument('--latency-models', nargs='+', type=_model_names, default=list(DEFAULT_LATENCY_MODELS),
-                        metavar='NAME', help='models for det-latency and seg-latency (default: '
+                        metavar='NAME', help='models of the task modes (det-/seg-latency, det-/seg-train; default: '
                         f'{" ".join(DEFAULT_LATENCY_MODELS)})')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(DEFAULT_MODES), metavar='MODE',
                         help=f'what to measure, from {", ".join(MODES)} (default: {" ".join(DEFAULT_MODES)})')
@@ -662,6 +754,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--det-size', type=int, nargs=2, default=[1333, 800], metavar=('W', 'H'),
                         help='Mask R-CNN input width and height (default: 1333 800)')
     parser.add_argument('--seg-size', type=int, default=512, help='UPerNet input side (default: %(default)s)')
+    parser.add_argument('--det-train-batch', type=int, default=2,
+                        help='images per Mask R-CNN training step (det-train-fp16; default: %(default)s)')
+    parser.add_argument('--seg-train-batch', type=int, default=8,
+                        help='images per UPerNet training step (seg-train-bf16; default: %(default)s)')
     parser.add_argument('--order-size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'),
                         help='input height and width of the order-* modes, multiples of 16 (default: 512 512)')
     parser.add_argument('--order-batches', type=int, nargs='+', default=[1, 2, 8], metavar='B',
