@@ -16,6 +16,11 @@ from vssm.ops.layer_norm import kernel_available
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
 # (B, C, H, W): one tile of channels (C <= 256) and the chunked path (C > 256, not a multiple of the chunk), odd sides
 SHAPES = [(2, 5, 3, 7), (3, 96, 9, 11), (2, 300, 5, 3), (1, 768, 7, 7), (2, 520, 1, 33)]
 

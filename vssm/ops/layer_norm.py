@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import check_backend_name, plain_autograd_enabled
+from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled
 
 __all__ = ['layer_norm_2d', 'layer_norm_2d_ref', 'kernel_available']
 
@@ -64,6 +64,8 @@ def _use_kernel(backend: str, x: Tensor) -> bool:
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # under torch.compile inductor fuses the reference with its neighbours itself
+    if not triton_fusions_enabled():
+        return False
     if backend == 'cuda':
         if _KERNEL is None:
             raise RuntimeError("layer_norm_2d: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
@@ -83,7 +85,9 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
         weight, bias: (C,).
         eps: added to the variance.
         out_dtype: the output's dtype (default: float32 under autocast, else x's dtype, as ``F.layer_norm``).
-        backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` runs the Triton kernel on CUDA tensors.
+        backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` and ``'cuda'`` run the Triton kernel on CUDA tensors
+            when ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`), the reference
+            otherwise.
 
     Returns:
         (B, C, H, W): contiguous from the kernel, a channels-last view from the reference.

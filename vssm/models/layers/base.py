@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...fileio import is_readable_checkpoint, register_safe_globals
 from ...ops._backend import check_backend_name, describe_backends
+from .norm import LayerNorm2d
 
 
 class StagedBackbone(BaseBackbone):
@@ -111,9 +112,13 @@ class StagedBackbone(BaseBackbone):
         return tuple(sorted(set(result)))
 
     def _finish_init(self, norm_layer: type) -> None:
-        """Add ``outnorm{i}`` for the returned stages and apply the freezing."""
+        """Add ``outnorm{i}`` for the returned stages, give every ``LayerNorm2d`` the backbone's ``ops_backend`` and
+        apply the freezing."""
         for i in self.out_indices:
             self.add_module(f'outnorm{i}', norm_layer(self.dims[i]))
+        for module in self.modules():
+            if isinstance(module, LayerNorm2d):
+                module.backend = self.ops_backend
         self._freeze_stages()
 
     @property
