@@ -1,20 +1,16 @@
 """vssm.ops.layer_norm_2d: the Triton kernel against float64 autograd (in Triton's interpreter on the CPU, and on a
 GPU), the dispatch (reference on CPU tensors and under compilation), the output dtype, errors."""
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import GRAD_TOLERANCES, TOLERANCES
+from ops.triton_interpreter import run_in_interpreter
 
 from vssm.ops import layer_norm_2d, layer_norm_2d_ref
 from vssm.ops.layer_norm import kernel_available
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
 
 
@@ -54,10 +50,7 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
                 assert err < 1e-5, (b, c, h, w, name, err)
         print('ok')
         ''')
-    env = dict(os.environ, TRITON_INTERPRET='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')])))
-    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-3000:]
+    run_in_interpreter(script)
 
 
 def test_cpu_tensors_and_compilation_take_the_reference():

@@ -1,20 +1,16 @@
 """vssm.ops.observe_gate (Spatial-Mamba's observation, norm and gate): the Triton kernel against float64 autograd (in
 Triton's interpreter on the CPU, and on a GPU against the reference in fp32 and under bf16 autocast), the dispatch,
 errors."""
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import GRAD_TOLERANCES, TOLERANCES
+from ops.triton_interpreter import run_in_interpreter
 
 from vssm.ops import observe_gate, observe_gate_ref
 from vssm.ops.observe_gate import kernel_available
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # (B, D, H, W): one tile of channels (D <= 256) and the chunked path (D > 256, not a multiple of the chunk)
 SHAPES = [(2, 6, 3, 5), (2, 96, 4, 7), (1, 300, 3, 3), (2, 520, 2, 3)]
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
@@ -65,10 +61,7 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
                 assert err < 1e-5, (b, d, h, w, name, err)
         print('ok')
         ''')
-    env = dict(os.environ, TRITON_INTERPRET='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')])))
-    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-3000:]
+    run_in_interpreter(script)
 
 
 def test_cpu_takes_the_reference_and_the_kernel_waits_for_the_switch(monkeypatch):

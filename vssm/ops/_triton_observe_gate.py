@@ -18,15 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-SINGLE_MAX_C = 256
-NUM_WARPS = 8
-
-
-def _tiles(channels: int, elements: int):
-    if channels <= SINGLE_MAX_C:
-        block_c = triton.next_power_of_2(channels)
-        return True, block_c, min(64, max(16, elements // block_c))
-    return False, 64, 32
+from ._triton_common import NUM_WARPS, chan_merge, flat_pixels, tiles
 
 
 @triton.jit
@@ -58,12 +50,18 @@ def _gate(z_ptr, zoff, offs_c, mask, LOW: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def _pixels(pid, n_c, length, n_pixels, z_batch, z_pixel, BLOCK_L: tl.constexpr):
-    offs_p = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_p = offs_p < n_pixels
-    batch, pixel = offs_p // length, offs_p % length
-    base = batch * n_c * length + pixel  # channel-major maps: + d * L
-    zoff = batch * z_batch + pixel * z_pixel  # pixel-major z: + d
-    return offs_p, mask_p, base, zoff, batch
+    """:func:`flat_pixels`, and each pixel's offset in the pixel-major z (channel d adds d)."""
+    offs_p, mask_p, batch, pixel, base = flat_pixels(pid, n_c, length, n_pixels, BLOCK_L)
+    return offs_p, mask_p, base, batch * z_batch + pixel * z_pixel, batch
+
+
+@triton.jit
+def _write(out_ptr, z_ptr, w_ptr, b_ptr, y, mask, mask_c, offs_c, zoff, out_off, mean, rstd, LOW: tl.constexpr):
+    w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
+    b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
+    _, _, s = _gate(z_ptr, zoff, offs_c, mask, LOW, z_ptr.dtype.element_ty)
+    out = ((y - mean[None, :]) * rstd[None, :] * w[:, None] + b[:, None]) * s
+    tl.store(out_ptr + out_off[None, :] + offs_c[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -73,48 +71,30 @@ def _observe_gate_fwd(fused_ptr, c_ptr, u_ptr, ds_ptr, z_ptr, w_ptr, b_ptr, out_
     offs_p, mask_l, base, zoff, batch = _pixels(tl.program_id(0), n_c, length, n_pixels, z_batch, z_pixel, BLOCK_L)
     dtype = z_ptr.dtype.element_ty
     c_val = tl.load(c_ptr + batch * c_batch + offs_p % length, mask=mask_l, other=0.).to(tl.float32)
-    out_off = offs_p * n_c  # pixel-major output: + d
-    if SINGLE:
-        offs_c = tl.arange(0, BLOCK_C)
-        mask_c = offs_c < n_c
-        mask = mask_c[:, None] & mask_l[None, :]
-        y, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_c, base, mask, mask_c, length, LOW, dtype)
-        mean = tl.sum(y, 0) / n_c
-        yc = tl.where(mask, y - mean[None, :], 0.)
-        rstd = 1. / tl.sqrt(tl.sum(yc * yc, 0) / n_c + eps)
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
-        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
-        _, _, s = _gate(z_ptr, zoff, offs_c, mask, LOW, dtype)
-        out = (yc * rstd[None, :] * w[:, None] + b[:, None]) * s
-        tl.store(out_ptr + out_off[None, :] + offs_c[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
+    out_off = offs_p * n_c  # pixel-major output: channel d adds d
+    zeros = tl.zeros([BLOCK_L], dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < n_c
+    mask = mask_c[:, None] & mask_l[None, :]
+    y, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_c, base, mask, mask_c, length, LOW, dtype)
+    count, mean, m2 = chan_merge(zeros, zeros, zeros, y, mask)
+    if not SINGLE:
+        for c0 in range(BLOCK_C, n_c, BLOCK_C):
+            offs_cb = c0 + tl.arange(0, BLOCK_C)
+            mask_cb = offs_cb < n_c
+            maskb = mask_cb[:, None] & mask_l[None, :]
+            yb, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_cb, base, maskb, mask_cb, length, LOW, dtype)
+            count, mean, m2 = chan_merge(count, mean, m2, yb, maskb)
+    rstd = 1. / tl.sqrt(m2 / n_c + eps)
+    if SINGLE:  # y is still in registers: one read of the inputs in all
+        _write(out_ptr, z_ptr, w_ptr, b_ptr, y, mask, mask_c, offs_c, zoff, out_off, mean, rstd, LOW)
     else:
-        count = tl.zeros([BLOCK_L], dtype=tl.float32)
-        mean = tl.zeros([BLOCK_L], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_L], dtype=tl.float32)
         for c0 in range(0, n_c, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < n_c
-            mask = mask_c[:, None] & mask_l[None, :]
-            y, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_c, base, mask, mask_c, length, LOW, dtype)
-            n_b = tl.sum(mask.to(tl.float32), 0)
-            mean_b = tl.sum(y, 0) / tl.maximum(n_b, 1.)
-            yc = tl.where(mask, y - mean_b[None, :], 0.)
-            total = count + n_b
-            delta = mean_b - mean
-            mean += delta * n_b / tl.maximum(total, 1.)
-            m2 += tl.sum(yc * yc, 0) + delta * delta * count * n_b / tl.maximum(total, 1.)
-            count = total
-        rstd = 1. / tl.sqrt(m2 / n_c + eps)
-        for c0 in range(0, n_c, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < n_c
-            mask = mask_c[:, None] & mask_l[None, :]
-            y, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_c, base, mask, mask_c, length, LOW, dtype)
-            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
-            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
-            _, _, s = _gate(z_ptr, zoff, offs_c, mask, LOW, dtype)
-            out = ((y - mean[None, :]) * rstd[None, :] * w[:, None] + b[:, None]) * s
-            tl.store(out_ptr + out_off[None, :] + offs_c[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
+            offs_cb = c0 + tl.arange(0, BLOCK_C)
+            mask_cb = offs_cb < n_c
+            maskb = mask_cb[:, None] & mask_l[None, :]
+            yb, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_cb, base, maskb, mask_cb, length, LOW, dtype)
+            _write(out_ptr, z_ptr, w_ptr, b_ptr, yb, maskb, mask_cb, offs_cb, zoff, out_off, mean, rstd, LOW)
     tl.store(mean_ptr + offs_p, mean, mask=mask_l)
     tl.store(rstd_ptr + offs_p, rstd, mask=mask_l)
 
@@ -193,7 +173,7 @@ def forward(fused: Tensor, C: Tensor, u: Tensor, Ds: Tensor, z: Tensor, weight: 
     """fused, u (B, D, L) contiguous; C (B, 1, L); z (B, L, D) with unit channel stride -> out (B, L, D) of z's
     dtype, mean and rstd (B * L,) float32."""
     b, n_c, length, c_batch, z_batch, z_pixel, low = _common(fused, C, z)
-    single, block_c, block_l = _tiles(n_c, 4096)
+    single, block_c, block_l = tiles(n_c, 4096)
     out = torch.empty(b, length, n_c, dtype=z.dtype, device=z.device)
     mean = torch.empty(b * length, dtype=torch.float32, device=z.device)
     rstd = torch.empty_like(mean)
@@ -209,7 +189,7 @@ def backward(da: Tensor, fused: Tensor, C: Tensor, u: Tensor, Ds: Tensor, z: Ten
     """Gradients of :func:`forward`'s output ``da`` (B, L, D): d fused (float32), dC (B, 1, L) float32, du (u's
     dtype), dz (B, L, D) of z's dtype, dDs, dweight, dbias (float32)."""
     b, n_c, length, c_batch, z_batch, z_pixel, low = _common(fused, C, z)
-    single, block_c, block_l = _tiles(n_c, 2048)
+    single, block_c, block_l = tiles(n_c, 2048)
     grid = (triton.cdiv(b * length, block_l), )
     dfused = torch.empty_like(fused, dtype=torch.float32)
     dc = torch.empty(b, 1, length, dtype=torch.float32, device=z.device)

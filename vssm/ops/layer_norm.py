@@ -17,14 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled
+from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
 
 __all__ = ['layer_norm_2d', 'layer_norm_2d_ref', 'kernel_available']
 
-try:  # Triton ships with torch's CUDA wheels; CPU-only installs may lack it
-    from . import _triton_layer_norm as _KERNEL
-except ImportError:  # pragma: no cover - depends on the installation
-    _KERNEL = None
+_KERNEL = try_import_extension(f'{__package__}._triton_layer_norm')  # None without Triton (CPU-only torch installs)
 
 
 def kernel_available() -> bool:

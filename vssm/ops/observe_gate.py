@@ -15,14 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled
+from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
 
 __all__ = ['observe_gate', 'observe_gate_ref', 'kernel_available']
 
-try:  # Triton ships with torch's CUDA wheels; CPU-only installs may lack it
-    from . import _triton_observe_gate as _KERNEL
-except ImportError:  # pragma: no cover - depends on the installation
-    _KERNEL = None
+_KERNEL = try_import_extension(f'{__package__}._triton_observe_gate')  # None without Triton (CPU-only torch installs)
 
 
 def kernel_available() -> bool:
