@@ -6,7 +6,9 @@ from models.families import FAMILIES, build_classifier
 
 from vssm.analysis import count_flops
 
-CASES = [pytest.param(f, size, gflops, id=f'{f.name}-{size}') for f in FAMILIES for size, gflops in f.gflops.items()]
+# The T models in the default suite, S and B under `slow`: each count traces a full-size model at 224 px.
+CASES = [pytest.param(f, size, gflops, id=f'{f.name}-{size}', marks=[pytest.mark.slow] if size != 'tiny' else [])
+         for f in FAMILIES for size, gflops in f.gflops.items()]
 
 
 @pytest.mark.parametrize('family, size, gflops', CASES)
