@@ -1,9 +1,12 @@
-"""Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path, fuzzing options."""
+"""Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path, fuzzing options,
+and the demo data (generated once per session into a temporary folder; tests never write into the repository)."""
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator, List, Optional
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # fixture_utils
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+from launches import BackgroundLaunches  # noqa: E402  (tests/ is on sys.path from here on)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,7 +66,62 @@ def _deterministic_seed():
 
 
 @pytest.fixture(autouse=True, scope='session')
+def _one_intra_op_thread():
+    """One intra-op thread for the tests run in this process. Their tensors are small: a second thread gains little,
+    and on 2 cores shared with other processes the threads wait for each other (a layout benchmark of tests/tools
+    took 12 s with 2 threads and 0.8 s with one; the whole suite spends about 40% less CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope='session')
 def _exact_cuda_references():
     """The PyTorch references on a GPU must not use TF32 (cuDNN convolutions default to it)."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# Where tools/make_demo_data.py puts each task's data under its --out root (the demo overrides'
+# <task>/configs/_base_/demo.py read it from data/demo).
+DEMO_SUBDIRS = {'classification': 'imagenet', 'detection': 'coco', 'segmentation': 'ade/ADEChallengeData2016'}
+
+
+@pytest.fixture(scope='session')
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The root of the demo data (tools/make_demo_data.py), generated once per session in a temporary folder."""
+    root = tmp_path_factory.mktemp('demo_data')
+    load_tool('tools/make_demo_data.py').make_demo_data(str(root))
+    return root
+
+
+def demo_data_options(task: str, root: Path) -> List[str]:
+    """``--cfg-options`` items that point a ``--demo`` run of ``task`` at the demo data under ``root``: every
+    dataloader's data root and, for detection, the COCO evaluators' annotation file."""
+    data_root = Path(root) / DEMO_SUBDIRS[task]
+    options = [f'{split}_dataloader.dataset.data_root={data_root}' for split in ('train', 'val', 'test')]
+    if task == 'detection':
+        annotations = data_root / 'annotations' / 'instances_val2017.json'
+        options += [f'{split}_evaluator.ann_file={annotations}' for split in ('val', 'test')]
+    return options
+
+
+@pytest.fixture(scope='session', autouse=True)
+def background_launches(request: pytest.FixtureRequest,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[BackgroundLaunches]]:
+    """The pipelines of the selected tests marked ``@pytest.mark.launches(pipeline=...)``, started in a background thread
+    when the session starts (tests/launches.py): ``pipeline(launches, run_dir, demo_root, **test_parameters)``, with
+    a temporary folder of its own. None when no such test was selected."""
+    items = [item for item in request.session.items if item.get_closest_marker('launches')]
+    if not items:
+        yield None
+        return
+    demo_root = request.getfixturevalue('demo_data')
+    launches = BackgroundLaunches(REPO_ROOT)
+    for item in items:
+        pipeline = item.get_closest_marker('launches').kwargs['pipeline']
+        run_dir = tmp_path_factory.mktemp(re.sub(r'\W+', '-', item.name)[:60])
+        launches.submit(item.nodeid, pipeline, run_dir, demo_root, **item.callspec.params)
+    yield launches
+    launches.close()

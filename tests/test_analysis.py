@@ -9,7 +9,9 @@ from models.families import FAMILIES, build_classifier
 
 from vssm.analysis import count_flops, memory, models, timing
 
-CASES = [pytest.param(f, size, gflops, id=f'{f.name}-{size}') for f in FAMILIES for size, gflops in f.gflops.items()]
+# The T models in the default suite, S and B under `slow`: each count traces a full-size model at 224 px.
+CASES = [pytest.param(f, size, gflops, id=f'{f.name}-{size}', marks=[pytest.mark.slow] if size != 'tiny' else [])
+         for f in FAMILIES for size, gflops in f.gflops.items()]
 TINY_VMAMBA = dict(dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], ssm_ratio=1.0)
 TINY_OPTIONS = ['model.backbone.arch._delete_=True', 'model.backbone.arch.dims=[8,16,32,64]',
                 'model.backbone.arch.depths=[1,1,1,1]']  # --cfg-options of a tiny arch

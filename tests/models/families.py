@@ -1,8 +1,12 @@
-"""What the model tests need to know about each family: class, a small arch, upstream sizes and fixtures."""
+"""What the model tests need to know about each family: class, a small arch, upstream sizes and fixtures; and
+:func:`on_meta`, for building the full-size models without memory or initialisation time."""
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
+import torch
 from mmengine.registry import DefaultScope
+from torch.overrides import TorchFunctionMode
 from mmpretrain.registry import MODELS
 
 from vssm.models import spatial_mamba, spectral_vmamba, vmamba
@@ -75,3 +79,23 @@ def build_classifier(family: Family, arch, num_classes: int = 1000, **backbone_k
             dict(type='ImageClassifier', backbone=dict(type=family.name, arch=arch, **backbone_kwargs),
                  neck=dict(type='GlobalAveragePooling'),
                  head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=dim)))
+
+
+class _LinspaceOnCPU(TorchFunctionMode):
+    """Creates ``torch.linspace`` tensors on the CPU whatever the default device: the OpenMMLab backbones
+    (mmpretrain's ResNet, Spectral VMamba's RFN, and its SwinTransformer) read their drop-path rates from one with
+    ``.item()``, which a meta tensor cannot answer."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.linspace:
+            kwargs = {**kwargs, 'device': 'cpu'}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build models on ``torch.device('meta')``: parameters and buffers have shapes and dtypes but no data, so the
+    full-size models (up to 365 M parameters) build in a second, for counting parameters and checking key layouts."""
+    with torch.device('meta'), _LinspaceOnCPU():
+        yield

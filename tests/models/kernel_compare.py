@@ -3,6 +3,7 @@ and every parameter gradient (used by the families' ``*_cuda.py`` tests)."""
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+from fixture_utils import rel_err
 from torch import Tensor, nn
 
 
@@ -24,7 +25,7 @@ def errors(outs: List[Tensor], grads: Dict[str, Tensor], gold_outs: List[Tensor]
            gold_grads: Dict[str, Tensor]) -> Dict[str, float]:
     """Per tensor: max|diff| / max|gold| (gradients: at least 1% of the largest gradient as the scale)."""
     scale = max(g.abs().max().item() for g in gold_grads.values())
-    errs = {f'out{i}': ((a - b).abs().max() / b.abs().max()).item() for i, (a, b) in enumerate(zip(outs, gold_outs))}
+    errs = {f'out{i}': rel_err(a, b) for i, (a, b) in enumerate(zip(outs, gold_outs))}
     assert grads.keys() == gold_grads.keys()
     for name, g in grads.items():
         gold = gold_grads[name]

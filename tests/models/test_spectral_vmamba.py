@@ -60,12 +60,15 @@ def _rotation_errors(model, images):
     return errors
 
 
-@pytest.mark.parametrize('side', [112, 224])  # grids 7, 4, 2, 1 (dense eigh) and 14, 7, 4, 2 (iterative at stage 0)
-def test_fixed_model_is_invariant_to_90_degree_rotations(side):
-    images = torch.randn(20, 3, side, side, generator=torch.Generator().manual_seed(0))
+# Stage grids 7, 4, 2, 1 at 112 px and 14, 7, 4, 2 at 224 px: the stage-0 eigensolve is iterative at both sizes
+# (> 32 tokens), with a 32-vector block against 49 tokens at 112 px and 196 at 224 px. At 224 px, 4 images in the
+# default suite and the README's 20 under `slow` (each image costs 16 RFN passes at 224 px).
+@pytest.mark.parametrize('side, count', [(112, 20), (224, 4), pytest.param(224, 20, marks=pytest.mark.slow)])
+def test_fixed_model_is_invariant_to_90_degree_rotations(side, count):
+    images = torch.randn(20, 3, side, side, generator=torch.Generator().manual_seed(0))[:count]
     fixed = _rotation_errors(_classifier(), images)
-    assert sum(e < 1e-3 for e in fixed) >= 19, fixed
-    upstream = _rotation_errors(_classifier(upstream_compat=True), images[:5])
+    assert sum(e < 1e-3 for e in fixed) >= count - 1, fixed  # one near-degenerate spectrum allowed
+    upstream = _rotation_errors(_classifier(upstream_compat=True), images[:max(2, count // 4)])
     assert min(upstream) > 1e-2, upstream  # upstream loses invariance at the first downsampling
 
 

@@ -1,29 +1,11 @@
 """Reference depthwise conv and Spatial-Mamba state fusion: definitions, gradcheck, fixtures, errors."""
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import DEVICES
 from fixture_utils import load_fixture, rel_err
+from ops.naive import naive_dwconv, naive_state_fusion
 
 from vssm.ops import dwconv2d, merge_state_fusion_kernels, state_fusion, state_fusion_ref
-
-
-def naive_dwconv(x, weight, bias, dilation, padding_mode):
-    """Explicit per-tap sum over a padded copy (float64)."""
-    x, weight = x.double(), weight.double()
-    k = weight.shape[-1]
-    pad = dilation * (k // 2)
-    mode = 'replicate' if padding_mode == 'replicate' else 'constant'
-    xp = F.pad(x, (pad, ) * 4, mode=mode)
-    height, width = x.shape[-2:]
-    out = torch.zeros_like(x)
-    for i in range(k):
-        for j in range(k):
-            patch = xp[..., i * dilation:i * dilation + height, j * dilation:j * dilation + width]
-            out += patch * weight[:, 0, i, j][None, :, None, None]
-    if bias is not None:
-        out += bias.double()[None, :, None, None]
-    return out
 
 
 @pytest.mark.parametrize('kernel, dilation', [(3, 1), (5, 2), (7, 1), (11, 1), (3, 5), (31, 1)])
@@ -34,7 +16,7 @@ def test_dwconv2d_matches_tap_sum(kernel, dilation, padding_mode, device):
     weight = torch.randn(5, 1, kernel, kernel, device=device)
     bias = torch.randn(5, device=device)
     got = dwconv2d(x, weight, bias, dilation=dilation, padding_mode=padding_mode)
-    expected = naive_dwconv(x.cpu(), weight.cpu(), bias.cpu(), dilation, padding_mode)
+    expected = naive_dwconv(x.cpu().double(), weight.cpu().double(), bias.cpu().double(), dilation, padding_mode)
     assert got.shape == x.shape
     torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-4, atol=1e-4)
 
@@ -46,6 +28,19 @@ def test_dwconv2d_gradcheck(padding_mode):
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: dwconv2d(*a, dilation=2, padding_mode=padding_mode),
                                     (x, weight, bias))
+
+
+@pytest.mark.parametrize('padding_mode', ['zeros', 'replicate'])
+@pytest.mark.parametrize('device', DEVICES)
+def test_state_fusion_matches_dilated_tap_sums(padding_mode, device):
+    h = torch.randn(2, 5, 13, 8, device=device)
+    kernels = [torch.randn(5, 1, 3, 3, device=device) for _ in range(3)]
+    alpha = torch.rand(3, device=device) + 0.5
+    got = state_fusion(h, *kernels, alpha, padding_mode=padding_mode)
+    expected = naive_state_fusion(h.cpu().double(), *(k.cpu().double() for k in kernels), alpha.cpu().double(),
+                                  padding_mode)
+    assert got.shape == h.shape
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('padding_mode', ['zeros', 'replicate'])

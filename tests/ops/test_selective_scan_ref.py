@@ -3,39 +3,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import DEVICES, TOLERANCES
+from conftest import DEVICES
 from fixture_utils import load_fixture, rel_err
+from ops.naive import naive_scan
 
 from vssm.ops import linear_scan, selective_scan, selective_scan_ref
-
-
-def naive_scan(u, delta, A, B, C=None, D=None, delta_bias=None, delta_softplus=True):
-    """Step-by-step loop over L in float64: the definition, nothing clever."""
-    u, delta, A, B = u.double(), delta.double(), A.double(), B.double()
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    C = None if C is None else (C.double().unsqueeze(1) if C.dim() == 3 else C.double())
-    bt, d, length = u.shape
-    g, n = B.shape[1], A.shape[1]
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
-    dt = F.softplus(delta, threshold=20) if delta_softplus else delta
-    group = torch.arange(d) // (d // g)
-    h = torch.zeros(bt, d, n, dtype=torch.float64)
-    states, ys = [], []
-    for t in range(length):
-        bt_ = B[:, group, :, t]  # (Bt, D, N)
-        h = torch.exp(dt[:, :, t, None] * A) * h + dt[:, :, t, None] * bt_ * u[:, :, t, None]
-        states.append(h)
-        if C is not None:
-            y = (h * C[:, group, :, t]).sum(-1)
-            if D is not None:
-                y = y + D.double() * u[:, :, t]
-            ys.append(y)
-    if C is None:
-        return torch.stack(states, -1)
-    return torch.stack(ys, -1)
 
 
 def random_inputs(bt=2, d=6, n=1, length=17, groups=1, with_c=True, dtype=torch.float32, device='cpu'):
@@ -81,7 +53,7 @@ def test_state_form_worked_by_hand():
 def test_matches_naive_loop(form, n, groups, length, device):
     inputs = random_inputs(d=6, n=n, length=length, groups=groups, with_c=form == 'output', device=device)
     got = selective_scan(**inputs, backend='torch')
-    expected = naive_scan(**{k: v.cpu() for k, v in inputs.items()})
+    expected = naive_scan(**{k: v.cpu().double() for k, v in inputs.items()})
     torch.testing.assert_close(got.cpu().double(), expected, rtol=2e-5, atol=2e-5)
     assert got.dtype == torch.float32
 

@@ -298,7 +298,8 @@ class SpatialMamba(StagedBackbone):
                              f'got {eval_fusion_padding!r}.')
 
         self.patch_embed = StemLayer(in_channels, self.dims[0])
-        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        # On the CPU whatever the default device: a meta tensor, say, has no values to list.
+        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(self.dims, self.depths)):
             start = sum(self.depths[:i])

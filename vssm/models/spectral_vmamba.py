@@ -242,7 +242,8 @@ class SpectralVMamba(StagedBackbone):
         r = self.model_patchification
         for name, param in r.named_parameters():
             param.requires_grad = not rfn_frozen and not name.startswith(('layer4.', 'fc.'))
-        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        # On the CPU whatever the default device: a meta tensor, say, has no values to list.
+        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(self.dims, self.depths)):
             start = sum(self.depths[:i])

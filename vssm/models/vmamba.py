@@ -234,7 +234,8 @@ class VMamba(StagedBackbone):
         self.patch_embed = nn.Sequential(
             nn.Conv2d(in_channels, half, 3, 2, 1), nn.Identity(), LayerNorm2d(half), nn.Identity(), nn.GELU(),
             nn.Conv2d(half, self.dims[0], 3, 2, 1), nn.Identity(), LayerNorm2d(self.dims[0]))
-        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        # On the CPU whatever the default device: a meta tensor, say, has no values to list.
+        drop_paths = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(self.dims, self.depths)):
             start = sum(self.depths[:i])

@@ -1,0 +1,78 @@
+"""Subprocess pipelines (tools/dist_train.sh, dist_test.sh, ...) that run in a background thread, one at a time,
+while the rest of the session runs in the pytest process.
+
+A test that launches tools spends most of its time in other processes: each launch starts interpreters that import
+torch and the OpenMMLab libraries (about 13 s of CPU per launch of 2 processes), and the in-process tests use one
+intra-op thread. Started together at the beginning of the session (``background_launches`` in conftest.py), the two
+keep both cores busy. A test marked ``@pytest.mark.launches(pipeline=...)`` gets its pipeline started in the background;
+the test itself waits for it with :meth:`BackgroundLaunches.result`, which raises what the pipeline raised.
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+LAUNCH_TIMEOUT = 900  # seconds per command; a full-size T model's run takes a few minutes on 2 cores
+
+
+class BackgroundLaunches:
+    """Runs the submitted pipelines one after another in a background thread; their commands go through :meth:`run`
+    (from ``cwd``)."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix='launches')
+        self._futures: Dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._process: Optional[subprocess.Popen] = None
+        self._closed = False
+
+    def submit(self, key: str, pipeline: Callable, *args, **kwargs) -> None:
+        """Queue ``pipeline(self, *args, **kwargs)``; its result or exception is kept under ``key``."""
+        self._futures[key] = self._executor.submit(pipeline, self, *args, **kwargs)
+
+    def result(self, key: str):
+        """Wait for the pipeline queued under ``key``; return its result or raise its exception."""
+        return self._futures[key].result()
+
+    def run(self, args: List[str], log: Path) -> str:
+        """Run a command from ``cwd``; keep its output in ``log`` and fail with its tail. The command gets a process
+        group of its own, so that stopping it also stops the processes it started (torchrun's workers)."""
+        env = dict(os.environ, PYTHON=sys.executable)
+        env.pop('PORT', None)  # the launchers pick a free port
+        with self._lock:
+            if self._closed:
+                raise RuntimeError('the session ended before this command started')
+            process = self._process = subprocess.Popen(args, cwd=self.cwd, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out = process.communicate(timeout=LAUNCH_TIMEOUT)[0]
+        except subprocess.TimeoutExpired:
+            self._stop(process)
+            out = process.communicate()[0]
+            raise AssertionError(f'{" ".join(args)} ran past {LAUNCH_TIMEOUT} s:\n{out[-4000:]}')
+        log.write_text(out)
+        assert process.returncode == 0, f'{" ".join(args)} failed (rc {process.returncode}):\n{out[-4000:]}'
+        return out
+
+    @staticmethod
+    def _stop(process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the group this class created for the command
+            except ProcessLookupError:  # it ended in between
+                pass
+
+    def close(self) -> None:
+        """End of the session: drop the pipelines not started yet and stop the command that is running."""
+        with self._lock:
+            self._closed = True
+            for future in self._futures.values():
+                future.cancel()
+            if self._process is not None:
+                self._stop(self._process)
+        self._executor.shutdown(wait=True)
