@@ -4,6 +4,9 @@
 * ``prepare_for_device``: without GPUs, distributed runs use gloo, DDP without device ids, BN instead of
   SyncBN, and the process group is initialised here (mmengine's ``init_dist`` calls ``torch.cuda.set_device``).
 * ``check_data_paths``: a missing dataset fails at once, naming the config key and the fix.
+* ``resolve_cli_paths``: the paths given on the command line (config, checkpoint, ``--work-dir``, ...) are relative
+  to the directory the user called from (``$VSSM_CALLER_DIR``, which tools/dist_*.sh and slurm_*.sh export before
+  they change to the repository root), not to the repository root.
 """
 import argparse
 import os
@@ -17,8 +20,10 @@ from mmengine.config import Config, DictAction
 from ..fileio import register_safe_globals
 
 __all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'add_common_args',
-           'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process',
-           'DEMO_OVERRIDES']
+           'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process', 'caller_path',
+           'resolve_cli_paths', 'DEMO_OVERRIDES', 'CALLER_DIR_ENV']
+
+CALLER_DIR_ENV = 'VSSM_CALLER_DIR'
 
 DEMO_OVERRIDES = {
     'mmpretrain': 'classification/configs/_base_/demo.py',
@@ -126,6 +131,23 @@ def prepare_for_device(cfg: Config, launcher: str) -> List[str]:
                                    'tools/dist_train.sh / dist_test.sh (torchrun, launcher pytorch).')
             torch.distributed.init_process_group(backend='gloo')
     return changes
+
+
+def caller_path(path: Optional[str]) -> Optional[str]:
+    """``path`` made absolute against the directory the user called from (``$VSSM_CALLER_DIR`` when a launcher
+    script set it, else the current directory); None, absolute paths and URIs (``s3://...``) stay as they are."""
+    if not path or osp.isabs(path) or '://' in path:
+        return path
+    return osp.normpath(osp.join(os.environ.get(CALLER_DIR_ENV) or os.getcwd(), osp.expanduser(path)))
+
+
+def resolve_cli_paths(args: argparse.Namespace, names: Sequence[str]) -> argparse.Namespace:
+    """Apply :func:`caller_path` to the attributes ``names`` of ``args`` that are set (in place; returns ``args``)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, caller_path(value))
+    return args
 
 
 def is_main_process() -> bool:
