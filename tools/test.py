@@ -26,7 +26,8 @@ import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable
 from mmengine.config import Config
 from vssm.engine import (add_common_args, build_runner, check_checkpoint_for_config, check_data_paths,
                          finish_distributed, is_main_process, setup_run)
-from vssm.engine.launch import resolve_cli_paths
+from vssm.engine.launch import resolve_cli_paths, run_tool
+from vssm.fileio import InvalidOptionError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PICKLE_SUFFIXES = ('.pkl', '.pickle')
@@ -52,8 +53,8 @@ def enable_visualization(cfg: Config, show: bool, show_dir: str, wait_time: floa
     """Switch on the library's visualization hook of ``default_hooks`` for the test, as its own tools/test.py does."""
     hooks = cfg.get('default_hooks') or {}
     if 'visualization' not in hooks:
-        raise ValueError("--show/--show-dir draw through default_hooks.visualization, which this config lacks; "
-                         "add e.g. default_hooks=dict(visualization=dict(type='VisualizationHook')).")
+        raise InvalidOptionError("--show/--show-dir draw through default_hooks.visualization, which this config "
+                                 "lacks; add e.g. default_hooks=dict(visualization=dict(type='VisualizationHook')).")
     hook = hooks['visualization']
     scope = cfg.get('default_scope')
     if scope == 'mmdet':
@@ -76,13 +77,13 @@ def add_prediction_output(cfg: Config, out: str) -> str:
     if scope == 'mmseg' and not out.endswith(PICKLE_SUFFIXES):
         metrics = [e for e in evaluators if str(e.get('type', '')).split('.')[-1] == 'IoUMetric']
         if not metrics:
-            raise ValueError(f'--out {out}: PNG label maps come from IoUMetric(output_dir=...), which test_evaluator '
-                             'lacks; give a .pkl path for a pickle of the predictions instead.')
+            raise InvalidOptionError(f'--out {out}: PNG label maps come from IoUMetric(output_dir=...), which '
+                                     'test_evaluator lacks; give a .pkl path for a pickle of the predictions instead.')
         for metric in metrics:
             metric.output_dir = out
         return f'PNG label maps in {out}'
     if not out.endswith(PICKLE_SUFFIXES):
-        raise ValueError(f'--out {out}: the predictions are written as a pickle; give a path ending in .pkl.')
+        raise InvalidOptionError(f'--out {out}: the predictions are written as a pickle; give a path ending in .pkl.')
     dump = 'DumpDetResults' if scope == 'mmdet' else 'DumpResults'  # mmdet's encodes the masks as RLE
     cfg.test_evaluator = [*evaluators, dict(type=dump, out_file_path=out)]
     return f'{dump} pickle {out}'
@@ -95,14 +96,14 @@ def main() -> None:
     check_checkpoint_for_config(args.checkpoint, cfg)
     cfg.load_from = args.checkpoint
     if (args.show or args.show_dir) and args.tta and cfg.get('default_scope') == 'mmpretrain':
-        raise ValueError("--tta with --show/--show-dir: mmpretrain's VisualizationHook cannot draw test-time-augmented "
-                         'batches; drop one of them.')
+        raise InvalidOptionError("--tta with --show/--show-dir: mmpretrain's VisualizationHook cannot draw "
+                                 'test-time-augmented batches; drop one of them.')
     if args.show or args.show_dir:
         enable_visualization(cfg, args.show, args.show_dir, args.wait_time, args.interval)
     if args.tta:
         missing = [k for k in ('tta_model', 'tta_pipeline') if k not in cfg]
         if missing:
-            raise ValueError(f'--tta needs `tta_model` and `tta_pipeline` in the config; missing: {missing}.')
+            raise InvalidOptionError(f'--tta needs `tta_model` and `tta_pipeline` in the config; missing: {missing}.')
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
@@ -122,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

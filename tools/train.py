@@ -13,7 +13,8 @@ from pathlib import Path
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
 from vssm.engine import (add_common_args, build_runner, check_checkpoint_for_config, check_data_paths,
                          finish_distributed, resolve_resume, setup_run, use_atomic_checkpoints)
-from vssm.engine.launch import resolve_cli_paths
+from vssm.engine.launch import resolve_cli_paths, run_tool
+from vssm.fileio import InvalidOptionError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def main() -> None:
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg:
-            raise ValueError('--auto-scale-lr needs `auto_scale_lr = dict(base_batch_size=...)` in the config.')
+            raise InvalidOptionError('--auto-scale-lr needs `auto_scale_lr = dict(base_batch_size=...)` in the config.')
         cfg.auto_scale_lr.enable = True
     # Nothing lost on a crash: atomic checkpoint files, rank 0's RNG states in them (vssm/engine/).
     use_atomic_checkpoints()
@@ -69,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -18,8 +18,33 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-__all__ = ['atomic_write', 'is_readable_checkpoint', 'checkpoint_problem', 'check_checkpoint_file',
-           'load_checkpoint_file', 'register_checkpoint_check', 'register_safe_globals']
+__all__ = ['UserInputError', 'MissingFileError', 'CheckpointFileError', 'CheckpointMismatchError',
+           'InvalidOptionError', 'atomic_write',
+           'is_readable_checkpoint', 'checkpoint_problem', 'check_checkpoint_file', 'load_checkpoint_file',
+           'register_checkpoint_check', 'register_safe_globals']
+
+
+
+class UserInputError(Exception):
+    """A problem with what the user gave (a file, a config, an option) whose message says what to do: the tools print
+    the message alone, without a traceback (:func:`vssm.engine.launch.run_tool`)."""
+
+
+class MissingFileError(UserInputError, FileNotFoundError):
+    """A file the user named (config, checkpoint, data) does not exist."""
+
+
+class CheckpointFileError(UserInputError, ValueError):
+    """A checkpoint file that is empty, truncated, corrupt or holds objects that weights_only loading refuses."""
+
+
+class CheckpointMismatchError(UserInputError, ValueError):
+    """A checkpoint whose weights do not fit the model of the config (another task, family, size or head)."""
+
+
+class InvalidOptionError(UserInputError, ValueError):
+    """A command-line option or config value that cannot work, with the fix in the message."""
+
 
 # The first bytes of a checkpoint in torch's pre-1.6 format (a pickle protocol 2 header and torch's magic number).
 _LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'
@@ -86,15 +111,15 @@ def check_checkpoint_file(path: str, what: str = 'checkpoint', fix: str = 'copy 
         fix: What to do about a truncated or corrupt file.
 
     Raises:
-        FileNotFoundError: If there is no such file.
-        ValueError: If the file is empty, truncated or corrupt.
+        MissingFileError: If there is no such file (a ``FileNotFoundError``).
+        CheckpointFileError: If the file is empty, truncated or corrupt (a ``ValueError``).
     """
     problem = checkpoint_problem(path)
     if problem is None:
         return
     if problem == 'does not exist':
-        raise FileNotFoundError(f'{what} {path!r} does not exist.')
-    raise ValueError(f'{what} {path!r} {problem}: {fix}.')
+        raise MissingFileError(f'{what} {path!r} does not exist.')
+    raise CheckpointFileError(f'{what} {path!r} {problem}: {fix}.')
 
 
 def load_checkpoint_file(path: str, map_location: str = 'cpu', what: str = 'checkpoint',
@@ -108,12 +133,12 @@ def load_checkpoint_file(path: str, map_location: str = 'cpu', what: str = 'chec
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f'{what} {path!r} holds objects that weights_only loading refuses ({first}). It was not '
-                         'saved by mmengine or by the tools here; if you trust its source, load it with '
-                         'torch.load(..., weights_only=False) and save its state_dict again.') from error
+        raise CheckpointFileError(f'{what} {path!r} holds objects that weights_only loading refuses ({first}). It '
+                                  'was not saved by mmengine or by the tools here; if you trust its source, load it '
+                                  'with torch.load(..., weights_only=False) and save its state_dict again.') from error
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise ValueError(f'{what} {path!r} could not be read ({str(error).strip().splitlines()[0]}): {fix}.') \
-            from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointFileError(f'{what} {path!r} could not be read ({reason}): {fix}.') from error
 
 
 def register_checkpoint_check() -> None:

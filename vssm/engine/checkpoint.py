@@ -6,6 +6,7 @@ to use, instead of mmengine's list of every missing and unexpected key.
   detection, segmentation) and the vssm backbone (family, widths, depths) are those of the config.
 * ``check_state_fits``: inside ``StrictRunner.load_checkpoint``, against the built model: every key and shape.
 """
+import os.path as osp
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -13,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.config import Config
 
-from ..fileio import check_checkpoint_file, load_checkpoint_file
+from ..fileio import CheckpointMismatchError, check_checkpoint_file, load_checkpoint_file, register_safe_globals
 from ..models.identify import (SCOPE_TASKS, BackboneInfo, backbone_keys, checkpoint_task, configured_backbone,
                                identify_backbone)
 
@@ -23,10 +24,6 @@ __all__ = ['CheckpointMismatchError', 'check_checkpoint_for_config', 'check_stat
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _TASK_DIRS = {'classification': 'classification', 'detection': 'detection', 'segmentation': 'segmentation'}
 _KEYS_SHOWN = 3
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose weights do not fit the model of the config."""
 
 
 def _family_names(family: str) -> Tuple[str, str]:
@@ -82,24 +79,27 @@ def read_checkpoint_keys(path: str, what: str = 'checkpoint', fix: str = 'copy o
     :func:`vssm.fileio.load_checkpoint_file`'s errors for missing, truncated or foreign files."""
     check_checkpoint_file(path, what, fix)
     try:
-        from ..fileio import register_safe_globals
         register_safe_globals()
         return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except RuntimeError:  # pre-1.6 files cannot be memory-mapped
         return load_checkpoint_file(path, what=what, fix=fix)
 
 
-def _hint_for(task: Optional[str], info: Optional[BackboneInfo], checkpoint: dict, repo_root: Path) -> str:
-    """'Use CONFIG' for the checkpoint's task and backbone: the config it was trained with, else the repository's
-    configs for that model."""
+def _hint_for(task: Optional[str], info: Optional[BackboneInfo], checkpoint: dict, cfg: Config,
+              repo_root: Path) -> str:
+    """What to use instead: the config the checkpoint was trained with, else the repository's configs for its task
+    and backbone; ``--demo`` when it was trained on the demo data and the config is not."""
     trained = _trained_with(checkpoint, repo_root)
+    demo = _trained_on_demo(checkpoint) and 'data/demo/' not in str(cfg.get('test_dataloader'))
+    if trained and cfg.filename and osp.realpath(osp.join(repo_root, trained)) == osp.realpath(cfg.filename):
+        return (' It was trained from this config with other settings' + (' and --demo' if demo else '')
+                + ': test it with the same --cfg-options.')
     options = [trained] if trained else []
     if info is not None and task in _TASK_DIRS:
         options += [c for c in suggest_configs(task, info, repo_root) if c not in options]
     if not options:
-        return ''
-    return f' Use a config of that model: {", ".join(options[:3])}' + (' (trained with --demo: add --demo)'
-                                                                        if _trained_on_demo(checkpoint) else '') + '.'
+        return ' It was trained with --demo: add --demo.' if demo else ''
+    return f' Use a config of that model{" with --demo" if demo else ""}: {", ".join(options[:3])}.'
 
 
 def check_checkpoint_for_config(path: str, cfg: Config, what: str = 'checkpoint',
@@ -131,18 +131,18 @@ def check_checkpoint_for_config(path: str, cfg: Config, what: str = 'checkpoint'
             + ', no heads: test a checkpoint of the whole model, or train from it with model.backbone.init_cfg='
             f"dict(type='Pretrained', checkpoint={path!r}, prefix='backbone.').")
     if config_task and task != config_task:
-        model = f' ({info.describe()})' if info else ''
+        model = f' (backbone {info.describe()})' if info else ''
         raise CheckpointMismatchError(
             f'{what} {path!r} holds a {task} model{model}, but the config builds a {config_task} model.'
-            + _hint_for(task, info, checkpoint, repo_root)
+            + _hint_for(task, info, checkpoint, cfg, repo_root)
             + (f' To start a {config_task} model from its backbone, train with model.backbone.init_cfg='
                f"dict(type='Pretrained', checkpoint={path!r}, prefix='backbone.')." if info else ''))
     if expected is not None and not (info is not None and info.same_network(expected)):
-        held = f'a {info.describe()} backbone' if info else \
-            f'no {expected.family} backbone (first keys: {", ".join(list(backbone_keys(state))[:_KEYS_SHOWN])})'
+        held = f'the backbone {info.describe()}' if info else \
+            f'no {expected.family} backbone (its first keys: {", ".join(list(backbone_keys(state))[:_KEYS_SHOWN])})'
         raise CheckpointMismatchError(
             f'{what} {path!r} holds {held}, but the config builds {expected.describe()}.'
-            + _hint_for(task if task in _TASK_DIRS else config_task, info, checkpoint, repo_root))
+            + _hint_for(task if task in _TASK_DIRS else config_task, info, checkpoint, cfg, repo_root))
     return checkpoint
 
 
@@ -152,7 +152,7 @@ def _head(items: Sequence[str]) -> str:
 
 
 def check_state_fits(model: torch.nn.Module, checkpoint: dict, path: str, revise_keys: Sequence[Tuple[str, str]],
-                     repo_root: Path = REPO_ROOT) -> None:
+                     cfg: Optional[Config] = None, repo_root: Path = REPO_ROOT) -> None:
     """Raise :class:`CheckpointMismatchError` with a short summary (a few keys of each kind, the model the weights
     fit and the config to use) when ``checkpoint`` does not load strictly into ``model``.
 
@@ -177,22 +177,22 @@ def check_state_fits(model: torch.nn.Module, checkpoint: dict, path: str, revise
             return
     parts = []
     if shapes:
-        parts.append(f'{len(shapes)} of different shape ('
-                     + _head([f'{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)} here' for k in shapes]) + ')')
+        parts.append(f'{len(shapes)} keys of another shape ('
+                     + _head([f'{k}: {tuple(state[k].shape)}, here {tuple(own[k].shape)}' for k in shapes]) + ')')
     if missing:
-        parts.append(f'{len(missing)} missing ({_head(missing)})')
+        parts.append(f'{len(missing)} keys missing ({_head(missing)})')
     if unexpected:
-        parts.append(f'{len(unexpected)} unexpected ({_head(unexpected)})')
+        parts.append(f'{len(unexpected)} unexpected keys ({_head(unexpected)})')
     info = identify_backbone(state)
     own_info = identify_backbone(own)
     held = ''
     if info is not None and (own_info is None or not info.same_network(own_info)):
-        held = f' It holds a {info.describe()} backbone; the model here has ' + (
-            f'a {own_info.describe()} one.' if own_info else 'another backbone.')
+        held = f' It holds the backbone {info.describe()}; the model here has ' + (
+            f'{own_info.describe()}.' if own_info else 'another backbone.')
     elif all(not k.startswith('backbone.') for k in shapes + missing + unexpected):
         held = ' The backbone fits; the heads differ (another number of classes or another head).'
     task = checkpoint_task(state)
-    hint = _hint_for(task, info, checkpoint, repo_root) if task in _TASK_DIRS else ''
-    raise CheckpointMismatchError(f'checkpoint {path!r} does not fit the model of the config: '
-                                  f'{"; ".join(parts)} keys.{held}{hint}')
+    hint = _hint_for(task, info, checkpoint, cfg or Config(), repo_root) if task in _TASK_DIRS else ''
+    raise CheckpointMismatchError(f'checkpoint {path!r} does not fit the model of the config: {"; ".join(parts)}.'
+                                  f'{held}{hint}')
 

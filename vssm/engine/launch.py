@@ -11,17 +11,18 @@
 import argparse
 import os
 import os.path as osp
+import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from mmengine.config import Config, DictAction
 
-from ..fileio import register_safe_globals
+from ..fileio import InvalidOptionError, MissingFileError, UserInputError, register_safe_globals
 
 __all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'add_common_args',
            'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process', 'caller_path',
-           'resolve_cli_paths', 'DEMO_OVERRIDES', 'CALLER_DIR_ENV']
+           'resolve_cli_paths', 'run_tool', 'DEMO_OVERRIDES', 'CALLER_DIR_ENV']
 
 CALLER_DIR_ENV = 'VSSM_CALLER_DIR'
 
@@ -40,7 +41,8 @@ def apply_demo_override(cfg: Config, repo_root: Path) -> str:
     """
     scope = cfg.get('default_scope')
     if scope not in DEMO_OVERRIDES:
-        raise ValueError(f'--demo: no demo override for default_scope={scope!r}; known scopes: {sorted(DEMO_OVERRIDES)}.')
+        raise InvalidOptionError(f'--demo: no demo override for default_scope={scope!r}; known scopes: '
+                                 f'{sorted(DEMO_OVERRIDES)}.')
     path = Path(repo_root) / DEMO_OVERRIDES[scope]
     override = Config.fromfile(str(path))
     cfg.merge_from_dict(override.to_dict(), allow_list_keys=False)
@@ -75,7 +77,7 @@ def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optio
     The work dir defaults to ``work_dirs/<config name>`` (``work_dirs/<config name>_demo`` with ``--demo``).
     """
     if not osp.isfile(config):
-        raise FileNotFoundError(f'config file {config!r} does not exist.')
+        raise MissingFileError(f'config file {config!r} does not exist.')
     cfg = Config.fromfile(config)
     if demo:
         apply_demo_override(cfg, repo_root or Path(__file__).resolve().parents[2])
@@ -150,6 +152,18 @@ def resolve_cli_paths(args: argparse.Namespace, names: Sequence[str]) -> argpars
     return args
 
 
+def run_tool(main: Callable[[], None]) -> None:
+    """Run a tool's ``main``; an error in what the user gave (:class:`vssm.fileio.UserInputError`: a missing file,
+    a truncated or wrong checkpoint, an option that cannot work) prints its message alone, without a traceback, on
+    the first process, and exits with status 2."""
+    try:
+        main()
+    except UserInputError as error:
+        if is_main_process():
+            print(f'[vssm] error: {error}', file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def is_main_process() -> bool:
     return int(os.environ.get('RANK', '0')) == 0
 
@@ -189,7 +203,7 @@ def check_data_paths(cfg: Config, splits: Sequence[str]) -> None:
             dataset = dataset['dataset']
         root = dataset.get('data_root') or ''
         if root and not osp.isdir(root):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f'{split}_dataloader.dataset.data_root {root!r} does not exist (cwd {os.getcwd()}). Put the dataset '
                 f'there, point the config at it (--cfg-options {split}_dataloader.dataset.data_root=PATH), or run '
                 'with --demo on the built-in demo data (tools/make_demo_data.py).')
@@ -197,7 +211,7 @@ def check_data_paths(cfg: Config, splits: Sequence[str]) -> None:
         if ann:
             path = ann if osp.isabs(ann) or not root else osp.join(root, ann)
             if not osp.isfile(path):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f'{split}_dataloader.dataset.ann_file {path!r} does not exist. Check data_root {root!r} and '
                     f'ann_file {ann!r} (--cfg-options {split}_dataloader.dataset.ann_file=...).')
 

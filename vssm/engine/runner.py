@@ -44,7 +44,7 @@ class StrictRunner(Runner):
         checkpoint = _load_checkpoint(filename, map_location=map_location)
         model = _unwrap(self.model)
         if strict:  # before the hooks: EMAHook loads the same weights into its copy of the model
-            check_state_fits(model, checkpoint, filename, revise_keys)
+            check_state_fits(model, checkpoint, filename, revise_keys, self.cfg)
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         _load_checkpoint_to_model(model, checkpoint, strict, revise_keys=revise_keys)
         self._has_loaded = True

@@ -56,7 +56,7 @@ class BackboneInfo:
 
     def describe(self) -> str:
         """E.g. ``"VMamba arch='tiny' (dims [96, 192, 384, 768], depths [2, 2, 8, 2])"``."""
-        size = ' or '.join(f'arch={s!r}' for s in self.sizes) or 'a custom arch'
+        size = ' or '.join(f'arch={s!r}' for s in self.sizes) or 'with a custom arch'
         return f'{self.family} {size} (dims {list(self.dims)}, depths {list(self.depths)})'
 
     def same_network(self, other: 'BackboneInfo') -> bool:
