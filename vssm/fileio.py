@@ -57,7 +57,10 @@ def atomic_write(data: Union[bytes, str], path: Union[str, Path], encoding: str 
     os.makedirs(folder, exist_ok=True)
     payload = data.encode(encoding) if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, 'wb') as f:
             f.write(payload)
             f.flush()
