@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('in_file', help='checkpoint written by tools/train.py (or any mmengine checkpoint)')
     parser.add_argument('out_file', help='output name; the date and hash are appended: OUT_<yyyymmdd>-<sha8>.pth')
     parser.add_argument('--no-ema', action='store_true',
-                        help="publish the raw weights of an EMA run (its 'ema_state_dict') instead of the averaged ones")
+                        help="publish an EMA run's raw weights (its 'ema_state_dict') instead of the averaged ones")
     return parser.parse_args(argv)
 
 
@@ -40,7 +40,7 @@ def publishable(checkpoint: dict, no_ema: bool = False) -> Tuple[dict, str]:
     ema = checkpoint.get('ema_state_dict')
     if ema is None:
         if no_ema:
-            raise InvalidOptionError('--no-ema: the checkpoint has no ema_state_dict (it was not trained with EMAHook).')
+            raise InvalidOptionError('--no-ema: the checkpoint has no ema_state_dict (not trained with EMAHook).')
         which = 'the weights (no EMA in this checkpoint)'
     elif no_ema:  # EMAHook swapped the two: ema_state_dict['module.<key>'] holds the raw weight of <key>
         raw = {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}
