@@ -61,8 +61,9 @@ def _classify(cfg: Config, args: argparse.Namespace, out_file: str) -> dict:
     from mmpretrain.apis import ImageClassificationInferencer
     inferencer = ImageClassificationInferencer(cfg, pretrained=args.checkpoint, device=args.device)
     with tempfile.TemporaryDirectory() as folder:  # the Inferencer names the PNG after the image
-        result = inferencer(args.image, show=args.show, show_dir=folder, rescale_factor=None)[0]
+        result = inferencer(args.image, show=args.show, show_dir=folder)[0]
         shutil.move(next(Path(folder).glob('*.png')), out_file)
+    print(flush=True)  # ends the line of mmpretrain's progress bar
     return {k: v for k, v in result.items() if k != 'pred_scores'}
 
 

@@ -108,6 +108,10 @@ def main() -> None:
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
     output = add_prediction_output(cfg, args.out) if args.out else None
+    # A test builds no training parts (mmseg's visualization hook reads runner.iter, which would build the train
+    # loop and its dataset).
+    cfg.train_dataloader = cfg.train_cfg = cfg.optim_wrapper = None
+    cfg.param_scheduler = None
 
     check_data_paths(cfg, ('test', ))
     metrics = build_runner(cfg, test=True).test()
