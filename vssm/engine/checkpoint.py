@@ -70,7 +70,11 @@ def _model_cfg(cfg: Config) -> dict:
 
 
 def _state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
-    state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else {}
+    """The tensors of a checkpoint: mmengine's ``state_dict``, an upstream checkpoint's ``model``, or a bare state
+    dict."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    state = next((checkpoint[k] for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), dict)), checkpoint)
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
