@@ -92,18 +92,19 @@ def add_prediction_output(cfg: Config, out: str) -> str:
 def main() -> None:
     args = parse_args()
     cfg = setup_run(args, REPO_ROOT)
-    # A missing, truncated or wrong checkpoint fails here, in one message, before the Runner's logs.
-    check_checkpoint_for_config(args.checkpoint, cfg)
-    cfg.load_from = args.checkpoint
-    if (args.show or args.show_dir) and args.tta and cfg.get('default_scope') == 'mmpretrain':
-        raise InvalidOptionError("--tta with --show/--show-dir: mmpretrain's VisualizationHook cannot draw "
-                                 'test-time-augmented batches; drop one of them.')
-    if args.show or args.show_dir:
-        enable_visualization(cfg, args.show, args.show_dir, args.wait_time, args.interval)
     if args.tta:
         missing = [k for k in ('tta_model', 'tta_pipeline') if k not in cfg]
         if missing:
             raise InvalidOptionError(f'--tta needs `tta_model` and `tta_pipeline` in the config; missing: {missing}.')
+    if (args.show or args.show_dir) and args.tta and cfg.get('default_scope') == 'mmpretrain':
+        raise InvalidOptionError("--tta with --show/--show-dir: mmpretrain's VisualizationHook cannot draw "
+                                 'test-time-augmented batches; drop one of them.')
+    # A missing, truncated or wrong checkpoint fails here, in one message, before the Runner's logs.
+    check_checkpoint_for_config(args.checkpoint, cfg)
+    cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        enable_visualization(cfg, args.show, args.show_dir, args.wait_time, args.interval)
+    if args.tta:
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
