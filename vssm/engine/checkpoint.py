@@ -22,7 +22,7 @@ __all__ = ['CheckpointMismatchError', 'check_checkpoint_for_config', 'check_stat
            'read_checkpoint_keys']
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_TASK_DIRS = {'classification': 'classification', 'detection': 'detection', 'segmentation': 'segmentation'}
+_TASKS = ('classification', 'detection', 'segmentation')  # also the top-level folder of each task's configs
 _KEYS_SHOWN = 3
 
 
@@ -35,12 +35,12 @@ def _family_names(family: str) -> Tuple[str, str]:
 def suggest_configs(task: str, info: BackboneInfo, repo_root: Path = REPO_ROOT) -> List[str]:
     """Configs of the repository for ``task`` that build the backbone ``info`` describes (by the file-name
     convention ``<family>-<size>``, e.g. ``mask-rcnn_vmamba-t_fpn_1x_coco.py``), relative to ``repo_root``."""
-    if task not in _TASK_DIRS or not info.sizes:
+    if task not in _TASKS or not info.sizes:
         return []
     folder, word = _family_names(info.family)
-    sizes = '|'.join(sorted({s for s in info.sizes} | {s[0] for s in info.sizes}))
+    sizes = '|'.join(sorted(set(info.sizes) | {s[0] for s in info.sizes}))
     pattern = re.compile(rf'(^|_){word}-({sizes})(_|$)')
-    root = Path(repo_root) / _TASK_DIRS[task] / 'configs' / folder
+    root = Path(repo_root) / task / 'configs' / folder
     found = sorted(p for p in root.glob('*.py') if pattern.search(p.stem))
     return [str(p.relative_to(repo_root)) for p in found]
 
@@ -99,7 +99,7 @@ def _hint_for(task: Optional[str], info: Optional[BackboneInfo], checkpoint: dic
         return (' It was trained from this config with other settings' + (' and --demo' if demo else '')
                 + ': test it with the same --cfg-options.')
     options = [trained] if trained else []
-    if info is not None and task in _TASK_DIRS:
+    if info is not None and task in _TASKS:
         options += [c for c in suggest_configs(task, info, repo_root) if c not in options]
     if not options:
         return ' It was trained with --demo: add --demo.' if demo else ''
@@ -146,7 +146,7 @@ def check_checkpoint_for_config(path: str, cfg: Config, what: str = 'checkpoint'
             f'no {expected.family} backbone (its first keys: {", ".join(list(backbone_keys(state))[:_KEYS_SHOWN])})'
         raise CheckpointMismatchError(
             f'{what} {path!r} holds {held}, but the config builds {expected.describe()}.'
-            + _hint_for(task if task in _TASK_DIRS else config_task, info, checkpoint, cfg, repo_root))
+            + _hint_for(task, info, checkpoint, cfg, repo_root))
     return checkpoint
 
 
@@ -196,7 +196,7 @@ def check_state_fits(model: torch.nn.Module, checkpoint: dict, path: str, revise
     elif all(not k.startswith('backbone.') for k in shapes + missing + unexpected):
         held = ' The backbone fits; the heads differ (another number of classes or another head).'
     task = checkpoint_task(state)
-    hint = _hint_for(task, info, checkpoint, cfg or Config(), repo_root) if task in _TASK_DIRS else ''
+    hint = _hint_for(task, info, checkpoint, cfg or Config(), repo_root) if task in _TASKS else ''
     raise CheckpointMismatchError(f'checkpoint {path!r} does not fit the model of the config: {"; ".join(parts)}.'
                                   f'{held}{hint}')
 
