@@ -185,3 +185,19 @@ def test_truncated_checkpoints_fail_in_one_line_in_every_tool(tmp_path, tool):
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
     assert f"'{bad}' is truncated or corrupt" in result.stderr
     assert len(result.stdout + result.stderr) < 1000
+
+
+def test_head_of_another_number_of_classes_is_named_before_the_model_is_built(tmp_path):
+    path = _save(tmp_path / 'cls.pth', _whole(CLS_HEAD))
+    cfg = Config(dict(default_scope='mmpretrain', model=dict(backbone=dict(type='SpatialMamba', arch=TINY),
+                                                            head=dict(num_classes=1000))))
+    with pytest.raises(CheckpointMismatchError, match=r'holds a head for 4 classes, but the config has '
+                       r'model.head.num_classes=1000'):
+        check_checkpoint_for_config(str(path), cfg)
+    det = _save(tmp_path / 'det.pth', _whole({**DET_HEAD, 'roi_head.bbox_head.fc_cls.weight': torch.zeros(5, 8)}))
+    cfg = Config(dict(default_scope='mmdet', model=dict(backbone=dict(type='SpatialMamba', arch=TINY),
+                                                       roi_head=dict(bbox_head=dict(num_classes=4)))))
+    check_checkpoint_for_config(str(det), cfg)  # 4 classes and the background row
+    cfg.model.roi_head.bbox_head.num_classes = 80
+    with pytest.raises(CheckpointMismatchError, match='model.roi_head.bbox_head.num_classes=80'):
+        check_checkpoint_for_config(str(det), cfg)

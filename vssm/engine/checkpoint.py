@@ -26,6 +26,30 @@ _TASKS = ('classification', 'detection', 'segmentation')  # also the top-level f
 _KEYS_SHOWN = 3
 
 
+# task -> (the checkpoint's classifier weight, whose rows count the classes; the config keys of num_classes under
+# model). mmdet's softmax box classifier has one more row (background).
+_HEADS = {
+    'classification': ('head.fc.weight', ('head', 'num_classes')),
+    'detection': ('roi_head.bbox_head.fc_cls.weight', ('roi_head', 'bbox_head', 'num_classes')),
+    'segmentation': ('decode_head.conv_seg.weight', ('decode_head', 'num_classes')),
+}
+
+
+def _class_counts(task: str, state: Dict[str, torch.Tensor], model_cfg: dict) -> Optional[Tuple[int, int, str]]:
+    """(classes of the checkpoint's head, classes of the config's head, the config key) when both are known."""
+    key, path = _HEADS[task]
+    node = model_cfg
+    for name in path[:-1]:
+        node = node.get(name) if isinstance(node, dict) else None
+    configured = node.get(path[-1]) if isinstance(node, dict) else None
+    if key not in state or not isinstance(configured, int):
+        return None
+    rows = int(state[key].shape[0])
+    if task == 'detection' and not (node.get('loss_cls') or {}).get('use_sigmoid', False):
+        rows -= 1
+    return rows, configured, 'model.' + '.'.join(path)
+
+
 def _family_names(family: str) -> Tuple[str, str]:
     """``'SpatialMamba'`` -> (``'spatial_mamba'``, ``'spatial-mamba'``): the config folder and file-name word."""
     snake = re.sub(r'(?<=[a-z])(?=[A-Z])', '_', family).lower().replace('v_mamba', 'vmamba')
@@ -146,6 +170,11 @@ def check_checkpoint_for_config(path: str, cfg: Config, what: str = 'checkpoint'
             f'no {expected.family} backbone (its first keys: {", ".join(list(backbone_keys(state))[:_KEYS_SHOWN])})'
         raise CheckpointMismatchError(
             f'{what} {path!r} holds {held}, but the config builds {expected.describe()}.'
+            + _hint_for(task, info, checkpoint, cfg, repo_root))
+    counts = _class_counts(task, state, _model_cfg(cfg))
+    if counts is not None and counts[0] != counts[1]:
+        raise CheckpointMismatchError(
+            f'{what} {path!r} holds a head for {counts[0]} classes, but the config has {counts[2]}={counts[1]}.'
             + _hint_for(task, info, checkpoint, cfg, repo_root))
     return checkpoint
 
