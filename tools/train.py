@@ -59,7 +59,7 @@ def main() -> None:
         cfg.resume, cfg.load_from = checkpoint is not None, checkpoint
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    if cfg.get('load_from') and '://' not in cfg.load_from:  # a wrong or truncated file: one message, no Runner logs
+    if cfg.get('load_from'):  # a wrong or truncated file: one message, before the Runner's logs
         what = '--resume checkpoint' if cfg.get('resume') else 'load_from checkpoint'
         check_checkpoint_for_config(cfg.load_from, cfg, what,
                                     fix='copy it again, or resume from an earlier checkpoint (--resume without a '

@@ -131,13 +131,16 @@ def _hint_for(task: Optional[str], info: Optional[BackboneInfo], checkpoint: dic
 
 
 def check_checkpoint_for_config(path: str, cfg: Config, what: str = 'checkpoint',
-                                fix: str = 'copy or download it again', repo_root: Path = REPO_ROOT) -> dict:
+                                fix: str = 'copy or download it again', repo_root: Path = REPO_ROOT) -> Optional[dict]:
     """Fail in one message, before any model is built, when ``path`` is missing or truncated, or holds the weights
     of another task or another backbone than ``cfg`` builds; return the (memory-mapped) checkpoint otherwise.
 
     Checks only what the keys tell without the model (the rest: :func:`check_state_fits`): configs whose backbone
-    is not a vssm family pass the backbone check, and checkpoints in upstream key layouts are named as such.
+    is not a vssm family pass the backbone check, and checkpoints in upstream key layouts are named as such. URIs
+    (``https://``, ``s3://``, ...) are left to mmengine's loader (returns None).
     """
+    if '://' in path:
+        return None
     checkpoint = read_checkpoint_keys(path, what, fix)
     state = _state_dict(checkpoint)
     if not state:
