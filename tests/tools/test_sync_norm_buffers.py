@@ -82,12 +82,12 @@ def test_validation_during_training_equals_testing_the_saved_checkpoint(tmp_path
     cfg.merge_from_dict({'train_cfg.max_iters': 2, 'train_cfg.val_interval': 2,
                          'default_hooks.checkpoint.interval': 2})
     cfg.test_dataloader = cfg.val_dataloader
-    cfg.val_evaluator = [dict(type='Accuracy', topk=(1, )), dict(type='DumpResults',
-                                                                 out_file_path=str(tmp_path / 'val.pkl'))]
+    cfg.val_evaluator = [dict(type='Accuracy', topk=(1, )),
+                         dict(type='DumpResults', out_file_path=str(tmp_path / 'val.pkl'))]
     cfg.dump(str(tmp_path / 'tiny.py'))
 
-    train = run([REPO_ROOT / 'tools/dist_train.sh', tmp_path / 'tiny.py', 2, '--work-dir', 'wd'], tmp_path / 'train.log',
-                cwd=tmp_path)
+    train = run([REPO_ROOT / 'tools/dist_train.sh', tmp_path / 'tiny.py', 2, '--work-dir', 'wd'],
+                tmp_path / 'train.log', cwd=tmp_path)
     validated = float(train.stdout.split('Iter(val) [8/8]')[-1].split('accuracy/top1:')[1].split()[0])
     test = run([REPO_ROOT / 'tools/dist_test.sh', tmp_path / 'tiny.py', 'wd/iter_2.pth', 2, '--work-dir', 'wd', '--out',
                 'test.pkl'], tmp_path / 'test.log', cwd=tmp_path)
