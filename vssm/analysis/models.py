@@ -104,13 +104,10 @@ def backbone_state_dict(checkpoint: str) -> Dict[str, torch.Tensor]:
 
     Whole models (a classifier, detector or segmentor: ``backbone.*`` keys, ``module.`` prefixes of a wrapped model
     removed) give their backbone's keys; a backbone checkpoint is returned as it is. Loaded with
-    ``weights_only=True`` and the classes mmengine checkpoints hold (:func:`vssm.fileio.register_safe_globals`).
+    ``weights_only=True`` and the classes mmengine checkpoints hold (:func:`vssm.fileio.load_checkpoint_file`).
     """
-    from ..fileio import register_safe_globals
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist.')
-    register_safe_globals()
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    from ..fileio import load_checkpoint_file
+    state = load_checkpoint_file(checkpoint)  # a missing, truncated or foreign file: one message that says so
     state = state.get('state_dict', state)
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     if any(k.startswith('backbone.') for k in state):
