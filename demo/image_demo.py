@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Tuple
 
 import numpy as np
+from mmengine.config import Config, DictAction
 
 import vssm  # noqa: F401  (registers the backbones and the classes of mmengine checkpoints; before mmpretrain)
-from mmengine.config import Config, DictAction
 from vssm.engine.checkpoint import check_checkpoint_for_config
 from vssm.engine.launch import clear_pretrained, load_config, run_tool
 from vssm.fileio import InvalidOptionError, MissingFileError

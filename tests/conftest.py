@@ -110,9 +110,10 @@ def demo_data_options(task: str, root: Path) -> List[str]:
 @pytest.fixture(scope='session', autouse=True)
 def background_launches(request: pytest.FixtureRequest,
                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[BackgroundLaunches]]:
-    """The pipelines of the selected tests marked ``@pytest.mark.launches(pipeline=...)``, started in a background thread
-    when the session starts (tests/launches.py): ``pipeline(launches, run_dir, demo_root, **test_parameters)``, with
-    a temporary folder of its own. None when no such test was selected."""
+    """The pipelines of the selected tests marked ``@pytest.mark.launches(pipeline=...)``, started in a background
+    thread when the session starts (tests/launches.py):
+    ``pipeline(launches, run_dir, demo_root, **test_parameters)``, with a temporary folder of its own. None when no
+    such test was selected."""
     items = [item for item in request.session.items if item.get_closest_marker('launches')]
     if not items:
         yield None

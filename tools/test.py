@@ -22,10 +22,18 @@ import os.path as osp
 from pathlib import Path
 from types import SimpleNamespace
 
-import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
 from mmengine.config import Config
-from vssm.engine import (add_common_args, build_runner, check_checkpoint_for_config, check_data_paths,
-                         finish_distributed, is_main_process, setup_run)
+
+import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
+from vssm.engine import (
+    add_common_args,
+    build_runner,
+    check_checkpoint_for_config,
+    check_data_paths,
+    finish_distributed,
+    is_main_process,
+    setup_run,
+)
 from vssm.engine.launch import resolve_cli_paths, run_tool
 from vssm.fileio import InvalidOptionError
 

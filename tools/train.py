@@ -11,8 +11,16 @@ import argparse
 from pathlib import Path
 
 import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
-from vssm.engine import (add_common_args, build_runner, check_checkpoint_for_config, check_data_paths,
-                         finish_distributed, resolve_resume, setup_run, use_atomic_checkpoints)
+from vssm.engine import (
+    add_common_args,
+    build_runner,
+    check_checkpoint_for_config,
+    check_data_paths,
+    finish_distributed,
+    resolve_resume,
+    setup_run,
+    use_atomic_checkpoints,
+)
 from vssm.engine.launch import resolve_cli_paths, run_tool
 from vssm.fileio import InvalidOptionError
 

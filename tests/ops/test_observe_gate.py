@@ -26,7 +26,8 @@ def _inputs(b, d, h, w, device='cpu', dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     length = h * w
     fused = torch.randn(b, d, length, generator=g)
-    C, Ds, u = torch.randn(b, 1, length, generator=g), torch.randn(d, generator=g), torch.randn(b, d, length, generator=g)
+    C, Ds = torch.randn(b, 1, length, generator=g), torch.randn(d, generator=g)
+    u = torch.randn(b, d, length, generator=g)
     z = torch.randn(b, h, w, 2 * d, generator=g)[..., d:]
     weight, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
     return [t.to(device) for t in (fused, C.to(dtype), Ds, u.to(dtype), z.to(dtype), weight, bias)]
@@ -44,7 +45,8 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
         torch.manual_seed(0)
         for b, d, h, w in {SHAPES!r}:
             length = h * w
-            fused, C, Ds, u = torch.randn(b, d, length), torch.randn(b, 1, length), torch.randn(d), torch.randn(b, d, length)
+            fused, C, Ds = torch.randn(b, d, length), torch.randn(b, 1, length), torch.randn(d)
+            u = torch.randn(b, d, length)
             z = torch.randn(b, length, 2 * d)[..., d:]
             weight, bias, da = torch.randn(d), torch.randn(d), torch.randn(b, length, d)
             out, mean, rstd = kernel.forward(fused, C, u, Ds, z, weight, bias, 1e-5)

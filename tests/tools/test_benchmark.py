@@ -254,8 +254,9 @@ def test_task_training_modes_run_train_step(benchmark, monkeypatch, tmp_path):
     CPU fp16 runs as fp32)."""
     monkeypatch.setattr(benchmark, 'build_spec_model', _tiny_task_model)
     rows = benchmark.main(['--latency-models', 'vmamba-t', '--modes', 'det-train-fp16', 'seg-train-bf16',
-                           '--backends', 'torch', '--det-size', '96', '64', '--seg-size', '64', '--det-train-batch', '1',
-                           '--seg-train-batch', '2', '--markdown', str(tmp_path / 'rows.md')] + TINY)
+                           '--backends', 'torch', '--det-size', '96', '64', '--seg-size', '64',
+                           '--det-train-batch', '1', '--seg-train-batch', '2', '--markdown', str(tmp_path / 'rows.md')]
+                          + TINY)
     assert [(r['mode'], r['dtype'], r['batch'], r['status']) for r in rows] == [
         ('det-train-fp16', 'fp16', 1, 'ok'), ('seg-train-bf16', 'bf16', 2, 'ok')], rows
     assert all(r['images_per_s'] > 0 for r in rows)

@@ -15,8 +15,13 @@ from tiny_runs import REPO_ROOT, config, tool_env  # noqa: E402
 
 import vssm  # noqa: E402,F401  (registers the checkpoint check in mmengine's loader)
 from vssm.engine.checkpoint import check_checkpoint_for_config, check_state_fits, suggest_configs  # noqa: E402
-from vssm.fileio import (CheckpointFileError, CheckpointMismatchError, MissingFileError, checkpoint_problem,  # noqa: E402
-                         load_checkpoint_file)
+from vssm.fileio import (  # noqa: E402
+    CheckpointFileError,
+    CheckpointMismatchError,
+    MissingFileError,
+    checkpoint_problem,
+    load_checkpoint_file,
+)
 from vssm.models import SpatialMamba, VMamba  # noqa: E402
 from vssm.models.identify import BackboneInfo, configured_backbone, identify_backbone  # noqa: E402
 

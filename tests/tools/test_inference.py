@@ -13,8 +13,7 @@ from typing import Dict
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_runs import (REPO_ROOT, config, data_options, make_demo_data, run, schedule_options,  # noqa: E402
-                       tiny_options)
+from tiny_runs import REPO_ROOT, config, data_options, make_demo_data, run, schedule_options, tiny_options  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TASKS = ('classification', 'detection', 'segmentation')

@@ -8,12 +8,13 @@ import cv2
 import mmseg.datasets  # noqa: F401  registers mmseg's datasets and transforms (scope 'mmseg')
 import numpy as np
 import pytest
+from conftest import load_tool
 from mmdet.datasets import CocoDataset
 from mmpretrain.datasets import CustomDataset
 from mmseg.datasets import BaseSegDataset
 from mmseg.datasets.transforms import LoadAnnotations
 from pycocotools.coco import COCO
-from conftest import load_tool
+
 
 def _load_tool() -> ModuleType:
     return load_tool('tools/make_demo_data.py')

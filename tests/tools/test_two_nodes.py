@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_runs import REPO_ROOT, config, data_options, free_port, make_demo_data, schedule_options, tiny_options, \
-    tool_env  # noqa: E402
+from tiny_runs import (
+    REPO_ROOT,
+    config,
+    data_options,
+    free_port,
+    make_demo_data,
+    schedule_options,
+    tiny_options,
+    tool_env,  # noqa: E402
+)
 
 pytestmark = pytest.mark.slow
 

@@ -83,8 +83,16 @@ import torch.nn.functional as F
 
 from vssm.analysis.memory import record_saved_tensors, static_bytes
 from vssm.analysis.models import MODEL_SPECS, ModelSpec, build_backbone, build_spec_model, prepare_config
-from vssm.analysis.timing import (device_name, error_text, median_ms, peak_bytes, release, reset_peak, synchronize,
-                                  timed_span)
+from vssm.analysis.timing import (
+    device_name,
+    error_text,
+    median_ms,
+    peak_bytes,
+    release,
+    reset_peak,
+    synchronize,
+    timed_span,
+)
 
 CLS_MODES = ('infer-fp32', 'infer-bf16', 'train-bf16', 'train-fp32')
 SAVED_MODES = ('saved-bf16', 'saved-fp32')

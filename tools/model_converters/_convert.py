@@ -25,9 +25,9 @@ def _run(description: str, convert: Callable[[dict], dict], backbone_type: str) 
     parser.add_argument('--num-classes', type=int, default=1000, help='head size used by --check-arch')
     args = parser.parse_args()
 
-    import vssm  # noqa: F401  (registers the backbones)
     from mmpretrain.registry import MODELS
 
+    import vssm  # noqa: F401  (registers the backbones)
     from vssm.fileio import load_checkpoint_file
     src = load_checkpoint_file(args.src, what='upstream checkpoint', fix='download it again')
     if args.ema:

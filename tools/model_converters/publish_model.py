@@ -19,6 +19,7 @@ from typing import Tuple
 
 import torch
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('in_file', help='checkpoint written by tools/train.py (or any mmengine checkpoint)')

@@ -9,8 +9,16 @@ The tools in ``tools/analysis_tools/`` import these; the models never do.
 """
 from .flops import count_flops, flop_handles, selective_scan_flop_jit
 from .memory import SavedMemory, SavedTensorRecorder, record_saved_tensors, static_bytes
-from .models import (MODEL_SPECS, ModelSpec, backbone_state_dict, build_backbone, build_model, build_spec_model,
-                     config_file, prepare_config)
+from .models import (
+                     MODEL_SPECS,
+                     ModelSpec,
+                     backbone_state_dict,
+                     build_backbone,
+                     build_model,
+                     build_spec_model,
+                     config_file,
+                     prepare_config,
+)
 from .timing import median_ms, peak_bytes, release, reset_peak, synchronize, timed_span
 
 __all__ = [

@@ -7,8 +7,17 @@ and mmseg). tools/train.py and tools/test.py import it; a config that names thes
 """
 from .checkpoint import CheckpointMismatchError, check_checkpoint_for_config, check_state_fits
 from .hooks import RankAgreementHook, RNGStateHook, SyncNormBuffersHook
-from .launch import (add_common_args, apply_demo_override, check_data_paths, clear_pretrained, finish_distributed,
-                     is_main_process, load_config, prepare_for_device, setup_run)
+from .launch import (
+                     add_common_args,
+                     apply_demo_override,
+                     check_data_paths,
+                     clear_pretrained,
+                     finish_distributed,
+                     is_main_process,
+                     load_config,
+                     prepare_for_device,
+                     setup_run,
+)
 from .resume import AtomicLocalBackend, resolve_resume, use_atomic_checkpoints
 from .runner import StrictRunner, StrictTestRunner, build_runner
 

@@ -15,8 +15,14 @@ import torch
 from mmengine.config import Config
 
 from ..fileio import CheckpointMismatchError, check_checkpoint_file, load_checkpoint_file, register_safe_globals
-from ..models.identify import (SCOPE_TASKS, BackboneInfo, backbone_keys, checkpoint_task, configured_backbone,
-                               identify_backbone)
+from ..models.identify import (
+    SCOPE_TASKS,
+    BackboneInfo,
+    backbone_keys,
+    checkpoint_task,
+    configured_backbone,
+    identify_backbone,
+)
 
 __all__ = ['CheckpointMismatchError', 'check_checkpoint_for_config', 'check_state_fits', 'suggest_configs',
            'read_checkpoint_keys']

@@ -29,9 +29,22 @@ from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
 from ..ops import observe_gate, selective_scan, state_fusion
-from .layers import (StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds, init_dt_bias,
-                     init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, recompute_enabled,
-                     to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (
+    StagedBackbone,
+    gelu_linear,
+    grouped_matmul,
+    init_A_logs,
+    init_Ds,
+    init_dt_bias,
+    init_dt_weight,
+    init_x_proj_weight,
+    normed_linear,
+    parse_arch,
+    recompute_enabled,
+    to_classifier_keys,
+    trunc_normal_linear_init,
+    unwrap_state_dict,
+)
 
 __all__ = ['SpatialMamba', 'convert_upstream_state_dict']
 

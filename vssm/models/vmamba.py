@@ -25,9 +25,23 @@ from torch import Tensor, nn
 
 from ..ops import dwconv2d, gather_tokens, inverse_permutation, scatter_tokens, selective_scan
 from ..ops._backend import is_cacheable
-from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds,
-                     init_dt_bias, init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, to_classifier_keys,
-                     trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (
+    LayerNorm2d,
+    Linear2d,
+    StagedBackbone,
+    gelu_linear,
+    grouped_matmul,
+    init_A_logs,
+    init_Ds,
+    init_dt_bias,
+    init_dt_weight,
+    init_x_proj_weight,
+    normed_linear,
+    parse_arch,
+    to_classifier_keys,
+    trunc_normal_linear_init,
+    unwrap_state_dict,
+)
 
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge', 'cross_scan_index']
 

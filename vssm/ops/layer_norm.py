@@ -1,10 +1,10 @@
 """LayerNorm over the channels of a channels-first (B, C, H, W) map, as VMamba's and Spectral VMamba's LayerNorm2d.
 
-``F.layer_norm`` normalizes the last dimension, so the reference permutes the map to (B, H, W, C), which ``F.layer_norm``
-copies to a contiguous tensor, and permutes the result back (channels-last strides that the next op may copy again):
-three passes over the map where one read and one write suffice. The kernel (Triton, on CUDA tensors) normalizes the
-(B, C, L) map in place of its layout: one read and one write (two reads above 256 channels), float32 statistics, and
-the output written directly in the dtype the next GEMM runs in (``out_dtype``).
+``F.layer_norm`` normalizes the last dimension, so the reference permutes the map to (B, H, W, C), which
+``F.layer_norm`` copies to a contiguous tensor, and permutes the result back (channels-last strides that the next op may
+copy again): three passes over the map where one read and one write suffice. The kernel (Triton, on CUDA tensors)
+normalizes the (B, C, L) map in place of its layout: one read and one write (two reads above 256 channels), float32
+statistics, and the output written directly in the dtype the next GEMM runs in (``out_dtype``).
 
 Output dtype: by default what ``F.layer_norm`` gives, float32 under autocast and x's dtype otherwise; ``out_dtype``
 casts it in the same pass (the value is the float32 result rounded once).

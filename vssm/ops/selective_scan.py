@@ -35,7 +35,7 @@ _EXT_NAME = 'vssm_selective_scan'
 _EXT = try_import_extension(_EXT_NAME)
 KERNEL_CHUNK = 256  # steps per warp iteration in the kernel (kChunk in kernels/selective_scan/csrc/selective_scan.h)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KERNEL_MAX_STATE = 16  # largest state size N the kernel takes (kMaxState in kernels/selective_scan/csrc/selective_scan.h)
+KERNEL_MAX_STATE = 16  # largest state size N (kMaxState in kernels/selective_scan/csrc/selective_scan.h)
 
 
 def kernel_available() -> bool:
@@ -190,7 +190,8 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias) -> None:
             raise ValueError(f'selective_scan: B and C must have the same number of groups, got B {tuple(B.shape)} '
                              f'and C {tuple(C.shape)}.')
     if d % g:
-        raise ValueError(f'selective_scan: the channel count D={d} must be divisible by the number of B/C groups G={g}.')
+        raise ValueError(f'selective_scan: the channel count D={d} must be divisible by the number of B/C groups '
+                         f'G={g}.')
     for name, x in (('D', D), ('delta_bias', delta_bias)):
         if x is not None and tuple(x.shape) != (d,):
             raise ValueError(f'selective_scan: {name} must be ({d},), got {tuple(x.shape)}.')

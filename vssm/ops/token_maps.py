@@ -20,9 +20,9 @@ does. Pass ``inverse`` only for index maps that are permutations by construction
 
 Under ``torch.compile`` both are ``torch.library`` custom ops with fake and autograd registrations (graph nodes); in
 eager mode the same functions run as ``torch.autograd.Function``s, whose dispatch costs the host a fraction of a
-custom op's (about 20 against 100+ microseconds per call measured on a CPU: hundreds of calls per training step). Under ``torch.jit.trace`` and ``torch.export`` (FLOP counters, ONNX export) and in
-:func:`~vssm.ops.plain_autograd` mode they run as plain PyTorch ops (``torch.gather`` / ``Tensor.scatter_add``) that
-autograd differentiates itself.
+custom op's (about 20 against 100+ microseconds per call measured on a CPU: hundreds of calls per training step).
+Under ``torch.jit.trace`` and ``torch.export`` (FLOP counters, ONNX export) and in :func:`~vssm.ops.plain_autograd`
+mode they run as plain PyTorch ops (``torch.gather`` / ``Tensor.scatter_add``) that autograd differentiates itself.
 
 Shape legend: B batch, D channels, L = H*W tokens, K sequences, M steps per sequence.
 """

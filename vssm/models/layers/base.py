@@ -14,8 +14,13 @@ from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...fileio import (CheckpointFileError, CheckpointMismatchError, MissingFileError, is_readable_checkpoint,
-                       register_safe_globals)
+from ...fileio import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    MissingFileError,
+    is_readable_checkpoint,
+    register_safe_globals,
+)
 from ...ops._backend import check_backend_name, describe_backends
 from .norm import LayerNorm2d
 
