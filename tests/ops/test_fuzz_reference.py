@@ -15,13 +15,10 @@ from typing import Dict, Optional, Sequence, Tuple, TypeVar, Union
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ops import fuzz
-from ops.test_dwconv2d_ref import naive_dwconv
-
-from vssm.ops.dwconv2d import FUSION_DILATIONS
+from ops.naive import naive_dwconv, naive_scan, naive_state_fusion
 
 T = TypeVar('T')
 Tensors = Dict[str, torch.Tensor]
@@ -70,44 +67,6 @@ class _HypothesisChooser:
         return self.data.draw(st.integers(low, high))
 
 
-def naive_scan_steps(u, delta, A, B, C=None, D=None, delta_bias=None, delta_softplus=True):
-    """The scan's definition, one time step at a time (the module docstring of vssm.ops.selective_scan).
-
-    The same loop as ``naive_scan`` in test_selective_scan_ref.py, with two changes: A may also be given per step
-    and batch element, (L, Bt, D, N), so that autograd returns every term of A's gradient (for its error bound);
-    and the sequences are split once with ``unbind``, where indexing ``[..., t]`` at every step makes autograd
-    build a full-size gradient per step, quadratic in L (2x slower gradients at L = 300). Runs in the inputs' dtype
-    (float64 here).
-    """
-    B = B.unsqueeze(1) if B.dim() == 3 else B  # (Bt, G, N, L)
-    C = C.unsqueeze(1) if C is not None and C.dim() == 3 else C
-    bt, d, length = u.shape
-    group = torch.arange(d) // (d // B.shape[1])  # the B/C group of each channel
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    dt = F.softplus(delta, threshold=20) if delta_softplus else delta
-    a_steps = A.unbind(0) if A.dim() == 4 else [A] * length  # L x (Bt, D, N) or (D, N)
-    b_steps = B[:, group].unbind(-1)  # L x (Bt, D, N)
-    c_steps = None if C is None else C[:, group].unbind(-1)
-    h = u.new_zeros(bt, d, A.shape[-1])
-    outs = []
-    for t, (u_t, dt_t) in enumerate(zip(u.unbind(-1), dt.unbind(-1))):
-        h = torch.exp(dt_t[..., None] * a_steps[t]) * h + (dt_t * u_t)[..., None] * b_steps[t]
-        if C is None:
-            outs.append(h)
-        else:
-            y = (h * c_steps[t]).sum(-1)
-            outs.append(y if D is None else y + D * u_t)
-    return torch.stack(outs, -1)
-
-
-def naive_state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, padding_mode):
-    """The fusion's definition: alpha-weighted sum of the three dilated 3x3 depthwise convs, each a tap sum."""
-    kernels = (kernel_3, kernel_3_1, kernel_3_2)
-    return sum(alpha[i] * naive_dwconv(h, k, None, dil, padding_mode) for i, (dil, k) in enumerate(
-        zip(FUSION_DILATIONS, kernels)))
-
-
 def _run_naive(fn, inputs: Tensors, dout: torch.Tensor) -> Tensors:
     """``fn``'s output (``'out'``) and its gradients with respect to ``inputs`` (new float64 leaves)."""
     leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
@@ -118,7 +77,7 @@ def _run_naive(fn, inputs: Tensors, dout: torch.Tensor) -> Tensors:
 def expected_scan(case: fuzz.ScanCase, inputs: Tensors, dout: torch.Tensor) -> Tuple[Tensors, Tensors]:
     """The naive loop's output and gradients, and the error allowed at each of their elements."""
     terms = dict(inputs, A=inputs['A'].expand(case.length, case.batch, *inputs['A'].shape))  # (L, Bt, D, N)
-    expected = _run_naive(partial(naive_scan_steps, delta_softplus=case.delta_softplus), terms, dout)
+    expected = _run_naive(partial(naive_scan, delta_softplus=case.delta_softplus), terms, dout)
     # A, D and delta_bias get sums over Bt and L: bounded by the sums of their terms' magnitudes.
     bounds = dict(A=expected['A'].abs().sum((0, 1)))
     expected['A'] = expected['A'].sum((0, 1))

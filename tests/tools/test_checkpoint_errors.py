@@ -9,21 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_runs import REPO_ROOT, config, tool_env
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_runs import REPO_ROOT, config, tool_env  # noqa: E402
-
-import vssm  # noqa: E402,F401  (registers the checkpoint check in mmengine's loader)
-from vssm.engine.checkpoint import check_checkpoint_for_config, check_state_fits, suggest_configs  # noqa: E402
-from vssm.fileio import (  # noqa: E402
+import vssm  # noqa: F401  (registers the checkpoint check in mmengine's loader)
+from vssm.engine.checkpoint import check_checkpoint_for_config, check_state_fits, suggest_configs
+from vssm.fileio import (
     CheckpointFileError,
     CheckpointMismatchError,
     MissingFileError,
     checkpoint_problem,
     load_checkpoint_file,
 )
-from vssm.models import SpatialMamba, VMamba  # noqa: E402
-from vssm.models.identify import BackboneInfo, configured_backbone, identify_backbone  # noqa: E402
+from vssm.models import SpatialMamba, VMamba
+from vssm.models.identify import BackboneInfo, configured_backbone, identify_backbone
 
 TINY = dict(dims=[8, 16, 32, 64], depths=[1, 1, 1, 1])
 MAX_MESSAGE = 700  # characters: a message, not a key dump

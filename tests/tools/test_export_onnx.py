@@ -16,7 +16,7 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-from vssm.ops import selective_scan  # noqa: E402
+from vssm.ops import selective_scan  # noqa: E402  (after the skip above)
 
 TOLERANCE = 1e-5
 CONFIGS = {

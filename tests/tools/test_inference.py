@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_runs import REPO_ROOT, config, data_options, make_demo_data, run, schedule_options, tiny_options  # noqa: E402
+from tiny_runs import REPO_ROOT, config, data_options, make_demo_data, run, schedule_options, tiny_options
 
 pytestmark = pytest.mark.slow
 TASKS = ('classification', 'detection', 'segmentation')

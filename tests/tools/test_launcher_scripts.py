@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_runs import REPO_ROOT, config  # noqa: E402
+from tiny_runs import REPO_ROOT, config
 
 RECORDER = r'''#!/usr/bin/env bash
 # Records its arguments, working directory and environment as one JSON line; answers the launchers' port probe.

@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.logging import MessageHub
+from tiny_runs import REPO_ROOT, tool_env
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_runs import REPO_ROOT, tool_env  # noqa: E402
-
-from vssm.fileio import InvalidOptionError  # noqa: E402
+from vssm.fileio import InvalidOptionError
 
 RAW = {'backbone.w': torch.ones(3), 'head.b': torch.zeros(2)}
 AVERAGED = {'backbone.w': torch.full((3, ), 0.5), 'head.b': torch.full((2, ), 0.25)}

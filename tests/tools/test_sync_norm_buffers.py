@@ -2,20 +2,16 @@
 and before each checkpoint, so the in-training validation of a 2-process run equals tools/dist_test.sh on the saved
 checkpoint (metric and every score)."""
 import pickle
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from mmengine.hooks import CheckpointHook
+from tiny_runs import REPO_ROOT, config, make_demo_data, run
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_runs import REPO_ROOT, config, make_demo_data, run  # noqa: E402
-
-import vssm.engine.hooks as hooks  # noqa: E402
-from vssm.engine import SyncNormBuffersHook  # noqa: E402
-from vssm.engine.hooks import norm_buffers  # noqa: E402
+import vssm.engine.hooks as hooks
+from vssm.engine import SyncNormBuffersHook
+from vssm.engine.hooks import norm_buffers
 
 
 def _model() -> torch.nn.Module:

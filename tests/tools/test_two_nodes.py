@@ -2,12 +2,9 @@
 1, MASTER_ADDR=127.0.0.1 and the same PORT (gloo over loopback), through training and a resume. The work dir is
 given relative to the directory the nodes are started from."""
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from tiny_runs import (
     REPO_ROOT,
     config,
@@ -16,7 +13,7 @@ from tiny_runs import (
     make_demo_data,
     schedule_options,
     tiny_options,
-    tool_env,  # noqa: E402
+    tool_env,
 )
 
 pytestmark = pytest.mark.slow
