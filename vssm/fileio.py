@@ -1,4 +1,5 @@
-"""Checkpoint files: safe loading under ``weights_only=True``, a readability check, atomic writes.
+"""Checkpoint files: safe loading under ``weights_only=True``, a readability check, atomic writes; the errors of what
+the user gave (files, checkpoints, options), which the tools print without a traceback.
 
 Used by the models (``init_cfg`` Pretrained loading), the engine (resume, the runner's strict loading) and the tools.
 ``import vssm`` calls :func:`register_safe_globals` and :func:`register_checkpoint_check`, so the libraries' own
@@ -19,10 +20,8 @@ import numpy as np
 import torch
 
 __all__ = ['UserInputError', 'MissingFileError', 'CheckpointFileError', 'CheckpointMismatchError',
-           'InvalidOptionError', 'atomic_write',
-           'is_readable_checkpoint', 'checkpoint_problem', 'check_checkpoint_file', 'load_checkpoint_file',
-           'register_checkpoint_check', 'register_safe_globals']
-
+           'InvalidOptionError', 'atomic_write', 'is_readable_checkpoint', 'checkpoint_problem',
+           'check_checkpoint_file', 'load_checkpoint_file', 'register_checkpoint_check', 'register_safe_globals']
 
 
 class UserInputError(Exception):

@@ -7,6 +7,8 @@
 * ``resolve_cli_paths``: the paths given on the command line (config, checkpoint, ``--work-dir``, ...) are relative
   to the directory the user called from (``$VSSM_CALLER_DIR``, which tools/dist_*.sh and slurm_*.sh export before
   they change to the repository root), not to the repository root.
+* ``run_tool``: a tool's ``main`` whose user errors (a missing file, a wrong checkpoint, an impossible option) print one
+  message and exit with status 2 instead of a traceback.
 """
 import argparse
 import os
