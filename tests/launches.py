@@ -9,6 +9,7 @@ the test itself waits for it with :meth:`BackgroundLaunches.result`, which raise
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 LAUNCH_TIMEOUT = 900  # seconds per command; a full-size T model's run takes a few minutes on 2 cores
+
+
+def free_port() -> int:
+    """A free port for a run's rendezvous (the launchers default to 29500, which a run in parallel may hold)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 class BackgroundLaunches:
@@ -42,8 +50,7 @@ class BackgroundLaunches:
     def run(self, args: List[str], log: Path) -> str:
         """Run a command from ``cwd``; keep its output in ``log`` and fail with its tail. The command gets a process
         group of its own, so that stopping it also stops the processes it started (torchrun's workers)."""
-        env = dict(os.environ, PYTHON=sys.executable)
-        env.pop('PORT', None)  # the launchers pick a free port
+        env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()))
         with self._lock:
             if self._closed:
                 raise RuntimeError('the session ended before this command started')

@@ -1,12 +1,12 @@
 """vssm.engine.hooks.RankAgreementHook: the checksum comparison, the hook on one process, and two gloo processes
 training a tiny VMamba under DDP (the ranks agree; a parameter changed on one rank is named in the error)."""
 import json
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from launches import free_port
 from mmengine.registry import HOOKS
 
 from vssm.engine.hooks import RankAgreementHook, compare_checksums, model_checksums
@@ -68,12 +68,6 @@ def test_hook_refuses_bad_settings(kwargs, message):
 
 
 # --- two processes -----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 class _TinyClassifier(torch.nn.Module):
     """A tiny VMamba (reference ops) and a linear head on its pooled last stage."""
 
@@ -126,7 +120,7 @@ def _train_two_ranks(rank: int, port: int, work_dir: str) -> None:
 def test_two_gloo_processes_agree_and_a_changed_parameter_is_named(tmp_path):
     # fork: the children inherit the imported modules (a spawned child would import torch, mmengine and vssm again,
     # ~10 s each); each child sets one intra-op thread before any work, as DataLoader workers do.
-    mp.start_processes(_train_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True,
+    mp.start_processes(_train_two_ranks, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True,
                        start_method='fork')
     records = [json.loads(line) for line in (tmp_path / 'rank_agreement.jsonl').read_text().splitlines()]
     assert [(r['iter'], r['world_size'], r['params_agree']) for r in records] == [(1, 2, True), (2, 2, True),

@@ -1,11 +1,12 @@
 """Helpers of the tests that run the tools end to end on CPU: tiny Spatial-Mamba models of each task (widths 8-64, one
 block per stage) through ``--cfg-options``, the demo data in a temporary folder, the tools as subprocesses."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from launches import free_port  # noqa: F401  (tests/ is on sys.path: the one helper of the suite)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,12 +54,6 @@ def schedule_options(iters: int, validate: bool = True) -> List[str]:
     if validate:
         return options + [f'train_cfg.val_interval={iters}']
     return options + ['val_cfg=None', 'val_dataloader=None', 'val_evaluator=None']
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('', 0))
-        return s.getsockname()[1]
 
 
 def tool_env(**extra: str) -> Dict[str, str]:
