@@ -76,7 +76,9 @@ def test_spectral_iterative_eigensolver_traces_with_aot_eager():
                                    compiled_first=True)
 
 
-@pytest.mark.parametrize('family', FAMILIES, ids=FAMILY_IDS)
+# VMamba in the quick suite; the other two trace for 30-50 s each on 2 cores (slow).
+@pytest.mark.parametrize('family', [pytest.param(f, marks=[] if f.name == 'VMamba' else [pytest.mark.slow])
+                                    for f in FAMILIES], ids=FAMILY_IDS)
 def test_training_step_compiles_as_one_graph(family):
     """Forward and backward of the small archs in train mode as one graph (``fullgraph=True``, AOTAutograd without
     code generation): the custom ops are graph nodes and the recomputing autograd functions step aside for the

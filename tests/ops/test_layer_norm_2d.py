@@ -19,6 +19,7 @@ def _kernels_on(monkeypatch):
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
 # (B, C, H, W): one tile of channels (C <= 256) and the chunked path (C > 256, not a multiple of the chunk), odd sides
 SHAPES = [(2, 5, 3, 7), (3, 96, 9, 11), (2, 300, 5, 3), (1, 768, 7, 7), (2, 520, 1, 33)]
+INTERPRETER_SHAPES = [(2, 5, 3, 7), (2, 96, 3, 5), (1, 300, 2, 3)]  # the interpreter is slow: small maps
 
 
 def _float64_reference(x, weight, bias, eps, dy):
@@ -37,7 +38,7 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
         import torch.nn.functional as F
         from vssm.ops import _triton_layer_norm as kernel
         torch.manual_seed(0)
-        for b, c, h, w in {SHAPES!r}:
+        for b, c, h, w in {INTERPRETER_SHAPES!r}:
             x = torch.randn(b, c, h * w) * 3 + 5
             weight, bias, dy = torch.randn(c), torch.randn(c), torch.randn(b, c, h * w)
             y, mean, rstd = kernel.forward(x, weight, bias, 1e-5, torch.float32)
