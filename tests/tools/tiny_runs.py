@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from launches import free_port  # noqa: F401  (tests/ is on sys.path: the one helper of the suite)
+from launches import free_port  # tests/ is on sys.path: the one helper of the suite
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,8 +57,9 @@ def schedule_options(iters: int, validate: bool = True) -> List[str]:
 
 
 def tool_env(**extra: str) -> Dict[str, str]:
-    """The environment of a tool run: this interpreter, the repository on PYTHONPATH, one thread per process."""
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    """The environment of a tool run: this interpreter, the repository on PYTHONPATH, one thread per process, a free
+    rendezvous port (``extra`` overrides any of them)."""
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1', PORT=str(free_port()))
     env.pop('VSSM_CALLER_DIR', None)
     env.update(extra)
     return env
