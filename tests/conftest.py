@@ -11,7 +11,11 @@ from typing import Iterator, List, Optional
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # fixture_utils
+# Shared test helpers are plain modules: tests/ (fixture_utils, launches) and tests/tools/ (tiny_runs). There is one
+# conftest on purpose: pytest imports every conftest as the module `conftest`, so a second one would shadow this one
+# for `from conftest import ...`.
+sys.path.insert(0, str(Path(__file__).parent / 'tools'))
+sys.path.insert(0, str(Path(__file__).parent))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
