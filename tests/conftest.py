@@ -1,6 +1,7 @@
-"""Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path, and the demo data
-(generated once per session into a temporary folder; tests never write into the repository)."""
+"""Shared pytest helpers: devices, kernel availability, tolerances, fixtures' folder on sys.path, fuzzing options,
+and the demo data (generated once per session into a temporary folder; tests never write into the repository)."""
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # fixture_utils
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from launches import BackgroundLaunches  # noqa: E402  (tests/ is on sys.path from here on)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup('vssm', 'vssm kernel fuzzing (tests/ops/test_fuzz_kernels_cuda.py)')
+    group.addoption('--fuzz-cases', type=int, default=int(os.environ.get('VSSM_FUZZ_CASES', 20)),
+                    help='random cases per op for the kernel fuzzing tests (default: $VSSM_FUZZ_CASES or 20)')
+    group.addoption('--fuzz-seed', type=int, default=int(os.environ.get('VSSM_FUZZ_SEED', 0)),
+                    help='seed of the fuzzing cases (default: $VSSM_FUZZ_SEED or 0)')
 
 
 def load_tool(relative: str) -> ModuleType:
@@ -101,9 +110,10 @@ def demo_data_options(task: str, root: Path) -> List[str]:
 @pytest.fixture(scope='session', autouse=True)
 def background_launches(request: pytest.FixtureRequest,
                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[BackgroundLaunches]]:
-    """The pipelines of the selected tests marked ``@pytest.mark.launches(pipeline=...)``, started in a background thread
-    when the session starts (tests/launches.py): ``pipeline(launches, run_dir, demo_root, **test_parameters)``, with
-    a temporary folder of its own. None when no such test was selected."""
+    """The pipelines of the selected tests marked ``@pytest.mark.launches(pipeline=...)``, started in a background
+    thread when the session starts (tests/launches.py):
+    ``pipeline(launches, run_dir, demo_root, **test_parameters)``, with a temporary folder of its own. None when no
+    such test was selected."""
     items = [item for item in request.session.items if item.get_closest_marker('launches')]
     if not items:
         yield None

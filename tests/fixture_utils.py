@@ -8,7 +8,6 @@ from typing import Dict
 import torch
 
 
-
 def reference_dir() -> Path:
     """The folder holding the upstream manifests and fixtures (``$VSSM_REFERENCE_DIR`` or tests/data/reference)."""
     return Path(os.environ.get('VSSM_REFERENCE_DIR') or Path(__file__).parent / 'data' / 'reference')

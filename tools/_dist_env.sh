@@ -1,20 +1,69 @@
-# Sourced by dist_train.sh / dist_test.sh with NGPUS as $1: picks the interpreter, a free port and thread counts.
-if ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
-  echo "NGPUS must be a positive integer, got '$1'" >&2
+# Sourced by the launchers (dist_train.sh, dist_test.sh, slurm_train.sh, slurm_test.sh) after they set ROOT and
+# USAGE: argument checks that name what is missing, paths taken from the caller's directory, the interpreter, the
+# rendezvous variables and thread counts. Nothing runs at source time except remembering the caller's directory.
+CALLER_DIR="$PWD"
+SCRIPT="tools/$(basename "$0")"
+
+die() {  # message: print it and the usage line, exit 2
+  printf '%s: %s\nusage: %s\n' "$SCRIPT" "$1" "$USAGE" >&2
   exit 2
-fi
-NPROC=$1
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-if [ -z "${OMP_NUM_THREADS:-}" ]; then
-  OMP_NUM_THREADS=$(( $(nproc) / NPROC ))
-  [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
-  export OMP_NUM_THREADS
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-cd "$ROOT"
+}
+
+is_count() { [[ "${1:-}" =~ ^[1-9][0-9]*$ ]]; }
+
+is_option() { [[ "${1:-}" == -* ]]; }
+
+abs_path() {  # a path from the caller's directory, made absolute (URIs such as s3://... unchanged)
+  case "$1" in
+    /* | *://*) printf '%s\n' "$1" ;;
+    *) printf '%s\n' "$CALLER_DIR/$1" ;;
+  esac
+}
+
+require_file() {  # what path: fail unless the file exists (URIs are left to the tools)
+  [[ "$2" == *://* ]] || [ -f "$2" ] || die "$1 '$2' does not exist (relative paths are taken from $CALLER_DIR)."
+}
+
+port_is_free() { "$PYTHON" -c 'import socket, sys; socket.socket().bind(("", int(sys.argv[1])))' "$1" 2>/dev/null; }
+
+find_python() {
+  if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
+  fi
+}
+
+# setup_torchrun NPROC: the torchrun rendezvous of the node (NNODES, NODE_RANK, MASTER_ADDR, PORT), threads per
+# process, PYTHONPATH and VSSM_CALLER_DIR (tools/train.py and test.py resolve their path options against it); then
+# change to the repository root, where the configs' relative paths (data/, checkpoints/, work_dirs/) point.
+setup_torchrun() {
+  NPROC=$1
+  find_python
+  NNODES=${NNODES:-1}
+  NODE_RANK=${NODE_RANK:-0}
+  is_count "$NNODES" || die "NNODES must be a positive integer, got '$NNODES'."
+  [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] \
+    || die "NODE_RANK must be one of 0..$((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'."
+  if [ "$NNODES" -gt 1 ]; then
+    [ -n "${MASTER_ADDR:-}" ] || die "NNODES=$NNODES: set MASTER_ADDR to the address of the node with NODE_RANK=0, \
+the same on every node (and PORT, default 29500, to a port free there)."
+    PORT=${PORT:-29500}
+  else
+    MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+    if [ -z "${PORT:-}" ]; then
+      PORT=29500
+      if ! port_is_free "$PORT"; then  # another run on this machine holds it; one node can use any port
+        PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+        echo "[vssm] port 29500 is in use on this machine: using port $PORT (set PORT to choose)." >&2
+      fi
+    fi
+  fi
+  is_count "$PORT" || die "PORT must be a port number, got '$PORT'."
+  if [ -z "${OMP_NUM_THREADS:-}" ]; then
+    OMP_NUM_THREADS=$(( $(nproc) / NPROC ))
+    [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
+    export OMP_NUM_THREADS
+  fi
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  export VSSM_CALLER_DIR="$CALLER_DIR"
+  cd "$ROOT"
+}

@@ -9,14 +9,19 @@ The same seed always gives byte-identical files. One call writes three standard 
 Shapes are filled polygons (circles are 32-gons) of the classes ``circle``, ``square``, ``triangle`` and ``cross``,
 sized by the diameter of their circumscribed circle, in a colour that contrasts with a noisy gradient background.
 
-``--scale N`` multiplies every split's image count by N (the learning check on the GPU machine uses more data than
-the CPU demo: ``tools/benchmarks/learning_runs.py``).
+``--scale N`` multiplies every split's image count by N (learning runs on a GPU use more data than the CPU
+demo: docs/benchmarks.md).
+
+``--image PATH`` writes only one scene for ``demo/image_demo.py`` (``demo/demo.jpg`` is made this way): 320x256, four
+shapes of every class at twice the size of the detection set's, so that the detection and segmentation test
+pipelines (which resize to 160x128 and 128x128) see them at the scale they were trained on.
 
 A stamp file ``<out>/.complete`` (generator version, seed, scale, counts) is written last, so a second call returns at
 once and an interrupted run is regenerated the next time. Usage::
 
     python tools/make_demo_data.py                      # writes data/demo
     python tools/make_demo_data.py --out data/demo --seed 0 --force
+    python tools/make_demo_data.py --image demo/demo.jpg  # the inference demo's picture
 """
 import argparse
 import json
@@ -263,6 +268,31 @@ def _make_ade(root: Path, seed: int, scale: int = 1) -> Dict[str, int]:
     return counts
 
 
+DEMO_IMAGE_SIZE = (320, 256)  # (W, H): twice DET_SIZE
+
+
+def make_demo_image(path: str, seed: int = 0) -> List[str]:
+    """Write one demo scene (``DEMO_IMAGE_SIZE``, JPEG) with one shape of each class; returns the classes in the
+    order drawn.
+
+    Args:
+        path: Output file (its folder is created).
+        seed: Random seed; the same seed gives the same file.
+    """
+    width, height = DEMO_IMAGE_SIZE
+    rng = np.random.default_rng([seed, 3])
+    image, bg_mean = _background(rng, width, height)
+    kinds = [CLASSES[i] for i in rng.permutation(len(CLASSES))]
+    circles = []
+    while len(circles) < len(kinds):  # place again until every class has its spot
+        circles = _place_circles(rng, width, height, len(kinds), 60, 110)
+    for kind, (cx, cy, radius) in zip(kinds, circles):
+        polygon = _shape_polygon(kind, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+        cv2.fillPoly(image, [polygon], _contrast_colour(rng, bg_mean), lineType=cv2.LINE_8)
+    _write_image(Path(path), _finish(rng, image), JPEG_PARAMS)
+    return kinds
+
+
 def _read_stamp(out: Path) -> Optional[dict]:
     """The stamp's content, or None if it is missing or unreadable."""
     try:
@@ -340,7 +370,12 @@ def main() -> None:
     parser.add_argument('--scale', type=int, default=1, help="multiply every split's image count (default: 1)")
     parser.add_argument('--force', action='store_true',
                         help='regenerate even if the output is complete; deletes <out>/{imagenet,coco,ade}')
+    parser.add_argument('--image', help='write only one demo scene (320x256 JPEG) to this file, e.g. demo/demo.jpg')
     args = parser.parse_args()
+    if args.image:
+        kinds = make_demo_image(args.image, seed=args.seed)
+        print(f'demo image (seed {args.seed}, {", ".join(kinds)}) written to {Path(args.image).resolve()}')
+        return
 
     start = time.perf_counter()
     result = make_demo_data(args.out, seed=args.seed, force=args.force, scale=args.scale)

@@ -3,11 +3,20 @@
 #
 #   bash tools/setup.sh            # idempotent: a second run only checks and takes seconds
 #
+# On a machine with a CUDA GPU, a CUDA build of torch and nvcc (CUDA_HOME, or nvcc on PATH, matching
+# torch.version.cuda's major version), mmcv is built with its CUDA ops and the two kernels of kernels/ are built
+# too; the last lines say which implementation the models' ops will use. Without them (e.g. on a CPU machine)
+# mmcv is built with its CPU ops and the models run on the PyTorch references.
+#
 # Environment:
 #   VSSM_PYTHON      interpreter used to create the venv (default: python3.11, else python3)
-#   VSSM_WHEELHOUSE  folder with a prebuilt mmcv-2.1.0 wheel matching torch 2.14.1 (default: ../shared/wheels
-#                    if it exists). Without one, mmcv is built from its sdist (about 10-20 minutes on 2 cores)
-#                    and the wheel is kept in ~/.cache/vssm/wheels/torch-<version>/ for the next run.
+#   VSSM_WHEELHOUSE  folder with a prebuilt CPU mmcv-2.1.0 wheel matching torch 2.14.1 (default: ../shared/wheels
+#                    if it exists; not used for CUDA builds). Without one, mmcv is built from its sdist (about
+#                    10-20 minutes on 2 cores) and the wheel is kept in ~/.cache/vssm/wheels/torch-<version>[-cuda]/
+#                    for the next run.
+#   VSSM_CUDA        1 / 0: build the CUDA parts or not (default: 1 when a GPU, CUDA torch and nvcc are found)
+#   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: those of the GPUs of this machine)
+#   MAX_JOBS         parallel compile jobs (default: the number of cores)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +26,7 @@ PY_BOOT="${VSSM_PYTHON:-$(command -v python3.11 || command -v python3)}"
 STAMP="$VENV/.vssm-setup-stamp"
 log() { printf '[setup] %s\n' "$*"; }
 
-want_stamp() { cat requirements.txt pyproject.toml tools/setup.sh | sha256sum | cut -d' ' -f1; }
+want_stamp() { { cat requirements.txt pyproject.toml tools/setup.sh; echo "cuda=${WITH_CUDA:-0}"; } | sha256sum | cut -d' ' -f1; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PY_BOOT"
@@ -26,10 +35,34 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
+# Whether to build the CUDA parts: a GPU, a CUDA build of torch and an nvcc torch finds (CUDA_HOME or PATH).
+detect_cuda() {
+  "$PY" -c 'import torch; from torch.utils.cpp_extension import CUDA_HOME
+print(int(torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None))' 2>/dev/null \
+    || echo 0
+}
+WITH_CUDA=${VSSM_CUDA:-}
+if [ -z "$WITH_CUDA" ] && "$PY" -c "import torch" >/dev/null 2>&1; then WITH_CUDA=$(detect_cuda); fi
+
+# The models' ops and where they run: the kernels on a GPU when built, the PyTorch references otherwise.
+report_backends() {
+  "$PY" - <<'PY'
+import torch
+import mmcv.ops
+import vssm  # noqa: F401
+from vssm.ops._backend import describe_backends
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+cuda = mmcv.ops.get_compiling_cuda_version()
+print('[setup] mmcv ops: ' + ('CPU only' if cuda in ('', 'not available') else f'CPU and CUDA {cuda}'))
+print(f'[setup] vssm models on {device}: ' + describe_backends('auto', torch.empty(1, device=device)))
+PY
+}
+
 # Fast path: nothing changed since the last complete run and the stack still imports.
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ] \
    && "$PY" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, vssm" >/dev/null 2>&1; then
   log "environment up to date ($VENV)"
+  [ "${WITH_CUDA:-0}" != 1 ] || report_backends
   exit 0
 fi
 
@@ -40,18 +73,46 @@ log "step 1/4: torch, torchvision, numpy, build tools"
 
 TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 PYTAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+[ -n "$WITH_CUDA" ] || WITH_CUDA=$(detect_cuda)
+MMCV_KIND=""
+CACHE="${HOME}/.cache/vssm/wheels/torch-${TORCH_VER}"
+if [ "$WITH_CUDA" = 1 ]; then
+  CUDA_VER="$("$PY" -c 'import torch; print(torch.version.cuda)')"
+  NVCC="$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)')/bin/nvcc"
+  NVCC_VER="$("$NVCC" --version | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p')"
+  if [ "${NVCC_VER%%.*}" != "${CUDA_VER%%.*}" ]; then
+    echo "[setup] $NVCC is CUDA $NVCC_VER but torch $TORCH_VER was built with CUDA $CUDA_VER: their major versions" \
+      "must match. Point CUDA_HOME at a matching toolkit, install the torch build for your CUDA, or set VSSM_CUDA=0" \
+      "to set up without the CUDA parts." >&2
+    exit 1
+  fi
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch
+caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+print(";".join(f"{a}.{b}" for a, b in caps))')"
+  fi
+  export TORCH_CUDA_ARCH_LIST
+  log "CUDA: torch $TORCH_VER+cu$CUDA_VER, nvcc $NVCC_VER, architectures $TORCH_CUDA_ARCH_LIST"
+  MMCV_KIND=", CUDA ops"
+  CACHE="$CACHE-cu$CUDA_VER"
+fi
 
-log "step 2/4: mmcv 2.1.0 with compiled ops (torch $TORCH_VER, $PYTAG)"
-if "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" >/dev/null 2>&1; then
+has_mmcv() {  # mmcv 2.1.0 with ops, and with CUDA ops when the CUDA parts are built
+  "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'
+assert '$WITH_CUDA' != '1' or mmcv.ops.get_compiling_cuda_version() not in ('', 'not available')" >/dev/null 2>&1
+}
+
+log "step 2/4: mmcv 2.1.0 with compiled ops (torch $TORCH_VER, $PYTAG$MMCV_KIND)"
+if has_mmcv; then
   log "mmcv 2.1.0 with ops already installed"
 else
-  CACHE="${HOME}/.cache/vssm/wheels/torch-${TORCH_VER}"
   mkdir -p "$CACHE"
   HOUSE="${VSSM_WHEELHOUSE:-$ROOT/../shared/wheels}"
   found=""
   for dir in "$HOUSE" "$CACHE"; do
-    # A cached wheel is only usable for the torch it was built against; the shared house is for torch 2.14.1.
-    if [ "$dir" = "$HOUSE" ] && [ "$TORCH_VER" != "2.14.1" ]; then continue; fi
+    # A cached wheel is only usable for the torch it was built against; the shared house is for torch 2.14.1
+    # (CPU ops only).
+    if [ "$dir" = "$HOUSE" ] && { [ "$TORCH_VER" != "2.14.1" ] || [ "$WITH_CUDA" = 1 ]; }; then continue; fi
     for whl in "$dir"/mmcv-2.1.0-"$PYTAG"-"$PYTAG"-*.whl; do
       [ -f "$whl" ] && found="$whl" && break 2
     done
@@ -63,7 +124,7 @@ else
     tar -xzf "$BUILD"/mmcv-2.1.0.tar.gz -C "$BUILD"
     # torch >= 2.14 needs C++20 (ATen: "C++20 or later compatible compiler is required").
     sed -i 's/-std=c++17/-std=c++20/g' "$BUILD"/mmcv-2.1.0/setup.py
-    MMCV_WITH_OPS=1 FORCE_CUDA="${FORCE_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    MMCV_WITH_OPS=1 FORCE_CUDA="$WITH_CUDA" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
       CFLAGS="-g0 -O3" CXXFLAGS="-g0 -O3" \
       "${PIP[@]}" wheel -q --no-build-isolation --no-deps --no-cache-dir -w "$CACHE" "$BUILD"/mmcv-2.1.0
     rm -rf "$BUILD"
@@ -74,6 +135,7 @@ else
   # mmcv's own runtime dependencies (the wheel was installed without them).
   "${PIP[@]}" install -q addict packaging Pillow pyyaml yapf "$(pin opencv-python)" "$(pin mmengine)"
   "$PY" -c "import mmcv.ops" || { echo "[setup] mmcv.ops does not import: the wheel does not match torch $TORCH_VER" >&2; exit 1; }
+  has_mmcv || { echo "[setup] $found has no CUDA ops: remove it from $CACHE and run again" >&2; exit 1; }
 fi
 
 log "step 3/4: the rest of requirements.txt"
@@ -82,5 +144,17 @@ log "step 3/4: the rest of requirements.txt"
 log "step 4/4: vssm (editable)"
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 
+if [ "$WITH_CUDA" = 1 ]; then
+  for kernel in selective_scan dwconv2d; do
+    if "$PY" -c "import torch, vssm_$kernel" >/dev/null 2>&1; then
+      log "kernel vssm_$kernel already built"
+    else
+      log "building kernels/$kernel (architectures $TORCH_CUDA_ARCH_LIST)"
+      MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" install -q --no-build-isolation "kernels/$kernel"
+    fi
+  done
+fi
+
 "$PY" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, vssm; print('[setup] ok: torch', __import__('torch').__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmpretrain', mmpretrain.__version__)"
+report_backends
 want_stamp > "$STAMP"

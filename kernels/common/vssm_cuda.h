@@ -5,20 +5,14 @@
 #include <cuda_fp16.h>
 
 #ifndef __CUDACC_RTC__
-#include <torch/version.h>
-
 #include <optional>
 
 #include <ATen/core/Tensor.h>
 
 namespace vssm {
 
-// Optional tensor arguments of the operators (c10::optional before torch 2.4, std::optional after).
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+// Optional tensor arguments of the operators (torch >= 2.4 takes std::optional).
 using OptTensor = std::optional<at::Tensor>;
-#else
-using OptTensor = c10::optional<at::Tensor>;
-#endif
 
 inline bool aligned16(const at::Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 

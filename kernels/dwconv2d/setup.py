@@ -14,7 +14,8 @@ sys.path.insert(0, str(HERE.parent / 'common'))
 from cuda_build import EXTRA_COMPILE_ARGS, check_nvcc_matches_torch  # noqa: E402
 
 check_nvcc_matches_torch()
-sources = ['csrc/dwconv2d.cpp'] + [f'csrc/dwconv2d_{d}_{t}.cu' for d in ('fwd', 'bwd') for t in ('fp32', 'fp16', 'bf16')]
+sources = ['csrc/dwconv2d.cpp'] + [f'csrc/dwconv2d_{d}_{t}.cu' for d in ('fwd', 'bwd')
+                                   for t in ('fp32', 'fp16', 'bf16')]
 setup(
     name='vssm-dwconv2d',
     version='0.1.0',

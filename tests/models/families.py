@@ -6,8 +6,8 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from mmengine.registry import DefaultScope
-from torch.overrides import TorchFunctionMode
 from mmpretrain.registry import MODELS
+from torch.overrides import TorchFunctionMode
 
 from vssm.models import spatial_mamba, spectral_vmamba, vmamba
 

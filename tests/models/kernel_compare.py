@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 
 def run_backend(build: Callable[[str], nn.Module], backend: str, state_dict: dict, x: Tensor, proj: Sequence[Tensor],
-                autocast: bool, skip: Callable[[str], bool] = lambda name: False) -> Tuple[List[Tensor], Dict[str, Tensor]]:
+                autocast: bool,
+                skip: Callable[[str], bool] = lambda name: False) -> Tuple[List[Tensor], Dict[str, Tensor]]:
     """Outputs (float32) and parameter gradients of ``build(backend)`` loaded with ``state_dict`` on ``x``, for the loss
     sum(out_i * proj_i): a random projection (sum(o**2) of LayerNorm outputs would be nearly constant, its gradient
     noise). ``skip(name)``: parameters whose true gradient is 0 (any path gives noise there)."""

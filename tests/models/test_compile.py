@@ -10,6 +10,9 @@
   first here, so the model compiles once (the one-time state of the first call is set; see below). SpectralVMamba at
   112 px (7 x 7 = 49 tokens), where the iterative eigensolver runs instead of the dense one, is ``slow``: its
   unrolled iterations make a graph of thousands of nodes (20-30 s to trace on 2 cores).
+* ``test_training_step_compiles_as_one_graph``: forward and backward in train mode, ``fullgraph=True``.
+
+Every compile here uses ``fullgraph=True``: a graph break fails the test.
 
 Outputs are compared relative to their largest magnitude: max |compiled - eager| <= TOLERANCE * max |eager| (fp32;
 inductor reorders and fuses reductions; measured up to 2e-6). A model's first call logs the ops' backends and sets the
@@ -37,7 +40,7 @@ def _assert_compiled_matches_eager(model: torch.nn.Module, backend: str, size: i
                                    compiled_first: bool = False) -> None:
     torch._dynamo.reset()
     images = torch.randn(1, 3, size, size)
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         if compiled_first:
             got = compiled(images)
@@ -71,3 +74,23 @@ def test_spectral_iterative_eigensolver_traces_with_aot_eager():
     family = BY_NAME['SpectralVMamba']
     _assert_compiled_matches_eager(_build(family.name, family.small_arch), backend='aot_eager', size=112,
                                    compiled_first=True)
+
+
+@pytest.mark.parametrize('family', FAMILIES, ids=FAMILY_IDS)
+def test_training_step_compiles_as_one_graph(family):
+    """Forward and backward of the small archs in train mode as one graph (``fullgraph=True``, AOTAutograd without
+    code generation): the custom ops are graph nodes and the recomputing autograd functions step aside for the
+    partitioner. Loss and input gradient equal eager's."""
+    torch._dynamo.reset()
+    model = _build(family.name, family.small_arch).train()
+    images = torch.randn(2, 3, SIZE, SIZE)
+
+    def loss_and_grad(fn):
+        x = images.clone().requires_grad_()
+        loss = sum(o.square().mean() for o in fn(x))
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    got, expected = loss_and_grad(compiled), loss_and_grad(model)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -9,8 +9,8 @@ from models.families import BY_NAME, build_classifier
 
 from vssm.models import SpectralVMamba
 from vssm.models.spectral_vmamba import spectral_merge, spectral_scan
-from vssm.ops.spectral_order import scan_index, spectral_order
 from vssm.ops import plain_autograd
+from vssm.ops.spectral_order import scan_index, spectral_order
 
 ARCH = dict(dims=[256, 64, 128, 256], depths=[1, 2, 1, 1])
 
@@ -232,4 +232,5 @@ def test_cuda_graph_cache_is_eager_on_cpu_and_not_copied():
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert clone.order_graphs is not model.order_graphs and clone.order_graphs.fn.keywords['knn'] == model.knn
         assert torch.equal(clone(x)[-1], first[-1])
-    assert not SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]), cuda_graphs=False).order_graphs.enabled
+    eager = SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]), cuda_graphs=False)
+    assert not eager.order_graphs.enabled

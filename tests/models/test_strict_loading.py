@@ -4,8 +4,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from vssm.models import SpatialMamba, VMamba
 from vssm.engine.launch import check_data_paths
+from vssm.models import SpatialMamba, VMamba
 
 ARCH = dict(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1], ssm_ratio=1.0)
 

@@ -1,27 +1,26 @@
 """Property-based tests (hypothesis) of the pure-PyTorch ops against naive loops over random cases.
 
-The cases come from :mod:`vssm.ops.fuzz` (CPU bounds): shapes, every flag combination, float64/32/16 and
+The cases come from ``tests/ops/fuzz.py`` (CPU bounds): shapes, every flag combination, float64/32/16 and
 bfloat16, and contiguous, transposed, sliced (NaN in the gaps), stride-0 and channels-last inputs. Each test
 compares the op's output and the gradient of every input with a naive float64 loop on the same (rounded) values.
 ``derandomize=True`` makes every run draw the same examples (for a given hypothesis version) and ``database=None``
 keeps a run from replaying the failures of earlier ones. Also here: the fuzz module's own layouts and parameter
-space, and ``tools/fuzz_kernels.py`` on the CPU (its dry run and its comparison harness).
+space, and the kernel-vs-reference harness of ``tests/ops/test_fuzz_kernels_cuda.py`` on the CPU (a stand-in
+kernel that matches, and one that does not).
 """
 import dataclasses
 import itertools
-import json
 from functools import partial
 from typing import Dict, Optional, Sequence, Tuple, TypeVar, Union
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ops import fuzz
 from ops.test_dwconv2d_ref import naive_dwconv
 
-from vssm.ops import fuzz
 from vssm.ops.dwconv2d import FUSION_DILATIONS
 
 T = TypeVar('T')
@@ -30,7 +29,7 @@ DTYPE_NAMES = ['float64', 'float32', 'float16', 'bfloat16']
 LAYOUT_MODES = ['contiguous', 'strided']  # every input contiguous / every input in a drawn non-contiguous layout
 EXAMPLES = dict(scan=80, dwconv=60, fusion=40)  # per dtype and layout mode
 
-# Tolerances. Observed maxima below: over 3000 random cases per op (vssm.ops.fuzz.CPU_* bounds, RandomChooser).
+# Tolerances. Observed maxima below: over 3000 random cases per op (fuzz.CPU_* bounds, RandomChooser).
 # Selective scan: elementwise |got - expected| <= t * (max|expected| + |expected|) against the float64 loop, a
 # relative error for large entries and relative to the tensor's largest one for small ones (cancellations); for
 # the gradients of A, D and delta_bias, sums over Bt and L, the sum of their terms' magnitudes replaces |expected|.
@@ -59,7 +58,7 @@ def _one_thread():
 
 
 class _HypothesisChooser:
-    """A :class:`vssm.ops.fuzz.Chooser` on hypothesis' ``draw``: each parameter shrinks on its own."""
+    """A :class:`fuzz.Chooser` on hypothesis' ``draw``: each parameter shrinks on its own."""
 
     def __init__(self, data: st.DataObject):
         self.data = data
@@ -331,24 +330,13 @@ def test_cases_and_values_are_reproducible():
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True)
 
 
-# ------------------------------------------------------------------------------------------- tools/fuzz_kernels.py
-@pytest.fixture(scope='module')
-def fuzz_kernels():
-    """tools/fuzz_kernels.py as a module (tools/ is no package)."""
-    return load_tool('tools/fuzz_kernels.py')
-
-
-def test_fuzz_kernels_dry_run_lists_the_cases(fuzz_kernels, capsys, tmp_path):
-    out_json = tmp_path / 'cases.json'
-    assert fuzz_kernels.main(['--dry-run', '--cases', '4', '--seed', '3', '--json', str(out_json)]) == 0
-    printed = capsys.readouterr().out
-    for op in fuzz_kernels.OPS:
-        assert printed.count(f'{op} #') == 4
-    listed = json.loads(out_json.read_text())['cases']
-    assert len(listed) == 4 * len(fuzz_kernels.OPS)
-    again = tmp_path / 'again.json'
-    fuzz_kernels.main(['--dry-run', '--cases', '4', '--seed', '3', '--json', str(again)])
-    assert json.loads(again.read_text())['cases'] == listed  # the seed fixes the cases
+# ---------------------------------------------------------------------------------- the kernel-vs-reference harness
+def test_kernel_cases_are_fixed_by_the_seed_and_each_op_has_its_own_stream():
+    first = {op: fuzz.draw_cases(op, 4, seed=3) for op in fuzz.KERNEL_OPS}
+    assert {op: fuzz.draw_cases(op, 4, seed=3) for op in fuzz.KERNEL_OPS} == first
+    assert fuzz.draw_cases('scan-state', 2, seed=3) == first['scan-state'][:2]  # more cases extend the same stream
+    assert fuzz.draw_cases('scan-state', 4, seed=4) != first['scan-state']
+    assert all(fuzz.op_name(case) == op for op, cases in first.items() for case in cases)
 
 
 def _fake_kernel(real_call_op, scale: Optional[float]):
@@ -362,8 +350,8 @@ def _fake_kernel(real_call_op, scale: Optional[float]):
 
 
 @pytest.mark.parametrize('scale', [None, 1.001])
-def test_fuzz_kernels_harness_counts_mismatches(fuzz_kernels, monkeypatch, scale):
-    monkeypatch.setattr(fuzz_kernels, 'call_op', _fake_kernel(fuzz.call_op, scale))
+def test_harness_counts_mismatches(monkeypatch, scale):
+    monkeypatch.setattr(fuzz, 'call_op', _fake_kernel(fuzz.call_op, scale))
     small = [
         (fuzz.draw_scan_case, dataclasses.replace(fuzz.CPU_SCAN, dtypes=('float32', ), max_length=40)),
         (fuzz.draw_dwconv_case, dataclasses.replace(fuzz.CPU_DWCONV, dtypes=('float32', ))),
@@ -371,22 +359,15 @@ def test_fuzz_kernels_harness_counts_mismatches(fuzz_kernels, monkeypatch, scale
     ]
     for draw, bounds in small:
         cases = _draw_many(draw, bounds, 4, 'harness')
-        results = [fuzz_kernels.compare_case(case, 'cpu') for case in cases]
+        results = [fuzz.compare_case(case, 'cpu') for case in cases]
         for result in results:
             assert set(result.errors) == {'out', *fuzz.make_inputs(result.case)}
             if scale is None:
                 assert result.ok and max(result.errors.values()) == 0.0
             else:  # 1e-3 relative is over every output tolerance (2e-5 at most)
                 assert not result.ok and result.errors['out'] == pytest.approx(1e-3, rel=1e-3)
-                assert 'out 1.00e-03 > ' in fuzz_kernels.describe_failure(0, result)
-        summary = fuzz_kernels.summarize(results)
+                assert 'out 1.00e-03 > ' in fuzz.describe_failure(0, result)
+        summary = fuzz.summarize(results)
         assert sum(row['cases'] for row in summary) == 4
         assert sum(row['mismatches'] for row in summary) == (0 if scale is None else 4)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message given without a CUDA device')
-def test_fuzz_kernels_needs_a_gpu(fuzz_kernels, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        fuzz_kernels.main(['--cases', '1'])
-    assert exit_info.value.code == 2
-    assert 'needs a CUDA device' in capsys.readouterr().err
+        assert len(fuzz.format_summary(summary).splitlines()) == 1 + len(summary)

@@ -75,7 +75,8 @@ def test_gradcheck_and_gradgradcheck(kind):
     inverse = inverse_permutation(index) if kind == 'permutation' else None
     x = torch.randn(2, 2, 7, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 3, 2, steps, dtype=torch.float64, requires_grad=True)
-    for fn, inp in ((lambda t: gather_tokens(t, index, inverse), x), (lambda t: scatter_tokens(t, index, 7, inverse), y)):
+    for fn, inp in ((lambda t: gather_tokens(t, index, inverse), x),
+                    (lambda t: scatter_tokens(t, index, 7, inverse), y)):
         assert torch.autograd.gradcheck(fn, (inp, ))
         assert torch.autograd.gradgradcheck(fn, (inp, ))
 

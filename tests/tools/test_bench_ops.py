@@ -1,8 +1,8 @@
-"""tools/benchmarks/bench_ops.py's tables and target verdicts (the timing itself needs a GPU: tools/gpu/session.sh)."""
+"""tools/analysis_tools/bench_ops.py's bandwidth fractions, tables and target verdicts (the timing needs a GPU)."""
 import pytest
 from conftest import load_tool
 
-bench_ops = load_tool('tools/benchmarks/bench_ops.py')
+bench_ops = load_tool('tools/analysis_tools/bench_ops.py')
 
 COPY_BW = 4e12  # bytes/s
 
@@ -52,11 +52,14 @@ def test_target_verdicts():
 
 def test_markdown_tables():
     rows = _table().rows
-    table = bench_ops.markdown_table(rows)
-    lines = table.splitlines()
+    lines = bench_ops.markdown_table(rows).splitlines()
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
     assert len(lines) == 2 + len(rows)
-    assert lines[2] == '| scan-state | SM-T s1 128x128x3136 | fp32 | cuda kernel | 0.500 | 50% | 1.300 | 58% | - |'
-    det = next(line for line in lines if 'det s1' in line and 'fused' in line)
-    assert det.endswith('| 1.300 |')
+    cells = [dict(zip(header, (c.strip() for c in line.strip('|').split('|')))) for line in lines[2:]]
+    first = cells[0]
+    assert (first['op'], first['implementation'], first['fwd ms'], first['fwd % copy']) == (
+        'scan-state', 'cuda kernel', '0.500', '50%')
+    det = next(c for c in cells if 'det s1' in c['shape'] and c['implementation'] == 'fused kernel')
+    assert float(det['host ms per fwd+bwd']) == pytest.approx(1.3)
     targets = bench_ops.targets_markdown(rows).splitlines()
-    assert targets[0] == '| target | measured | status |' and len(targets) == 2 + 5
+    assert len(targets) == 2 + len(bench_ops.target_rows(rows)) == 2 + 5

@@ -9,6 +9,7 @@ from torch import nn
 
 TINY = ['--batch', '2', '--size', '64', '--warmup', '1', '--iters', '1', '--torch-warmup', '1', '--torch-iters', '1',
         '--device', 'cpu']
+TINY_VMAMBA = dict(dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], ssm_ratio=1.0)
 
 
 @pytest.fixture(scope='module')
@@ -31,28 +32,26 @@ def test_unknown_model_lists_the_valid_names(benchmark, capsys):
     assert 'vmamba-t' in capsys.readouterr().err
 
 
-def test_every_model_config_exists(benchmark):
-    for spec in benchmark.SPECS.values():
-        paths = [spec.detector, spec.segmentor] + ([spec.classifier] if spec.ours else [])
-        for path in paths:
-            assert benchmark._config_file(path).is_file(), (spec.name, path)
-
-
-def test_pretrained_weights_are_cleared():
-    from vssm.engine.launch import clear_pretrained
-    cfg = dict(backbone=dict(init_cfg=dict(type='Pretrained', checkpoint='x.pth'), rfn_pretrained='torchvision://r'),
-               head=dict(init_cfg=[dict(type='Normal', std=0.01)]), pretrained='y.pth')
-    clear_pretrained(cfg)
-    assert cfg['backbone'] == dict(init_cfg=None, rfn_pretrained=None) and cfg['pretrained'] is None
-    assert cfg['head']['init_cfg'] == [dict(type='Normal', std=0.01)]  # initializers stay
-
-
 def _row(benchmark, model, backend, mode, images_per_s, peak_gib=None, status='ok'):
-    spec = benchmark.SPECS[model]
+    spec = benchmark.MODEL_SPECS[model]
     row = dict(model=model, title=spec.title, backend=backend, mode=mode, dtype=mode.rsplit('-', 1)[1], batch=8,
                images_per_s=images_per_s, ms_per_image=None if images_per_s is None else 1e3 / images_per_s,
                peak_mem_gib=peak_gib, status=status, note='' if status == 'ok' else 'why')
     return row
+
+
+def _tables(markdown: str) -> dict:
+    """(section title, model title, backend) -> {column header: cell} of every Markdown table."""
+    cells, title, header = {}, None, None
+    for line in markdown.splitlines():
+        if line.startswith('### '):
+            title = line[4:]
+        elif line.startswith('| model |'):
+            header = [c.strip() for c in line.strip('|').split('|')]
+        elif line.startswith('| ') and header:
+            row = dict(zip(header, (c.strip() for c in line.strip('|').split('|'))))
+            cells[title, row['model'], row['backend']] = row
+    return cells
 
 
 def test_markdown_ratios(benchmark):
@@ -63,12 +62,35 @@ def test_markdown_ratios(benchmark):
             _row(benchmark, 'vmamba-t', 'cuda', 'train-bf16', 300.0, 2.0),
             _row(benchmark, 'swin-t', '-', 'train-bf16', 150.0, 1.0),
             _row(benchmark, 'convnext-t', '-', 'train-bf16', None, status='error')]
-    lines = benchmark.markdown(meta, rows).splitlines()
-    assert '| VMamba-T | cuda | 8 | 300.0 | 3.33 | 2.00x | 2.00 | 2.00x | 3.00x |  |' in lines
-    assert '| VMamba-T | torch | 8 | 100.0 | 10.00 | 0.67x | 4.00 | 4.00x | - |  |' in lines
-    assert '| Swin-T | - | 8 | 150.0 | 6.67 | 1.00x | 1.00 | 1.00x | - |  |' in lines
-    assert '| ConvNeXt-T | - | 8 | - | - | - | - | - | - | error: why |' in lines
-    assert any('TF32 on' in line for line in lines) and any('batch 4, 0 + 1 iterations' in line for line in lines)
+    text = benchmark.markdown(meta, rows)
+    assert 'TF32 on' in text and 'batch 4, 0 + 1 iterations' in text
+    tables = _tables(text)
+    title = 'Training step (forward + backward + AdamW), bf16 autocast'
+    kernels, reference = tables[title, 'VMamba-T', 'cuda'], tables[title, 'VMamba-T', 'torch']
+    assert float(kernels['images/s vs Swin-T'].rstrip('x')) == pytest.approx(2.0)
+    assert float(kernels['memory vs Swin-T'].rstrip('x')) == pytest.approx(2.0)
+    assert float(kernels['kernel vs torch'].rstrip('x')) == pytest.approx(3.0)
+    assert float(reference['images/s vs Swin-T'].rstrip('x')) == pytest.approx(100 / 150, abs=0.01)
+    assert 'error' in tables[title, 'ConvNeXt-T', '-']['note']
+
+
+def test_saved_and_order_tables(benchmark):
+    meta = dict(device='GPU', torch='2', cuda='13', tf32=True, cudnn_benchmark=False, date='today', batch=8, size=224,
+                warmup=1, iters=2, torch_batch=4, torch_warmup=0, torch_iters=1, det_size=[1333, 800], seg_size=512,
+                command='python x')
+    saved = [dict(_row(benchmark, name, backend, 'saved-bf16', None), saved_gib=gib, end_of_forward_gib=gib + 1,
+                  saved_top={'SS2D': gib / 2}) for name, backend, gib in (('vmamba-t', 'cuda', 3.0),
+                                                                           ('swin-t', '-', 2.0))]
+    order = [dict(_row(benchmark, 'spectral-vmamba-t', 'cuda', 'order-fp32', 50.0), size='512x512', forward_ms=20.0,
+                  order_ms=2.5, order_share=0.125, tokens=1024)]
+    tables = _tables(benchmark.markdown(meta, saved + order))
+    row = tables['Saved for backward by a training forward, bf16 autocast', 'VMamba-T', 'cuda']
+    assert float(row['saved vs Swin-T'].rstrip('x')) == pytest.approx(1.5)
+    assert 'SS2D' in row['largest module types (GiB)']
+    row = tables['Spectral ordering inside the backbone forward, fp32', 'Spectral VMamba-T', 'cuda']
+    assert float(row['ordering share'].rstrip('%')) == pytest.approx(12.5)
+    line = benchmark.format_row(dict(order[0], seconds=1.0, params_m=1.0, warmup=1, iters=2))
+    assert 'ordering 2.50 ms' in line and '12.5%' in line
 
 
 class _StandIn(nn.Module):
@@ -96,8 +118,7 @@ def test_a_failing_model_is_recorded_and_the_run_goes_on(benchmark, monkeypatch,
     assert by_model['vmamba-t', 'train-bf16']['note'] == 'out of memory'
     assert all(by_model['swin-t', mode]['images_per_s'] > 0 for mode in ('infer-fp32', 'train-bf16'))
     assert len(json.loads((tmp_path / 'rows.json').read_text())['rows']) == 4
-    table = (tmp_path / 'rows.md').read_text()
-    assert '| VMamba-T | torch | 2 | - | - | - | - | - | - | error: out of memory |' in table
+    assert 'error: out of memory' in (tmp_path / 'rows.md').read_text()
 
 
 @pytest.mark.slow
@@ -119,7 +140,7 @@ def test_vmamba_and_swin_rows_json_and_markdown(benchmark, tmp_path):
     assert "PyTorch reference" in rows['vmamba-t', 'torch', 'infer-fp32']['ops']
     text = md_path.read_text()
     assert 'images/s vs Swin-T' in text and 'memory vs Swin-T' in text and 'kernel vs torch' in text
-    assert '| Swin-T | - | 2 |' in text and '1.00x' in text and 'batch 2 at 64x64' in text
+    assert 'batch 2 at 64x64' in text
     assert 'recomputation on' in text and data['meta']['recompute'] is True
 
 
@@ -145,6 +166,64 @@ def test_det_and_seg_latency_through_predict(benchmark, tmp_path):
     assert 'UPerNet latency, bf16' in (tmp_path / 'bench.md').read_text()
 
 
+def _tiny_classifier(backend: str = 'torch') -> nn.Module:
+    from vssm.analysis.models import build_model
+    return build_model(dict(type='ImageClassifier', backbone=dict(type='VMamba', arch=TINY_VMAMBA, ops_backend=backend),
+                            neck=dict(type='GlobalAveragePooling'),
+                            head=dict(type='LinearClsHead', num_classes=10, in_channels=64)))
+
+
+def test_saved_mode_rows(benchmark, monkeypatch, tmp_path):
+    monkeypatch.setattr(benchmark, 'build_classifier', lambda spec, backend, size: _tiny_classifier(backend))
+    rows = benchmark.main(['--models', 'vmamba-t', '--modes', 'saved-bf16', 'saved-fp32', '--backends', 'torch',
+                           '--markdown', str(tmp_path / 'rows.md')] + TINY)
+    assert [(r['mode'], r['status']) for r in rows] == [('saved-bf16', 'ok'), ('saved-fp32', 'ok')]
+    for row in rows:
+        assert 0 < row['saved_gib'] < row['end_of_forward_gib'] and 'SS2D' in row['saved_top']
+        assert row['images_per_s'] is None and (row['warmup'], row['iters']) == (0, 1)
+    assert 'Saved for backward by a training forward, fp32' in (tmp_path / 'rows.md').read_text()
+
+
+def _tiny_spectral_backbone() -> nn.Module:
+    from vssm.models import SpectralVMamba
+    torch.manual_seed(0)
+    return SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]), out_indices=(0, 1, 2, 3),
+                          rfn_pretrained=None).eval()
+
+
+def test_order_mode_times_the_orders_the_forward_uses(benchmark):
+    backbone = _tiny_spectral_backbone()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = backbone.forward_with_orders(images)[1]
+        orders = benchmark.spectral_ordering(backbone, backbone.rfn(images))
+    assert len(orders) == len(expected) == 4
+    for order, reference in zip(orders, expected):
+        assert torch.equal(order, reference)
+    cost = benchmark.ordering_cost(backbone, 'fp32', 2, 64, 64, warmup=0, iters=1, device=torch.device('cpu'))
+    assert 0 < cost['order_ms'] and 0 < cost['order_share'] == pytest.approx(cost['order_ms'] / cost['forward_ms'])
+    assert cost['tokens'] == 16  # 64 / 16 squared at stage 0
+
+
+def test_order_mode_rows(benchmark, monkeypatch):
+    monkeypatch.setattr(benchmark, 'build_ordered_backbone', lambda spec, backend: _tiny_spectral_backbone())
+    rows = benchmark.main(['--models', 'vmamba-t', 'spectral-vmamba-t', '--modes', 'order-fp32', '--backends',
+                           'torch', '--order-size', '32', '48', '--order-batches', '1', '2'] + TINY)
+    assert [(r['model'], r['batch'], r['size'], r['status']) for r in rows] == [
+        ('spectral-vmamba-t', 1, '48x32', 'ok'), ('spectral-vmamba-t', 2, '48x32', 'ok')]
+    assert all(0 < r['order_share'] and r['forward_ms'] > 0 for r in rows)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--models', 'vmamba-t', '--modes', 'order-bf16'], 'add e.g. spectral-vmamba-t'),
+    (['--models', 'spectral-vmamba-t', '--modes', 'order-fp32', '--order-size', '500', '512'], 'multiples of 16'),
+])
+def test_order_mode_options_are_checked(benchmark, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_profile_lists_the_top_operators(benchmark):
     """--profile: the top operators of a step with their time per step, share and calls per step."""
     layer = nn.Linear(64, 64)
@@ -153,3 +232,33 @@ def test_profile_lists_the_top_operators(benchmark):
     assert 1 <= len(ops) <= 3 and all(op['ms'] >= 0 and 0 <= op['share'] <= 1 for op in ops)
     assert any('addmm' in op['name'] or 'linear' in op['name'] for op in ops)
     assert ops == sorted(ops, key=lambda op: op['ms'], reverse=True)
+
+
+def _tiny_task_model(spec, task: str, backend: str = 'torch') -> nn.Module:
+    """Mask R-CNN or UPerNet of a VMamba config with a tiny arch (and the neck/heads narrowed to it)."""
+    from vssm.analysis.models import build_model, prepare_config
+    cfg = prepare_config(spec.config(task))
+    cfg.model.backbone.update(arch=TINY_VMAMBA, ops_backend=backend)
+    if task == 'det':
+        cfg.model.neck.in_channels = [8, 16, 32, 64]
+    else:
+        cfg.model.decode_head.update(in_channels=[8, 16, 32, 64], channels=16)
+        cfg.model.auxiliary_head.update(in_channels=32, channels=16)
+    return build_model(cfg)
+
+
+@pytest.mark.slow
+def test_task_training_modes_run_train_step(benchmark, monkeypatch, tmp_path):
+    """det-train-fp16 / seg-train-bf16: model.train_step with the configs' optimizer wrapper on random images and
+    ground truth (a tiny VMamba in the full Mask R-CNN and UPerNet, whose heads keep the step at ~10 s on a CPU; on a
+    CPU fp16 runs as fp32)."""
+    monkeypatch.setattr(benchmark, 'build_spec_model', _tiny_task_model)
+    rows = benchmark.main(['--latency-models', 'vmamba-t', '--modes', 'det-train-fp16', 'seg-train-bf16',
+                           '--backends', 'torch', '--det-size', '96', '64', '--seg-size', '64',
+                           '--det-train-batch', '1', '--seg-train-batch', '2', '--markdown', str(tmp_path / 'rows.md')]
+                          + TINY)
+    assert [(r['mode'], r['dtype'], r['batch'], r['status']) for r in rows] == [
+        ('det-train-fp16', 'fp16', 1, 'ok'), ('seg-train-bf16', 'bf16', 2, 'ok')], rows
+    assert all(r['images_per_s'] > 0 for r in rows)
+    text = (tmp_path / 'rows.md').read_text()
+    assert 'Mask R-CNN training step, fp16' in text and 'UPerNet training step, bf16' in text

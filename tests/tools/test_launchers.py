@@ -6,6 +6,7 @@ and the helpers in ``vssm.engine.launch`` are not.
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +61,16 @@ randomness = dict(seed=0)
 """
 
 
+def _free_port() -> int:
+    """A port for the run's rendezvous (the launchers default to 29500, which a parallel run may hold)."""
+    with socket.socket() as s:
+        s.bind(('', 0))
+        return s.getsockname()[1]
+
+
 def _run(args: List[str], log: Path) -> str:
     """Run a tool from the repo root; keep its output in ``log`` and fail with its tail."""
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO_ROOT))
-    env.pop('PORT', None)  # the wrappers pick a free port, so runs in parallel don't collide
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO_ROOT), PORT=str(_free_port()))
     result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = result.stdout + result.stderr
     log.write_text(out)

@@ -1,6 +1,5 @@
 """Tests for tools/make_demo_data.py: determinism, skipping, layouts, and loading through the OpenMMLab datasets."""
 import hashlib
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Dict
@@ -9,12 +8,13 @@ import cv2
 import mmseg.datasets  # noqa: F401  registers mmseg's datasets and transforms (scope 'mmseg')
 import numpy as np
 import pytest
+from conftest import load_tool
 from mmdet.datasets import CocoDataset
 from mmpretrain.datasets import CustomDataset
 from mmseg.datasets import BaseSegDataset
 from mmseg.datasets.transforms import LoadAnnotations
 from pycocotools.coco import COCO
-from conftest import load_tool
+
 
 def _load_tool() -> ModuleType:
     return load_tool('tools/make_demo_data.py')
@@ -50,12 +50,10 @@ def test_same_seed_gives_identical_files(demo: Path, tmp_path: Path) -> None:
     assert _file_hashes(other) != _file_hashes(demo)
 
 
-def test_second_call_skips_quickly(demo: Path) -> None:
+def test_second_call_skips_and_rewrites_nothing(demo: Path) -> None:
     before = {path: path.stat().st_mtime_ns for path in demo.rglob('*')}
-    start = time.perf_counter()
     result = tool.make_demo_data(str(demo), seed=0)
     assert result['skipped']
-    assert time.perf_counter() - start < 0.5
     assert {path: path.stat().st_mtime_ns for path in demo.rglob('*')} == before
     assert result['counts']['imagenet/train'] == 4 * tool.CLS_PER_CLASS['train']
 

@@ -1,12 +1,12 @@
-"""vssm/engine/resume.py on a GPU: the generator states come back from a checkpoint loaded onto the GPU (mmengine's resume
-uses ``map_location='default'``, the current device; a 2-GPU resume failed on this before the fix)."""
+"""RNGStateHook (vssm/engine/hooks.py) on a GPU: the generator states come back from a checkpoint loaded onto the GPU
+(mmengine's resume uses ``map_location='default'``, the current device)."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from vssm import resume
+from vssm.engine import hooks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -16,10 +16,10 @@ def _draws():
 
 
 def test_rng_states_restore_from_tensors_on_the_gpu():
-    state = resume._capture_rng()
+    state = hooks._capture_rng()
     name, keys, pos, has_gauss, cached = state['numpy']
     on_gpu = dict(state, numpy=(name, keys.cuda(), pos, has_gauss, cached), torch=state['torch'].cuda(),
                   cuda=[s.cuda() for s in state['cuda']])
     expected = _draws()
-    resume._restore_rng(on_gpu)
+    hooks._restore_rng(on_gpu)
     assert _draws() == expected

@@ -10,7 +10,8 @@ from vssm.engine.launch import _replace_sync_bn, apply_demo_override, load_confi
 from vssm.fileio import register_safe_globals
 
 CLS_CONFIG = str(REPO_ROOT / 'classification/configs/spatial_mamba/spatial-mamba-tiny_8xb128_in1k.py')
-SEG_CONFIG = str(REPO_ROOT / 'segmentation/configs/spatial_mamba/spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py')
+SEG_CONFIG = str(REPO_ROOT / 'segmentation/configs/spatial_mamba'
+                 / 'spatial-mamba-tiny_upernet_8xb2-160k_ade20k-512x512.py')
 
 
 def test_sync_bn_becomes_bn_in_nested_configs():

@@ -2,7 +2,8 @@
 
     python tools/analysis_tools/benchmark.py [--models NAME ...] [--modes MODE ...] [--backends torch cuda]
         [--batch 128] [--size 224] [--warmup 10] [--iters 30] [--torch-batch B] [--torch-warmup 3] [--torch-iters 10]
-        [--latency-models NAME ...] [--det-size 1333 800] [--seg-size 512] [--tf32 | --no-tf32] [--device cuda]
+        [--latency-models NAME ...] [--det-size 1333 800] [--seg-size 512] [--order-size 512 512]
+        [--order-batches 1 2 8] [--tf32 | --no-tf32] [--device cuda] [--profile N] [--no-recompute]
         [--json rows.json] [--markdown table.md]
 
 Protocol:
@@ -10,8 +11,8 @@ Protocol:
 * Models. Ours are the ImageNet classifiers built from our configs (classification/configs/<family>/*_in1k.py:
   backbone, global average pooling, 1000-way linear head); the peers are mmpretrain's Swin-T (``SwinTransformer``
   arch tiny, ``pad_small_map=True`` so that sizes below 224 run too) and ConvNeXt-T with the same neck and head,
-  built from dicts. Weights are random: nothing is loaded or downloaded (``init_cfg`` Pretrained and
-  ``*_pretrained`` are cleared, ``init_weights()`` is not called).
+  built from dicts (``vssm.analysis.models.MODEL_SPECS``). Weights are random: nothing is loaded or downloaded
+  (``init_cfg`` Pretrained and ``*_pretrained`` are cleared, ``init_weights()`` is not called).
 * Backends. Each of our models runs twice: ``ops_backend='torch'`` (the pure-PyTorch reference ops) and ``'cuda'``
   (the kernels built from kernels/; ``'auto'`` may be asked for too). The kernel rows are reported as skipped, with
   the reason, when there is no GPU or a kernel the family needs is not built. The references are slow, so they have
@@ -23,6 +24,18 @@ Protocol:
   weight decay 0.05, no gradient clipping) over the trainable parameters, ``zero_grad(set_to_none=True)``.
   ``--warmup`` untimed iterations, then ``--iters`` iterations timed as one span with CUDA events
   (``time.perf_counter`` on a CPU); images/s = batch x iters / span.
+* Saved-activation modes ``saved-bf16`` and ``saved-fp32`` (on request): where the training memory goes. One
+  training forward as in ``train-*`` (the loss, no backward) records every tensor autograd saves for the backward
+  (``vssm.analysis.memory``: each storage once, parameters and buffers left out), by module type and module path.
+  The row gives the saved bytes and the end-of-forward total (saved + weights, buffers and AdamW state: what a step
+  holds before its backward; the measured ``train-*`` peak adds the backward's temporaries). The saves follow the
+  device's autocast rules and the ops backend (the kernels save other tensors than the references).
+* Spectral ordering modes ``order-fp32`` and ``order-bf16`` (on request; the Spectral VMamba models of
+  ``--models``): what the ordering costs inside the backbone's forward. The backbone of the UPerNet config
+  (``eval()``, ``torch.no_grad()``, fp32 or bf16 autocast) on ``--order-batches`` random images of
+  ``--order-size`` H W: the median forward time, and the median time of the ordering alone on the features the
+  forward orders (the k-NN graph and eigensolver on stage 0's features, replayed as a CUDA graph on a GPU, and the
+  pooled eigenvector fields sorted for stages 1-3); the row's share is ordering / forward.
 * Latency modes, batch 1, ``eval()``, ``torch.no_grad()``, fp32 and bf16 autocast: one random uint8 image through
   the model's ``data_preprocessor`` and ``predict`` (``model.test_step``); ms/image is the median over ``--iters``
   iterations (after ``--warmup``), each one timed with CUDA events and a synchronize. ``det-latency``: Mask R-CNN
@@ -35,6 +48,11 @@ Protocol:
   swin/swin-tiny-patch4-window7-in1k-pre_upernet_*-512x512.py), 'whole' inference on a ``--seg-size`` square image.
   Only ``--latency-models`` take part (default: the T models and Swin-T). Batch-1 latency is bound by the host
   (kernel launches) as much as by the GPU.
+* Task training modes (on request), the ``--latency-models`` too: ``det-train-fp16``, a Mask R-CNN
+  ``model.train_step`` at ``--det-size`` with ``--det-train-batch`` images (default 2) under the configs' fp16
+  ``AmpOptimWrapper`` (dynamic loss scale), and ``seg-train-bf16``, an UPerNet step at ``--seg-size`` with
+  ``--seg-train-batch`` images (default 8) in bf16; random images and ground truth (8 boxes with box-shaped masks per
+  image; a random label map), AdamW; images/s over the timed steps.
 * Memory: the peak of ``torch.cuda.max_memory_allocated()`` per mode (the caches emptied and the peak reset before
   each mode), weights, gradients and optimizer state included; not measured on a CPU.
 * Numerics: TF32 for fp32 matmuls and cuDNN convolutions is on by default (``--no-tf32`` turns it off; the setting
@@ -51,30 +69,44 @@ Swin-T in the same mode, and the kernel / reference speed-up of each of our mode
 """
 import argparse
 import contextlib
-import gc
 import importlib
 import json
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from vssm.analysis.memory import record_saved_tensors, static_bytes
+from vssm.analysis.models import MODEL_SPECS, ModelSpec, build_backbone, build_spec_model, prepare_config
+from vssm.analysis.timing import (
+    device_name,
+    error_text,
+    median_ms,
+    peak_bytes,
+    release,
+    reset_peak,
+    synchronize,
+    timed_span,
+)
 
 CLS_MODES = ('infer-fp32', 'infer-bf16', 'train-bf16', 'train-fp32')
+SAVED_MODES = ('saved-bf16', 'saved-fp32')
+ORDER_MODES = ('order-fp32', 'order-bf16')
 LATENCY_MODES = ('det-latency', 'seg-latency')
-MODES = CLS_MODES + LATENCY_MODES
+TASK_TRAIN_MODES = ('det-train-fp16', 'seg-train-bf16')
+MODES = CLS_MODES + SAVED_MODES + ORDER_MODES + LATENCY_MODES + TASK_TRAIN_MODES
 DEFAULT_MODES = ('infer-fp32', 'infer-bf16', 'train-bf16', 'det-latency', 'seg-latency')
 BACKENDS = ('torch', 'cuda', 'auto')
 LATENCY_DTYPES = ('fp32', 'bf16')
 PEER_BACKEND = '-'  # the backend column of the peers, which have no ops backend
 REFERENCE = 'swin-t'
+ORDERED_FAMILY = 'SpectralVMamba'  # the family whose scan order the order-* modes time
+GIB = float(2**30)
 
 # The compiled extensions (vssm.ops.<name>.kernel_available()) each family calls with ops_backend='cuda'.
 KERNELS = {
@@ -82,126 +114,18 @@ KERNELS = {
     'VMamba': ('selective_scan', ),
     'SpectralVMamba': ('selective_scan', ),
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of the benchmark.
-
-    Args:
-        name: the command-line name, e.g. ``'vmamba-t'``.
-        title: the name in tables, e.g. ``'VMamba-T'``.
-        classifier: our classification config (relative to the repository), or a function of the image size that
-            returns a model dict (the peers).
-        detector: the Mask R-CNN config, relative to the repository or ``'mmdet::<path>'`` in mmdet's configs.
-        segmentor: the UPerNet config, likewise (``'mmseg::<path>'``). A peer's config missing from the installed
-            package makes its rows errors that say so; the run goes on.
-        family: our backbone class (for the ops backends); ``None`` for the peers.
-    """
-    name: str
-    title: str
-    classifier: Union[str, Callable[[int], dict]]
-    detector: str
-    segmentor: str
-    family: Optional[str] = None
-
-    @property
-    def ours(self) -> bool:
-        return self.family is not None
-
-
-def _cls_head(in_channels: int) -> dict:
-    return dict(type='LinearClsHead', num_classes=1000, in_channels=in_channels,
-                loss=dict(type='CrossEntropyLoss', loss_weight=1.0), cal_acc=False)
-
-
-def _swin_t(size: int) -> dict:
-    """mmpretrain's Swin-T ImageNet classifier (configs/_base_/models/swin_transformer/tiny_224.py)."""
-    return dict(type='ImageClassifier',
-                backbone=dict(type='SwinTransformer', arch='tiny', img_size=size, drop_path_rate=0.2,
-                              pad_small_map=True),
-                neck=dict(type='GlobalAveragePooling'), head=_cls_head(768))
-
-
-def _convnext_t(size: int) -> dict:
-    """mmpretrain's ConvNeXt-T ImageNet classifier (configs/_base_/models/convnext/convnext-tiny.py)."""
-    return dict(type='ImageClassifier', backbone=dict(type='ConvNeXt', arch='tiny', drop_path_rate=0.1),
-                head=_cls_head(768))
-
-
-def _our_specs() -> List[ModelSpec]:
-    families = (  # (name prefix, title, config folder, backbone class)
-        ('spatial-mamba', 'Spatial-Mamba', 'spatial_mamba', 'SpatialMamba'),
-        ('vmamba', 'VMamba', 'vmamba', 'VMamba'),
-        ('spectral-vmamba', 'Spectral VMamba', 'spectral_vmamba', 'SpectralVMamba'),
-    )
-    specs = []
-    for size, arch in (('t', 'tiny'), ('s', 'small'), ('b', 'base')):
-        for prefix, title, folder, family in families:
-            specs.append(ModelSpec(
-                name=f'{prefix}-{size}', title=f'{title}-{size.upper()}', family=family,
-                classifier=f'classification/configs/{folder}/{prefix}-{arch}_8xb128_in1k.py',
-                detector=f'detection/configs/{folder}/mask-rcnn_{prefix}-{size}_fpn_1x_coco.py',
-                segmentor=f'segmentation/configs/{folder}/{prefix}-{arch}_upernet_8xb2-160k_ade20k-512x512.py'))
-    return specs
-
-
-SPECS: Dict[str, ModelSpec] = {spec.name: spec for spec in _our_specs() + [
-    ModelSpec('swin-t', 'Swin-T', _swin_t, 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
-              'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'),
-    ModelSpec('convnext-t', 'ConvNeXt-T', _convnext_t,
-              'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py',
-              'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'),
-]}
-DEFAULT_MODELS = tuple(SPECS)
+DEFAULT_MODELS = tuple(MODEL_SPECS)
 DEFAULT_LATENCY_MODELS = ('spatial-mamba-t', 'vmamba-t', 'spectral-vmamba-t', 'swin-t')
 
 
 # --- building ----------------------------------------------------------------------------------------------------
-def _config_file(path: str) -> Path:
-    """A repository-relative config path, or ``'<package>::<path>'`` inside that package's ``.mim/configs``."""
-    if '::' in path:
-        package, relative = path.split('::', 1)
-        return Path(importlib.import_module(package).__file__).parent / '.mim' / 'configs' / relative
-    return REPO_ROOT / path
-
-
-def _load_model_config(path: str):
-    """The ``model`` dict of a config (and its scope), with SyncBN as BN on a CPU and no pretrained weights."""
-    from mmengine.config import Config
-
-    from vssm.engine.launch import clear_pretrained, prepare_for_device
-    file = _config_file(path)
-    if not file.is_file():
-        raise FileNotFoundError(f'config {path!r} not found (looked at {file}).')
-    cfg = Config.fromfile(str(file))
-    prepare_for_device(cfg, 'none')
-    model_cfg = cfg.model
-    clear_pretrained(model_cfg)
-    return model_cfg, cfg.get('default_scope', 'mmpretrain')
-
-
-def _build(model_cfg, scope: str) -> torch.nn.Module:
-    from mmengine.registry import MODELS, DefaultScope
-    with DefaultScope.overwrite_default_scope(scope):
-        return MODELS.build(model_cfg)
-
-
 def build_classifier(spec: ModelSpec, backend: str, size: int) -> torch.nn.Module:
-    if spec.ours:
-        model_cfg, scope = _load_model_config(spec.classifier)
-        model_cfg.backbone.ops_backend = backend
-    else:
-        model_cfg, scope = spec.classifier(size), 'mmpretrain'
-    return _build(model_cfg, scope)
+    return build_spec_model(spec, 'cls', backend, size)
 
 
 def build_task_model(spec: ModelSpec, task: str, backend: str) -> torch.nn.Module:
     """Mask R-CNN (``task='det'``) or UPerNet (``'seg'``) of ``spec``, set up as the protocol says."""
-    model_cfg, scope = _load_model_config(spec.detector if task == 'det' else spec.segmentor)
-    if spec.ours:
-        model_cfg.backbone.ops_backend = backend
-    model = _build(model_cfg, scope)
+    model = build_spec_model(spec, task, backend)
     if task == 'det':
         # Random weights score every class about 1/81, below the 0.05 threshold: nothing would reach the mask head.
         # A trained detector's load instead: one class wins, its boxes go through NMS, up to 100 get masks.
@@ -210,50 +134,16 @@ def build_task_model(spec: ModelSpec, task: str, backend: str) -> torch.nn.Modul
     return model
 
 
+def build_ordered_backbone(spec: ModelSpec, backend: str) -> torch.nn.Module:
+    """The backbone of ``spec``'s UPerNet config (every stage's output)."""
+    return build_backbone(prepare_config(spec.segmentor), ops_backend=backend)
+
+
 # --- measuring ---------------------------------------------------------------------------------------------------
 def _autocast(device: torch.device, dtype: str):
     if dtype == 'bf16':
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _timed_span(step: Callable[[], None], iters: int, device: torch.device) -> float:
-    """Seconds for ``iters`` calls of ``step``, timed as one span."""
-    _synchronize(device)
-    if device.type == 'cuda':
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return time.perf_counter() - begin
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def _reset_peak(device: torch.device) -> None:
-    _release(device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_bytes(device: torch.device) -> Optional[int]:
-    return torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None
 
 
 def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, top: int = 15) -> List[Dict[str, Any]]:
@@ -264,7 +154,7 @@ def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, 
     with profile(activities=activities) as prof:
         for _ in range(iters):
             step()
-        _synchronize(device)
+        synchronize(device)
     gpu = device.type == 'cuda'
     events = [e for e in prof.key_averages() if (e.device_type.name == 'CUDA' if gpu else True)]
     self_us = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
@@ -276,11 +166,14 @@ def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, 
 
 def classification_throughput(model: torch.nn.Module, mode: str, batch: int, size: int, warmup: int, iters: int,
                               device: torch.device, profile_iters: int = 0,
-                              profile_into: Optional[Dict[str, Any]] = None) -> Tuple[float, Optional[int]]:
+                              profile_into: Optional[Dict[str, Any]] = None,
+                              compile: bool = False) -> Tuple[float, Optional[int]]:
     """(images/s, peak bytes) of one classification mode, as the module docstring says. With ``profile_iters``,
     that many more steps run under torch.profiler afterwards and their top kernels go to
-    ``profile_into['profile']``."""
-    _reset_peak(device)
+    ``profile_into['profile']``. ``compile``: the model runs through ``torch.compile`` (inductor, default mode;
+    compiled during the warm-up iterations)."""
+    reset_peak(device)
+    forward = torch.compile(model) if compile else model
     dtype = mode.rsplit('-', 1)[1]
     images = torch.randn(batch, 3, size, size, device=device)
     if mode.startswith('infer'):
@@ -288,7 +181,7 @@ def classification_throughput(model: torch.nn.Module, mode: str, batch: int, siz
 
         def step() -> None:
             with torch.no_grad(), _autocast(device, dtype):
-                model(images, mode='tensor')
+                forward(images, mode='tensor')
     else:
         model.train()
         labels = torch.randint(0, model.head.num_classes, (batch, ), device=device)
@@ -297,21 +190,77 @@ def classification_throughput(model: torch.nn.Module, mode: str, batch: int, siz
 
         def step() -> None:
             with _autocast(device, dtype):
-                logits = model(images, mode='tensor')
+                logits = forward(images, mode='tensor')
             F.cross_entropy(logits.float(), labels).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     try:
         for _ in range(warmup):
             step()
-        seconds = _timed_span(step, iters, device)
-        peak = _peak_bytes(device)
+        seconds = timed_span(step, iters, device)
+        peak = peak_bytes(device)
         if profile_iters > 0 and profile_into is not None:
             profile_into['profile'] = profile_top_ops(step, profile_iters, device)
         return batch * iters / seconds, peak
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+def saved_activations(model: torch.nn.Module, dtype: str, batch: int, size: int, device: torch.device,
+                      top: int = 5) -> Dict[str, Any]:
+    """What one training forward of a classifier saves for the backward (the ``saved-*`` modes): saved bytes, the
+    end-of-forward total with the weights, buffers and AdamW state, the ``top`` module types, the peak (GPU)."""
+    reset_peak(device)
+    model.train()
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, model.head.num_classes, (batch, ), device=device)
+
+    def step() -> torch.Tensor:
+        with _autocast(device, dtype):
+            logits = model(images, mode='tensor')
+        return F.cross_entropy(logits.float(), labels)
+
+    try:
+        saved = record_saved_tensors(model, step)
+    finally:
+        model.eval()
+    static = static_bytes(model)
+    held = saved.saved_bytes + static['parameters'] + static['buffers'] + static['adamw_state']
+    return dict(saved_bytes=saved.saved_bytes, saved_gib=saved.saved_bytes / GIB, end_of_forward_gib=held / GIB,
+                saved_top={k: v / GIB for k, v in list(saved.by_type.items())[:top]}, peak_mem_bytes=peak_bytes(device))
+
+
+def spectral_ordering(backbone: torch.nn.Module, features: torch.Tensor) -> List[torch.Tensor]:
+    """The orders a Spectral VMamba forward computes from its stage-0 features (B, C, h, w), as its forward does:
+    the graph spectrum at stage 0, then the eigenvector fields pooled and sorted for every later stage."""
+    from vssm.ops.spectral_order import pooled_order
+    if backbone.upstream_compat:
+        raise ValueError('the order-* modes time the default (fixed) ordering; upstream_compat=True propagates the '
+                         'orders through the pooling instead.')
+    first, details = backbone.layers[0].blocks[0].order_from_features(
+        features, backbone.top_k, backbone.knn, False, backbone.eigensolver, return_details=True,
+        graphs=backbone.order_graphs)
+    fields = details['eigenvectors'].transpose(1, 2).reshape(features.shape[0], backbone.top_k, *features.shape[-2:])
+    orders = [first]
+    for _ in backbone.layers[1:]:
+        order, fields = pooled_order(fields)
+        orders.append(order)
+    return orders
+
+
+def ordering_cost(backbone: torch.nn.Module, dtype: str, batch: int, height: int, width: int, warmup: int,
+                  iters: int, device: torch.device) -> Dict[str, Any]:
+    """Median ms of the backbone's forward and of the ordering inside it (the ``order-*`` modes), and their ratio."""
+    reset_peak(device)
+    backbone.eval()
+    images = torch.randn(batch, 3, height, width, device=device)
+    with torch.no_grad(), _autocast(device, dtype):
+        forward_ms = median_ms(lambda: backbone(images), device, warmup, iters)
+        features = backbone.rfn(images)  # what the first stage orders its tokens by
+        order_ms = median_ms(lambda: spectral_ordering(backbone, features), device, warmup, iters)
+    return dict(forward_ms=forward_ms, order_ms=order_ms, order_share=order_ms / forward_ms,
+                tokens=features.shape[-2] * features.shape[-1], peak_mem_bytes=peak_bytes(device))
 
 
 def _task_inputs(task: str, width: int, height: int, device: torch.device) -> Callable[[], dict]:
@@ -330,7 +279,7 @@ def _task_inputs(task: str, width: int, height: int, device: torch.device) -> Ca
 def task_latency(model: torch.nn.Module, task: str, dtype: str, width: int, height: int, warmup: int, iters: int,
                  device: torch.device) -> Tuple[float, Optional[int]]:
     """(median ms per image, peak bytes) of ``model.test_step`` on one image."""
-    _reset_peak(device)
+    reset_peak(device)
     model.eval()
     make_inputs = _task_inputs(task, width, height, device)
     data = make_inputs()
@@ -347,8 +296,74 @@ def task_latency(model: torch.nn.Module, task: str, dtype: str, width: int, heig
         times = []
         for _ in range(iters):
             data = make_inputs()  # fresh data samples, built outside the timed call
-            times.append(_timed_span(step, 1, device))
-    return statistics.median(times) * 1e3, _peak_bytes(device)
+            times.append(timed_span(step, 1, device))
+    return statistics.median(times) * 1e3, peak_bytes(device)
+
+
+def _train_batch(task: str, batch: int, width: int, height: int, num_classes: int, device: torch.device) -> dict:
+    """A ``train_step`` input of ``batch`` random uint8 images with random ground truth: 8 boxes per image with
+    their box-shaped masks (Mask R-CNN), or a random label map (UPerNet)."""
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, device=device) for _ in range(batch)]
+    samples = []
+    for i in range(batch):
+        meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
+                    scale_factor=(1.0, 1.0), flip=False, img_id=i, img_path='benchmark.jpg')
+        if task == 'det':
+            import numpy as np
+            from mmdet.structures import DetDataSample
+            from mmdet.structures.mask import BitmapMasks
+            from mmengine.structures import InstanceData
+            corners = torch.rand(8, 2) * torch.tensor([width - 64, height - 64])
+            sizes = 32 + torch.rand(8, 2) * torch.tensor([width, height]) / 4
+            boxes = torch.cat([corners, (corners + sizes).minimum(torch.tensor([width - 1, height - 1]))], dim=1)
+            masks = np.zeros((8, height, width), dtype=np.uint8)
+            for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+                m[y1:y2, x1:x2] = 1
+            sample = DetDataSample(metainfo=meta)
+            sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, num_classes, (8, )),
+                                               masks=BitmapMasks(masks, height, width))
+        else:
+            from mmengine.structures import PixelData
+            from mmseg.structures import SegDataSample
+            sample = SegDataSample(metainfo=meta)
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, height, width)))
+        samples.append(sample)
+    return dict(inputs=images, data_samples=samples)
+
+
+def task_train_throughput(model: torch.nn.Module, task: str, dtype: str, batch: int, width: int, height: int,
+                          warmup: int, iters: int, device: torch.device) -> Tuple[float, Optional[int]]:
+    """(images/s, peak bytes) of ``model.train_step`` on random batches: the configs' mixed precision
+    (mmengine's ``AmpOptimWrapper``, dynamic loss scale for fp16) around AdamW (lr 1e-4, weight decay 0.05). On a
+    CPU (tests) the step runs under CPU autocast for bf16 and in fp32 for fp16, without a loss scaler."""
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+    reset_peak(device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    amp_dtype = torch.float16 if dtype == 'fp16' else torch.bfloat16
+    if device.type == 'cuda':
+        wrapper = AmpOptimWrapper(optimizer=optimizer, dtype=amp_dtype,
+                                  loss_scale='dynamic' if dtype == 'fp16' else 512.)
+        context = contextlib.nullcontext
+    else:
+        wrapper = OptimWrapper(optimizer=optimizer)
+        context = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if dtype == 'bf16' else contextlib.nullcontext
+    head = model.roi_head.bbox_head if task == 'det' else model.decode_head
+    batches = [_train_batch(task, batch, width, height, head.num_classes, device) for _ in range(2)]
+
+    def step(data: dict) -> None:
+        with context():
+            model.train_step(data, wrapper)
+
+    try:
+        for i in range(warmup):
+            step(batches[i % 2])
+        counter = iter(range(iters))
+        seconds = timed_span(lambda: step(batches[next(counter) % 2]), iters, device)
+        return batch * iters / seconds, peak_bytes(device)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
 
 
 @contextlib.contextmanager
@@ -390,13 +405,6 @@ def _ops_description(spec: ModelSpec, backend: str, device: torch.device) -> str
     return describe_backends(backend, torch.empty(1, device=device))
 
 
-def _error_text(error: BaseException) -> str:
-    if isinstance(error, torch.OutOfMemoryError):
-        return 'out of memory'
-    lines = str(error).strip().splitlines() or ['']
-    return f'{type(error).__name__}: {lines[0]}'[:300]
-
-
 class Benchmark:
     """Runs the selected models and modes and keeps the rows."""
 
@@ -407,18 +415,15 @@ class Benchmark:
         self.meta = self._meta()
 
     def _meta(self) -> Dict[str, Any]:
-        args, device = self.args, self.device
-        if device.type == 'cuda':
-            props = torch.cuda.get_device_properties(device)
-            name = f'{props.name} ({props.total_memory / 2**30:.0f} GiB)'
-        else:
-            name = f'CPU ({torch.get_num_threads()} threads)'
+        args = self.args
         return dict(
-            device=name, torch=torch.__version__, cuda=torch.version.cuda, tf32=args.tf32,
+            device=device_name(self.device), torch=torch.__version__, cuda=torch.version.cuda, tf32=args.tf32,
             cudnn_benchmark=torch.backends.cudnn.benchmark, batch=args.batch, size=args.size, warmup=args.warmup,
             iters=args.iters, torch_batch=args.torch_batch, torch_warmup=args.torch_warmup,
             torch_iters=args.torch_iters, det_size=list(args.det_size), seg_size=args.seg_size,
-            modes=list(args.modes), backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute,
+            det_train_batch=args.det_train_batch, seg_train_batch=args.seg_train_batch,
+            order_size=list(args.order_size), order_batches=list(args.order_batches), modes=list(args.modes),
+            backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute, compile=args.compile,
             command=' '.join(['python tools/analysis_tools/benchmark.py'] + list(args.argv)),
             date=time.strftime('%Y-%m-%d %H:%M'))
 
@@ -437,16 +442,25 @@ class Benchmark:
 
     def run(self, on_model_done: Callable[[], None]) -> None:
         args = self.args
-        cls_modes = [m for m in args.modes if m in CLS_MODES]
+        cls_modes = [m for m in args.modes if m in CLS_MODES + SAVED_MODES]
         if cls_modes:
             for name in args.models:
-                for backend in self._backends(SPECS[name]):
-                    self._classification(SPECS[name], backend, cls_modes)
+                for backend in self._backends(MODEL_SPECS[name]):
+                    self._classification(MODEL_SPECS[name], backend, cls_modes)
                     on_model_done()
-        for mode in [m for m in args.modes if m in LATENCY_MODES]:
+        order_modes = [m for m in args.modes if m in ORDER_MODES]
+        if order_modes:
+            for name in ordered_models(args.models):
+                for backend in self._backends(MODEL_SPECS[name]):
+                    self._ordering(MODEL_SPECS[name], backend, order_modes)
+                    on_model_done()
+        for mode in [m for m in args.modes if m in LATENCY_MODES + TASK_TRAIN_MODES]:
             for name in args.latency_models:
-                for backend in self._backends(SPECS[name]):
-                    self._latency(SPECS[name], backend, mode)
+                for backend in self._backends(MODEL_SPECS[name]):
+                    if mode in LATENCY_MODES:
+                        self._latency(MODEL_SPECS[name], backend, mode)
+                    else:
+                        self._task_train(MODEL_SPECS[name], backend, mode)
                     on_model_done()
 
     def _backends(self, spec: ModelSpec) -> Sequence[str]:
@@ -460,12 +474,31 @@ class Benchmark:
 
     def _classification(self, spec: ModelSpec, backend: str, modes: Sequence[str]) -> None:
         batch, warmup, iters = self._settings(spec, backend)
-        size = f'{self.args.size}x{self.args.size}'
-        rows = [self._row(spec, backend, mode, mode.rsplit('-', 1)[1], batch, size, warmup, iters) for mode in modes]
-        self._measure(spec, backend, rows, lambda: build_classifier(spec, backend, self.args.size),
-                      lambda model, row: classification_throughput(model, row['mode'], batch, self.args.size,
-                                                                   warmup, iters, self.device,
-                                                                   self.args.profile, row))
+        size = self.args.size
+        rows = [self._row(spec, backend, mode, mode.rsplit('-', 1)[1], batch, f'{size}x{size}', warmup, iters)
+                for mode in modes]
+
+        def measure(model: torch.nn.Module, row: Dict[str, Any]) -> Dict[str, Any]:
+            if row['mode'] in SAVED_MODES:
+                row.update(warmup=0, iters=1)
+                return saved_activations(model, row['dtype'], batch, size, self.device)
+            images_per_s, peak = classification_throughput(model, row['mode'], batch, size, warmup, iters,
+                                                           self.device, self.args.profile, row, self.args.compile)
+            return dict(images_per_s=images_per_s, peak_mem_bytes=peak)
+
+        self._measure(spec, backend, rows, lambda: build_classifier(spec, backend, size), measure)
+
+    def _ordering(self, spec: ModelSpec, backend: str, modes: Sequence[str]) -> None:
+        _, warmup, iters = self._settings(spec, backend)
+        height, width = self.args.order_size
+        rows = [self._row(spec, backend, mode, mode.rsplit('-', 1)[1], batch, f'{width}x{height}', warmup, iters)
+                for mode in modes for batch in self.args.order_batches]
+
+        def measure(backbone: torch.nn.Module, row: Dict[str, Any]) -> Dict[str, Any]:
+            cost = ordering_cost(backbone, row['dtype'], row['batch'], height, width, warmup, iters, self.device)
+            return dict(cost, images_per_s=row['batch'] * 1e3 / cost['forward_ms'])
+
+        self._measure(spec, backend, rows, lambda: build_ordered_backbone(spec, backend), measure)
 
     def _latency(self, spec: ModelSpec, backend: str, mode: str) -> None:
         task = mode.split('-')[0]
@@ -474,16 +507,30 @@ class Benchmark:
         rows = [self._row(spec, backend, mode, dtype, 1, f'{width}x{height}', warmup, iters)
                 for dtype in LATENCY_DTYPES]
 
-        def measure(model: torch.nn.Module, row: Dict[str, Any]) -> Tuple[float, Optional[int]]:
+        def measure(model: torch.nn.Module, row: Dict[str, Any]) -> Dict[str, Any]:
             ms, peak = task_latency(model, task, row['dtype'], width, height, warmup, iters, self.device)
-            return 1e3 / ms, peak
+            return dict(images_per_s=1e3 / ms, peak_mem_bytes=peak)
 
         self._measure(spec, backend, rows, lambda: build_task_model(spec, task, backend), measure)
 
+    def _task_train(self, spec: ModelSpec, backend: str, mode: str) -> None:
+        task, dtype = mode.split('-')[0], mode.rsplit('-', 1)[1]
+        _, warmup, iters = self._settings(spec, backend)
+        batch = self.args.det_train_batch if task == 'det' else self.args.seg_train_batch
+        width, height = self.args.det_size if task == 'det' else (self.args.seg_size, self.args.seg_size)
+        rows = [self._row(spec, backend, mode, dtype, batch, f'{width}x{height}', warmup, iters)]
+
+        def measure(model: torch.nn.Module, row: Dict[str, Any]) -> Dict[str, Any]:
+            images_per_s, peak = task_train_throughput(model, task, dtype, batch, width, height, warmup, iters,
+                                                       self.device)
+            return dict(images_per_s=images_per_s, peak_mem_bytes=peak)
+
+        self._measure(spec, backend, rows, lambda: build_spec_model(spec, task, backend), measure)
+
     def _measure(self, spec: ModelSpec, backend: str, rows: List[Dict[str, Any]],
                  build: Callable[[], torch.nn.Module],
-                 measure: Callable[[torch.nn.Module, Dict[str, Any]], Tuple[float, Optional[int]]]) -> None:
-        """Build once, fill each row (a failure goes into that row), free the model."""
+                 measure: Callable[[torch.nn.Module, Dict[str, Any]], Dict[str, Any]]) -> None:
+        """Build once, fill each row with what ``measure`` returns (a failure goes into that row), free the model."""
         reason = _skip_reason(spec, backend, self.device)
         if reason is not None:
             for row in rows:
@@ -506,24 +553,31 @@ class Benchmark:
             row.update(params_m=round(params, 2), ops=ops)
             begin = time.perf_counter()
             try:
-                images_per_s, peak = measure(model, row)
-                row.update(images_per_s=images_per_s, ms_per_image=1e3 / images_per_s, peak_mem_bytes=peak,
-                           peak_mem_gib=None if peak is None else peak / 2**30)
+                row.update(measure(model, row))
+                if row['images_per_s']:
+                    row['ms_per_image'] = 1e3 / row['images_per_s']
+                if row['peak_mem_bytes'] is not None:
+                    row['peak_mem_gib'] = row['peak_mem_bytes'] / GIB
             except Exception as exc:  # noqa: BLE001
                 row.update(status='error', note=self._failure(row['mode'], spec, exc))
             row['seconds'] = round(time.perf_counter() - begin, 1)
-            _release(self.device)
+            release(self.device)
             self._add(row)
         del model
-        _release(self.device)
+        release(self.device)
 
     @staticmethod
     def _failure(what: str, spec: ModelSpec, exc: BaseException) -> str:
-        text = _error_text(exc)
+        text = error_text(exc)
         if not isinstance(exc, torch.OutOfMemoryError):
             print(f'--- {spec.name} {what} failed:', file=sys.stderr)
             traceback.print_exc()
         return text
+
+
+def ordered_models(names: Sequence[str]) -> List[str]:
+    """The models among ``names`` that the order-* modes measure (Spectral VMamba's)."""
+    return [name for name in names if MODEL_SPECS[name].family == ORDERED_FAMILY]
 
 
 # --- output ------------------------------------------------------------------------------------------------------
@@ -536,6 +590,18 @@ def format_header() -> str:
                      for i, (name, width) in enumerate(_COLUMNS)) + '  status'
 
 
+def _details(row: Dict[str, Any]) -> str:
+    """What the saved-* and order-* rows measure beyond the common columns."""
+    if row.get('saved_gib') is not None:
+        top = ', '.join(f'{name} {gib:.2f}' for name, gib in row['saved_top'].items())
+        return (f"saved {row['saved_gib']:.2f} GiB, with weights + AdamW {row['end_of_forward_gib']:.2f} GiB "
+                f'(largest, GiB: {top})')
+    if row.get('order_ms') is not None:
+        return (f"ordering {row['order_ms']:.2f} ms of a {row['forward_ms']:.2f} ms forward "
+                f"({100 * row['order_share']:.1f}%, {row['tokens']} tokens at stage 0)")
+    return ''
+
+
 def format_row(row: Dict[str, Any]) -> str:
     def num(value: Optional[float], fmt: str) -> str:
         return '-' if value is None else format(value, fmt)
@@ -544,8 +610,10 @@ def format_row(row: Dict[str, Any]) -> str:
              f"{row['warmup']}+{row['iters']}", num(row['images_per_s'], '.1f'), num(row['ms_per_image'], '.2f'),
              num(row['peak_mem_gib'], '.2f'), num(row['params_m'], '.1f'), num(row['seconds'], '.1f')]
     status = row['status'] + (f": {row['note']}" if row['note'] else '')
+    details = _details(row)
     return '  '.join(f'{cell:>{width}}' if i >= 4 else f'{cell:<{width}}'
-                     for i, (cell, (_, width)) in enumerate(zip(cells, _COLUMNS))) + '  ' + status
+                     for i, (cell, (_, width)) in enumerate(zip(cells, _COLUMNS))) + '  ' + status + \
+        (f'  {details}' if details else '')
 
 
 def _ratio(value: Optional[float], base: Optional[float]) -> str:
@@ -560,9 +628,55 @@ def _find(rows: Sequence[Dict[str, Any]], model: str, mode: str, dtype: str, bac
     return None
 
 
+def _note(row: Dict[str, Any]) -> str:
+    return '' if row['status'] == 'ok' else f"{row['status']}: {row['note']}".replace('|', '/')
+
+
+def _number(value: Optional[float], fmt: str) -> str:
+    return '-' if value is None else format(value, fmt)
+
+
+def _saved_table(rows: Sequence[Dict[str, Any]], ref: Optional[Dict[str, Any]], ref_title: str) -> List[str]:
+    lines = [f'| model | backend | batch | saved for backward (GiB) | + weights, AdamW (GiB) | saved vs {ref_title} | '
+             'largest module types (GiB) | note |', '|---|---|---:|---:|---:|---:|---|---|']
+    for row in rows:
+        top = ', '.join(f'{name} {gib:.2f}' for name, gib in (row.get('saved_top') or {}).items())
+        lines.append(f"| {row['title']} | {row['backend']} | {row['batch']} | {_number(row.get('saved_gib'), '.2f')} | "
+                     f"{_number(row.get('end_of_forward_gib'), '.2f')} | "
+                     f"{_ratio(row.get('saved_gib'), ref and ref.get('saved_gib'))} | {top} | {_note(row)} |")
+    return lines
+
+
+def _order_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    lines = ['| model | backend | batch | size | forward (ms) | ordering (ms) | ordering share | note |',
+             '|---|---|---:|---|---:|---:|---:|---|']
+    for row in rows:
+        share = row.get('order_share')
+        lines.append(f"| {row['title']} | {row['backend']} | {row['batch']} | {row['size']} | "
+                     f"{_number(row.get('forward_ms'), '.2f')} | {_number(row.get('order_ms'), '.2f')} | "
+                     f"{'-' if share is None else f'{100 * share:.1f}%'} | {_note(row)} |")
+    return lines
+
+
+def _speed_table(rows: Sequence[Dict[str, Any]], ref: Optional[Dict[str, Any]], ref_title: str) -> List[str]:
+    lines = [f'| model | backend | batch | images/s | ms/image | images/s vs {ref_title} | peak memory (GiB) | '
+             f'memory vs {ref_title} | kernel vs torch | note |', '|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
+    for row in rows:
+        speedup = '-'
+        if row['backend'] == 'cuda':
+            reference_ops = _find(rows, row['model'], row['mode'], row['dtype'], 'torch')
+            speedup = _ratio(row['images_per_s'], reference_ops and reference_ops['images_per_s'])
+        ips, mem = row['images_per_s'], row['peak_mem_gib']
+        lines.append(
+            f"| {row['title']} | {row['backend']} | {row['batch']} | {_number(ips, '.1f')} | "
+            f"{_number(row['ms_per_image'], '.2f')} | {_ratio(ips, ref and ref['images_per_s'])} | "
+            f"{_number(mem, '.2f')} | {_ratio(mem, ref and ref['peak_mem_gib'])} | {speedup} | {_note(row)} |")
+    return lines
+
+
 def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
     """Tables for docs/benchmarks.md: one per mode and dtype, with ratios to Swin-T and kernel / reference."""
-    ref_title = SPECS[REFERENCE].title
+    ref_title = MODEL_SPECS[REFERENCE].title
     det_w, det_h = meta['det_size']
     lines = [
         f"Device: {meta['device']}; torch {meta['torch']} (CUDA {meta['cuda']}); TF32 "
@@ -582,32 +696,29 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
         'infer-fp32': 'Inference, fp32', 'infer-bf16': 'Inference, bf16 autocast',
         'train-bf16': 'Training step (forward + backward + AdamW), bf16 autocast',
         'train-fp32': 'Training step (forward + backward + AdamW), fp32',
+        'saved-bf16': 'Saved for backward by a training forward, bf16 autocast',
+        'saved-fp32': 'Saved for backward by a training forward, fp32',
+        'order-fp32': 'Spectral ordering inside the backbone forward, fp32',
+        'order-bf16': 'Spectral ordering inside the backbone forward, bf16 autocast',
         'det-latency': 'Mask R-CNN latency', 'seg-latency': 'UPerNet latency',
+        'det-train-fp16': 'Mask R-CNN training step, fp16 (AmpOptimWrapper)',
+        'seg-train-bf16': 'UPerNet training step, bf16 (AmpOptimWrapper)',
     }
     sections = []
     for row in rows:
         if (row['mode'], row['dtype']) not in sections:
             sections.append((row['mode'], row['dtype']))
     for mode, dtype in sections:
-        latency = mode in LATENCY_MODES
-        title = titles[mode] + (f', {dtype}' if latency else '')
-        lines += ['', f'### {title}', '',
-                  f'| model | backend | batch | images/s | ms/image | images/s vs {ref_title} | peak memory (GiB) | '
-                  f'memory vs {ref_title} | kernel vs torch | note |',
-                  '|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
+        title = titles[mode] + (f', {dtype}' if mode in LATENCY_MODES else '')
+        section = [r for r in rows if (r['mode'], r['dtype']) == (mode, dtype)]
         ref = _find(rows, REFERENCE, mode, dtype, PEER_BACKEND)
-        for row in [r for r in rows if (r['mode'], r['dtype']) == (mode, dtype)]:
-            speedup = '-'
-            if row['backend'] == 'cuda':
-                reference_ops = _find(rows, row['model'], mode, dtype, 'torch')
-                speedup = _ratio(row['images_per_s'], reference_ops and reference_ops['images_per_s'])
-            ips, ms, mem = row['images_per_s'], row['ms_per_image'], row['peak_mem_gib']
-            note = '' if row['status'] == 'ok' else f"{row['status']}: {row['note']}".replace('|', '/')
-            lines.append(
-                f"| {row['title']} | {row['backend']} | {row['batch']} | {'-' if ips is None else f'{ips:.1f}'} | "
-                f"{'-' if ms is None else f'{ms:.2f}'} | {_ratio(ips, ref and ref['images_per_s'])} | "
-                f"{'-' if mem is None else f'{mem:.2f}'} | {_ratio(mem, ref and ref['peak_mem_gib'])} | "
-                f'{speedup} | {note} |')
+        if mode in SAVED_MODES:
+            table = _saved_table(section, ref, ref_title)
+        elif mode in ORDER_MODES:
+            table = _order_table(section)
+        else:
+            table = _speed_table(section, ref, ref_title)
+        lines += ['', f'### {title}', ''] + table
     return '\n'.join(lines) + '\n'
 
 
@@ -622,17 +733,17 @@ def write_outputs(args: argparse.Namespace, meta: Dict[str, Any], rows: Sequence
 
 # --- command line ------------------------------------------------------------------------------------------------
 def _model_names(value: str) -> str:
-    if value not in SPECS:
-        raise argparse.ArgumentTypeError(f'unknown model {value!r}; choose from {", ".join(SPECS)}')
+    if value not in MODEL_SPECS:
+        raise argparse.ArgumentTypeError(f'unknown model {value!r}; choose from {", ".join(MODEL_SPECS)}')
     return value
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', type=_model_names, default=list(DEFAULT_MODELS), metavar='NAME',
-                        help=f'classification models, in order (default: all): {", ".join(SPECS)}')
+                        help=f'classification models, in order (default: all): {", ".join(MODEL_SPECS)}')
     parser.add_argument('--latency-models', nargs='+', type=_model_names, default=list(DEFAULT_LATENCY_MODELS),
-                        metavar='NAME', help='models for det-latency and seg-latency (default: '
+                        metavar='NAME', help='models of the task modes (det-/seg-latency, det-/seg-train; default: '
                         f'{" ".join(DEFAULT_LATENCY_MODELS)})')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(DEFAULT_MODES), metavar='MODE',
                         help=f'what to measure, from {", ".join(MODES)} (default: {" ".join(DEFAULT_MODES)})')
@@ -651,6 +762,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--det-size', type=int, nargs=2, default=[1333, 800], metavar=('W', 'H'),
                         help='Mask R-CNN input width and height (default: 1333 800)')
     parser.add_argument('--seg-size', type=int, default=512, help='UPerNet input side (default: %(default)s)')
+    parser.add_argument('--det-train-batch', type=int, default=2,
+                        help='images per Mask R-CNN training step (det-train-fp16; default: %(default)s)')
+    parser.add_argument('--seg-train-batch', type=int, default=8,
+                        help='images per UPerNet training step (seg-train-bf16; default: %(default)s)')
+    parser.add_argument('--order-size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'),
+                        help='input height and width of the order-* modes, multiples of 16 (default: 512 512)')
+    parser.add_argument('--order-batches', type=int, nargs='+', default=[1, 2, 8], metavar='B',
+                        help='batches of the order-* modes, one row each (default: 1 2 8)')
     parser.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True,
                         help='TF32 for fp32 matmuls and cuDNN convolutions (default: on)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
@@ -658,6 +777,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='after timing each classification mode, profile N more steps with torch.profiler and '
                         'print the top 15 kernels (their time per step and share; also in the JSON rows)')
+    parser.add_argument('--compile', action='store_true',
+                        help='classification modes through torch.compile (inductor, default mode), ours and the '
+                        'peers alike; compilation happens in the warm-up iterations')
     parser.add_argument('--no-recompute', action='store_true',
                         help="our models without their memory-saving recomputations in the backward "
                         "(vssm.models.layers.set_recompute(False)): what they cost in training time and save in memory")
@@ -673,6 +795,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ('warmup', 'torch_warmup', 'profile'):
         if getattr(args, name) < 0:
             parser.error(f'--{name.replace("_", "-")} must be at least 0, got {getattr(args, name)}')
+    if any(side < 16 or side % 16 for side in args.order_size):
+        parser.error(f'--order-size: sides must be multiples of 16 (Spectral VMamba\'s stride), got {args.order_size}')
+    if min(args.order_batches) < 1:
+        parser.error(f'--order-batches must be at least 1, got {args.order_batches}')
+    if set(args.modes) & set(ORDER_MODES) and not ordered_models(args.models):
+        parser.error('--modes order-*: time the ordering of a Spectral VMamba model; add e.g. spectral-vmamba-t to '
+                     '--models.')
     return args
 
 

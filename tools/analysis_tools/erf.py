@@ -73,29 +73,13 @@ def build_backbone(config: str, stage: int, ops_backend: Optional[str] = None,
         ops_backend: overrides the backbone's ``ops_backend`` when given.
         cfg_options: ``--cfg-options`` overrides, applied before the backbone is built.
     """
-    import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable)
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS
-
-    from vssm.engine.launch import load_config
+    from vssm.analysis import models
 
     try:
-        cfg = load_config(config, cfg_options)
-    except FileNotFoundError as error:
+        cfg = models.prepare_config(config, cfg_options)
+        backbone = models.build_backbone(cfg, ops_backend, out_indices=(stage, ))
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f'erf: {error}') from None
-    backbone_cfg = dict(cfg.model.get('backbone') or {})
-    if 'type' not in backbone_cfg:
-        raise SystemExit(f'erf: {config} has no model.backbone to build.')
-    backbone_cfg.update(out_indices=(stage, ), init_cfg=None)
-    for key in [k for k in backbone_cfg if k.endswith('_pretrained')]:
-        backbone_cfg[key] = None  # e.g. SpectralVMamba's rfn_pretrained: never download here
-    if ops_backend is not None:
-        backbone_cfg['ops_backend'] = ops_backend
-    with DefaultScope.overwrite_default_scope('mmpretrain'):  # detection/segmentation configs say mmpretrain.<Name>
-        try:
-            backbone = MODELS.build(backbone_cfg)
-        except ValueError as error:
-            raise SystemExit(f'erf: {error}') from None
     return backbone.eval()
 
 
@@ -116,14 +100,11 @@ def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> None:
     The output norms' keys (``outnorm{i}``) are neither required nor used (see :func:`drop_output_norm`); a
     classifier holds only the last stage's.
     """
-    from vssm.fileio import register_safe_globals
-    if not osp.isfile(checkpoint):
-        raise SystemExit(f'erf: checkpoint {checkpoint!r} does not exist.')
-    register_safe_globals()
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    state = state.get('state_dict', state)
-    if any(k.startswith('backbone.') for k in state):
-        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    from vssm.analysis.models import backbone_state_dict
+    try:
+        state = backbone_state_dict(checkpoint)
+    except FileNotFoundError as error:
+        raise SystemExit(f'erf: {error}') from None
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches

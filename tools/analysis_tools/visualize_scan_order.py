@@ -50,16 +50,15 @@ def load_image(path: str, size: int) -> torch.Tensor:
 
 def build_model(args: argparse.Namespace):
     import vssm  # noqa: F401
+    from vssm.analysis.models import backbone_state_dict
     from vssm.models import SpectralVMamba
-    from vssm.fileio import register_safe_globals
     arch = json.loads(args.arch) if args.arch.lstrip().startswith('{') else args.arch
     model = SpectralVMamba(arch, out_indices=(0, 1, 2, 3), upstream_compat=args.upstream_compat)
     if args.checkpoint:
-        register_safe_globals()
-        state = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
-        state = state.get('state_dict', state)
-        if any(k.startswith('backbone.') for k in state):
-            state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+        try:
+            state = backbone_state_dict(args.checkpoint)
+        except FileNotFoundError as error:
+            raise SystemExit(f'visualize_scan_order: {error}') from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith('outnorm')]  # classifiers keep only the last stage's norm
         if missing or unexpected:

@@ -122,24 +122,20 @@ def build_model(cfg, backbone_only: bool = False) -> Tuple[nn.Module, str]:
     Returns:
         The module (its forward takes the images only) and what it is: ``'classifier'`` or ``'backbone'``.
     """
-    import vssm  # noqa: F401  (registers the backbones)
-    from mmengine.registry import MODELS, DefaultScope
+    from vssm.analysis import models
 
-    scope = cfg.get('default_scope', 'mmpretrain')
     backbone_cfg = cfg.model.get('backbone')
     if backbone_cfg is None:
         raise ExportError('the config has no model.backbone; export_onnx takes vssm classification, detection or '
                           'segmentation configs.')
     check_exportable(backbone_cfg.get('type'))
-    backbone_cfg['ops_backend'] = 'torch'  # the CUDA kernels are not ONNX operators
-    backbone_cfg['init_cfg'] = None  # no pretrained download: --checkpoint gives the weights
-    with DefaultScope.overwrite_default_scope(scope):
-        if scope == 'mmpretrain' and not backbone_only:
-            model, what = ClassifierLogits(MODELS.build(cfg.model)), 'classifier'
-            backbone = model.classifier.backbone
-        else:
-            model = backbone = MODELS.build(dict(backbone_cfg))
-            what = 'backbone'
+    # The CUDA kernels are not ONNX operators: the reference ops. No weights are loaded here (--checkpoint does).
+    if cfg.get('default_scope', 'mmpretrain') == 'mmpretrain' and not backbone_only:
+        model, what = ClassifierLogits(models.build_model(cfg, ops_backend='torch')), 'classifier'
+        backbone = model.classifier.backbone
+    else:
+        model = backbone = models.build_backbone(cfg, ops_backend='torch')
+        what = 'backbone'
     _check_built_backbone(backbone)
     return model.eval(), what
 
@@ -147,8 +143,9 @@ def build_model(cfg, backbone_only: bool = False) -> Tuple[nn.Module, str]:
 def load_weights(model: nn.Module, checkpoint: str) -> None:
     """Load ``checkpoint`` strictly into the classifier, or into the backbone (through the ``backbone.`` keys of a
     classifier/detector/segmentor checkpoint, or a backbone's own keys)."""
-    from mmengine.runner.checkpoint import _load_checkpoint, load_checkpoint, load_state_dict
+    from mmengine.runner.checkpoint import load_checkpoint, load_state_dict
 
+    from vssm.analysis.models import backbone_state_dict
     from vssm.fileio import register_safe_globals
 
     if not osp.isfile(checkpoint):
@@ -157,13 +154,8 @@ def load_weights(model: nn.Module, checkpoint: str) -> None:
     try:
         if isinstance(model, ClassifierLogits):
             load_checkpoint(model.classifier, checkpoint, map_location='cpu', strict=True)
-            return
-        state = _load_checkpoint(checkpoint, map_location='cpu')
-        state_dict = state.get('state_dict', state)
-        state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-        if any(k.startswith('backbone.') for k in state_dict):
-            state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
-        load_state_dict(model, state_dict, strict=True)
+        else:
+            load_state_dict(model, backbone_state_dict(checkpoint), strict=True)
     except RuntimeError as error:  # mmengine's strict loading lists the missing, unexpected and mis-shaped keys
         raise ExportError(f'checkpoint {checkpoint!r} does not fit the model of the config (strict loading): '
                           f'{str(error).strip()}') from error
@@ -272,7 +264,7 @@ def _print_preprocessing(cfg) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
-    from vssm.engine.launch import load_config
+    from vssm.analysis.models import prepare_config
 
     if len(args.shape) not in (1, 2):
         raise SystemExit(f'export_onnx: --shape takes one or two integers (H W), got {args.shape}.')
@@ -280,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f'export_onnx: --batch must be >= 1, got {args.batch}.')
     height, width = (args.shape * 2)[:2]
     try:
-        cfg = load_config(args.config, args.cfg_options)
+        cfg = prepare_config(args.config, args.cfg_options)
         model, what = build_model(cfg, args.backbone_only)
         if args.checkpoint:
             load_weights(model, args.checkpoint)

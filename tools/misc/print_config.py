@@ -13,9 +13,9 @@ import os.path as osp
 from pathlib import Path
 from typing import Optional, Sequence
 
-import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
 from mmengine.config import Config, DictAction
 
+import vssm  # noqa: F401  (registers the backbones; keeps mmpretrain importable next to transformers>=5)
 from vssm.engine.launch import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,15 @@ import torch
 
 
 def run(description: str, convert: Callable[[dict], dict], backbone_type: str) -> None:
-    """Parse ``SRC DST [--ema] [--check-arch SIZE] [--num-classes N]``, convert and save an mmengine checkpoint."""
+    """Parse ``SRC DST [--ema] [--check-arch SIZE] [--num-classes N]``, convert and save an mmengine checkpoint.
+
+    A missing, truncated or unreadable SRC fails with one message that says so (no traceback).
+    """
+    from vssm.engine.launch import run_tool
+    run_tool(lambda: _run(description, convert, backbone_type))
+
+
+def _run(description: str, convert: Callable[[dict], dict], backbone_type: str) -> None:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('src', help='upstream checkpoint (.pth)')
     parser.add_argument('dst', help='output checkpoint (.pth)')
@@ -17,12 +25,14 @@ def run(description: str, convert: Callable[[dict], dict], backbone_type: str) -
     parser.add_argument('--num-classes', type=int, default=1000, help='head size used by --check-arch')
     args = parser.parse_args()
 
-    import vssm  # noqa: F401  (registers the backbones)
     from mmpretrain.registry import MODELS
-    src = torch.load(args.src, map_location='cpu', weights_only=True)
+
+    import vssm  # noqa: F401  (registers the backbones)
+    from vssm.fileio import load_checkpoint_file
+    src = load_checkpoint_file(args.src, what='upstream checkpoint', fix='download it again')
     if args.ema:
         if 'model_ema' not in src:
-            raise SystemExit(f"{args.src} has no 'model_ema' entry (keys: {sorted(src)}); drop --ema.")
+            raise SystemExit(f"[vssm] error: {args.src} has no 'model_ema' entry (keys: {sorted(src)}); drop --ema.")
         src = {'model': src['model_ema']}
     state_dict = convert(src)
     if args.check_arch:
@@ -32,6 +42,8 @@ def run(description: str, convert: Callable[[dict], dict], backbone_type: str) -
             dict(type='ImageClassifier', backbone=dict(type=backbone_type, arch=args.check_arch),
                  neck=dict(type='GlobalAveragePooling'),
                  head=dict(type='LinearClsHead', num_classes=args.num_classes, in_channels=dim)))
+        from vssm.engine.checkpoint import check_state_fits
+        check_state_fits(model, {'state_dict': state_dict}, f'{args.src} (converted)', revise_keys=())
         model.load_state_dict(state_dict, strict=True)
         print(f'loaded strictly into {backbone_type}-{args.check_arch} ({len(state_dict)} tensors)')
     Path(args.dst).parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ Upstream classification checkpoints (``{'model': state_dict}``) become mmpretrai
 (``backbone.*``, ``head.fc.*``; the final ``norm`` becomes ``backbone.outnorm3``), loadable with ``tools/test.py`` or as
 detection/segmentation pretraining through ``init_cfg=dict(type='Pretrained', checkpoint=OUT, prefix='backbone.')``.
 Upstream mmdet/mmseg checkpoints already use our keys and load directly; they pass through unchanged. With
-``--check-arch`` the result is loaded strictly into the classifier of that size, so a wrong or truncated file fails here.
+``--check-arch`` the result is loaded strictly into the classifier of that size, so a wrong or truncated file fails
+here.
 """
 from _convert import run
 

@@ -17,7 +17,15 @@ Buffers are reported, not enforced: BatchNorm running statistics legitimately di
 forward unless the layer is a SyncBN (DDP broadcasts rank 0's buffers at the start of every forward, then each
 rank updates them with its own batch).
 
-Both register in mmengine's root ``HOOKS`` when ``vssm.engine`` is imported (tools/train.py does; a config adds
+``SyncNormBuffersHook`` makes what is validated what is saved: in a distributed run each rank updates the running
+statistics of its BatchNorm layers with its own batches, so after training iterations the ranks hold different
+buffers; validation then runs every rank on its own buffers while the checkpoint holds rank 0's. The hook averages the
+floating-point buffers of every normalization layer that tracks running statistics across the ranks (one coalesced
+all-reduce) before each validation, before each checkpoint is saved (on the iterations or epochs where the
+``CheckpointHook`` saves) and at the end of training; the EMA model of an ``EMAHook`` is averaged too. SyncBN layers
+already agree; averaging leaves them unchanged. tools/train.py adds it to every distributed run.
+
+All three register in mmengine's root ``HOOKS`` when ``vssm.engine`` is imported (tools/train.py does; a config adds
 ``'vssm.engine'`` to its ``custom_imports``): ``custom_hooks = [..., dict(type='mmengine.RankAgreementHook')]``.
 """
 import json
@@ -27,13 +35,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from mmengine.dist import all_gather, get_rank, get_world_size
-from mmengine.hooks import Hook
+from mmengine.dist import all_gather, all_reduce_params, get_rank, get_world_size
+from mmengine.hooks import CheckpointHook, EMAHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
+from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ['RNGStateHook', 'RankAgreementHook', 'model_checksums', 'compare_checksums']
+__all__ = ['RNGStateHook', 'RankAgreementHook', 'SyncNormBuffersHook', 'norm_buffers', 'model_checksums',
+           'compare_checksums']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,3 +188,56 @@ class RankAgreementHook(Hook):
             raise RuntimeError(f'{message}. The ranks train different models: look for parameters without gradient '
                                'all-reduce (find_unused_parameters), rank-dependent code or a partial resume.')
         return record
+
+
+def norm_buffers(*models: torch.nn.Module) -> List[torch.Tensor]:
+    """The floating-point buffers (running mean and variance) of the normalization layers of ``models`` that track
+    running statistics (BatchNorm, SyncBatchNorm, InstanceNorm with ``track_running_stats``), each tensor once."""
+    buffers, seen = [], set()
+    for model in models:
+        for module in model.modules():
+            if not isinstance(module, _NormBase) or not module.track_running_stats:
+                continue
+            for buffer in module.buffers(recurse=False):
+                if buffer is not None and buffer.is_floating_point() and id(buffer) not in seen:
+                    seen.add(id(buffer))
+                    buffers.append(buffer)
+    return buffers
+
+
+@HOOKS.register_module()
+class SyncNormBuffersHook(Hook):
+    """Average the normalization layers' running statistics across ranks before validation, before checkpoints are
+    saved and at the end of training (see the module doc). Does nothing in a single-process run."""
+
+    priority = 'LOW'  # after EMAHook's update (NORMAL), before CheckpointHook saves (VERY_LOW)
+
+    def _sync(self, runner) -> None:
+        if get_world_size() < 2:
+            return
+        models = [runner.model.module if is_model_wrapper(runner.model) else runner.model]
+        models += [hook.ema_model for hook in runner.hooks if isinstance(hook, EMAHook) and hasattr(hook, 'ema_model')]
+        buffers = norm_buffers(*models)
+        if buffers:
+            all_reduce_params(buffers, op='mean')
+
+    def _checkpoint_hooks(self, runner) -> List[CheckpointHook]:
+        return [hook for hook in runner.hooks if isinstance(hook, CheckpointHook)]
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if any(not hook.by_epoch and (self.every_n_train_iters(runner, hook.interval, hook.save_begin)
+                                      or (hook.save_last and self.is_last_train_iter(runner)))
+               for hook in self._checkpoint_hooks(runner)):
+            self._sync(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        if any(hook.by_epoch and (self.every_n_epochs(runner, hook.interval, hook.save_begin)
+                                  or (hook.save_last and self.is_last_train_epoch(runner)))
+               for hook in self._checkpoint_hooks(runner)):
+            self._sync(runner)
+
+    def before_val_epoch(self, runner) -> None:
+        self._sync(runner)
+
+    def after_train(self, runner) -> None:
+        self._sync(runner)

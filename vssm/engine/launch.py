@@ -4,21 +4,27 @@
 * ``prepare_for_device``: without GPUs, distributed runs use gloo, DDP without device ids, BN instead of
   SyncBN, and the process group is initialised here (mmengine's ``init_dist`` calls ``torch.cuda.set_device``).
 * ``check_data_paths``: a missing dataset fails at once, naming the config key and the fix.
+* ``resolve_cli_paths``: the paths given on the command line (config, checkpoint, ``--work-dir``, ...) are relative
+  to the directory the user called from (``$VSSM_CALLER_DIR``, which tools/dist_*.sh and slurm_*.sh export before
+  they change to the repository root), not to the repository root.
 """
 import argparse
 import os
 import os.path as osp
+import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from mmengine.config import Config, DictAction
 
-from ..fileio import register_safe_globals
+from ..fileio import InvalidOptionError, MissingFileError, UserInputError, register_safe_globals
 
 __all__ = ['load_config', 'apply_demo_override', 'clear_pretrained', 'prepare_for_device', 'add_common_args',
-           'load_tool_module', 'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process',
-           'DEMO_OVERRIDES']
+           'setup_run', 'check_data_paths', 'finish_distributed', 'is_main_process', 'caller_path',
+           'resolve_cli_paths', 'run_tool', 'DEMO_OVERRIDES', 'CALLER_DIR_ENV']
+
+CALLER_DIR_ENV = 'VSSM_CALLER_DIR'
 
 DEMO_OVERRIDES = {
     'mmpretrain': 'classification/configs/_base_/demo.py',
@@ -35,7 +41,8 @@ def apply_demo_override(cfg: Config, repo_root: Path) -> str:
     """
     scope = cfg.get('default_scope')
     if scope not in DEMO_OVERRIDES:
-        raise ValueError(f'--demo: no demo override for default_scope={scope!r}; known scopes: {sorted(DEMO_OVERRIDES)}.')
+        raise InvalidOptionError(f'--demo: no demo override for default_scope={scope!r}; known scopes: '
+                                 f'{sorted(DEMO_OVERRIDES)}.')
     path = Path(repo_root) / DEMO_OVERRIDES[scope]
     override = Config.fromfile(str(path))
     cfg.merge_from_dict(override.to_dict(), allow_list_keys=False)
@@ -70,7 +77,7 @@ def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optio
     The work dir defaults to ``work_dirs/<config name>`` (``work_dirs/<config name>_demo`` with ``--demo``).
     """
     if not osp.isfile(config):
-        raise FileNotFoundError(f'config file {config!r} does not exist.')
+        raise MissingFileError(f'config file {config!r} does not exist.')
     cfg = Config.fromfile(config)
     if demo:
         apply_demo_override(cfg, repo_root or Path(__file__).resolve().parents[2])
@@ -128,6 +135,35 @@ def prepare_for_device(cfg: Config, launcher: str) -> List[str]:
     return changes
 
 
+def caller_path(path: Optional[str]) -> Optional[str]:
+    """``path`` made absolute against the directory the user called from (``$VSSM_CALLER_DIR`` when a launcher
+    script set it, else the current directory); None, absolute paths and URIs (``s3://...``) stay as they are."""
+    if not path or osp.isabs(path) or '://' in path:
+        return path
+    return osp.normpath(osp.join(os.environ.get(CALLER_DIR_ENV) or os.getcwd(), osp.expanduser(path)))
+
+
+def resolve_cli_paths(args: argparse.Namespace, names: Sequence[str]) -> argparse.Namespace:
+    """Apply :func:`caller_path` to the attributes ``names`` of ``args`` that are set (in place; returns ``args``)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, caller_path(value))
+    return args
+
+
+def run_tool(main: Callable[[], None]) -> None:
+    """Run a tool's ``main``; an error in what the user gave (:class:`vssm.fileio.UserInputError`: a missing file,
+    a truncated or wrong checkpoint, an option that cannot work) prints its message alone, without a traceback, on
+    the first process, and exits with status 2."""
+    try:
+        main()
+    except UserInputError as error:
+        if is_main_process():
+            print(f'[vssm] error: {error}', file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def is_main_process() -> bool:
     return int(os.environ.get('RANK', '0')) == 0
 
@@ -167,7 +203,7 @@ def check_data_paths(cfg: Config, splits: Sequence[str]) -> None:
             dataset = dataset['dataset']
         root = dataset.get('data_root') or ''
         if root and not osp.isdir(root):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f'{split}_dataloader.dataset.data_root {root!r} does not exist (cwd {os.getcwd()}). Put the dataset '
                 f'there, point the config at it (--cfg-options {split}_dataloader.dataset.data_root=PATH), or run '
                 'with --demo on the built-in demo data (tools/make_demo_data.py).')
@@ -175,7 +211,7 @@ def check_data_paths(cfg: Config, splits: Sequence[str]) -> None:
         if ann:
             path = ann if osp.isabs(ann) or not root else osp.join(root, ann)
             if not osp.isfile(path):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f'{split}_dataloader.dataset.ann_file {path!r} does not exist. Check data_root {root!r} and '
                     f'ann_file {ann!r} (--cfg-options {split}_dataloader.dataset.ann_file=...).')
 
@@ -187,15 +223,3 @@ def finish_distributed() -> None:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
-
-def load_tool_module(path: Path, name: str):
-    """Import a script of ``tools/`` (not a package) by its path, once per process (cached in ``sys.modules`` under
-    ``name``): for tools that reuse another tool's functions."""
-    import importlib.util
-    import sys
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]

@@ -28,10 +28,23 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import selective_scan, state_fusion
-from .layers import (StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds, init_dt_bias,
-                     init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, recompute_enabled,
-                     recomputed_linear, to_classifier_keys, trunc_normal_linear_init, unwrap_state_dict)
+from ..ops import observe_gate, selective_scan, state_fusion
+from .layers import (
+    StagedBackbone,
+    gelu_linear,
+    grouped_matmul,
+    init_A_logs,
+    init_Ds,
+    init_dt_bias,
+    init_dt_weight,
+    init_x_proj_weight,
+    normed_linear,
+    parse_arch,
+    recompute_enabled,
+    to_classifier_keys,
+    trunc_normal_linear_init,
+    unwrap_state_dict,
+)
 
 __all__ = ['SpatialMamba', 'convert_upstream_state_dict']
 
@@ -149,11 +162,12 @@ class StructureAwareSSM(nn.Module):
         init_A_logs(self.A_logs)
         init_Ds(self.Ds)
 
-    def _observe(self, states: Tensor, C: Tensor, u: Tensor, h: int, w: int) -> Tensor:
-        """y = fusion(states) * C + D * u, (B, D, L) float32."""
-        fused = self.state_fusion(states.view(states.shape[0], -1, h, w)).flatten(2)  # (B, D, L)
-        # Ds (fp32) * u promotes to fp32 without saving an fp32 copy of u for the backward (1.2 GiB at batch 128).
-        return torch.addcmul(self.Ds.float()[:, None] * u, fused, C.float())
+    def _observe_gate(self, states: Tensor, C: Tensor, u: Tensor, z: Tensor) -> Tensor:
+        """out_norm(fusion(states) * C + D * u) * SiLU(z), (B, H, W, D): out_proj's input."""
+        b, h, w, _ = z.shape
+        fused = self.state_fusion(states.view(b, -1, h, w)).flatten(2)  # (B, D, L) float32
+        norm = self.out_norm
+        return observe_gate(fused, C, self.Ds, u, z, norm.weight, norm.bias, norm.eps, backend=self.backend)
 
     def forward(self, x: Tensor, norm: Optional[nn.LayerNorm] = None) -> Tensor:
         """x: (B, H, W, C); ``norm``: the block's LayerNorm, applied to x first (and recomputed in the backward
@@ -166,23 +180,19 @@ class StructureAwareSSM(nn.Module):
         # kept a transposed copy (0.65 GiB for the T model at batch 128).
         x_dbl = F.conv1d(u, self.x_proj_weight[:, :, None])
         dt_raw, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        # (B, D, L), contiguous for the scan; an einsum's backward was 2.7x slower (tools/benchmarks/bench_layouts.py)
+        # (B, D, L), contiguous for the scan; an einsum's backward was 2.7x slower (docs/benchmarks.md)
         delta = grouped_matmul(self.dt_projs_weight[None], dt_raw[:, None])[:, 0]
         A = -torch.exp(self.A_logs.float())  # (D, N)
         states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
                                 backend=self.backend)  # (B, D, 1, L), float32
         if recompute_enabled() and torch.is_grad_enabled() and states.requires_grad:
-            # The fused states are needed for C's gradient: recomputing the fusion (one fast kernel) in the backward
-            # instead of saving them keeps one fp32 (B, D, L) map less (1.25 GiB for the T model at batch 128).
-            y = cp.checkpoint(self._observe, states, C, u, h, w, use_reentrant=False, preserve_rng_state=False)
+            # Nothing between the scan and out_proj is kept for the backward but the inputs: the fusion (one fast
+            # kernel), the observation, the norm and the gate run again there (autograd would keep the fused states,
+            # the fp32 norm input and output, SiLU(z) and the product: about 3.7 GiB for the T model at batch 128).
+            gated = cp.checkpoint(self._observe_gate, states, C, u, z, use_reentrant=False, preserve_rng_state=False)
         else:
-            y = self._observe(states, C, u, h, w)
-        y = y.transpose(1, 2).reshape(b, h, w, -1).to(z.dtype)
-        # out_proj(out_norm(y) * SiLU(z)) saving y and z only (the norm and the gate run again in the backward:
-        # autograd would keep the fp32 norm input and output, SiLU(z) and the product, 2.5 GiB at batch 128).
-        shape, eps = self.out_norm.normalized_shape, self.out_norm.eps
-        gate = lambda t, g, wt, bs: F.layer_norm(t, shape, wt, bs, eps) * F.silu(g)  # noqa: E731
-        return recomputed_linear(gate, self.out_proj, y, z, self.out_norm.weight, self.out_norm.bias)
+            gated = self._observe_gate(states, C, u, z)
+        return self.out_proj(gated)
 
 
 class Mlp(nn.Module):

@@ -24,9 +24,9 @@ Two behaviours, chosen by ``upstream_compat``:
   weight that keeps the graph connected, the spectrum still computed once (stage 0, as upstream) but carried to later
   stages by pooling the eigenvector fields like the features and sorting them again (a valid permutation for every
   input size, one eigensolve per forward), rotation-equivariant pooling (2x2 windows on even sides, 3x3 stride-2
-  windows centred on the even pixels of odd sides), exact rotations with ``torch.rot90`` (non-square inputs keep their corners) and the
-  frozen ResNet always in eval mode, stable sorts (ties keep raster order). A classifier is then invariant to
-  90/180/270-degree rotations of square inputs.
+  windows centred on the even pixels of odd sides), exact rotations with ``torch.rot90`` (non-square inputs keep
+  their corners) and the frozen ResNet always in eval mode, stable sorts (ties keep raster order). A classifier is
+  then invariant to 90/180/270-degree rotations of square inputs.
 
 The order lives in the forward's own state and is passed block to block (upstream keeps it in a module-level global,
 which breaks with EMA teachers, threads and gradient checkpointing). It is integer-valued: no gradient reaches it.
@@ -46,10 +46,25 @@ from torch import Tensor, nn
 
 from ..ops import gather_tokens, scatter_tokens
 from ..ops.cuda_graph import CudaGraphCache
-from ..ops.spectral_order import (EIGENSOLVERS, ScanIndex, equivariant_pool, pooled_order, propagate_order_upstream,
-                                  scan_index, solver_graphs, spectral_order)
-from .layers import (LayerNorm2d, StagedBackbone, normed_linear, parse_arch, to_classifier_keys,
-                     trunc_normal_linear_init, unwrap_state_dict)
+from ..ops.spectral_order import (
+    EIGENSOLVERS,
+    ScanIndex,
+    equivariant_pool,
+    pooled_order,
+    propagate_order_upstream,
+    scan_index,
+    solver_graphs,
+    spectral_order,
+)
+from .layers import (
+    LayerNorm2d,
+    StagedBackbone,
+    normed_linear,
+    parse_arch,
+    to_classifier_keys,
+    trunc_normal_linear_init,
+    unwrap_state_dict,
+)
 from .vmamba import SS2D, VSSBlock
 
 __all__ = ['SpectralVMamba', 'convert_upstream_state_dict', 'spectral_scan', 'spectral_merge']
@@ -179,7 +194,7 @@ class SpectralVMamba(StagedBackbone):
         rfn_frozen: keep the RFN's ResNet-18 frozen (upstream: its parameters never train; in the fixed mode its
             BatchNorms stay in eval mode). ``False`` trains it with the rest (BatchNorms follow ``train()``), for
             training without ImageNet weights for it: a frozen *random* trunk keeps the model near chance level on
-            the demo data (``tools/benchmarks/learning_runs.py``). Rotation invariance does not depend on the
+            the demo data (the learning runs in docs/benchmarks.md). Rotation invariance does not depend on the
             weights; in training mode the BatchNorm statistics of square inputs are taken over the four rotations
             together, so they are rotation-invariant too.
         ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the selective scan.

@@ -25,9 +25,23 @@ from torch import Tensor, nn
 
 from ..ops import dwconv2d, gather_tokens, inverse_permutation, scatter_tokens, selective_scan
 from ..ops._backend import is_cacheable
-from .layers import (LayerNorm2d, Linear2d, StagedBackbone, gelu_linear, grouped_matmul, init_A_logs, init_Ds,
-                     init_dt_bias, init_dt_weight, init_x_proj_weight, normed_linear, parse_arch, to_classifier_keys,
-                     trunc_normal_linear_init, unwrap_state_dict)
+from .layers import (
+    LayerNorm2d,
+    Linear2d,
+    StagedBackbone,
+    gelu_linear,
+    grouped_matmul,
+    init_A_logs,
+    init_Ds,
+    init_dt_bias,
+    init_dt_weight,
+    init_x_proj_weight,
+    normed_linear,
+    parse_arch,
+    to_classifier_keys,
+    trunc_normal_linear_init,
+    unwrap_state_dict,
+)
 
 __all__ = ['VMamba', 'convert_upstream_state_dict', 'cross_scan', 'cross_merge', 'cross_scan_index']
 
@@ -109,9 +123,8 @@ class SS2D(nn.Module):
         """Projections and the selective scan of K sequences: (B, K, D, L) -> (B, K, D, L) float32."""
         b, k, d, length = xs.shape
         # One GEMM per sequence group with the weight broadcast over the batch (grouped_matmul: its backward keeps
-        # views of xs, which the scan saves too). The grouped conv1d it replaced ran 60x slower in fp32 on cuDNN
-        # (22.5 vs 0.36 ms at VMamba-T's stage 1, batch 128, H200: tools/benchmarks/bench_layouts.py), and the
-        # einsum of dt_proj had a 2.7x slower backward.
+        # views of xs, which the scan saves too). A grouped conv1d runs 60x slower in fp32 on cuDNN (22.5 vs 0.36 ms
+        # at VMamba-T's stage 1, batch 128, H200: docs/benchmarks.md) and an einsum's backward 2.7x slower.
         x_dbl = grouped_matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = grouped_matmul(self.dt_projs_weight, dts)  # (B, K, D, L)
@@ -126,7 +139,7 @@ class SS2D(nn.Module):
         height, width = x.shape[-2:]
         x = normed_linear(x, norm, self.in_proj)
         # The depthwise conv through vssm.ops.dwconv2d (the kernel: 2.1x cuDNN's forward, 2.7x its forward+backward
-        # at stage 1 in fp32 and bf16, bench_layouts.py); same function and parameters as the nn.Conv2d.
+        # at stage 1 in fp32 and bf16, docs/benchmarks.md); same function and parameters as the nn.Conv2d.
         x = self.act(dwconv2d(x, self.conv2d.weight, self.conv2d.bias, backend=self.backend))  # (B, D, H, W)
         y = cross_merge(self.scan(cross_scan(x)), height, width)  # (B, D, H, W), float32
         return normed_linear(y, self.out_norm, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y

@@ -6,6 +6,7 @@ input lives on a CUDA device, the reference otherwise; ``'torch'`` forces the re
 ``'cuda'`` demands the extension (and fails with the build command when it is missing).
 """
 import importlib
+import os
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator, Optional
@@ -91,6 +92,13 @@ def plain_autograd(enabled: bool = True) -> Iterator[None]:
 def plain_autograd_enabled() -> bool:
     """Whether :func:`plain_autograd` is on."""
     return _PLAIN_AUTOGRAD
+
+
+def triton_fusions_enabled() -> bool:
+    """Whether the Triton kernels that wait for their verification on a GPU (``layer_norm_2d``, ``observe_gate``)
+    run: only with ``VSSM_TRITON_FUSIONS=1`` in the environment (read per call); otherwise their ops take the
+    reference under every backend."""
+    return os.environ.get('VSSM_TRITON_FUSIONS', '0') == '1'
 
 
 def is_cacheable(t: Tensor) -> bool:

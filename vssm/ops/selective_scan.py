@@ -29,12 +29,13 @@ from torch import Tensor
 
 from ._backend import plain_autograd_enabled, resolve_backend, try_import_extension
 
-__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available', 'KERNEL_DTYPES']
+__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available', 'KERNEL_DTYPES', 'KERNEL_MAX_STATE']
 
 _EXT_NAME = 'vssm_selective_scan'
 _EXT = try_import_extension(_EXT_NAME)
 KERNEL_CHUNK = 256  # steps per warp iteration in the kernel (kChunk in kernels/selective_scan/csrc/selective_scan.h)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_STATE = 16  # largest state size N (kMaxState in kernels/selective_scan/csrc/selective_scan.h)
 
 
 def kernel_available() -> bool:
@@ -189,7 +190,8 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias) -> None:
             raise ValueError(f'selective_scan: B and C must have the same number of groups, got B {tuple(B.shape)} '
                              f'and C {tuple(C.shape)}.')
     if d % g:
-        raise ValueError(f'selective_scan: the channel count D={d} must be divisible by the number of B/C groups G={g}.')
+        raise ValueError(f'selective_scan: the channel count D={d} must be divisible by the number of B/C groups '
+                         f'G={g}.')
     for name, x in (('D', D), ('delta_bias', delta_bias)):
         if x is not None and tuple(x.shape) != (d,):
             raise ValueError(f'selective_scan: {name} must be ({d},), got {tuple(x.shape)}.')
@@ -246,6 +248,15 @@ if _EXT is not None:
     _register_kernel_ops()
 
 
+def _kernel_limits(u: Tensor, A: Tensor) -> Optional[str]:
+    """What the kernel cannot take about these inputs (None when it takes them)."""
+    if u.dtype not in KERNEL_DTYPES:
+        return f'u of dtype {KERNEL_DTYPES}, got {u.dtype}'
+    if A.shape[1] > KERNEL_MAX_STATE:
+        return f'a state size N <= {KERNEL_MAX_STATE}, got N = {A.shape[1]}'
+    return None
+
+
 def _selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor], D: Optional[Tensor],
                          delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
     """The kernel path: contiguous inputs, delta/B/C in u's dtype, A/D/delta_bias in float32."""
@@ -287,9 +298,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[T
     if plain_autograd_enabled():
         return _reference_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if resolve_backend(backend, _EXT, _EXT_NAME, 'selective_scan', u) == 'cuda':
-        if u.dtype in KERNEL_DTYPES:
+        unsupported = _kernel_limits(u, A)
+        if unsupported is None:
             return _selective_scan_cuda(u, delta, A, B, C, D, delta_bias, delta_softplus)
         if backend == 'cuda':
-            raise ValueError(f'selective_scan: the CUDA kernel takes {KERNEL_DTYPES}, got u of dtype {u.dtype}; '
-                             "use backend='torch' (or 'auto') for it.")
+            raise ValueError(f"selective_scan: the CUDA kernel takes {unsupported}; use backend='torch' (or 'auto', "
+                             'which sends such inputs to the reference).')
     return _SelectiveScanRef.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)

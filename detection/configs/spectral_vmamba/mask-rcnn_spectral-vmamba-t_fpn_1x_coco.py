@@ -1,4 +1,5 @@
-# Mask R-CNN with a Spectral VMamba-T backbone, COCO 1x (12 epochs) on mmdet's Swin-T recipe (AdamW lr 1e-4, weight decay 0.05, 2 images per GPU on 8 GPUs).
+# Mask R-CNN with a Spectral VMamba-T backbone, COCO 1x (12 epochs) on mmdet's Swin-T recipe (AdamW lr 1e-4, weight
+# decay 0.05, 2 images per GPU on 8 GPUs).
 # The backbone's strides are 16, 32, 64, 128 (the RFN patchifies at 16), not Swin's 4..32, so the FPN, the RPN's
 # anchors and the RoI extractors are fitted to them: FPN levels at strides 16..256 (num_outs=5, the last by max
 # pooling), anchor scale 2 so the anchor sizes stay 32..512 as in the 4..64-stride original, and RoI features taken

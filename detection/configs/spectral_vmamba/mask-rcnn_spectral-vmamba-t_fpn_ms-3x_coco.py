@@ -1,4 +1,5 @@
-# Mask R-CNN with a Spectral VMamba-T backbone, COCO 3x (36 epochs) with multi-scale + crop training (mmdet's Swin-T ms-3x recipe).
+# Mask R-CNN with a Spectral VMamba-T backbone, COCO 3x (36 epochs) with multi-scale + crop training (mmdet's Swin-T
+# ms-3x recipe).
 # The backbone's strides are 16, 32, 64, 128 (the RFN patchifies at 16), not Swin's 4..32, so the FPN, the RPN's
 # anchors and the RoI extractors are fitted to them: FPN levels at strides 16..256 (num_outs=5, the last by max
 # pooling), anchor scale 2 so the anchor sizes stay 32..512 as in the 4..64-stride original, and RoI features taken

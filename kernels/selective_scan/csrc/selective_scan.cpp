@@ -56,7 +56,8 @@ Checked check_inputs(const at::Tensor &u, const at::Tensor &delta, const at::Ten
               A.sizes());
   TORCH_CHECK(A.scalar_type() == at::kFloat, "vssm_selective_scan: A must be float32");
   const int64_t nstate = A.size(1);
-  TORCH_CHECK(nstate >= 1 && nstate <= 16, "vssm_selective_scan: the state size N must be in 1..16, got ", nstate);
+  TORCH_CHECK(nstate >= 1 && nstate <= vssm_scan::kMaxState, "vssm_selective_scan: the state size N must be in 1..",
+              vssm_scan::kMaxState, ", got ", nstate);
   check_tensor(B, "B", u);
   TORCH_CHECK(B.dim() == 4 && B.size(0) == bt && B.size(2) == nstate && B.size(3) == length,
               "vssm_selective_scan: B must be (Bt, G, N, L) = (", bt, ", G, ", nstate, ", ", length, "), got ",
@@ -110,7 +111,7 @@ void dispatch_n(const ScanParams &p, bool forward, cudaStream_t stream) {
   } else if (p.dstate <= 4) {
     forward ? launch_fwd<T, 4>(p, stream) : launch_bwd<T, 4>(p, stream);
   } else {
-    forward ? launch_fwd<T, 16>(p, stream) : launch_bwd<T, 16>(p, stream);
+    forward ? launch_fwd<T, kMaxState>(p, stream) : launch_bwd<T, kMaxState>(p, stream);
   }
 }
 

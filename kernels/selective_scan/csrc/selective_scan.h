@@ -16,6 +16,7 @@ namespace vssm_scan {
 constexpr int kWarpSize = 32;
 constexpr int kItems = 8;                        // consecutive steps per lane
 constexpr int kChunk = kWarpSize * kItems;       // steps per warp iteration (must match vssm/ops/selective_scan.py)
+constexpr int kMaxState = 16;                    // largest state size N (KERNEL_MAX_STATE in vssm/ops/selective_scan.py)
 
 struct ScanParams {
   int64_t batch, dim, length, groups, dstate, n_chunks;

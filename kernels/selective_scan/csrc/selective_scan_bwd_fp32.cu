@@ -4,5 +4,5 @@
 namespace vssm_scan {
 template void launch_bwd<float, 1>(const ScanParams &, cudaStream_t);
 template void launch_bwd<float, 4>(const ScanParams &, cudaStream_t);
-template void launch_bwd<float, 16>(const ScanParams &, cudaStream_t);
+template void launch_bwd<float, kMaxState>(const ScanParams &, cudaStream_t);
 }  // namespace vssm_scan

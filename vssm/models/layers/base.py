@@ -14,8 +14,15 @@ from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...fileio import is_readable_checkpoint, register_safe_globals
+from ...fileio import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    MissingFileError,
+    is_readable_checkpoint,
+    register_safe_globals,
+)
 from ...ops._backend import check_backend_name, describe_backends
+from .norm import LayerNorm2d
 
 
 class StagedBackbone(BaseBackbone):
@@ -61,12 +68,12 @@ class StagedBackbone(BaseBackbone):
         name = type(self).__name__
         if '://' not in checkpoint:
             if not osp.isfile(checkpoint):
-                raise FileNotFoundError(f'{name}: pretrained checkpoint {checkpoint!r} does not exist (init_cfg). '
-                                        'Give the path of a checkpoint of ours or of a converted upstream one '
-                                        '(tools/model_converters/), or set init_cfg=None to start from scratch.')
+                raise MissingFileError(f'{name}: pretrained checkpoint {checkpoint!r} does not exist (init_cfg). '
+                                       'Give the path of a checkpoint of ours or of a converted upstream one '
+                                       '(tools/model_converters/), or set init_cfg=None to start from scratch.')
             if not is_readable_checkpoint(checkpoint):
-                raise ValueError(f'{name}: {checkpoint!r} is not a complete checkpoint (truncated or corrupt: not a '
-                                 'readable torch zip archive). Copy or download it again.')
+                raise CheckpointFileError(f'{name}: {checkpoint!r} is not a complete checkpoint (truncated or corrupt: '
+                                          'not a readable torch zip archive). Copy or download it again.')
         register_safe_globals()
         state = _load_checkpoint(checkpoint, map_location='cpu')
         state = state.get('state_dict', state.get('model', state)) if isinstance(state, dict) else state
@@ -84,8 +91,11 @@ class StagedBackbone(BaseBackbone):
         if (missing or unexpected or shapes) and strict:
             def head(keys):
                 return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
-            raise ValueError(
-                f'{name}: {checkpoint!r} does not fit this backbone (another family or size?). '
+            from ..identify import identify_backbone
+            held = identify_backbone(state)
+            held = f'It holds {held.describe()}. ' if held else ''
+            raise CheckpointMismatchError(
+                f'{name}: {checkpoint!r} does not fit this backbone (another family or size?). {held}'
                 f'missing keys: {head(missing) or "none"}; unexpected keys: {head(unexpected) or "none"}; '
                 f'shape mismatches: {head(shapes) or "none"}. Upstream checkpoints need '
                 "tools/model_converters/<family>_to_vssm.py first; set init_cfg=dict(..., strict=False) to load what "
@@ -111,9 +121,13 @@ class StagedBackbone(BaseBackbone):
         return tuple(sorted(set(result)))
 
     def _finish_init(self, norm_layer: type) -> None:
-        """Add ``outnorm{i}`` for the returned stages and apply the freezing."""
+        """Add ``outnorm{i}`` for the returned stages, give every ``LayerNorm2d`` the backbone's ``ops_backend`` and
+        apply the freezing."""
         for i in self.out_indices:
             self.add_module(f'outnorm{i}', norm_layer(self.dims[i]))
+        for module in self.modules():
+            if isinstance(module, LayerNorm2d):
+                module.backend = self.ops_backend
         self._freeze_stages()
 
     @property

@@ -7,20 +7,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import layer_norm_2d
 from .recompute import recomputed_linear
 
 
-def layer_norm_2d(x: Tensor, normalized_shape, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the channel axis of a (B, C, H, W) map (functional form of :class:`LayerNorm2d`)."""
-    x = F.layer_norm(x.permute(0, 2, 3, 1), normalized_shape, weight, bias, eps)  # over C of (B, H, W, C)
-    return x.permute(0, 3, 1, 2)
-
-
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel axis of a (B, C, H, W) map."""
+    """LayerNorm over the channel axis of a (B, C, H, W) map (:func:`vssm.ops.layer_norm_2d`).
+
+    ``backend`` picks the op's implementation (the backbones set their ``ops_backend``). Under ``'auto'`` the Triton
+    kernel runs only with ``VSSM_TRITON_FUSIONS=1`` until every family's kernel-vs-reference GPU test passes with it
+    (Spectral VMamba's does not yet: its stage-1 gradients differ, see kernels/README.md)."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, backend: str = 'auto') -> None:
+        super().__init__(normalized_shape, eps=eps)
+        self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm_2d(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm_2d(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
 def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear,
@@ -31,14 +34,20 @@ def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear,
     if norm is None:
         return fc(x)
     shape, eps = norm.normalized_shape, norm.eps
-    channels_first = isinstance(norm, LayerNorm2d)
-    layer_norm = layer_norm_2d if channels_first else F.layer_norm
+    if isinstance(norm, LayerNorm2d):
+        backend = norm.backend
 
-    def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        t = layer_norm(t, shape, weight, bias, eps)
-        return t if dtype is None else t.to(dtype)
+        def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            # Written directly in the dtype the projection runs in (autocast's, when on): one pass, same values.
+            device = t.device.type
+            out_dtype = dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+            return layer_norm_2d(t, weight, bias, eps, out_dtype, backend=backend)
+    else:
+        def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            t = F.layer_norm(t, shape, weight, bias, eps)
+            return t if dtype is None else t.to(dtype)
 
-    return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=channels_first)
+    return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=isinstance(norm, LayerNorm2d))
 
 
 class Linear2d(nn.Linear):

@@ -107,7 +107,9 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
         fc: the output projection (``nn.Linear`` or ``Linear2d``: weight (out, in)).
         channels_first: ``f``'s output is an NCHW map and ``fc`` a 1x1 convolution over its channels.
     """
-    if not _ENABLED or not torch.is_grad_enabled() or plain_autograd_enabled():  # nothing saved without autograd
+    # The plain ops: without autograd nothing is saved; under torch.compile the partitioner of AOTAutograd chooses
+    # what to save and what to recompute for the whole graph (and cannot trace the recomputing backward).
+    if not _ENABLED or not torch.is_grad_enabled() or plain_autograd_enabled() or torch.compiler.is_compiling():
         return fc(f(*inputs))
     return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
 
@@ -155,7 +157,8 @@ def grouped_matmul(weight: Tensor, x: Tensor) -> Tensor:
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     weight, x = weight.to(dtype), x.to(dtype)
-    if torch.jit.is_tracing() or plain_autograd_enabled():  # the same GEMMs as plain ops (FLOP counters, exporters)
+    # The same GEMMs as plain ops for FLOP counters, exporters and torch.compile (whose partitioner decides the saves).
+    if torch.jit.is_tracing() or plain_autograd_enabled() or torch.compiler.is_compiling():
         shape = (x.shape[0], ) + tuple(weight.shape[1:])
         return torch.stack([torch.bmm(weight[k].expand(shape), x[:, k]) for k in range(weight.shape[0])], dim=1)
     return _GroupedMatmul.apply(weight, x)

@@ -1,13 +1,13 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
-    python tools/benchmarks/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan fusion dwconv] [--quick]
+    python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan fusion dwconv] [--quick]
         [--json out.json] [--markdown out.md]
 
 For every case it prints the time per call of the forward pass and of forward + backward (calls back to back, as a
 model makes them: the median over 7 spans of 3 calls, after 5 warm-up calls), the effective bandwidth (the minimal
 bytes the op must move divided by the time) and that bandwidth as a fraction of a device-to-device copy measured in
-the same run; at the end, the verdict on each target of the kernels issue (scan bandwidth, state-fusion bandwidth
-and speed-up, dense 11x11 speed-up). Rows:
+the same run; at the end, the verdict on each performance target of the kernels (scan bandwidth, state-fusion
+bandwidth and speed-up, dense 11x11 speed-up). Rows:
 
 * selective scan (Spatial-Mamba's state form, VMamba's output form): the CUDA kernel, the PyTorch reference
   (log-depth scan) and the reference under ``torch.compile``;
@@ -18,14 +18,13 @@ TF32 is enabled for the cuDNN baselines (as in training).
 """
 import argparse
 import json
-import statistics
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from vssm.analysis.timing import median_ms
 from vssm.ops import dwconv2d, selective_scan, state_fusion
 from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
@@ -35,20 +34,14 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def time_ms(fn: Callable[[], object], warmup: int = 5, rounds: int = 7, calls: int = 3) -> float:
     """Milliseconds per call of ``fn`` on the GPU: the median over ``rounds`` spans of ``calls`` back-to-back calls
-    (benchmark.py's timed span: CUDA events around the span).
+    (CUDA events around each span), after ``warmup`` calls.
 
     Back to back, as a model calls the op: the host prepares the next call while the GPU runs this one, so host
     overhead shows only where it exceeds the GPU time. (Timing single calls between synchronizations adds the host
     time before the first kernel's launch to every call: ~0.15 ms for the state fusion, more than half of its kernel
     time at stage 1.)
     """
-    from vssm.engine.launch import load_tool_module
-    bench = load_tool_module(Path(__file__).resolve().parents[1] / 'analysis_tools' / 'benchmark.py',
-                             'vssm_benchmark_tool')
-    for _ in range(warmup):
-        fn()
-    device = torch.device('cuda', torch.cuda.current_device())
-    return statistics.median(bench._timed_span(fn, calls, device) * 1e3 / calls for _ in range(rounds))
+    return median_ms(fn, torch.device('cuda', torch.cuda.current_device()), warmup, rounds, calls)
 
 
 def copy_bandwidth() -> float:
@@ -244,7 +237,8 @@ def _case(r: Dict) -> str:
 
 
 def target_rows(rows: List[Dict]) -> List[Tuple[str, str, str]]:
-    """(target, measured, status) for each target of the kernels issue that these rows measure.
+    """(target, measured, status) for each performance target of the kernels (kernels/README.md) that these rows
+    measure.
 
     Scan bandwidth at stages 1/2 (batch 128): forward >= 70% and backward >= 50% of the copy; state fusion forward >=
     50% of the copy and forward+backward >= 5x the three cuDNN convs (every shape measured, detection included);

@@ -15,7 +15,7 @@ from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
 from torch import nn
 
-from .models.layers.recompute import recompute_enabled, set_recompute
+from ..models.layers.recompute import recompute_enabled, set_recompute
 
 __all__ = ['selective_scan_flop_jit', 'flop_handles', 'count_flops']
 

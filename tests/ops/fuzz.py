@@ -1,11 +1,15 @@
-"""Random cases for fuzzing the ops, shared by ``tests/ops/test_fuzz_reference.py`` and ``tools/fuzz_kernels.py``.
+"""Random op cases for fuzzing, and the kernel-vs-reference comparison of one case.
+
+Used by ``tests/ops/test_fuzz_reference.py`` (the references against naive loops, CPU, hypothesis) and
+``tests/ops/test_fuzz_kernels_cuda.py`` (the CUDA kernels against the references, GPU).
 
 One frozen dataclass per op holds everything a case is made of: shapes, dtype, flags, the memory layout of every
 input and the seed of its values. ``draw_*_case`` builds a case from a :class:`Chooser`, so the same parameter
 space drives both users: the hypothesis tests wrap hypothesis' ``draw`` in a chooser (so failures shrink field by
-field), the GPU script uses :class:`RandomChooser`. :func:`make_inputs` turns a case into tensors on any device
-(values are drawn on the CPU from the case's seed, so a case gives the same numbers everywhere) and
-:func:`call_op` runs the op on them with the case's flags.
+field), the GPU tests use :class:`RandomChooser` (:func:`draw_cases`). :func:`make_inputs` turns a case into tensors
+on any device (values are drawn on the CPU from the case's seed, so a case gives the same numbers everywhere),
+:func:`call_op` runs the op on them with the case's flags, and :func:`compare_case` runs it forward and backward on
+the kernel and on the reference and compares every result.
 
 Layouts (how an input's values sit in memory; the values are the same whichever is drawn, except ``'expanded'``):
 
@@ -21,21 +25,27 @@ A case's inputs are all contiguous (layout mode ``'contiguous'``), all in a draw
 
 Shape legend: as in :mod:`vssm.ops.selective_scan` and :mod:`vssm.ops.dwconv2d`.
 """
+import dataclasses
+import math
 import random
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, Protocol, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
 
-from .dwconv2d import FUSION_DILATIONS, dwconv2d, state_fusion
-from .selective_scan import selective_scan
+from vssm.ops.dwconv2d import FUSION_DILATIONS, dwconv2d, state_fusion
+from vssm.ops.dwconv2d import kernel_available as dwconv_kernel_available
+from vssm.ops.selective_scan import kernel_available as scan_kernel_available
+from vssm.ops.selective_scan import selective_scan
 
 __all__ = [
     'DTYPES', 'LAYOUTS', 'LAYOUT_MODES', 'FUSION_KERNELS', 'Chooser', 'RandomChooser', 'ScanBounds', 'ScanCase',
     'DWConvBounds', 'DWConvCase', 'FusionBounds', 'FusionCase', 'Case', 'CPU_SCAN', 'GPU_SCAN', 'CPU_DWCONV',
     'GPU_DWCONV', 'CPU_FUSION', 'GPU_FUSION', 'draw_scan_case', 'draw_dwconv_case', 'draw_fusion_case',
-    'with_layout', 'make_inputs', 'call_op', 'grad_output'
+    'with_layout', 'make_inputs', 'call_op', 'grad_output', 'KERNEL_OPS', 'op_name', 'tolerance', 'rel_err',
+    'CaseResult', 'compare_case', 'draw_cases', 'summarize', 'format_summary', 'describe_failure'
 ]
 
 T = TypeVar('T')
@@ -500,3 +510,154 @@ def grad_output(case: Case, dtype: torch.dtype, device: Union[str, torch.device]
     """
     g = torch.Generator().manual_seed(case.seed + 1)  # not the inputs' stream
     return torch.randn(*case.out_shape, generator=g, dtype=torch.float64).to(dtype).double().to(device)
+
+
+# ----------------------------------------------------------------------------------- kernels against references
+# op name -> (draw function, GPU bounds, whether its kernel is built)
+KERNEL_OPS: Dict[str, Tuple[Callable, object, Callable[[], bool]]] = {
+    'scan-state': (draw_scan_case, dataclasses.replace(GPU_SCAN, forms=('state', )), scan_kernel_available),
+    'scan-output': (draw_scan_case, dataclasses.replace(GPU_SCAN, forms=('output', )), scan_kernel_available),
+    'dwconv2d': (draw_dwconv_case, GPU_DWCONV, dwconv_kernel_available),
+    'state-fusion': (draw_fusion_case, GPU_FUSION, dwconv_kernel_available),
+}
+
+# max|kernel - reference| / max|reference|, the values of tests/ops/test_selective_scan_cuda.py and
+# test_dwconv2d_cuda.py. Scan: both accumulate in float32 from the same rounded inputs, whatever their dtype; the
+# gradients of u, delta, B and C are rounded to that dtype; A, D and delta_bias get float32 sums over Bt and L.
+SCAN_OUT_TOL = 2e-5
+SCAN_GRAD_TOL = {'float32': 5e-5, 'float16': 2e-3, 'bfloat16': 1e-2}
+SCAN_PARAM_GRAD_TOL = 5e-4
+# Depthwise conv and state fusion against float32 references: the output and the input's gradient are in the input's
+# dtype; weight, bias, the fusion's kernels and alpha get float32 sums over B x H x W.
+CONV_TOL = {'float32': 1e-5, 'float16': 2e-3, 'bfloat16': 1e-2}
+CONV_PARAM_GRAD_TOL = 1e-4
+ACTIVATIONS = ('u', 'delta', 'B', 'C', 'x', 'h')
+
+
+def op_name(case: Case) -> str:
+    """The :data:`KERNEL_OPS` name of a case's op."""
+    if isinstance(case, ScanCase):
+        return f'scan-{case.form}'
+    return 'dwconv2d' if isinstance(case, DWConvCase) else 'state-fusion'
+
+
+def tolerance(case: Case, name: str) -> float:
+    """The tolerance of the output (``name='out'``) or of the gradient of input ``name``."""
+    if isinstance(case, ScanCase):
+        if name == 'out':
+            return SCAN_OUT_TOL
+        return SCAN_GRAD_TOL[case.dtype] if name in ACTIVATIONS else SCAN_PARAM_GRAD_TOL
+    return CONV_TOL[case.dtype] if name in ('out', *ACTIVATIONS) else CONV_PARAM_GRAD_TOL
+
+
+def rel_err(got: Tensor, expected: Tensor) -> float:
+    """max|expected - got| / max|expected|; ``inf`` where either holds NaN or inf."""
+    got, expected = got.detach().double(), expected.detach().double()
+    err = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else math.inf
+
+
+@dataclass
+class CaseResult:
+    """One case's comparison.
+
+    Args:
+        case: the case.
+        errors: relative error per compared tensor: ``'out'`` and the input names (their gradients).
+        tolerances: the tolerance per compared tensor.
+        error: why the case could not be compared (an exception or a shape/dtype difference), else ``None``.
+    """
+
+    case: Case
+    errors: Dict[str, float]
+    tolerances: Dict[str, float]
+    error: Optional[str] = None
+
+    @property
+    def op(self) -> str:
+        return op_name(self.case)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(err <= self.tolerances[name] for name, err in self.errors.items())
+
+    def worst(self) -> Tuple[str, float, float]:
+        """(tensor, error, error / tolerance) of the tensor closest to, or furthest past, its tolerance."""
+        if self.error is not None:
+            return 'error', math.inf, math.inf
+        name = max(self.errors, key=lambda k: self.errors[k] / self.tolerances[k])
+        return name, self.errors[name], self.errors[name] / self.tolerances[name]
+
+
+def compare_case(case: Case, device: str = 'cuda') -> CaseResult:
+    """Run ``case`` forward and backward on the kernel (``backend='cuda'``) and on the reference
+    (``backend='torch'``) and compare the output and every input's gradient.
+
+    The scan's reference takes the same inputs (it computes in float32 itself); the conv references run on the inputs
+    cast to float32. Both receive the same incoming gradient, rounded to the kernel's output dtype.
+    """
+    inputs = make_inputs(case, device)
+    scan = isinstance(case, ScanCase)
+    leaves_k = {k: v.detach().requires_grad_() for k, v in inputs.items()}  # each input keeps its layout
+    leaves_r = {k: (v.detach() if scan else v.detach().float()).requires_grad_() for k, v in inputs.items()}
+    out_dtype = torch.float32 if scan else case.torch_dtype
+    try:
+        out_k = call_op(case, leaves_k, backend='cuda')
+        out_r = call_op(case, leaves_r, backend='torch')
+        if out_k.dtype != out_dtype or out_k.shape != out_r.shape:
+            return CaseResult(case, {}, {}, f'output {out_k.dtype} {tuple(out_k.shape)}, expected {out_dtype} '
+                              f'{tuple(out_r.shape)}')
+        dout = grad_output(case, out_k.dtype, device)
+        grads_k = torch.autograd.grad(out_k, list(leaves_k.values()), dout.to(out_k.dtype))
+        grads_r = torch.autograd.grad(out_r, list(leaves_r.values()), dout.to(out_r.dtype))
+    except (RuntimeError, ValueError) as exc:  # reported as a failing case; the other cases still run
+        return CaseResult(case, {}, {}, f'{type(exc).__name__}: {exc}')
+    errors = {'out': rel_err(out_k, out_r)}
+    for (name, leaf), grad_k, grad_r in zip(leaves_k.items(), grads_k, grads_r):
+        if grad_k.dtype != leaf.dtype or grad_k.shape != leaf.shape:
+            return CaseResult(case, {}, {}, f'gradient of {name}: {grad_k.dtype} {tuple(grad_k.shape)}, expected '
+                              f'{leaf.dtype} {tuple(leaf.shape)}')
+        errors[name] = rel_err(grad_k, grad_r)
+    return CaseResult(case, errors, {name: tolerance(case, name) for name in errors})
+
+
+def draw_cases(op: str, count: int, seed: int) -> List[Case]:
+    """``count`` cases of ``op`` (a :data:`KERNEL_OPS` name); each op has its own stream of cases."""
+    draw, bounds, _ = KERNEL_OPS[op]
+    chooser = RandomChooser(f'{seed}-{op}')
+    return [draw(chooser, bounds) for _ in range(count)]
+
+
+def summarize(results: Sequence[CaseResult]) -> List[Dict]:
+    """One row per op and dtype: cases, mismatches and the worst error (by error / tolerance)."""
+    groups: Dict[Tuple[str, str], List[CaseResult]] = defaultdict(list)
+    for result in results:
+        groups[(result.op, result.case.dtype)].append(result)
+    rows = []
+    for (op, dtype), group in sorted(groups.items(), key=lambda item: (list(KERNEL_OPS).index(item[0][0]),
+                                                                       list(DTYPES).index(item[0][1]))):
+        worst = max(group, key=lambda r: r.worst()[2])
+        tensor, err, _ = worst.worst()
+        rows.append(dict(op=op, dtype=dtype, cases=len(group), mismatches=sum(not r.ok for r in group),
+                         worst_error=err, worst_tensor=tensor, tolerance=worst.tolerances.get(tensor)))
+    return rows
+
+
+def format_summary(rows: Sequence[Dict]) -> str:
+    """The rows of :func:`summarize` as a table."""
+    lines = [f'{"op":<14}{"dtype":<10}{"cases":>7}{"mismatches":>12}{"worst rel. err":>16}  tensor (tolerance)']
+    for row in rows:
+        tol = '' if row['tolerance'] is None else f' ({row["tolerance"]:.0e})'
+        lines.append(f'{row["op"]:<14}{row["dtype"]:<10}{row["cases"]:>7}{row["mismatches"]:>12}'
+                     f'{row["worst_error"]:>16.2e}  {row["worst_tensor"]}{tol}')
+    return '\n'.join(lines)
+
+
+def describe_failure(index: int, result: CaseResult) -> str:
+    """A failing case: its index in the op's stream, what failed, and the case itself (to rebuild it)."""
+    if result.error is not None:
+        why = result.error
+    else:
+        why = ', '.join(f'{name} {err:.2e} > {result.tolerances[name]:.0e}' for name, err in result.errors.items()
+                        if err > result.tolerances[name])
+    return f'{result.op} #{index} {result.case.dtype}: {why}\n    {result.case}'

@@ -1,0 +1,108 @@
+"""vssm.ops.layer_norm_2d: the Triton kernel against float64 autograd (in Triton's interpreter on the CPU, and on a
+GPU), the dispatch (reference on CPU tensors and under compilation), the output dtype, errors."""
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import GRAD_TOLERANCES, TOLERANCES
+from ops.triton_interpreter import run_in_interpreter
+
+from vssm.ops import layer_norm_2d, layer_norm_2d_ref
+from vssm.ops.layer_norm import kernel_available
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
+# (B, C, H, W): one tile of channels (C <= 256) and the chunked path (C > 256, not a multiple of the chunk), odd sides
+SHAPES = [(2, 5, 3, 7), (3, 96, 9, 11), (2, 300, 5, 3), (1, 768, 7, 7), (2, 520, 1, 33)]
+
+
+def _float64_reference(x, weight, bias, eps, dy):
+    x, weight, bias = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1], ), weight, bias, eps).permute(0, 3, 1, 2)
+    return (y.detach(), *torch.autograd.grad(y, (x, weight, bias), dy.double()))
+
+
+@pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
+                    reason='needs Triton; with a GPU the GPU tests below run the kernels')
+def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
+    """The kernels themselves, run by Triton's interpreter on CPU tensors (a fresh process: the interpreter is chosen
+    when Triton is imported)."""
+    script = textwrap.dedent(f'''
+        import torch
+        import torch.nn.functional as F
+        from vssm.ops import _triton_layer_norm as kernel
+        torch.manual_seed(0)
+        for b, c, h, w in {SHAPES!r}:
+            x = torch.randn(b, c, h * w) * 3 + 5
+            weight, bias, dy = torch.randn(c), torch.randn(c), torch.randn(b, c, h * w)
+            y, mean, rstd = kernel.forward(x, weight, bias, 1e-5, torch.float32)
+            dx, dw, db = kernel.backward(dy, x, weight, mean, rstd)
+            xd, wd, bd = (t.double().requires_grad_() for t in (x, weight, bias))
+            ref = F.layer_norm(xd.transpose(1, 2), (c,), wd, bd, 1e-5).transpose(1, 2)
+            grads = torch.autograd.grad(ref, (xd, wd, bd), dy.double())
+            for name, got, want in zip(['y', 'dx', 'dw', 'db'], (y, dx, dw, db), (ref.detach(), *grads)):
+                err = ((got.double() - want).norm() / want.norm()).item()
+                assert err < 1e-5, (b, c, h, w, name, err)
+        print('ok')
+        ''')
+    run_in_interpreter(script)
+
+
+def test_cpu_tensors_and_compilation_take_the_reference():
+    x, weight, bias = torch.randn(2, 6, 3, 4), torch.randn(6), torch.randn(6)
+    expected = layer_norm_2d_ref(x, weight, bias, 1e-5)
+    assert torch.equal(layer_norm_2d(x, weight, bias), expected)
+    compiled = torch.compile(lambda t: layer_norm_2d(t, weight, bias), backend='aot_eager', fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the dtype F.layer_norm gives, or out_dtype
+        assert layer_norm_2d(x.bfloat16(), weight, bias).dtype == layer_norm_2d_ref(x.bfloat16(), weight, bias,
+                                                                                   1e-5).dtype
+        assert layer_norm_2d(x, weight, bias, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r'expected x \(B, C, H, W\)'):
+        layer_norm_2d(torch.randn(2, 6, 4), torch.randn(6), torch.randn(6))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        if not kernel_available():
+            raise ValueError('needs CUDA tensors')  # nothing else to check without Triton
+        layer_norm_2d(torch.randn(1, 6, 2, 2), torch.randn(6), torch.randn(6), backend='cuda')
+    with pytest.raises(ValueError, match='Unknown ops backend'):
+        layer_norm_2d(torch.randn(1, 6, 2, 2), torch.randn(6), torch.randn(6), backend='triton')
+
+
+@needs_gpu
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kernel_matches_reference_on_gpu(shape, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, device='cuda') * 2 + 3).to(dtype).requires_grad_()
+    weight = torch.randn(shape[1], device='cuda', requires_grad=True)
+    bias = torch.randn(shape[1], device='cuda', requires_grad=True)
+    dy = torch.randn(shape, device='cuda').to(dtype)
+    y = layer_norm_2d(x, weight, bias, backend='cuda')
+    assert y.dtype == dtype and y.is_contiguous()
+    grads = torch.autograd.grad(y, (x, weight, bias), dy)
+    ref = _float64_reference(x, weight, bias, 1e-5, dy)
+    for name, got, want in zip(['y', 'dx', 'dweight', 'dbias'], (y, *grads), ref):
+        table = TOLERANCES if name == 'y' else GRAD_TOLERANCES
+        rtol, atol = table[dtype]
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(scale, 1.0), msg=name)
+
+
+@needs_gpu
+def test_out_dtype_and_autocast_on_gpu():
+    x = torch.randn(2, 64, 5, 6, device='cuda')
+    weight, bias = torch.randn(64, device='cuda'), torch.randn(64, device='cuda')
+    expected = layer_norm_2d_ref(x, weight, bias, 1e-5)
+    got = layer_norm_2d(x, weight, bias, out_dtype=torch.bfloat16, backend='cuda')
+    assert got.dtype == torch.bfloat16  # the float32 result rounded once (1 ulp of bf16 where the two round apart)
+    torch.testing.assert_close(got, expected.to(torch.bfloat16), rtol=8e-3, atol=8e-3)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        assert layer_norm_2d(x.bfloat16(), weight, bias).dtype == torch.float32

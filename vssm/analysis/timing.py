@@ -1,0 +1,83 @@
+"""Timing and device memory for the measuring tools: one protocol on a GPU and on a CPU.
+
+On a GPU a span is timed with CUDA events around back-to-back calls (the host queues the next call while the GPU
+runs this one, as in a model); on a CPU with ``time.perf_counter``. Peak memory is
+``torch.cuda.max_memory_allocated`` (``None`` on a CPU, where there is no allocator to ask).
+"""
+import gc
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ['synchronize', 'release', 'reset_peak', 'peak_bytes', 'timed_span', 'median_ms', 'device_name',
+           'error_text']
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on a CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Free what is no longer referenced: Python garbage, then the CUDA caching allocator's unused blocks."""
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    """Release memory, then start a new peak-memory measurement."""
+    release(device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> Optional[int]:
+    """The peak allocated bytes since :func:`reset_peak`; ``None`` on a CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None
+
+
+def timed_span(step: Callable[[], object], iters: int, device: torch.device) -> float:
+    """Seconds for ``iters`` back-to-back calls of ``step``, timed as one span."""
+    synchronize(device)
+    if device.type == 'cuda':
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return time.perf_counter() - begin
+
+
+def median_ms(step: Callable[[], object], device: torch.device, warmup: int = 3, rounds: int = 10,
+              calls: int = 1) -> float:
+    """Milliseconds per call of ``step``: ``warmup`` untimed calls, then the median over ``rounds`` spans of
+    ``calls`` back-to-back calls each."""
+    for _ in range(warmup):
+        step()
+    return statistics.median(timed_span(step, calls, device) * 1e3 / calls for _ in range(rounds))
+
+
+def device_name(device: torch.device) -> str:
+    """E.g. ``'NVIDIA H200 (140 GiB)'`` or ``'CPU (2 threads)'``."""
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        return f'{props.name} ({props.total_memory / 2**30:.0f} GiB)'
+    return f'CPU ({torch.get_num_threads()} threads)'
+
+
+def error_text(error: BaseException) -> str:
+    """One line for a failed measurement: ``'out of memory'`` or the exception's type and first line."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return 'out of memory'
+    lines = str(error).strip().splitlines() or ['']
+    return f'{type(error).__name__}: {lines[0]}'[:300]

@@ -1,0 +1,98 @@
+"""LayerNorm over the channels of a channels-first (B, C, H, W) map, as VMamba's and Spectral VMamba's LayerNorm2d.
+
+``F.layer_norm`` normalizes the last dimension, so the reference permutes the map to (B, H, W, C), which
+``F.layer_norm`` copies to a contiguous tensor, and permutes the result back (channels-last strides that the next op may
+copy again): three passes over the map where one read and one write suffice. The kernel (Triton, on CUDA tensors)
+normalizes the (B, C, L) map in place of its layout: one read and one write (two reads above 256 channels), float32
+statistics, and the output written directly in the dtype the next GEMM runs in (``out_dtype``).
+
+Output dtype: by default what ``F.layer_norm`` gives, float32 under autocast and x's dtype otherwise; ``out_dtype``
+casts it in the same pass (the value is the float32 result rounded once).
+
+Shape legend: B batch, C channels, H/W height/width, L = H*W.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
+
+__all__ = ['layer_norm_2d', 'layer_norm_2d_ref', 'kernel_available']
+
+_KERNEL = try_import_extension(f'{__package__}._triton_layer_norm')  # None without Triton (CPU-only torch installs)
+
+
+def kernel_available() -> bool:
+    """Whether the Triton kernel can run (Triton importable; the tensors must also be on a CUDA device)."""
+    return _KERNEL is not None
+
+
+def _default_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def layer_norm_2d_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Pure-PyTorch reference: (B, C, H, W) -> normalized over C, as a (B, C, H, W) view of a channels-last tensor."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1], ), weight, bias, eps).permute(0, 3, 1, 2)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+class _LayerNorm2d(torch.autograd.Function):
+    """The kernel's forward and backward; saves x, the weight and the (B, L) float32 statistics. (Under
+    ``torch.compile`` the reference runs instead, for inductor to fuse, so no custom op is registered.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+        y, mean, rstd = _KERNEL.forward(x.flatten(2), weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _KERNEL.backward(dy.contiguous().flatten(2), x.flatten(2), weight, mean, rstd)
+        return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype), None, None
+
+
+def _use_kernel(backend: str, x: Tensor) -> bool:
+    check_backend_name(backend)
+    if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False  # under torch.compile inductor fuses the reference with its neighbours itself
+    if not triton_fusions_enabled():
+        return False
+    if backend == 'cuda':
+        if _KERNEL is None:
+            raise RuntimeError("layer_norm_2d: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
+                               "use backend='auto' or 'torch'.")
+        if not x.is_cuda:
+            raise ValueError(f"layer_norm_2d: backend 'cuda' needs CUDA tensors, got {x.device}.")
+        return True
+    return _KERNEL is not None and x.is_cuda
+
+
+def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None,
+                  *, backend: str = 'auto') -> Tensor:
+    """LayerNorm over the channels of ``x``.
+
+    Args:
+        x: (B, C, H, W).
+        weight, bias: (C,).
+        eps: added to the variance.
+        out_dtype: the output's dtype (default: float32 under autocast, else x's dtype, as ``F.layer_norm``).
+        backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` and ``'cuda'`` run the Triton kernel on CUDA tensors
+            when ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`), the reference
+            otherwise.
+
+    Returns:
+        (B, C, H, W): contiguous from the kernel, a channels-last view from the reference.
+    """
+    if x.dim() != 4 or weight.shape != (x.shape[1], ) or bias is None or bias.shape != weight.shape:
+        raise ValueError(f'layer_norm_2d: expected x (B, C, H, W) and weight, bias (C,), got {tuple(x.shape)}, '
+                         f'{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}.')
+    if not _use_kernel(backend, x):
+        return layer_norm_2d_ref(x, weight, bias, eps, out_dtype)
+    return _LayerNorm2d.apply(x.contiguous(), weight, bias, float(eps), out_dtype or _default_dtype(x))
+
