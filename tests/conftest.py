@@ -72,8 +72,9 @@ def _deterministic_seed():
 @pytest.fixture(autouse=True, scope='session')
 def _one_intra_op_thread():
     """One intra-op thread for the tests run in this process. Their tensors are small: a second thread gains little,
-    and on 2 cores shared with other processes the threads wait for each other (a layout benchmark of tests/tools
-    took 12 s with 2 threads and 0.8 s with one; the whole suite spends about 40% less CPU time)."""
+    and on 2 cores shared with other processes (the end-to-end runs in the background, other jobs) the threads wait
+    for each other. On 2 shared cores the backbone tests took 40% less CPU time with one thread, and a benchmark
+    tool's test 0.8 s instead of 12 s."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,12 +1,14 @@
 """What the model tests need to know about each family: class, a small arch, upstream sizes and fixtures; and
-:func:`on_meta`, for building the full-size models without memory or initialisation time."""
+:func:`on_meta` and :func:`meta_model`, for building the full-size models without allocating their weights."""
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from mmengine.registry import DefaultScope
 from mmpretrain.registry import MODELS
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vssm.models import spatial_mamba, spectral_vmamba, vmamba
@@ -99,3 +101,15 @@ def on_meta() -> Iterator[None]:
     full-size models (up to 365 M parameters) build in a second, for counting parameters and checking key layouts."""
     with torch.device('meta'), _LinspaceOnCPU():
         yield
+
+
+@functools.lru_cache(maxsize=None)
+def meta_model(family_name: str, size: str, kind: str) -> nn.Module:
+    """A full-size model built once per session on the meta device (:func:`on_meta`): ``kind`` ``'backbone'`` (every
+    stage returned, the det/seg layout) or ``'classifier'`` (the upstream configs' class count). Loading a state dict
+    into it checks keys and shapes and changes nothing, so the tests can share it."""
+    family = BY_NAME[family_name]
+    with on_meta():
+        if kind == 'backbone':
+            return family.cls(size, out_indices=(0, 1, 2, 3))
+        return build_classifier(family, size, family.num_classes)

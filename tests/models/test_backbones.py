@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from fixture_utils import fixture_weights, load_fixture, load_manifest, rel_err
-from models.families import BY_NAME, FAMILIES, build_classifier, expected_shapes, on_meta
+from models.families import BY_NAME, FAMILIES, build_classifier, expected_shapes, meta_model, on_meta
 
 FAMILY_IDS = [f.name for f in FAMILIES]
 SIZES = ['tiny', 'small', 'base']
@@ -132,9 +132,7 @@ def test_classifier_checkpoint_feeds_the_detection_backbone(family, tmp_path):
 @pytest.mark.parametrize('size', SIZES)
 def test_parameter_counts_match_upstream(family, size):
     cls_params, backbone_params = family.params[size]
-    with on_meta():
-        backbone = family.cls(size, out_indices=(0, 1, 2, 3))
-        classifier = build_classifier(family, size, family.num_classes)
+    backbone, classifier = meta_model(family.name, size, 'backbone'), meta_model(family.name, size, 'classifier')
     assert sum(p.numel() for p in backbone.parameters()) == backbone_params
     assert sum(p.numel() for p in classifier.parameters()) == cls_params
 
@@ -144,9 +142,7 @@ def test_upstream_layouts_load_strictly(family, size):
     """Every upstream key and shape: the det/seg backbone layout directly, the classifier via the converter (on
     the meta device: loading checks every key and shape, and copies nothing)."""
     manifest = load_manifest(family.manifest, size, 'backbone')
-    with on_meta():
-        backbone = family.cls(size, out_indices=(0, 1, 2, 3))
-        classifier = build_classifier(family, size, family.num_classes)
+    backbone, classifier = meta_model(family.name, size, 'backbone'), meta_model(family.name, size, 'classifier')
     assert {k: list(v.shape) for k, v in backbone.state_dict().items()} == {k: s for k, s in manifest['state_dict']}
     manifest = load_manifest(family.manifest, size, 'cls')
     upstream = {'model': {k: torch.empty(s, device='meta') for k, s in manifest['state_dict']}}

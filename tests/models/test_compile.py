@@ -5,12 +5,15 @@
   cold inductor cache (idle machine: VMamba 61 s, Spatial-Mamba 79 s, SpectralVMamba 58 s; 1.5-4 minutes each when the
   cores are shared), as inductor generates and builds C++ for every fused kernel, hence ``slow``. The compiled model is
   called first, as a user would: its second call recompiles once (below).
-* ``test_small_arch_traces_with_aot_eager``: the small archs through dynamo and AOTAutograd without code generation
-  (backend ``aot_eager``): the graph capture the inductor test depends on, in the default suite. The eager model runs
-  first here, so the model compiles once (the one-time state of the first call is set; see below). SpectralVMamba at
-  112 px (7 x 7 = 49 tokens), where the iterative eigensolver runs instead of the dense one, is ``slow``: its
+* ``test_small_arch_traces_with_aot_eager``: the small archs in eval mode through dynamo and AOTAutograd without code
+  generation (backend ``aot_eager``), ``slow`` like the inductor test, which captures the same graphs; the eager model
+  runs first here, so the model compiles once (the one-time state of the first call is set; see below). Also
+  SpectralVMamba at 112 px (7 x 7 = 49 tokens), where the iterative eigensolver runs instead of the dense one: its
   unrolled iterations make a graph of thousands of nodes (20-30 s to trace on 2 cores).
-* ``test_training_step_compiles_as_one_graph``: forward and backward in train mode, ``fullgraph=True``.
+* ``test_training_step_compiles_as_one_graph``: forward and backward in train mode, ``fullgraph=True``, in the
+  default suite, on the small archs with one block per stage (``COMPILE_ARCHS``): every kind of block and
+  downsampling is in the graph once, and the time to trace grows with the number of blocks (30-40 s per family on
+  2 cores with the small archs' five).
 
 Every compile here uses ``fullgraph=True``: a graph break fails the test.
 
@@ -28,6 +31,7 @@ from models.families import BY_NAME, FAMILIES
 
 TOLERANCE = 1e-5
 FAMILY_IDS = [f.name for f in FAMILIES]
+COMPILE_ARCHS = {f.name: {**f.small_arch, 'depths': [1, 1, 1, 1]} for f in FAMILIES}
 SIZE = 64  # SpectralVMamba needs multiples of 16: 4 x 4 tokens at stage 0, the dense eigensolver
 
 
@@ -64,6 +68,7 @@ def test_tiny_model_compiles_with_inductor(family):
     _assert_compiled_matches_eager(_build(family.name, 'tiny'), backend='inductor', compiled_first=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', FAMILIES, ids=FAMILY_IDS)
 def test_small_arch_traces_with_aot_eager(family):
     _assert_compiled_matches_eager(_build(family.name, family.small_arch), backend='aot_eager')
@@ -84,7 +89,7 @@ def test_training_step_compiles_as_one_graph(family):
     code generation): the custom ops are graph nodes and the recomputing autograd functions step aside for the
     partitioner. Loss and input gradient equal eager's."""
     torch._dynamo.reset()
-    model = _build(family.name, family.small_arch).train()
+    model = _build(family.name, COMPILE_ARCHS[family.name]).train()
     images = torch.randn(2, 3, SIZE, SIZE)
 
     def loss_and_grad(fn):
