@@ -41,10 +41,11 @@ def _assert_matches_plain_autograd(model: torch.nn.Module, images: torch.Tensor)
         torch.testing.assert_close(grads[name], plain_grads[name], **TOLERANCE, msg=lambda m, n=name: f'{n}: {m}')
 
 
-# Training at 224 (the repeating order) and eval at 160 x 256 in the quick suite, the other two under slow.
-@pytest.mark.parametrize('size, mode', [((224, 224), 'train'), ((160, 256), 'eval'),
-                                        pytest.param((224, 224), 'eval', marks=pytest.mark.slow),
-                                        pytest.param((160, 256), 'train', marks=pytest.mark.slow)],
+# Training at 224 (the repeating order) in the quick suite, the other three under slow.
+@pytest.mark.parametrize('size, mode', [((224, 224), 'train'),
+                                        *(pytest.param(size, mode, marks=pytest.mark.slow)
+                                          for size, mode in (((160, 256), 'eval'), ((224, 224), 'eval'),
+                                                             ((160, 256), 'train')))],
                          ids=['224x224-train', '160x256-eval', '224x224-eval', '160x256-train'])
 def test_spectral_upstream_mode_gradients_equal_plain_autograd(size, mode):
     torch.manual_seed(0)

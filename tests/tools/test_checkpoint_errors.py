@@ -173,7 +173,9 @@ def test_tools_test_rejects_another_family_before_the_runner(tmp_path):
     assert 'System environment' not in output and len(output) < 1500  # no Runner logs, no key lists
 
 
-@pytest.mark.parametrize('tool', ['train', 'test', 'converter', 'publish'])
+# One tool in the quick suite; the others start an interpreter each (7-8 s), under slow.
+@pytest.mark.parametrize('tool', ['train', *(pytest.param(t, marks=pytest.mark.slow)
+                                             for t in ('test', 'converter', 'publish'))])
 def test_truncated_checkpoints_fail_in_one_line_in_every_tool(tmp_path, tool):
     good = _save(tmp_path / 'good.pth', CLS_HEAD)
     bad = tmp_path / 'iter_4.pth'

@@ -105,7 +105,7 @@ def test_reference_scan_exports_as_plain_onnx_ops(tool, tmp_path, with_output):
     _assert_matches(scan, out, u, ['y'])
 
 
-@pytest.mark.parametrize('family', ['SpatialMamba', 'VMamba'])
+@pytest.mark.parametrize('family', [pytest.param('SpatialMamba', marks=pytest.mark.slow), 'VMamba'])
 def test_classifier_export_matches_pytorch(tool, tmp_path, capsys, monkeypatch, family):
     torch.manual_seed(1)
     model, what = _build(tool, CONFIGS[family], SMALL_CLASSIFIER)
@@ -140,6 +140,7 @@ def test_classifier_export_matches_pytorch(tool, tmp_path, capsys, monkeypatch, 
                    '--cfg-options', *SMALL_CLASSIFIER])
 
 
+@pytest.mark.slow
 def test_backbone_export_opset17_dynamic_batch(tool, tmp_path, capsys):
     """A detection config: the backbone alone, its four stage maps, opset 17 (converted from 18), a dynamic batch, and
     a detector checkpoint (backbone.* next to other modules' keys)."""
@@ -162,11 +163,17 @@ def test_backbone_export_opset17_dynamic_batch(tool, tmp_path, capsys):
     _assert_matches(backbone, out, torch.randn(3, 3, 32, 48), names)
 
 
-def test_opset_the_exporter_cannot_write_is_an_error(tool, tmp_path):
+def test_opset_below_17_is_an_error(tool, tmp_path):
     out = tmp_path / 'm.onnx'
     with pytest.raises(SystemExit, match='opset >= 17'):
         tool.main([_config(CONFIGS['VMamba']), '--out', str(out), '--shape', '32', '--opset', '16', '--no-verify',
                    '--cfg-options', *SMALL_CLASSIFIER])
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_opset_the_converter_cannot_write_is_an_error(tool, tmp_path):
+    out = tmp_path / 'm.onnx'
     with pytest.raises(SystemExit, match=r"--opset 17: the exporter produced opset 18\. .*version converter, which "
                                          r"cannot convert this model \(.+\)\. Use --opset 18"):
         tool.main([_config(CONFIGS['SpatialMamba']), '--out', str(out), '--shape', '32', '--opset', '17',
@@ -174,6 +181,7 @@ def test_opset_the_exporter_cannot_write_is_an_error(tool, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a subprocess (8 s); test_spectral_vmamba_subclass_is_refused checks the same in process
 def test_spectral_vmamba_is_refused_with_the_reason(tmp_path):
     out = tmp_path / 'spectral.onnx'
     result = subprocess.run([sys.executable, 'tools/deployment/export_onnx.py', CONFIGS['SpectralVMamba'], '--out',

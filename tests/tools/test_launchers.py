@@ -1,7 +1,7 @@
 """tools/train.py, tools/test.py and the torchrun wrappers on a tiny mmpretrain config (ResNet-18, 8 images of 32x32).
 
-The distributed runs (2 CPU processes over gloo when there is no GPU) are marked ``slow``; the single-process runs
-and the helpers in ``vssm.engine.launch`` are not.
+The distributed runs (2 CPU processes over gloo when there is no GPU) and the resumed run are marked ``slow``; the
+other single-process runs and the helpers in ``vssm.engine.launch`` are not.
 """
 import json
 import math
@@ -124,6 +124,7 @@ def test_dist_test_prints_accuracy_and_writes_metrics_json(config: Path, dist_ru
     assert 0 <= metrics['accuracy/top1'] <= 100 and math.isfinite(metrics['accuracy/top1'])
 
 
+@pytest.mark.slow
 def test_train_resume_continues_from_the_latest_checkpoint(config: Path, single_run: Path, tmp_path: Path) -> None:
     out = _run([sys.executable, 'tools/train.py', str(config), '--work-dir', str(single_run), '--resume',
                 '--cfg-options', 'train_cfg.max_iters=3', 'train_cfg.val_interval=3',
