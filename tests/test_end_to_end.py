@@ -4,9 +4,9 @@ the demo data, validating at the end, then tools/dist_test.sh (with --tta for se
 Every family x task runs twice: with the family's small arch (``model.backbone.arch`` and the widths the neck and
 heads read, through ``--cfg-options``), and as the T model the config names (``slow``: minutes each on 2 cores, and
 checkpoints of up to 3 GB for Spectral VMamba-T). Each launch of 2 processes costs about 20 s of CPU before any work
-(interpreters importing torch and the OpenMMLab libraries), so the quick suite has three small-arch runs, one per
-family and one per task (``TESTED_SMALL``), trained and tested with dist_test.sh; the other small-arch runs train
-under ``slow``, and the T runs train and test all nine. Two iterations, because DDP reports a parameter that got
+(interpreters importing torch and the OpenMMLab libraries), so in the quick suite every small arch trains (and
+validates), and three of them, one per family and one per task (``TESTED_SMALL``), are tested with dist_test.sh as
+well; the T runs train and test all nine, under ``slow``. Two iterations, because DDP reports a parameter that got
 no gradient at the start of the next one. The demo data is generated once per session into a temporary folder, and
 the runs are pointed at it with ``--cfg-options``. The runs start in the background when the session starts
 (tests/launches.py) and each test checks its own. (Resume: tests/tools/test_resume.py.)"""
@@ -34,13 +34,10 @@ TASKS = {
 # config folder -> (config name, registered backbone)
 FAMILIES = {'spatial_mamba': ('spatial-mamba', 'SpatialMamba'), 'vmamba': ('vmamba', 'VMamba'),
             'spectral_vmamba': ('spectral-vmamba', 'SpectralVMamba')}
-# The small-arch runs of the quick suite, trained and tested with dist_test.sh: each family once, each task once
-# (segmentation's multi-scale TTA with Spectral VMamba, which needs sides that are multiples of 16). The other six
-# small-arch runs only train, under ``slow``; the T runs train and test all nine, under ``slow``.
+SIZES = ['small-arch', pytest.param('T', marks=pytest.mark.slow)]
+# The small-arch runs that dist_test.sh tests too: each family once, each task once (segmentation's multi-scale TTA
+# with Spectral VMamba, which needs sides that are multiples of 16).
 TESTED_SMALL = {('classification', 'spatial_mamba'), ('detection', 'vmamba'), ('segmentation', 'spectral_vmamba')}
-RUNS = [pytest.param(task, family, size, id=f'{task}-{family}-{size}',
-                     marks=[] if size == 'small-arch' and (task, family) in TESTED_SMALL else [pytest.mark.slow])
-        for size in ('small-arch', 'T') for task in TASKS for family in FAMILIES]
 
 
 def _config(task: str, family: str) -> str:
@@ -139,7 +136,9 @@ def _train_then_test(launches: BackgroundLaunches, run_dir: Path, demo_root: Pat
 
 
 @pytest.mark.launches(pipeline=_train_then_test)
-@pytest.mark.parametrize('task, family, size', RUNS)
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('family', list(FAMILIES))
+@pytest.mark.parametrize('task', list(TASKS))
 def test_dist_train_then_dist_test(task, family, size, background_launches, request):
     trained, validation, metrics, out = background_launches.result(request.node.nodeid)
     assert trained, 'tools/dist_train.sh wrote no iter_2.pth'
