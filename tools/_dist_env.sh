@@ -1,6 +1,6 @@
 # Sourced by the launchers (dist_train.sh, dist_test.sh, slurm_train.sh, slurm_test.sh) after they set ROOT and
 # USAGE: argument checks that name what is missing, paths taken from the caller's directory, the interpreter, the
-# rendezvous variables and thread counts. Nothing runs at source time except remembering the caller's directory.
+# rendezvous variables and thread counts, and the srun call of the Slurm launchers. Nothing runs at source time except remembering the caller's directory.
 CALLER_DIR="$PWD"
 SCRIPT="tools/$(basename "$0")"
 
@@ -12,6 +12,15 @@ die() {  # message: print it and the usage line, exit 2
 is_count() { [[ "${1:-}" =~ ^[1-9][0-9]*$ ]]; }
 
 is_option() { [[ "${1:-}" == -* ]]; }
+
+require_args() {  # NAME... -- "$@": fail, naming the first missing positional argument and those after it
+  local names=() i=0
+  while [ "$1" != "--" ]; do names+=("$1"); shift; done
+  shift
+  for ((i = 0; i < ${#names[@]}; i++)); do
+    if [ $# -le "$i" ] || is_option "${@:$((i + 1)):1}"; then die "missing: ${names[*]:$i}."; fi
+  done
+}
 
 abs_path() {  # a path from the caller's directory, made absolute (URIs such as s3://... unchanged)
   case "$1" in
@@ -66,4 +75,27 @@ the same on every node (and PORT, default 29500, to a port free there)."
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   export VSSM_CALLER_DIR="$CALLER_DIR"
   cd "$ROOT"
+}
+
+# slurm_run PARTITION JOB_NAME TOOL ARGS...: TOOL (tools/train.py or tools/test.py) with ARGS (which include
+# --launcher=slurm: mmengine reads the ranks and the first node's address from Slurm's variables) as one srun task
+# per GPU: GPUS in all, GPUS_PER_NODE per node, CPUS_PER_TASK each, SRUN_ARGS added, MASTER_PORT from PORT (29500).
+slurm_run() {
+  local partition=$1 job_name=$2 tool=$3
+  shift 3
+  GPUS=${GPUS:-8}
+  GPUS_PER_NODE=${GPUS_PER_NODE:-$(( GPUS < 8 ? GPUS : 8 ))}
+  CPUS_PER_TASK=${CPUS_PER_TASK:-5}
+  is_count "$GPUS" || die "GPUS must be a positive integer, got '$GPUS'."
+  is_count "$GPUS_PER_NODE" || die "GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE'."
+  find_python
+  export MASTER_PORT=${PORT:-${MASTER_PORT:-29500}}
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  export VSSM_CALLER_DIR="$CALLER_DIR"
+  cd "$ROOT"
+  # SRUN_ARGS is split into words on purpose (several srun options in one variable).
+  # shellcheck disable=SC2086
+  srun -p "$partition" --job-name="$job_name" --gres=gpu:"$GPUS_PER_NODE" --ntasks="$GPUS" \
+    --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 ${SRUN_ARGS:-} \
+    "$PYTHON" -u "$ROOT/$tool" "$@"
 }
