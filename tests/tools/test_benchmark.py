@@ -157,10 +157,11 @@ def test_no_recompute_turns_the_recomputations_off_and_says_so(benchmark, tmp_pa
 def test_det_and_seg_latency_through_predict(benchmark, tmp_path):
     """Mask R-CNN and UPerNet VMamba-T through data_preprocessor + predict (6 s on 2 idle cores, 40 s on busy ones)."""
     rows = benchmark.main(['--latency-models', 'vmamba-t', '--modes', 'seg-latency', 'det-latency', '--backends',
-                           'torch', '--seg-size', '64', '--det-size', '64', '64', '--markdown',
+                           'torch', '--seg-size', '64', '--det-size', '64', '64', '--inference-graphs', '--markdown',
                            str(tmp_path / 'bench.md')] + TINY + ['--torch-warmup', '0'])
-    assert [(r['mode'], r['dtype']) for r in rows] == [(m, d) for m in ('seg-latency', 'det-latency')
-                                                       for d in ('fp32', 'bf16')]
+    # --inference-graphs: the same model with its backbone's graphs on (eager on a CPU), rows of their own
+    assert [(r['mode'], r['backend'], r['dtype']) for r in rows] == [
+        (m, b, d) for m in ('seg-latency', 'det-latency') for b in ('torch', 'torch+graphs') for d in ('fp32', 'bf16')]
     for row in rows:
         assert row['status'] == 'ok' and row['batch'] == 1 and row['ms_per_image'] > 0, row
     assert 'UPerNet latency, bf16' in (tmp_path / 'bench.md').read_text()

@@ -2,7 +2,7 @@
 
     python tools/analysis_tools/benchmark.py [--models NAME ...] [--modes MODE ...] [--backends torch cuda]
         [--batch 128] [--size 224] [--warmup 10] [--iters 30] [--torch-batch B] [--torch-warmup 3] [--torch-iters 10]
-        [--latency-models NAME ...] [--det-size 1333 800] [--seg-size 512] [--order-size 512 512]
+        [--latency-models NAME ...] [--det-size 1333 800] [--seg-size 512] [--inference-graphs] [--order-size 512 512]
         [--order-batches 1 2 8] [--tf32 | --no-tf32] [--device cuda] [--profile N] [--no-recompute]
         [--json rows.json] [--markdown table.md]
 
@@ -47,7 +47,9 @@ Protocol:
   ``seg-latency``: UPerNet from segmentation/configs/<family>/*_upernet_*-512x512.py (peer: mmseg's
   swin/swin-tiny-patch4-window7-in1k-pre_upernet_*-512x512.py), 'whole' inference on a ``--seg-size`` square image.
   Only ``--latency-models`` take part (default: the T models and Swin-T). Batch-1 latency is bound by the host
-  (kernel launches) as much as by the GPU.
+  (kernel launches) as much as by the GPU. ``--inference-graphs`` adds, for our models, rows with backend
+  ``<backend>+graphs``: the same model with its backbone's ``inference_graphs`` on (one CUDA-graph replay per input
+  shape, captured in the warm-up; see ``vssm.models.layers.StagedBackbone``).
 * Task training modes (on request), the ``--latency-models`` too: ``det-train-fp16``, a Mask R-CNN
   ``model.train_step`` at ``--det-size`` with ``--det-train-batch`` images (default 2) under the configs' fp16
   ``AmpOptimWrapper`` (dynamic loss scale), and ``seg-train-bf16``, an UPerNet step at ``--seg-size`` with
@@ -424,6 +426,7 @@ class Benchmark:
             det_train_batch=args.det_train_batch, seg_train_batch=args.seg_train_batch,
             order_size=list(args.order_size), order_batches=list(args.order_batches), modes=list(args.modes),
             backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute, compile=args.compile,
+            inference_graphs=args.inference_graphs,
             command=' '.join(['python tools/analysis_tools/benchmark.py'] + list(args.argv)),
             date=time.strftime('%Y-%m-%d %H:%M'))
 
@@ -504,14 +507,21 @@ class Benchmark:
         task = mode.split('-')[0]
         _, warmup, iters = self._settings(spec, backend)
         width, height = self.args.det_size if task == 'det' else (self.args.seg_size, self.args.seg_size)
-        rows = [self._row(spec, backend, mode, dtype, 1, f'{width}x{height}', warmup, iters)
-                for dtype in LATENCY_DTYPES]
 
         def measure(model: torch.nn.Module, row: Dict[str, Any]) -> Dict[str, Any]:
             ms, peak = task_latency(model, task, row['dtype'], width, height, warmup, iters, self.device)
             return dict(images_per_s=1e3 / ms, peak_mem_bytes=peak)
 
-        self._measure(spec, backend, rows, lambda: build_task_model(spec, task, backend), measure)
+        def build(graphs: bool) -> torch.nn.Module:
+            model = build_task_model(spec, task, backend)
+            model.backbone.inference_graphs.enabled = graphs
+            return model
+
+        for graphs in (False, True) if self.args.inference_graphs and spec.ours else (False, ):
+            label = f'{backend}+graphs' if graphs else backend
+            rows = [self._row(spec, label, mode, dtype, 1, f'{width}x{height}', warmup, iters)
+                    for dtype in LATENCY_DTYPES]
+            self._measure(spec, backend, rows, lambda graphs=graphs: build(graphs), measure)
 
     def _task_train(self, spec: ModelSpec, backend: str, mode: str) -> None:
         task, dtype = mode.split('-')[0], mode.rsplit('-', 1)[1]
@@ -581,7 +591,7 @@ def ordered_models(names: Sequence[str]) -> List[str]:
 
 
 # --- output ------------------------------------------------------------------------------------------------------
-_COLUMNS = (('model', 18), ('backend', 7), ('mode', 11), ('dtype', 5), ('batch', 5), ('size', 9), ('iters', 6),
+_COLUMNS = (('model', 18), ('backend', 11), ('mode', 11), ('dtype', 5), ('batch', 5), ('size', 9), ('iters', 6),
             ('images/s', 9), ('ms/image', 9), ('peak GiB', 8), ('params M', 8), ('s', 6))
 
 
@@ -783,6 +793,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-recompute', action='store_true',
                         help="our models without their memory-saving recomputations in the backward "
                         "(vssm.models.layers.set_recompute(False)): what they cost in training time and save in memory")
+    parser.add_argument('--inference-graphs', action='store_true',
+                        help="latency modes: our models also with the backbone's inference_graphs on (rows with "
+                        "backend '<backend>+graphs'; the graphs are captured in the warm-up, which needs 2 or more)")
     parser.add_argument('--json', metavar='PATH', help='write the settings and all rows as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='write Markdown tables (for docs/benchmarks.md)')
     args = parser.parse_args(argv)

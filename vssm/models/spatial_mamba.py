@@ -278,6 +278,8 @@ class SpatialMamba(StagedBackbone):
         ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the scan and the fusion.
         norm_eval: keep the BatchNorm layers in eval mode during training.
         with_cp: gradient checkpointing of every block (saves memory, costs a recompute).
+        inference_graphs: on CUDA, replay inference (eval mode, autograd off) as one CUDA graph per input shape
+            (see :class:`~vssm.models.layers.StagedBackbone`); for batch-1 detection and segmentation.
         init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
     """
     arch_zoo = {
@@ -299,8 +301,9 @@ class SpatialMamba(StagedBackbone):
                  ops_backend: str = 'auto',
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 inference_graphs: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg)
+        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg, inference_graphs)
         settings = parse_arch(type(self).__name__, arch, self.arch_zoo, required=('dims', 'depths'))
         self.dims, self.depths = settings['dims'], settings['depths']
         if d_state != 1:
@@ -332,7 +335,7 @@ class SpatialMamba(StagedBackbone):
         self.apply(trunc_normal_linear_init)
         self._finish_init(nn.LayerNorm)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+    def _forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self._check_input(x, self.patch_embed.conv1.conv.in_channels)
         x = self.patch_embed(x)  # (B, H/4, W/4, C), channels-last
         outs = []

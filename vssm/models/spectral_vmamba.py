@@ -200,6 +200,8 @@ class SpectralVMamba(StagedBackbone):
         ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the selective scan.
         norm_eval: keep this backbone's BatchNorm layers (the RFN's) in eval mode while training.
         with_cp: gradient checkpointing of every block.
+        inference_graphs: on CUDA, replay inference (eval mode, autograd off) as one CUDA graph per input shape
+            (see :class:`~vssm.models.layers.StagedBackbone`); for batch-1 detection and segmentation.
         init_cfg: mmengine init config of the whole backbone.
     """
     arch_zoo = {
@@ -228,8 +230,9 @@ class SpectralVMamba(StagedBackbone):
                  ops_backend: str = 'auto',
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 inference_graphs: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg)
+        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg, inference_graphs)
         settings = parse_arch(type(self).__name__, arch, self.arch_zoo, required=('dims', 'depths'))
         self.dims, self.depths = settings['dims'], settings['depths']
         if self.dims[0] != RFN_CHANNELS:
@@ -333,7 +336,7 @@ class SpectralVMamba(StagedBackbone):
         return torch.stack(back).amax(0)
 
     # --- forward -----------------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+    def _forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         return self.forward_with_orders(x)[0]
 
     def forward_with_orders(self, x: Tensor) -> Tuple[Tuple[Tensor, ...], List[Tensor]]:

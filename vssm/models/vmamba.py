@@ -216,6 +216,8 @@ class VMamba(StagedBackbone):
         ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the selective scan.
         norm_eval: keep BatchNorm layers in eval mode while training (VMamba has none; kept for the common contract).
         with_cp: gradient checkpointing of every block.
+        inference_graphs: on CUDA, replay inference (eval mode, autograd off) as one CUDA graph per input shape
+            (see :class:`~vssm.models.layers.StagedBackbone`); for batch-1 detection and segmentation.
         init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
     """
     arch_zoo = {
@@ -236,8 +238,9 @@ class VMamba(StagedBackbone):
                  ops_backend: str = 'auto',
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 inference_graphs: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg)
+        super().__init__(out_indices, frozen_stages, norm_eval, ops_backend, init_cfg, inference_graphs)
         settings = parse_arch(type(self).__name__, arch, self.arch_zoo, required=('dims', 'depths'),
                               optional=('ssm_ratio', ))
         self.dims, self.depths = settings['dims'], settings['depths']
@@ -261,7 +264,7 @@ class VMamba(StagedBackbone):
         self.apply(trunc_normal_linear_init)
         self._finish_init(LayerNorm2d)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+    def _forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self._check_input(x, self.in_channels)
         x = self.patch_embed(x)  # (B, C, H/4, W/4)
         outs = []

@@ -11,6 +11,12 @@ are kept (least recently used dropped) and inputs whose ``numel * cost_factor`` 
 fails is remembered and that shape runs eagerly from then on, with one warning. Outputs are cloned out of the graph's
 static buffers, so they stay valid after the next replay.
 
+A graph is recorded for the autocast state of its capture (autocast on or off, and its dtype, are part of the key).
+It reads every other tensor (weights, buffers) through the addresses it was captured with: ``state``, when given,
+returns something that changes when those tensors are replaced (e.g. their ``data_ptr()`` s: ``module.to(...)``,
+``.half()``), and a change drops every graph. Values written in place (``load_state_dict``, optimizer steps) are seen
+by the next replay.
+
 The cache is per module instance, not global: ``copy.deepcopy`` (EMA teachers) and pickling give an empty cache, and a
 lock serializes replays (threads).
 """
@@ -35,15 +41,19 @@ class CudaGraphCache:
         max_elements: largest ``x.numel() * cost_factor(x)`` that is captured.
         cost_factor: estimate of the intermediates' size relative to the input (``None``: 1).
         enabled: ``False`` always runs eagerly.
+        state: returns a hashable that changes when the tensors ``fn`` reads besides ``x`` are replaced (``None``:
+            they never are); a change drops every graph.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tuple[Tensor, ...]], capacity: int = 4, max_elements: int = 1 << 26,
-                 cost_factor: Optional[Callable[[Tensor], int]] = None, enabled: bool = True) -> None:
+                 cost_factor: Optional[Callable[[Tensor], int]] = None, enabled: bool = True,
+                 state: Optional[Callable[[], Hashable]] = None) -> None:
         self.fn = fn
         self.capacity = capacity
         self.max_elements = max_elements
         self.cost_factor = cost_factor
         self.enabled = enabled
+        self.state = state
         self._reset()
 
     def _reset(self) -> None:
@@ -51,22 +61,27 @@ class CudaGraphCache:
         self._seen: Dict[Hashable, int] = {}
         self._failed: Set[Hashable] = set()
         self._lock = threading.Lock()
+        self._state: Hashable = None
         self.replays = 0  # statistics, for tests and benchmarks
         self.captures = 0
 
     # deepcopy / pickle: an empty cache (graphs are bound to their device buffers and cannot be copied).
     def __getstate__(self) -> dict:
         return dict(fn=self.fn, capacity=self.capacity, max_elements=self.max_elements, cost_factor=self.cost_factor,
-                    enabled=self.enabled)
+                    enabled=self.enabled, state=self.state)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._reset()
 
+    @staticmethod
+    def _supports(x: Tensor) -> bool:
+        return x.is_cuda
+
     def _eager(self, x: Tensor) -> bool:
-        if not (self.enabled and x.is_cuda) or torch.compiler.is_compiling():
+        if not (self.enabled and self._supports(x)) or torch.compiler.is_compiling():
             return True
-        if torch.cuda.is_current_stream_capturing():  # inside someone else's graph: just record the kernels
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # inside another capture: record the kernels
             return True
         factor = self.cost_factor(x) if self.cost_factor is not None else 1
         return x.numel() * factor > self.max_elements
@@ -74,8 +89,17 @@ class CudaGraphCache:
     def __call__(self, x: Tensor) -> Tuple[Tensor, ...]:
         if self._eager(x):
             return self.fn(x)
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, autocast,
+               torch.get_autocast_dtype(x.device.type) if autocast else None)
         with self._lock:
+            if self.state is not None:
+                state = self.state()
+                if state != self._state:  # the graphs read tensors that are gone
+                    self._graphs.clear()
+                    self._seen.clear()
+                    self._failed.clear()
+                    self._state = state
             entry = self._graphs.get(key)
             if entry is None:
                 if key in self._failed:
@@ -94,27 +118,32 @@ class CudaGraphCache:
             return tuple(t.clone() for t in static_out)
 
     def _capture(self, key: Hashable, x: Tensor) -> Optional[Tuple[torch.cuda.CUDAGraph, Tensor, Tuple[Tensor, ...]]]:
-        static_in = x.clone()
         try:
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
-                self.fn(static_in)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls of other threads (e.g. the data loader's pin-memory thread) stay legal.
-            with torch.cuda.graph(graph, capture_error_mode='thread_local'):
-                static_out = self.fn(static_in)
+            entry = self._record(x)
         except RuntimeError as error:
             self._failed.add(key)
             print_log(f'CudaGraphCache: capturing {getattr(self.fn, "__name__", self.fn)} for input shape '
                       f'{tuple(x.shape)} failed ({error}); this shape runs eagerly (same results, more CPU time).',
                       logger='current', level=30)
             return None
-        if not isinstance(static_out, tuple):
+        if not isinstance(entry[2], tuple):
             raise TypeError('CudaGraphCache: the function must return a tuple of tensors.')
         self.captures += 1
-        self._graphs[key] = (graph, static_in, static_out)
+        self._graphs[key] = entry
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
-        return self._graphs[key]
+        return entry
+
+    def _record(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Tuple[Tensor, ...]]:
+        """(graph, static input, static outputs): ``fn`` on a copy of ``x``, warmed up on a side stream, captured."""
+        static_in = x.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
+            self.fn(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls of other threads (e.g. the data loader's pin-memory thread) stay legal.
+        with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+            static_out = self.fn(static_in)
+        return graph, static_in, static_out

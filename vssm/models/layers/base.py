@@ -1,12 +1,14 @@
-"""What every vssm backbone shares: ``out_indices`` handling, frozen stages, ``norm_eval``.
+"""What every vssm backbone shares: ``out_indices`` handling, frozen stages, ``norm_eval``, and the optional CUDA-graph
+replay of inference (``inference_graphs``).
 
 A backbone built on :class:`StagedBackbone` has a stem ``patch_embed``, a ``ModuleList`` of stages ``layers`` and one
 output norm ``outnorm{i}`` per returned stage (the upstream detection/segmentation wrappers' names, so their
 checkpoints load unchanged).
 """
+import itertools
 import os.path as osp
 import re
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
@@ -21,17 +23,32 @@ from ...fileio import (
     is_readable_checkpoint,
     register_safe_globals,
 )
-from ...ops._backend import check_backend_name, describe_backends
+from ...ops._backend import check_backend_name, describe_backends, triton_fusions_enabled
+from ...ops.cuda_graph import CudaGraphCache
 from .norm import LayerNorm2d
+
+# Inference graphs: inputs of up to 4 M elements (one 1344 x 800 image; 27 images of 224 x 224) are captured, larger
+# ones run eagerly (they keep the GPU busy without help, and a graph's memory pool would hold their intermediates).
+GRAPH_MAX_INPUT = 1 << 22
 
 
 class StagedBackbone(BaseBackbone):
-    """Base of the backbones: set ``patch_embed``, ``layers`` and ``dims`` in ``__init__``, then call
-    :meth:`_finish_init`."""
+    """Base of the backbones: set ``patch_embed``, ``layers`` and ``dims`` in ``__init__``, define ``_forward`` (the
+    images to the tuple of returned maps), then call :meth:`_finish_init`.
+
+    ``inference_graphs=True``: in eval mode with autograd off (``torch.no_grad()`` or ``torch.inference_mode()``, as
+    the libraries' test loops and Inferencers run), CUDA inputs of up to ``GRAPH_MAX_INPUT`` elements go through one
+    CUDA graph per input shape, dtype and autocast state (:class:`~vssm.ops.cuda_graph.CudaGraphCache`: captured the
+    second time a shape is seen, 4 kept): the hundreds of kernel launches of a forward become one, which is what
+    batch-1 detection and segmentation inference is bound by. Training, gradients, CPU tensors, ``torch.compile``
+    and larger inputs run eagerly; so does a shape whose capture fails (a host synchronization, e.g. Spectral
+    VMamba's dense eigensolver on small maps), with one warning. Replacing the weights (``.to()``, ``.half()``) drops
+    the graphs; loading values in place is seen at the next replay.
+    """
     num_stages = 4
 
     def __init__(self, out_indices: Union[int, Sequence[int]], frozen_stages: int, norm_eval: bool, ops_backend: str,
-                 init_cfg: Optional[Union[dict, List[dict]]]) -> None:
+                 init_cfg: Optional[Union[dict, List[dict]]], inference_graphs: bool = False) -> None:
         super().__init__(init_cfg=init_cfg)
         name = type(self).__name__
         if not -1 <= frozen_stages <= self.num_stages:
@@ -41,6 +58,26 @@ class StagedBackbone(BaseBackbone):
         self.norm_eval = norm_eval
         self.ops_backend = check_backend_name(ops_backend)
         self._logged_device = None
+        if not isinstance(inference_graphs, bool):
+            raise TypeError(f'{name}: inference_graphs must be True or False, got {inference_graphs!r}.')
+        # Not a submodule and not state: deepcopy (EMA) and pickling give an empty cache bound to the copy.
+        self.inference_graphs = CudaGraphCache(self._forward, max_elements=GRAPH_MAX_INPUT, enabled=inference_graphs,
+                                               state=self._graph_state)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Images (B, C, H, W) -> the maps of the stages in ``out_indices``."""
+        if self.inference_graphs.enabled and not (self.training or torch.is_grad_enabled() or torch.jit.is_tracing()):
+            return self.inference_graphs(x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _graph_state(self) -> Hashable:
+        """What a captured graph depends on besides its input: the addresses of the weights and buffers, and the
+        Triton kernels' switch (read at call time by the ops)."""
+        return (tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers())),
+                triton_fusions_enabled())
 
     def init_weights(self) -> None:
         """mmengine's initialisation, except that ``init_cfg=dict(type='Pretrained', ...)`` loads strictly.
