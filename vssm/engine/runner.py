@@ -7,6 +7,12 @@ mmengine's ``Runner.load_checkpoint`` (``load_from``, ``--resume``, the checkpoi
 at once with a short message naming the model the weights fit and the config to use
 (:func:`vssm.engine.checkpoint.check_state_fits`).
 
+The config's ``compile`` option (``True`` or ``torch.compile``'s keyword arguments) compiles the model's backbone in
+place (``nn.Module.compile``) instead of mmengine's whole ``train_step``: the backbones compile as one graph, the
+state dict keeps its keys, and it works the same on one process and under DDP (where compiling mmengine's
+``MMDistributedDataParallel.train_step`` fails in dynamo on its data dict). Necks and heads (NMS, sampling, losses)
+run eagerly. A model without a ``backbone`` gets mmengine's behaviour.
+
 Tools that test a checkpoint build ``StrictTestRunner``: the same, except that the test config (with ``--tta`` the
 test-time augmentation wrapper and pipeline) is written into the run's timestamped folder, so the config of the
 training run in the work dir, which the Inferencers and ``--resume`` read, is never replaced by it.
@@ -50,6 +56,22 @@ class StrictRunner(Runner):
         self._has_loaded = True
         self.logger.info(f'Load checkpoint from {filename}')
         return checkpoint
+
+    def _maybe_compile(self, target: str) -> None:
+        options = self.cfg.get('compile', None)
+        if options is None or options is False:
+            return
+        backbone = getattr(_unwrap(self.model), 'backbone', None)
+        if backbone is None:
+            return super()._maybe_compile(target)
+        if options is True:
+            options = {}
+        if not isinstance(options, dict):
+            raise TypeError(f'compile: expected True, False or torch.compile keyword arguments (a dict, e.g. '
+                            f'compile=dict(backend="inductor", mode="max-autotune")), got {options!r}.')
+        backbone.compile(**options)
+        self.logger.info(f'{type(backbone).__name__} compiled with torch.compile({dict(options)}); the first '
+                         'iterations (and the first validation, in eval mode) compile and are slow.')
 
 
 @RUNNERS.register_module()
