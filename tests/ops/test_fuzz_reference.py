@@ -24,7 +24,9 @@ T = TypeVar('T')
 Tensors = Dict[str, torch.Tensor]
 DTYPE_NAMES = ['float64', 'float32', 'float16', 'bfloat16']
 LAYOUT_MODES = ['contiguous', 'strided']  # every input contiguous / every input in a drawn non-contiguous layout
-EXAMPLES = dict(scan=80, dwconv=60, fusion=40)  # per dtype and layout mode
+# Examples per dtype and layout mode: the quick suite's, and 5x as many under ``slow``.
+EXAMPLES = dict(scan=40, dwconv=30, fusion=20)
+BUDGETS = ['quick', pytest.param('thorough', marks=pytest.mark.slow)]
 
 # Tolerances. Observed maxima below: over 3000 random cases per op (fuzz.CPU_* bounds, RandomChooser).
 # Selective scan: elementwise |got - expected| <= t * (max|expected| + |expected|) against the float64 loop, a
@@ -139,35 +141,38 @@ def check_against_naive(case: fuzz.Case) -> None:
         assert_within(got[name], expected[name], allowed[name], what)
 
 
-def _fuzz_settings(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None)
+def _check_drawn_cases(op: str, bounds, draw, dtype: str, layout_mode: str, budget: str) -> None:
+    """The op's reference against the naive loop on ``EXAMPLES[op]`` (x5 for ``'thorough'``) drawn cases."""
+    bounds = dataclasses.replace(bounds, dtypes=(dtype, ), layout_modes=(layout_mode, ))
+    examples = EXAMPLES[op] * (5 if budget == 'thorough' else 1)
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None)
+    @given(data=st.data())
+    def check(data):
+        check_against_naive(draw(_HypothesisChooser(data), bounds))
+
+    check()
 
 
+@pytest.mark.parametrize('budget', BUDGETS)
 @pytest.mark.parametrize('layout_mode', LAYOUT_MODES)
 @pytest.mark.parametrize('dtype', DTYPE_NAMES)
-@_fuzz_settings(EXAMPLES['scan'])
-@given(data=st.data())
-def test_selective_scan_ref_matches_naive_loop(dtype, layout_mode, data):
-    bounds = dataclasses.replace(fuzz.CPU_SCAN, dtypes=(dtype, ), layout_modes=(layout_mode, ))
-    check_against_naive(fuzz.draw_scan_case(_HypothesisChooser(data), bounds))
+def test_selective_scan_ref_matches_naive_loop(dtype, layout_mode, budget):
+    _check_drawn_cases('scan', fuzz.CPU_SCAN, fuzz.draw_scan_case, dtype, layout_mode, budget)
 
 
+@pytest.mark.parametrize('budget', BUDGETS)
 @pytest.mark.parametrize('layout_mode', LAYOUT_MODES)
 @pytest.mark.parametrize('dtype', DTYPE_NAMES)
-@_fuzz_settings(EXAMPLES['dwconv'])
-@given(data=st.data())
-def test_dwconv2d_ref_matches_tap_sum(dtype, layout_mode, data):
-    bounds = dataclasses.replace(fuzz.CPU_DWCONV, dtypes=(dtype, ), layout_modes=(layout_mode, ))
-    check_against_naive(fuzz.draw_dwconv_case(_HypothesisChooser(data), bounds))
+def test_dwconv2d_ref_matches_tap_sum(dtype, layout_mode, budget):
+    _check_drawn_cases('dwconv', fuzz.CPU_DWCONV, fuzz.draw_dwconv_case, dtype, layout_mode, budget)
 
 
+@pytest.mark.parametrize('budget', BUDGETS)
 @pytest.mark.parametrize('layout_mode', LAYOUT_MODES)
 @pytest.mark.parametrize('dtype', DTYPE_NAMES)
-@_fuzz_settings(EXAMPLES['fusion'])
-@given(data=st.data())
-def test_state_fusion_ref_matches_dilated_branches(dtype, layout_mode, data):
-    bounds = dataclasses.replace(fuzz.CPU_FUSION, dtypes=(dtype, ), layout_modes=(layout_mode, ))
-    check_against_naive(fuzz.draw_fusion_case(_HypothesisChooser(data), bounds))
+def test_state_fusion_ref_matches_dilated_branches(dtype, layout_mode, budget):
+    _check_drawn_cases('fusion', fuzz.CPU_FUSION, fuzz.draw_fusion_case, dtype, layout_mode, budget)
 
 
 # ------------------------------------------------------------------------------------------ the fuzz module itself
