@@ -1,0 +1,50 @@
+"""Installing vssm: the build backend's check (_build_backend/vssm_build.py) stops `pip install -e .` at once, pointing
+to tools/setup.sh, in an environment without mmcv's compiled ops, and passes in the set-up one; the installed
+metadata (version, Python floor, dependencies, extras)."""
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+import vssm
+
+
+@pytest.fixture(scope='module')
+def backend():
+    spec = importlib.util.spec_from_file_location('vssm_build', REPO_ROOT / '_build_backend' / 'vssm_build.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fresh_environment_stops_at_once_with_the_set_up_command(backend, tmp_path, monkeypatch):
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(tmp_path / 'env')], check=True)
+    monkeypatch.delenv('VSSM_SKIP_INSTALL_CHECK', raising=False)
+    monkeypatch.setattr(backend.sys, 'executable', str(tmp_path / 'env' / 'bin' / 'python'))
+    for hook in (backend.get_requires_for_build_editable, backend.get_requires_for_build_wheel):
+        with pytest.raises(SystemExit) as stop:
+            hook()
+        message = str(stop.value)
+        assert 'mmcv is not installed in' in message and 'bash tools/setup.sh' in message
+        assert 'pip install --no-build-isolation -e .' in message
+
+
+def test_set_up_environment_passes_and_the_check_can_be_skipped(backend, tmp_path, monkeypatch):
+    monkeypatch.delenv('VSSM_SKIP_INSTALL_CHECK', raising=False)
+    backend._check_environment()  # this interpreter: tools/setup.sh's, with mmcv 2.1 and its ops
+    monkeypatch.setenv('VSSM_SKIP_INSTALL_CHECK', '1')
+    monkeypatch.setattr(backend.sys, 'executable', str(tmp_path / 'no-such-python'))
+    backend._check_environment()
+
+
+def test_installed_metadata():
+    meta = importlib.metadata.metadata('vssm')
+    assert meta['Version'] == vssm.__version__ and meta['Requires-Python'] == '>=3.9'
+    assert meta['Summary'].startswith('Visual state space models')
+    requires = meta.get_all('Requires-Dist')
+    assert any(r.startswith('torch>=2.4') for r in requires) and any(r.startswith('mmcv') for r in requires)
+    assert set(meta.get_all('Provides-Extra')) >= {'det', 'seg', 'tests', 'plot', 'export'}
+    assert any('mmdet' in r and 'extra == "det"' in r for r in requires)
