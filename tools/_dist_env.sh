@@ -1,6 +1,7 @@
 # Sourced by the launchers (dist_train.sh, dist_test.sh, slurm_train.sh, slurm_test.sh) after they set ROOT and
 # USAGE: argument checks that name what is missing, paths taken from the caller's directory, the interpreter, the
-# rendezvous variables and thread counts, and the srun call of the Slurm launchers. Nothing runs at source time except remembering the caller's directory.
+# rendezvous variables and thread counts, and the srun call of the Slurm launchers. Nothing runs at source time
+# except remembering the caller's directory.
 CALLER_DIR="$PWD"
 SCRIPT="tools/$(basename "$0")"
 
@@ -42,8 +43,7 @@ find_python() {
 }
 
 # setup_torchrun NPROC: the torchrun rendezvous of the node (NNODES, NODE_RANK, MASTER_ADDR, PORT), threads per
-# process, PYTHONPATH and VSSM_CALLER_DIR (tools/train.py and test.py resolve their path options against it); then
-# change to the repository root, where the configs' relative paths (data/, checkpoints/, work_dirs/) point.
+# process, then enter_root.
 setup_torchrun() {
   NPROC=$1
   find_python
@@ -72,6 +72,12 @@ the same on every node (and PORT, default 29500, to a port free there)."
     [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
     export OMP_NUM_THREADS
   fi
+  enter_root
+}
+
+# enter_root: PYTHONPATH and VSSM_CALLER_DIR (tools/train.py and test.py resolve their path options against it), then
+# the repository root, where the configs' relative paths (data/, checkpoints/, work_dirs/) point.
+enter_root() {
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   export VSSM_CALLER_DIR="$CALLER_DIR"
   cd "$ROOT"
@@ -90,9 +96,7 @@ slurm_run() {
   is_count "$GPUS_PER_NODE" || die "GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE'."
   find_python
   export MASTER_PORT=${PORT:-${MASTER_PORT:-29500}}
-  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  export VSSM_CALLER_DIR="$CALLER_DIR"
-  cd "$ROOT"
+  enter_root
   # SRUN_ARGS is split into words on purpose (several srun options in one variable).
   # shellcheck disable=SC2086
   srun -p "$partition" --job-name="$job_name" --gres=gpu:"$GPUS_PER_NODE" --ntasks="$GPUS" \
