@@ -31,14 +31,14 @@ def _write(y_ptr, w_ptr, b_ptr, x, mask, mask_c, offs_c, base, mean, rstd, lengt
 @triton.jit
 def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length, n_pixels, eps,
                      SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    offs_p, mask_l, _, _, base = flat_pixels(tl.program_id(0), n_c, length, n_pixels, BLOCK_L)
+    offs_p, mask_l, _batch, _pixel, base = flat_pixels(tl.program_id(0), n_c, length, n_pixels, BLOCK_L)
     zeros = tl.zeros([BLOCK_L], dtype=tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
     x, mask, mask_c = _load(x_ptr, offs_c, base, mask_l, n_c, length)
     count, mean, m2 = chan_merge(zeros, zeros, zeros, x, mask)
     if not SINGLE:
         for c0 in range(BLOCK_C, n_c, BLOCK_C):
-            xb, maskb, _ = _load(x_ptr, c0 + tl.arange(0, BLOCK_C), base, mask_l, n_c, length)
+            xb, maskb, _mask_cb = _load(x_ptr, c0 + tl.arange(0, BLOCK_C), base, mask_l, n_c, length)
             count, mean, m2 = chan_merge(count, mean, m2, xb, maskb)
     rstd = 1. / tl.sqrt(m2 / n_c + eps)
     if SINGLE:  # the tile is still in registers: one read of x in all
@@ -55,7 +55,7 @@ def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length
 @triton.jit
 def _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, length):
     x, mask, mask_c = _load(x_ptr, offs_c, base, mask_l, n_c, length)
-    dy, _, _ = _load(dy_ptr, offs_c, base, mask_l, n_c, length)
+    dy, _dy_mask, _dy_mask_c = _load(dy_ptr, offs_c, base, mask_l, n_c, length)
     w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
     xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.)
     return dy, dy * w[:, None], xhat, mask, mask_c
@@ -65,7 +65,7 @@ def _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, lengt
 def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, n_c, length,
                      n_pixels, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)  # row of the partial sums
-    offs_p, mask_l, _, _, base = flat_pixels(tl.program_id(0), n_c, length, n_pixels, BLOCK_L)
+    offs_p, mask_l, _batch, _pixel, base = flat_pixels(tl.program_id(0), n_c, length, n_pixels, BLOCK_L)
     mean = tl.load(mean_ptr + offs_p, mask=mask_l, other=0.)
     rstd = tl.load(rstd_ptr + offs_p, mask=mask_l, other=0.)
     c1 = tl.zeros([BLOCK_L], dtype=tl.float32)
@@ -73,7 +73,7 @@ def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
     n_chunks = 1 if SINGLE else tl.cdiv(n_c, BLOCK_C)
     for chunk in range(0, n_chunks):
         offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
-        _, g, xhat, _, _ = _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, length)
+        _dy, g, xhat, _mask, _mask_c = _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, length)
         c1 += tl.sum(g * xhat, 0)
         c2 += tl.sum(g, 0)
     c1 = c1 / n_c

@@ -59,7 +59,7 @@ def _pixels(pid, n_c, length, n_pixels, z_batch, z_pixel, BLOCK_L: tl.constexpr)
 def _write(out_ptr, z_ptr, w_ptr, b_ptr, y, mask, mask_c, offs_c, zoff, out_off, mean, rstd, LOW: tl.constexpr):
     w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
     b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
-    _, _, s = _gate(z_ptr, zoff, offs_c, mask, LOW, z_ptr.dtype.element_ty)
+    _z, _sig, s = _gate(z_ptr, zoff, offs_c, mask, LOW, z_ptr.dtype.element_ty)
     out = ((y - mean[None, :]) * rstd[None, :] * w[:, None] + b[:, None]) * s
     tl.store(out_ptr + out_off[None, :] + offs_c[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -76,14 +76,15 @@ def _observe_gate_fwd(fused_ptr, c_ptr, u_ptr, ds_ptr, z_ptr, w_ptr, b_ptr, out_
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < n_c
     mask = mask_c[:, None] & mask_l[None, :]
-    y, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_c, base, mask, mask_c, length, LOW, dtype)
+    y, _fused, _u, _ds = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_c, base, mask, mask_c, length, LOW, dtype)
     count, mean, m2 = chan_merge(zeros, zeros, zeros, y, mask)
     if not SINGLE:
         for c0 in range(BLOCK_C, n_c, BLOCK_C):
             offs_cb = c0 + tl.arange(0, BLOCK_C)
             mask_cb = offs_cb < n_c
             maskb = mask_cb[:, None] & mask_l[None, :]
-            yb, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_cb, base, maskb, mask_cb, length, LOW, dtype)
+            yb, _fused_b, _u_b, _ds_b = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_cb, base, maskb, mask_cb, length,
+                                                 LOW, dtype)
             count, mean, m2 = chan_merge(count, mean, m2, yb, maskb)
     rstd = 1. / tl.sqrt(m2 / n_c + eps)
     if SINGLE:  # y is still in registers: one read of the inputs in all
@@ -93,7 +94,8 @@ def _observe_gate_fwd(fused_ptr, c_ptr, u_ptr, ds_ptr, z_ptr, w_ptr, b_ptr, out_
             offs_cb = c0 + tl.arange(0, BLOCK_C)
             mask_cb = offs_cb < n_c
             maskb = mask_cb[:, None] & mask_l[None, :]
-            yb, _, _, _ = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_cb, base, maskb, mask_cb, length, LOW, dtype)
+            yb, _fused_b, _u_b, _ds_b = _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_cb, base, maskb, mask_cb, length,
+                                                 LOW, dtype)
             _write(out_ptr, z_ptr, w_ptr, b_ptr, yb, maskb, mask_cb, offs_cb, zoff, out_off, mean, rstd, LOW)
     tl.store(mean_ptr + offs_p, mean, mask=mask_l)
     tl.store(rstd_ptr + offs_p, rstd, mask=mask_l)

@@ -1,0 +1,50 @@
+"""The Triton kernels of vssm.ops compile for an H100 (sm_90) with Triton's real compiler, on any machine: every
+launch their wrappers make for one tile of channels and for the chunked path, in fp32 and half precision. The
+interpreter tests check the kernels' numbers; this checks what only compilation sees (Triton's type rules for loop
+variables, constexpr branches, ptxas)."""
+import pytest
+import torch
+from ops.triton_compile import compile_launch, record_launches
+
+from vssm.ops.layer_norm import kernel_available
+
+pytestmark = pytest.mark.skipif(not kernel_available(), reason='needs Triton')
+
+# channel counts: one tile in registers (<= 256) and the chunked path
+CHANNELS = [96, 520]
+
+
+def _layer_norm_launches(channels, dtype):
+    from vssm.ops import _triton_layer_norm as kernel
+    b, length = 2, 15
+    x = torch.empty(b, channels, length, dtype=dtype)
+    w, bias = torch.empty(channels), torch.empty(channels)
+    mean = rstd = torch.empty(b, length)
+    return record_launches(kernel, ['_ln2d_fwd_kernel', '_ln2d_bwd_kernel'], lambda: (
+        kernel.forward(x, w, bias, 1e-6, dtype), kernel.backward(torch.empty_like(x), x, w, mean, rstd)))
+
+
+def _observe_gate_launches(channels, dtype):
+    from vssm.ops import _triton_observe_gate as kernel
+    b, length = 2, 15
+    fused, u = torch.empty(b, channels, length), torch.empty(b, channels, length, dtype=dtype)
+    C = torch.empty(b, 1, length, dtype=dtype)
+    z = torch.empty(b, length, 2 * channels, dtype=dtype)[..., channels:]
+    ds, w, bias = torch.empty(channels), torch.empty(channels), torch.empty(channels)
+    mean = rstd = torch.empty(b * length)
+    return record_launches(kernel, ['_observe_gate_fwd', '_observe_gate_bwd'], lambda: (
+        kernel.forward(fused, C, u, ds, z, w, bias, 1e-6),
+        kernel.backward(torch.empty(b, length, channels, dtype=dtype), fused, C, u, ds, z, w, bias, mean, rstd)))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('channels', CHANNELS)
+@pytest.mark.parametrize('launches', [_layer_norm_launches, _observe_gate_launches], ids=['layer_norm_2d',
+                                                                                          'observe_gate'])
+def test_kernels_compile_for_sm90(launches, channels, dtype):
+    recorded = launches(channels, dtype)
+    assert len(recorded) == 2  # forward and backward
+    for kernel, args, kwargs in recorded:
+        assert kwargs['SINGLE'] == (channels <= 256)
+        compiled = compile_launch(kernel, args, kwargs)
+        assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0
