@@ -3,6 +3,7 @@ to tools/setup.sh, in an environment without mmcv's compiled ops, and passes in 
 metadata (version, Python floor, dependencies, extras)."""
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -48,3 +49,27 @@ def test_installed_metadata():
     assert any(r.startswith('torch>=2.4') for r in requires) and any(r.startswith('mmcv') for r in requires)
     assert set(meta.get_all('Provides-Extra')) >= {'det', 'seg', 'tests', 'plot', 'export'}
     assert any('mmdet' in r and 'extra == "det"' in r for r in requires)
+
+
+@pytest.mark.slow
+def test_set_up_keeps_the_packages_of_the_interpreter(tmp_path):
+    """`VSSM_SYSTEM_PACKAGES=1 bash tools/setup.sh` from this (set-up) environment's interpreter, offline: a venv
+    that sees this venv's packages, keeps them (nothing to download), and ends with the import check and the backend
+    report."""
+    venv = tmp_path / 'venv'
+    env = dict(os.environ, VSSM_VENV=str(venv), VSSM_SYSTEM_PACKAGES='1', VSSM_PYTHON=sys.executable,
+               PIP_NO_INDEX='1')
+    result = subprocess.run(['bash', str(REPO_ROOT / 'tools' / 'setup.sh')], env=env, capture_output=True, text=True,
+                            timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    requirements = [line for line in (REPO_ROOT / 'requirements.txt').read_text().splitlines()
+                    if line.strip() and not line.lstrip().startswith('#')]
+    assert f'keeping {len(requirements)} installed package(s)' in log and '[setup] ok: torch' in log
+    assert 'vssm models on cpu' in log
+    probe = subprocess.run([str(venv / 'bin' / 'python'), '-c', 'import torch, vssm; print(vssm.__file__)'],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip().startswith(str(REPO_ROOT))
+    again = subprocess.run(['bash', str(REPO_ROOT / 'tools' / 'setup.sh')], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and 'environment up to date' in again.stdout

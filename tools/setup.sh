@@ -10,10 +10,17 @@
 #
 # Environment:
 #   VSSM_PYTHON      interpreter used to create the venv (default: python3.11, else python3)
-#   VSSM_WHEELHOUSE  folder with a prebuilt CPU mmcv-2.1.0 wheel matching torch 2.14.1 (default: ../shared/wheels
-#                    if it exists; not used for CUDA builds). Without one, mmcv is built from its sdist (about
-#                    10-20 minutes on 2 cores) and the wheel is kept in ~/.cache/vssm/wheels/torch-<version>[-cuda]/
-#                    for the next run.
+#   VSSM_VENV        where the venv goes (default: .venv at the repository root; the commands in README.md use that)
+#   VSSM_WHEELHOUSE  folder with a prebuilt mmcv-2.1.0 wheel built against the torch in use (default:
+#                    ../shared/wheels, which holds a CPU build for torch 2.14.1 and is used only for that). Without
+#                    one, mmcv is built from its sdist (about 10-20 minutes on 2 cores) and the wheel is kept in
+#                    ~/.cache/vssm/wheels/torch-<version>[-cu<cuda>]/ for the next run; so are the kernels' wheels,
+#                    per source version of kernels/.
+#   VSSM_SYSTEM_PACKAGES  1: the venv sees the interpreter's own packages (--system-site-packages) and keeps
+#                    those already installed at their versions, e.g. the torch of a cluster module or a container
+#                    image; only missing requirements are installed, at the pinned versions (and setuptools if it
+#                    is >= 81: mmcv's build and mmengine need pkg_resources). pip's own settings (PIP_INDEX_URL,
+#                    PIP_FIND_LINKS, PIP_NO_INDEX) say where from.
 #   VSSM_CUDA        1 / 0: build the CUDA parts or not (default: 1 when a GPU, CUDA torch and nvcc are found)
 #   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: those of the GPUs of this machine)
 #   MAX_JOBS         parallel compile jobs (default: the number of cores)
@@ -21,16 +28,39 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-VENV="$ROOT/.venv"
+VENV="${VSSM_VENV:-$ROOT/.venv}"
 PY_BOOT="${VSSM_PYTHON:-$(command -v python3.11 || command -v python3)}"
 STAMP="$VENV/.vssm-setup-stamp"
 log() { printf '[setup] %s\n' "$*"; }
 
-want_stamp() { { cat requirements.txt pyproject.toml tools/setup.sh; echo "cuda=${WITH_CUDA:-0}"; } | sha256sum | cut -d' ' -f1; }
+# What the kernels are built from: a change there (e.g. after git pull) rebuilds them.
+kernel_hash() { find "kernels/$1" kernels/common -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' \
+  -o -name '*.py' -o -name '*.toml' \) -not -path '*/build/*' -not -path '*.egg-info/*' -not -path '*/__pycache__/*' \
+  | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16; }
+want_stamp() {
+  { cat requirements.txt pyproject.toml tools/setup.sh; echo "cuda=${WITH_CUDA:-0} system=$SYSTEM_PACKAGES"
+    [ "${WITH_CUDA:-0}" != 1 ] || { kernel_hash selective_scan; kernel_hash dwconv2d; }; } | sha256sum | cut -d' ' -f1
+}
 
+SYSTEM_PACKAGES="${VSSM_SYSTEM_PACKAGES:-0}"
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PY_BOOT"
-  "$PY_BOOT" -m venv "$VENV"
+  if [ "$SYSTEM_PACKAGES" = 1 ]; then
+    "$PY_BOOT" -m venv --system-site-packages "$VENV"
+    # An interpreter that is itself in a venv: --system-site-packages reaches only its base installation, so the
+    # venv's own packages (e.g. a container's torch) are added after .venv's in a .pth file.
+    parent_sites="$("$PY_BOOT" -c 'import site, sys
+if sys.prefix != sys.base_prefix: print("\n".join(site.getsitepackages()))')"
+    if [ -n "$parent_sites" ]; then
+      echo "$parent_sites" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_vssm_system_packages.pth"
+    fi
+  else
+    "$PY_BOOT" -m venv "$VENV"
+  fi
+elif [ "$SYSTEM_PACKAGES" = 1 ] && ! grep -qi '^include-system-site-packages *= *true' "$VENV/pyvenv.cfg"; then
+  echo "[setup] VSSM_SYSTEM_PACKAGES=1 but $VENV was created without the system's packages: remove $VENV and run" \
+    "again, or leave VSSM_SYSTEM_PACKAGES unset." >&2
+  exit 1
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
@@ -60,16 +90,49 @@ PY
 
 # Fast path: nothing changed since the last complete run and the stack still imports.
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ] \
-   && "$PY" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, vssm" >/dev/null 2>&1; then
+   && "$PY" -c "import vssm, mmcv.ops, mmdet, mmseg, mmpretrain" >/dev/null 2>&1; then
   log "environment up to date ($VENV)"
   [ "${WITH_CUDA:-0}" != 1 ] || report_backends
   exit 0
 fi
 
 pin() { grep -E "^$1(==|>|<|$)" requirements.txt | head -n1; }
+# pip install of requirement lines; with VSSM_SYSTEM_PACKAGES=1, those already installed (any version) are kept,
+# except setuptools >= 81 (no pkg_resources), which is replaced by the pinned one.
+install_reqs() {
+  local wanted=("$@")
+  if [ "$SYSTEM_PACKAGES" = 1 ]; then
+    mapfile -t wanted < <("$PY" - "$@" <<'PY'
+import importlib.metadata as md, re, sys
+# other builds of a package that provide the same modules
+OTHER_BUILDS = {'opencv-python': ['opencv-python-headless', 'opencv-contrib-python', 'opencv-contrib-python-headless']}
+kept, untested = 0, []
+for line in sys.argv[1:]:
+    name = re.split(r'[=<>!~ ;\[]', line, maxsplit=1)[0]
+    for candidate in [name, *OTHER_BUILDS.get(name, [])]:
+        try:
+            have = md.version(candidate)
+            break
+        except md.PackageNotFoundError:
+            have = None
+    if have is None or (name.lower() == 'setuptools' and int(have.split('.')[0]) >= 81):
+        print(line)
+        continue
+    kept += 1
+    if line != f'{candidate}=={have}':
+        untested.append(f'{candidate} {have} (tested: {line})')
+if kept:
+    print(f'[setup] keeping {kept} installed package(s)' + (', untested versions: ' + ', '.join(untested)
+                                                         if untested else ''), file=sys.stderr)
+PY
+)
+  fi
+  [ "${#wanted[@]}" = 0 ] || "${PIP[@]}" install -q "${wanted[@]}"
+}
+requirement_lines() { grep -vE '^\s*(#|$)' requirements.txt; }
 
 log "step 1/4: torch, torchvision, numpy, build tools"
-"${PIP[@]}" install -q "$(pin torch)" "$(pin torchvision)" "$(pin numpy)" "$(pin setuptools)" "$(pin wheel)" "$(pin ninja)"
+install_reqs "$(pin torch)" "$(pin torchvision)" "$(pin numpy)" "$(pin setuptools)" "$(pin wheel)" "$(pin ninja)"
 
 TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 PYTAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
@@ -110,9 +173,10 @@ else
   HOUSE="${VSSM_WHEELHOUSE:-$ROOT/../shared/wheels}"
   found=""
   for dir in "$HOUSE" "$CACHE"; do
-    # A cached wheel is only usable for the torch it was built against; the shared house is for torch 2.14.1
-    # (CPU ops only).
-    if [ "$dir" = "$HOUSE" ] && { [ "$TORCH_VER" != "2.14.1" ] || [ "$WITH_CUDA" = 1 ]; }; then continue; fi
+    # A cached wheel is only usable for the torch it was built against; the default house holds a CPU build for
+    # torch 2.14.1. A house given in VSSM_WHEELHOUSE is tried as it is (the import check below tells).
+    if [ -z "${VSSM_WHEELHOUSE:-}" ] && [ "$dir" = "$HOUSE" ] \
+       && { [ "$TORCH_VER" != "2.14.1" ] || [ "$WITH_CUDA" = 1 ]; }; then continue; fi
     for whl in "$dir"/mmcv-2.1.0-"$PYTAG"-"$PYTAG"-*.whl; do
       [ -f "$whl" ] && found="$whl" && break 2
     done
@@ -133,28 +197,39 @@ else
   log "installing $found"
   "${PIP[@]}" install -q --no-deps --force-reinstall "$found"
   # mmcv's own runtime dependencies (the wheel was installed without them).
-  "${PIP[@]}" install -q addict packaging Pillow pyyaml yapf "$(pin opencv-python)" "$(pin mmengine)"
+  install_reqs addict packaging Pillow pyyaml yapf "$(pin opencv-python)" "$(pin mmengine)"
   "$PY" -c "import mmcv.ops" || { echo "[setup] mmcv.ops does not import: the wheel does not match torch $TORCH_VER" >&2; exit 1; }
   has_mmcv || { echo "[setup] $found has no CUDA ops: remove it from $CACHE and run again" >&2; exit 1; }
 fi
 
 log "step 3/4: the rest of requirements.txt"
-"${PIP[@]}" install -q -r requirements.txt
+mapfile -t REQS < <(requirement_lines)
+install_reqs "${REQS[@]}"
 
 log "step 4/4: vssm (editable)"
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 
 if [ "$WITH_CUDA" = 1 ]; then
+  # One wheel per kernel and source version, kept in the cache: a new venv reuses it, a source change rebuilds.
   for kernel in selective_scan dwconv2d; do
-    if "$PY" -c "import torch, vssm_$kernel" >/dev/null 2>&1; then
-      log "kernel vssm_$kernel already built"
-    else
-      log "building kernels/$kernel (architectures $TORCH_CUDA_ARCH_LIST)"
-      MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" install -q --no-build-isolation "kernels/$kernel"
+    hash="$(kernel_hash "$kernel")"
+    marker="$VENV/.vssm-kernel-$kernel"
+    if [ "$(cat "$marker" 2>/dev/null)" = "$hash" ] && "$PY" -c "import torch, vssm_$kernel" >/dev/null 2>&1; then
+      log "kernel vssm_$kernel up to date"
+      continue
     fi
+    KDIR="$CACHE/kernels/$kernel-$hash-${TORCH_CUDA_ARCH_LIST//[^0-9.]/_}"
+    if ! ls "$KDIR"/vssm_"$kernel"-*.whl >/dev/null 2>&1; then
+      log "building kernels/$kernel (architectures $TORCH_CUDA_ARCH_LIST)"
+      mkdir -p "$KDIR"
+      MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" wheel -q --no-build-isolation --no-deps -w "$KDIR" "kernels/$kernel"
+    fi
+    log "installing $(ls "$KDIR"/vssm_"$kernel"-*.whl)"
+    "${PIP[@]}" install -q --no-deps --force-reinstall "$KDIR"/vssm_"$kernel"-*.whl
+    echo "$hash" > "$marker"
   done
 fi
 
-"$PY" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, vssm; print('[setup] ok: torch', __import__('torch').__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmpretrain', mmpretrain.__version__)"
+"$PY" -c "import vssm, mmcv.ops, mmdet, mmseg, mmpretrain; print('[setup] ok: torch', __import__('torch').__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmpretrain', mmpretrain.__version__)"
 report_backends
 want_stamp > "$STAMP"
