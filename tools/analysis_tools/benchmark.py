@@ -49,7 +49,8 @@ Protocol:
   Only ``--latency-models`` take part (default: the T models and Swin-T). Batch-1 latency is bound by the host
   (kernel launches) as much as by the GPU. ``--inference-graphs`` adds, for our models, rows with backend
   ``<backend>+graphs``: the same model with its backbone's ``inference_graphs`` on (one CUDA-graph replay per input
-  shape, captured in the warm-up; see ``vssm.models.layers.StagedBackbone``).
+  shape, captured in the warm-up; see ``vssm.models.layers.StagedBackbone``); not for Spectral VMamba, whose
+  ordering synchronizes with the host in every forward.
 * Task training modes (on request), the ``--latency-models`` too: ``det-train-fp16``, a Mask R-CNN
   ``model.train_step`` at ``--det-size`` with ``--det-train-batch`` images (default 2) under the configs' fp16
   ``AmpOptimWrapper`` (dynamic loss scale), and ``seg-train-bf16``, an UPerNet step at ``--seg-size`` with
@@ -517,7 +518,8 @@ class Benchmark:
             model.backbone.inference_graphs.enabled = graphs
             return model
 
-        for graphs in (False, True) if self.args.inference_graphs and spec.ours else (False, ):
+        with_graphs = self.args.inference_graphs and spec.supports_inference_graphs
+        for graphs in (False, True) if with_graphs else (False, ):
             label = f'{backend}+graphs' if graphs else backend
             rows = [self._row(spec, label, mode, dtype, 1, f'{width}x{height}', warmup, iters)
                     for dtype in LATENCY_DTYPES]

@@ -140,6 +140,12 @@ class ModelSpec:
     def ours(self) -> bool:
         return self.family is not None
 
+    @property
+    def supports_inference_graphs(self) -> bool:
+        """Whether our backbone takes ``inference_graphs=True`` (see ``StagedBackbone.graph_capture_blocker``)."""
+        from mmpretrain.registry import MODELS
+        return self.ours and not MODELS.get(self.family).graph_capture_blocker
+
     def config(self, task: str) -> str:
         """The config of ``task`` (``'det'`` or ``'seg'``; ``'cls'`` for ours)."""
         if task == 'cls' and not self.ours:

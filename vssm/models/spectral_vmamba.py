@@ -200,10 +200,13 @@ class SpectralVMamba(StagedBackbone):
         ops_backend: ``'auto'``, ``'torch'`` or ``'cuda'`` for the selective scan.
         norm_eval: keep this backbone's BatchNorm layers (the RFN's) in eval mode while training.
         with_cp: gradient checkpointing of every block.
-        inference_graphs: on CUDA, replay inference (eval mode, autograd off) as one CUDA graph per input shape
-            (see :class:`~vssm.models.layers.StagedBackbone`); for batch-1 detection and segmentation.
+        inference_graphs: not supported (``graph_capture_blocker``): ``True`` raises an error saying why.
         init_cfg: mmengine init config of the whole backbone.
     """
+    graph_capture_blocker = ('its spectral ordering solves an eigenproblem in every forward (torch.linalg.eigh, '
+                             'which waits for the GPU to check for errors), and a CUDA graph cannot hold a host '
+                             'synchronization; the sync-free part of the ordering is replayed as CUDA graphs already '
+                             '(cuda_graphs=True)')
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], {'dims': [256, 512, 1024, 2048], 'depths': [2, 2, 5, 2]}),
         **dict.fromkeys(['s', 'small'], {'dims': [256, 512, 1024, 2048], 'depths': [2, 2, 15, 2]}),

@@ -41,11 +41,13 @@ class StagedBackbone(BaseBackbone):
     CUDA graph per input shape, dtype and autocast state (:class:`~vssm.ops.cuda_graph.CudaGraphCache`: captured the
     second time a shape is seen, 4 kept): the hundreds of kernel launches of a forward become one, which is what
     batch-1 detection and segmentation inference is bound by. Training, gradients, CPU tensors, ``torch.compile``
-    and larger inputs run eagerly; so does a shape whose capture fails (a host synchronization, e.g. Spectral
-    VMamba's dense eigensolver on small maps), with one warning. Replacing the weights (``.to()``, ``.half()``) drops
-    the graphs; loading values in place is seen at the next replay.
+    and larger inputs run eagerly. Replacing the weights (``.to()``, ``.half()``) drops the graphs; loading values in
+    place is seen at the next replay. A family whose forward synchronizes with the host in every call sets
+    ``graph_capture_blocker`` to the reason, and ``inference_graphs=True`` is refused with it (a capture that fails
+    midway can leave CUDA's random-number state unusable for the rest of the process).
     """
     num_stages = 4
+    graph_capture_blocker: Optional[str] = None
 
     def __init__(self, out_indices: Union[int, Sequence[int]], frozen_stages: int, norm_eval: bool, ops_backend: str,
                  init_cfg: Optional[Union[dict, List[dict]]], inference_graphs: bool = False) -> None:
@@ -60,6 +62,9 @@ class StagedBackbone(BaseBackbone):
         self._logged_device = None
         if not isinstance(inference_graphs, bool):
             raise TypeError(f'{name}: inference_graphs must be True or False, got {inference_graphs!r}.')
+        if inference_graphs and self.graph_capture_blocker:
+            raise ValueError(f'{name}: inference_graphs=True is not supported: {self.graph_capture_blocker}. Leave '
+                             f'inference_graphs off (model.backbone.inference_graphs=False) for this backbone.')
         # Not a submodule and not state: deepcopy (EMA) and pickling give an empty cache bound to the copy.
         self.inference_graphs = CudaGraphCache(self._forward, max_elements=GRAPH_MAX_INPUT, enabled=inference_graphs,
                                                state=self._graph_state)
