@@ -73,3 +73,31 @@ def test_set_up_keeps_the_packages_of_the_interpreter(tmp_path):
     again = subprocess.run(['bash', str(REPO_ROOT / 'tools' / 'setup.sh')], env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and 'environment up to date' in again.stdout
+
+
+def test_requirements_kept_from_the_interpreter(monkeypatch, capsys):
+    """tools/_requirements.py (setup.sh with VSSM_SYSTEM_PACKAGES=1): installed packages are kept at any version,
+    another build of opencv counts, setuptools >= 81 is replaced, and unmet dependencies are found through the
+    installed ones (markers evaluated)."""
+    spec = importlib.util.spec_from_file_location('vssm_requirements', REPO_ROOT / 'tools' / '_requirements.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    versions = {'torch': '2.11.0', 'setuptools': '81.0.0', 'opencv-python-headless': '5.0.0.93', 'mmengine': '0.10.7',
+                'addict': '2.4.0'}
+    requires = {'mmengine': ['addict', 'opencv-python>=3', 'rich', 'pywin32; sys_platform == "win32"',
+                             'pytest; extra == "tests"'],
+                'torch': ['filelock'], 'opencv-python-headless': ['numpy>=2']}
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(module.md, 'version', version)
+    monkeypatch.setattr(module.md, 'requires', lambda name: requires.get(name, []))
+    module.missing(['torch==2.14.1', 'setuptools==80.10.2', 'opencv-python==5.0.0.93', 'einops==0.8.2'])
+    out, err = capsys.readouterr()
+    assert out.split() == ['setuptools==80.10.2', 'einops==0.8.2']
+    assert 'keeping 2 installed package(s), untested versions: torch 2.11.0 (tested: torch==2.14.1)' in err
+    module.unmet(['mmengine==0.10.7', 'torch==2.14.1'])
+    assert sorted(capsys.readouterr().out.split()) == ['filelock', 'numpy>=2', 'rich']

@@ -97,37 +97,19 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ] \
 fi
 
 pin() { grep -E "^$1(==|>|<|$)" requirements.txt | head -n1; }
-# pip install of requirement lines; with VSSM_SYSTEM_PACKAGES=1, those already installed (any version) are kept,
-# except setuptools >= 81 (no pkg_resources), which is replaced by the pinned one.
+# pip install of requirement lines; with VSSM_SYSTEM_PACKAGES=1, those already installed (any version, or another
+# build of the same modules) are kept and the rest installed without pip's resolver, then their unmet dependencies
+# (tools/_requirements.py).
 install_reqs() {
-  local wanted=("$@")
-  if [ "$SYSTEM_PACKAGES" = 1 ]; then
-    mapfile -t wanted < <("$PY" - "$@" <<'PY'
-import importlib.metadata as md, re, sys
-# other builds of a package that provide the same modules
-OTHER_BUILDS = {'opencv-python': ['opencv-python-headless', 'opencv-contrib-python', 'opencv-contrib-python-headless']}
-kept, untested = 0, []
-for line in sys.argv[1:]:
-    name = re.split(r'[=<>!~ ;\[]', line, maxsplit=1)[0]
-    for candidate in [name, *OTHER_BUILDS.get(name, [])]:
-        try:
-            have = md.version(candidate)
-            break
-        except md.PackageNotFoundError:
-            have = None
-    if have is None or (name.lower() == 'setuptools' and int(have.split('.')[0]) >= 81):
-        print(line)
-        continue
-    kept += 1
-    if line != f'{candidate}=={have}':
-        untested.append(f'{candidate} {have} (tested: {line})')
-if kept:
-    print(f'[setup] keeping {kept} installed package(s)' + (', untested versions: ' + ', '.join(untested)
-                                                         if untested else ''), file=sys.stderr)
-PY
-)
-  fi
-  [ "${#wanted[@]}" = 0 ] || "${PIP[@]}" install -q "${wanted[@]}"
+  if [ "$SYSTEM_PACKAGES" != 1 ]; then "${PIP[@]}" install -q "$@"; return; fi
+  local wanted
+  mapfile -t wanted < <("$PY" tools/_requirements.py missing "$@")
+  [ "${#wanted[@]}" = 0 ] || "${PIP[@]}" install -q --no-deps "${wanted[@]}"
+  for _ in 1 2 3 4 5; do
+    mapfile -t wanted < <("$PY" tools/_requirements.py unmet "$@")
+    [ "${#wanted[@]}" != 0 ] || return 0
+    "${PIP[@]}" install -q --no-deps "${wanted[@]}"
+  done
 }
 requirement_lines() { grep -vE '^\s*(#|$)' requirements.txt; }
 
