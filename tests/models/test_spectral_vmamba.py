@@ -165,6 +165,23 @@ def test_no_state_shared_between_forwards():
         torch.testing.assert_close(got, ref)
 
 
+def test_orders_do_not_depend_on_the_norm_backend(monkeypatch):
+    """The ordering normalizes stage 0's features on the reference op, not through the block's norm module (whose
+    backend may be a Triton kernel with other rounding): an order is a sort, and a 1e-7 difference could change it.
+    Perturbing the module's op changes the outputs, not the orders."""
+    from vssm.models.layers import norm as norm_module
+    torch.manual_seed(0)
+    model = SpectralVMamba(ARCH, out_indices=(0, 1, 2, 3)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        outs, orders = model.forward_with_orders(x)
+        original = norm_module.layer_norm_2d
+        monkeypatch.setattr(norm_module, 'layer_norm_2d', lambda *args, **kwargs: original(*args, **kwargs) * 1.01)
+        perturbed_outs, perturbed_orders = model.forward_with_orders(x)
+    assert rel_err(perturbed_outs[0], outs[0]) > 1e-3
+    for a, b in zip(orders, perturbed_orders, strict=True):
+        assert torch.equal(a, b)
+
 def test_scan_and_merge_of_permutations_are_adjoint():
     """Fixed mode (orders are permutations): the merge puts every step back where the scan read it, so merging the
     scan gives 2T x the input and the two are adjoint; gradients as autograd's through plain gathers."""

@@ -44,7 +44,7 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import gather_tokens, scatter_tokens
+from ..ops import gather_tokens, layer_norm_2d, scatter_tokens
 from ..ops.cuda_graph import CudaGraphCache
 from ..ops.spectral_order import (
     EIGENSOLVERS,
@@ -128,8 +128,13 @@ class SpectralBlock(VSSBlock):
     def order_from_features(self, x: Tensor, top_k: int, knn: int, upstream_compat: bool,
                             eigensolver: str = 'auto', return_details: bool = False,
                             graphs: Optional[CudaGraphCache] = None):
+        # The norm on the reference op whatever the backend: an order is a discontinuous function of the features
+        # (a sort), so it must not depend on the ops backend or the Triton switch (rounding differences of 1e-7
+        # would change it, and with it every gradient).
+        norm = self.norm
         with torch.no_grad():
-            return spectral_order(self.op.graph_features(self.norm(x)), top_k, knn, upstream_compat,
+            normed = layer_norm_2d(x, norm.weight, norm.bias, norm.eps, backend='torch')
+            return spectral_order(self.op.graph_features(normed), top_k, knn, upstream_compat,
                                   return_details=return_details, eigensolver=eigensolver, graphs=graphs)
 
 
