@@ -48,9 +48,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   if [ "$SYSTEM_PACKAGES" = 1 ]; then
     "$PY_BOOT" -m venv --system-site-packages "$VENV"
     # An interpreter that is itself in a venv: --system-site-packages reaches only its base installation, so the
-    # venv's own packages (e.g. a container's torch) are added after .venv's in a .pth file.
+    # venv's own packages (e.g. a container's torch) are added after .venv's by a .pth file, as site directories
+    # (their own .pth files run too).
     parent_sites="$("$PY_BOOT" -c 'import site, sys
-if sys.prefix != sys.base_prefix: print("\n".join(site.getsitepackages()))')"
+if sys.prefix != sys.base_prefix: print("\n".join(f"import site; site.addsitedir({p!r})" for p in site.getsitepackages()))')"
     if [ -n "$parent_sites" ]; then
       echo "$parent_sites" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_vssm_system_packages.pth"
     fi
@@ -142,9 +143,11 @@ print(";".join(f"{a}.{b}" for a, b in caps))')"
   CACHE="$CACHE-cu$CUDA_VER"
 fi
 
-has_mmcv() {  # mmcv 2.1.0 with ops, and with CUDA ops when the CUDA parts are built
-  "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'
-assert '$WITH_CUDA' != '1' or mmcv.ops.get_compiling_cuda_version() not in ('', 'not available')" >/dev/null 2>&1
+MMCV_CHECK_LOG="$(mktemp)"
+trap 'rm -f "$MMCV_CHECK_LOG"' EXIT
+has_mmcv() {  # mmcv 2.1.0 with ops, and with CUDA ops when the CUDA parts are built (output kept for the error)
+  "$PY" -X faulthandler -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'
+assert '$WITH_CUDA' != '1' or mmcv.ops.get_compiling_cuda_version() not in ('', 'not available')" >"$MMCV_CHECK_LOG" 2>&1
 }
 
 log "step 2/4: mmcv 2.1.0 with compiled ops (torch $TORCH_VER, $PYTAG$MMCV_KIND)"
@@ -181,7 +184,12 @@ else
   # mmcv's own runtime dependencies (the wheel was installed without them).
   install_reqs addict packaging Pillow pyyaml yapf "$(pin opencv-python)" "$(pin mmengine)"
   "$PY" -c "import mmcv.ops" || { echo "[setup] mmcv.ops does not import: the wheel does not match torch $TORCH_VER" >&2; exit 1; }
-  has_mmcv || { echo "[setup] $found has no CUDA ops: remove it from $CACHE and run again" >&2; exit 1; }
+  if ! has_mmcv; then
+    tail -n 20 "$MMCV_CHECK_LOG" >&2
+    echo "[setup] the check of $found failed (above): a wheel without CUDA ops, or one built for another torch;" \
+      "remove it from $(dirname "$found") and run again" >&2
+    exit 1
+  fi
 fi
 
 log "step 3/4: the rest of requirements.txt"
