@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import GRAD_TOLERANCES, TOLERANCES
 from ops.triton_interpreter import run_in_interpreter
 
-from vssm.ops import layer_norm_2d, layer_norm_2d_ref
+from vssm.ops import layer_norm, layer_norm_2d, layer_norm_2d_ref
 from vssm.ops.layer_norm import kernel_available
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
@@ -16,7 +16,10 @@ needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_availab
 
 @pytest.fixture(autouse=True)
 def _kernels_on(monkeypatch):
+    """The switch on, and the kernel on every map (the dispatch takes it only where it pays: test_where_it_pays)."""
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
+    monkeypatch.setattr(layer_norm, 'KERNEL_MAX_CHANNELS', 1 << 30)
+    monkeypatch.setattr(layer_norm, 'KERNEL_MIN_PIXELS', 0)
 # (B, C, H, W): one tile of channels (C <= 256) and the chunked path (C > 256, not a multiple of the chunk), odd sides
 SHAPES = [(2, 5, 3, 7), (3, 96, 9, 11), (2, 300, 5, 3), (1, 768, 7, 7), (2, 520, 1, 33)]
 INTERPRETER_SHAPES = [(2, 5, 3, 7), (2, 96, 3, 5), (1, 300, 2, 3)]  # the interpreter is slow: small maps
@@ -64,6 +67,16 @@ def test_cpu_tensors_and_compilation_take_the_reference():
         assert layer_norm_2d(x.bfloat16(), weight, bias).dtype == layer_norm_2d_ref(x.bfloat16(), weight, bias,
                                                                                    1e-5).dtype
         assert layer_norm_2d(x, weight, bias, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_where_it_pays(monkeypatch):
+    """The kernel only for maps where it beat the reference on an H100, forward and backward (kernels/README.md):
+    up to 192 channels and at least 1024 pixels per image."""
+    monkeypatch.undo()
+    pays = {(128, 96, 56, 56): True, (2, 192, 32, 32): True, (128, 192, 28, 28): False, (128, 256, 56, 56): False,
+            (128, 768, 7, 7): False, (2, 96, 3, 5): False}
+    for shape, expected in pays.items():
+        assert layer_norm._pays(torch.empty(shape, device='meta')) is expected, shape
 
 
 def test_errors():

@@ -57,6 +57,17 @@ class _LayerNorm2d(torch.autograd.Function):
         return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype), None, None
 
 
+# Where the kernel is faster than the reference, forward and backward (the per-shape table in kernels/README.md, one
+# H100): maps of up to 192 channels and at least 1024 pixels per image (stage 1 of the T models at 224x224). Wider or
+# smaller maps run the reference, which is faster there (the kernel's chunked path, its register-heavy backward).
+KERNEL_MAX_CHANNELS = 192
+KERNEL_MIN_PIXELS = 1024
+
+
+def _pays(x: Tensor) -> bool:
+    return x.shape[1] <= KERNEL_MAX_CHANNELS and x.shape[2] * x.shape[3] >= KERNEL_MIN_PIXELS
+
+
 def _use_kernel(backend: str, x: Tensor) -> bool:
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -69,8 +80,8 @@ def _use_kernel(backend: str, x: Tensor) -> bool:
                                "use backend='auto' or 'torch'.")
         if not x.is_cuda:
             raise ValueError(f"layer_norm_2d: backend 'cuda' needs CUDA tensors, got {x.device}.")
-        return True
-    return _KERNEL is not None and x.is_cuda
+        return _pays(x)
+    return _KERNEL is not None and x.is_cuda and _pays(x)
 
 
 def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None,
@@ -83,8 +94,8 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
         eps: added to the variance.
         out_dtype: the output's dtype (default: float32 under autocast, else x's dtype, as ``F.layer_norm``).
         backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` and ``'cuda'`` run the Triton kernel on CUDA tensors
-            when ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`), the reference
-            otherwise.
+            when ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) and the map is one
+            where it is faster (``KERNEL_MAX_CHANNELS``, ``KERNEL_MIN_PIXELS``), the reference otherwise.
 
     Returns:
         (B, C, H, W): contiguous from the kernel, a channels-last view from the reference.
