@@ -47,6 +47,20 @@ def test_every_model_spec_config_exists():
         models.MODEL_SPECS['swin-t'].config('cls')
 
 
+@pytest.mark.parametrize('name, millions', [
+    ('swin-s', dict(cls=49.61, det=69.11, seg=81.26)), ('swin-b', dict(cls=87.77, det=107.14, seg=121.28))])
+def test_swin_peers_of_each_size_have_the_published_sizes(name, millions):
+    """The S and B peers: mmpretrain's classifiers, Mask R-CNN from mmdet's Swin-T 1x config with the backbone and FPN
+    of that size, mmseg's UPerNet configs; parameters as the libraries' model zoos list them. Our S and B models
+    are compared with them."""
+    spec = models.MODEL_SPECS[name]
+    for task, expected in millions.items():
+        model = models.build_spec_model(spec, task)
+        assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(expected, abs=0.01), task
+    size = name[-1]
+    assert {s.name for s in models.MODEL_SPECS.values() if s.reference == name} == {
+        name, f'spatial-mamba-{size}', f'vmamba-{size}', f'spectral-vmamba-{size}'}
+
 def test_prepared_configs_load_nothing_and_overrides_apply():
     arch = dict(_delete_=True, dims=[256, 32, 64, 128], depths=[1, 1, 1, 1])
     cfg = models.prepare_config('classification/configs/spectral_vmamba/spectral-vmamba-tiny_8xb128_in1k.py',

@@ -74,6 +74,21 @@ def test_markdown_ratios(benchmark):
     assert 'error' in tables[title, 'ConvNeXt-T', '-']['note']
 
 
+def test_markdown_ratios_to_the_swin_of_each_size(benchmark):
+    meta = dict(device='GPU', torch='2', cuda='13', tf32=True, cudnn_benchmark=False, date='today', batch=8, size=224,
+                warmup=1, iters=2, torch_batch=4, torch_warmup=0, torch_iters=1, det_size=[1333, 800], seg_size=512,
+                command='python x')
+    rows = [_row(benchmark, 'swin-t', '-', 'infer-fp32', 400.0, 1.0),
+            _row(benchmark, 'swin-s', '-', 'infer-fp32', 200.0, 2.0),
+            _row(benchmark, 'vmamba-t', 'cuda', 'infer-fp32', 300.0, 1.5),
+            _row(benchmark, 'vmamba-s', 'cuda', 'infer-fp32', 300.0, 1.0),
+            _row(benchmark, 'vmamba-b', 'cuda', 'infer-fp32', 100.0, 1.0)]
+    table = {model: row for (_, model, _), row in _tables(benchmark.markdown(meta, rows)).items()}
+    column = 'images/s vs Swin of its size'
+    assert table['VMamba-T'][column] == '0.75x' and table['VMamba-S'][column] == '1.50x'
+    assert table['VMamba-S']['memory vs Swin of its size'] == '0.50x'
+    assert table['VMamba-B'][column] == '-' and table['Swin-S'][column] == '1.00x'  # Swin-B not measured
+
 def test_saved_and_order_tables(benchmark):
     meta = dict(device='GPU', torch='2', cuda='13', tf32=True, cudnn_benchmark=False, date='today', batch=8, size=224,
                 warmup=1, iters=2, torch_batch=4, torch_warmup=0, torch_iters=1, det_size=[1333, 800], seg_size=512,

@@ -1,4 +1,5 @@
-"""Speed and memory of the vssm models and their peers (Swin-T, ConvNeXt-T), one protocol for every family and size.
+"""Speed and memory of the vssm models and their peers (Swin-T/S/B, ConvNeXt-T), one protocol for every family and
+size.
 
     python tools/analysis_tools/benchmark.py [--models NAME ...] [--modes MODE ...] [--backends torch cuda]
         [--batch 128] [--size 224] [--warmup 10] [--iters 30] [--torch-batch B] [--torch-warmup 3] [--torch-iters 10]
@@ -9,9 +10,10 @@
 Protocol:
 
 * Models. Ours are the ImageNet classifiers built from our configs (classification/configs/<family>/*_in1k.py:
-  backbone, global average pooling, 1000-way linear head); the peers are mmpretrain's Swin-T (``SwinTransformer``
-  arch tiny, ``pad_small_map=True`` so that sizes below 224 run too) and ConvNeXt-T with the same neck and head,
-  built from dicts (``vssm.analysis.models.MODEL_SPECS``). Weights are random: nothing is loaded or downloaded
+  backbone, global average pooling, 1000-way linear head); the peers are mmpretrain's Swin-T, Swin-S and Swin-B
+  (``SwinTransformer`` archs tiny/small/base, ``pad_small_map=True`` so that sizes below 224 run too) and ConvNeXt-T
+  with the same neck and head, built from dicts (``vssm.analysis.models.MODEL_SPECS``). Each of our models is
+  compared with the Swin of its size (ConvNeXt-T with Swin-T). Weights are random: nothing is loaded or downloaded
   (``init_cfg`` Pretrained and ``*_pretrained`` are cleared, ``init_weights()`` is not called).
 * Backends. Each of our models runs twice: ``ops_backend='torch'`` (the pure-PyTorch reference ops) and ``'cuda'``
   (the kernels built from kernels/; ``'auto'`` may be asked for too). The kernel rows are reported as skipped, with
@@ -40,12 +42,14 @@ Protocol:
   the model's ``data_preprocessor`` and ``predict`` (``model.test_step``); ms/image is the median over ``--iters``
   iterations (after ``--warmup``), each one timed with CUDA events and a synchronize. ``det-latency``: Mask R-CNN
   from detection/configs/<family>/mask-rcnn_<name>_fpn_1x_coco.py (peer: mmdet's
-  swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py) at ``--det-size`` W H (1333 x 800, padded to a multiple of 32), with
+  swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py, for Swin-S and Swin-B with the backbone's and the FPN's widths,
+  depths and heads of that size) at ``--det-size`` W H (1333 x 800, padded to a multiple of 32), with
   the box head's class-0 bias set to 10 so that its 1000 proposals pass the 0.05 score threshold and NMS sends up
   to 100 detections through the mask head (random weights would keep none); in bf16 only its backbone and neck
   (``extract_feat``) run under autocast and the heads stay in fp32 (mmcv's NMS and RoIAlign have no bf16 kernels).
   ``seg-latency``: UPerNet from segmentation/configs/<family>/*_upernet_*-512x512.py (peer: mmseg's
-  swin/swin-tiny-patch4-window7-in1k-pre_upernet_*-512x512.py), 'whole' inference on a ``--seg-size`` square image.
+  swin/swin-{tiny,small,base}-patch4-window7-in1k-pre_upernet_*-512x512.py), 'whole' inference on a
+  ``--seg-size`` square image.
   Only ``--latency-models`` take part (default: the T models and Swin-T). Batch-1 latency is bound by the host
   (kernel launches) as much as by the GPU. ``--inference-graphs`` adds, for our models, rows with backend
   ``<backend>+graphs``: the same model with its backbone's ``inference_graphs`` on (one CUDA-graph replay per input
@@ -68,7 +72,7 @@ Protocol:
 
 Output: a table on stdout; ``--json PATH``: the settings and every row; ``--markdown PATH``: tables for
 docs/benchmarks.md with the device, torch version, TF32, batch and iterations, images/s and peak memory relative to
-Swin-T in the same mode, and the kernel / reference speed-up of each of our models.
+the Swin of the model's size in the same mode, and the kernel / reference speed-up of each of our models.
 """
 import argparse
 import contextlib
@@ -426,8 +430,8 @@ class Benchmark:
             torch_iters=args.torch_iters, det_size=list(args.det_size), seg_size=args.seg_size,
             det_train_batch=args.det_train_batch, seg_train_batch=args.seg_train_batch,
             order_size=list(args.order_size), order_batches=list(args.order_batches), modes=list(args.modes),
-            backends=list(args.backends), reference=REFERENCE, recompute=not args.no_recompute, compile=args.compile,
-            inference_graphs=args.inference_graphs,
+            backends=list(args.backends), reference='swin of the same size', recompute=not args.no_recompute,
+            compile=args.compile, inference_graphs=args.inference_graphs,
             command=' '.join(['python tools/analysis_tools/benchmark.py'] + list(args.argv)),
             date=time.strftime('%Y-%m-%d %H:%M'))
 
@@ -628,6 +632,11 @@ def format_row(row: Dict[str, Any]) -> str:
         (f'  {details}' if details else '')
 
 
+def _reference(model: str) -> str:
+    """The peer a row's ratios compare with: the Swin of the model's size."""
+    return MODEL_SPECS[model].reference if model in MODEL_SPECS else REFERENCE
+
+
 def _ratio(value: Optional[float], base: Optional[float]) -> str:
     return '-' if value is None or not base else f'{value / base:.2f}x'
 
@@ -648,10 +657,14 @@ def _number(value: Optional[float], fmt: str) -> str:
     return '-' if value is None else format(value, fmt)
 
 
-def _saved_table(rows: Sequence[Dict[str, Any]], ref: Optional[Dict[str, Any]], ref_title: str) -> List[str]:
+RefFinder = Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]
+
+
+def _saved_table(rows: Sequence[Dict[str, Any]], refs: RefFinder, ref_title: str) -> List[str]:
     lines = [f'| model | backend | batch | saved for backward (GiB) | + weights, AdamW (GiB) | saved vs {ref_title} | '
              'largest module types (GiB) | note |', '|---|---|---:|---:|---:|---:|---|---|']
     for row in rows:
+        ref = refs(row)
         top = ', '.join(f'{name} {gib:.2f}' for name, gib in (row.get('saved_top') or {}).items())
         lines.append(f"| {row['title']} | {row['backend']} | {row['batch']} | {_number(row.get('saved_gib'), '.2f')} | "
                      f"{_number(row.get('end_of_forward_gib'), '.2f')} | "
@@ -670,10 +683,11 @@ def _order_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def _speed_table(rows: Sequence[Dict[str, Any]], ref: Optional[Dict[str, Any]], ref_title: str) -> List[str]:
+def _speed_table(rows: Sequence[Dict[str, Any]], refs: RefFinder, ref_title: str) -> List[str]:
     lines = [f'| model | backend | batch | images/s | ms/image | images/s vs {ref_title} | peak memory (GiB) | '
              f'memory vs {ref_title} | kernel vs torch | note |', '|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
     for row in rows:
+        ref = refs(row)
         speedup = '-'
         if row['backend'] == 'cuda':
             reference_ops = _find(rows, row['model'], row['mode'], row['dtype'], 'torch')
@@ -687,8 +701,8 @@ def _speed_table(rows: Sequence[Dict[str, Any]], ref: Optional[Dict[str, Any]], 
 
 
 def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
-    """Tables for docs/benchmarks.md: one per mode and dtype, with ratios to Swin-T and kernel / reference."""
-    ref_title = MODEL_SPECS[REFERENCE].title
+    """Tables for docs/benchmarks.md: one per mode and dtype, with ratios to the Swin of each model's size (Swin-T
+    for the T models and ConvNeXt-T) and kernel / reference."""
     det_w, det_h = meta['det_size']
     lines = [
         f"Device: {meta['device']}; torch {meta['torch']} (CUDA {meta['cuda']}); TF32 "
@@ -723,13 +737,18 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
     for mode, dtype in sections:
         title = titles[mode] + (f', {dtype}' if mode in LATENCY_MODES else '')
         section = [r for r in rows if (r['mode'], r['dtype']) == (mode, dtype)]
-        ref = _find(rows, REFERENCE, mode, dtype, PEER_BACKEND)
+        references = sorted({_reference(r['model']) for r in section})
+        ref_title = MODEL_SPECS[references[0]].title if len(references) == 1 else 'Swin of its size'
+
+        def refs(row, mode=mode, dtype=dtype):
+            return _find(rows, _reference(row['model']), mode, dtype, PEER_BACKEND)
+
         if mode in SAVED_MODES:
-            table = _saved_table(section, ref, ref_title)
+            table = _saved_table(section, refs, ref_title)
         elif mode in ORDER_MODES:
             table = _order_table(section)
         else:
-            table = _speed_table(section, ref, ref_title)
+            table = _speed_table(section, refs, ref_title)
         lines += ['', f'### {title}', ''] + table
     return '\n'.join(lines) + '\n'
 

@@ -128,6 +128,9 @@ class ModelSpec:
         detector: the Mask R-CNN config, relative to the repository or ``'mmdet::<path>'`` in mmdet's configs.
         segmentor: the UPerNet config, likewise (``'mmseg::<path>'``).
         family: our backbone class (which takes ``ops_backend``); ``None`` for the peers.
+        reference: the peer its ratios compare with (``'swin-t'``, ``'swin-s'``, ``'swin-b'``: Swin of its size).
+        detector_options: ``--cfg-options``-style overrides of the detector config (a Swin size mmdet has no
+            Mask R-CNN 1x config for).
     """
     name: str
     title: str
@@ -135,6 +138,8 @@ class ModelSpec:
     detector: str
     segmentor: str
     family: Optional[str] = None
+    reference: str = 'swin-t'
+    detector_options: Optional[dict] = None
 
     @property
     def ours(self) -> bool:
@@ -158,13 +163,35 @@ def _cls_head(in_channels: int) -> dict:
                 loss=dict(type='CrossEntropyLoss', loss_weight=1.0), cal_acc=False)
 
 
-def _swin_t(size: int) -> dict:
-    """mmpretrain's Swin-T ImageNet classifier (configs/_base_/models/swin_transformer/tiny_224.py);
+# Swin sizes: mmpretrain arch, drop path of its ImageNet config, width of the last stage, depths and heads (for the
+# Mask R-CNN of the sizes mmdet has no 1x config for: Swin-T's with the backbone and the FPN's inputs resized)
+SWIN_SIZES = {
+    't': ('tiny', 0.2, 96, [2, 2, 6, 2], [3, 6, 12, 24]),
+    's': ('small', 0.3, 96, [2, 2, 18, 2], [3, 6, 12, 24]),
+    'b': ('base', 0.5, 128, [2, 2, 18, 2], [4, 8, 16, 32]),
+}
+
+
+def _swin(size_key: str) -> Callable[[int], dict]:
+    """mmpretrain's Swin ImageNet classifier of one size (configs/_base_/models/swin_transformer/<arch>_224.py);
     ``pad_small_map=True`` so that sizes below 224 run too."""
-    return dict(type='ImageClassifier',
-                backbone=dict(type='SwinTransformer', arch='tiny', img_size=size, drop_path_rate=0.2,
-                              pad_small_map=True),
-                neck=dict(type='GlobalAveragePooling'), head=_cls_head(768))
+    arch, drop_path, width = SWIN_SIZES[size_key][:3]
+
+    def classifier(size: int) -> dict:
+        return dict(type='ImageClassifier',
+                    backbone=dict(type='SwinTransformer', arch=arch, img_size=size, drop_path_rate=drop_path,
+                                  pad_small_map=True),
+                    neck=dict(type='GlobalAveragePooling'), head=_cls_head(8 * width))
+
+    return classifier
+
+
+def _swin_detector_options(size_key: str) -> Optional[dict]:
+    if size_key == 't':
+        return None
+    _, drop_path, width, depths, heads = SWIN_SIZES[size_key]
+    return {'model.backbone.embed_dims': width, 'model.backbone.depths': depths, 'model.backbone.num_heads': heads,
+            'model.backbone.drop_path_rate': drop_path, 'model.neck.in_channels': [width * 2**i for i in range(4)]}
 
 
 def _convnext_t(size: int) -> dict:
@@ -186,13 +213,20 @@ def _our_specs() -> List[ModelSpec]:
                 name=f'{prefix}-{size}', title=f'{title}-{size.upper()}', family=family,
                 classifier=f'classification/configs/{folder}/{prefix}-{arch}_8xb128_in1k.py',
                 detector=f'detection/configs/{folder}/mask-rcnn_{prefix}-{size}_fpn_1x_coco.py',
-                segmentor=f'segmentation/configs/{folder}/{prefix}-{arch}_upernet_8xb2-160k_ade20k-512x512.py'))
+                segmentor=f'segmentation/configs/{folder}/{prefix}-{arch}_upernet_8xb2-160k_ade20k-512x512.py',
+                reference=f'swin-{size}'))
     return specs
 
 
-MODEL_SPECS: Dict[str, ModelSpec] = {spec.name: spec for spec in _our_specs() + [
-    ModelSpec('swin-t', 'Swin-T', _swin_t, 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
-              'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'),
+def _swin_specs() -> List[ModelSpec]:
+    return [ModelSpec(f'swin-{size}', f'Swin-{size.upper()}', _swin(size),
+                      'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+                      f'mmseg::swin/swin-{arch}-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+                      reference=f'swin-{size}', detector_options=_swin_detector_options(size))
+            for size, (arch, *_) in SWIN_SIZES.items()]
+
+
+MODEL_SPECS: Dict[str, ModelSpec] = {spec.name: spec for spec in _our_specs() + _swin_specs() + [
     ModelSpec('convnext-t', 'ConvNeXt-T', _convnext_t,
               'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py',
               'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'),
@@ -207,4 +241,5 @@ def build_spec_model(spec: ModelSpec, task: str, ops_backend: Optional[str] = No
     backend = ops_backend if spec.ours else None
     if task == 'cls' and not spec.ours:
         return build_model(spec.classifier(size), 'mmpretrain')
-    return build_model(prepare_config(spec.config(task)), ops_backend=backend)
+    options = spec.detector_options if task == 'det' else None
+    return build_model(prepare_config(spec.config(task), options), ops_backend=backend)
