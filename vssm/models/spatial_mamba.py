@@ -287,6 +287,7 @@ class SpatialMamba(StagedBackbone):
         **dict.fromkeys(['s', 'small'], {'dims': [64, 128, 256, 512], 'depths': [2, 4, 21, 5]}),
         **dict.fromkeys(['b', 'base'], {'dims': [96, 192, 384, 768], 'depths': [2, 4, 21, 5]}),
     }
+
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  in_channels: int = 3,
