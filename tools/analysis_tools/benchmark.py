@@ -95,6 +95,7 @@ from vssm.analysis.timing import (
     error_text,
     median_ms,
     peak_bytes,
+    prepare_device,
     release,
     reset_peak,
     synchronize,
@@ -842,13 +843,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     args = parse_args(argv)
     import vssm  # noqa: F401  (registers the backbones; before mmpretrain, see README "transformers >= 5")
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f'--device {args.device}: no CUDA device here; use --device cpu.')
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.backends.cudnn.benchmark = False
-    torch.manual_seed(0)
+    device = prepare_device(args.device, args.tf32)
 
     if args.no_recompute:
         from vssm.models.layers import set_recompute

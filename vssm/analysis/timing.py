@@ -67,6 +67,19 @@ def median_ms(step: Callable[[], object], device: torch.device, warmup: int = 3,
     return statistics.median(timed_span(step, calls, device) * 1e3 / calls for _ in range(rounds))
 
 
+def prepare_device(name: str, tf32: bool) -> torch.device:
+    """The device of ``--device NAME`` for a measuring tool, with the shared numerics: TF32 for fp32 matmuls and
+    cuDNN convolutions as asked, cuDNN benchmark off, the random seed 0. Exits with one line without a GPU."""
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'--device {name}: no CUDA device here; use --device cpu.')
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(0)
+    return device
+
+
 def device_name(device: torch.device) -> str:
     """E.g. ``'NVIDIA H200 (140 GiB)'`` or ``'CPU (2 threads)'``."""
     if device.type == 'cuda':
