@@ -46,19 +46,22 @@ SYSTEM_PACKAGES="${VSSM_SYSTEM_PACKAGES:-0}"
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PY_BOOT"
   if [ "$SYSTEM_PACKAGES" = 1 ]; then
-    "$PY_BOOT" -m venv --system-site-packages "$VENV"
-    # An interpreter that is itself in a venv: --system-site-packages reaches only its base installation, so the
-    # venv's own packages (e.g. a container's torch) are added after .venv's by a .pth file, as site directories
-    # (their own .pth files run too).
+    # An interpreter that is itself in a venv (e.g. a container's): the new venv sees exactly that venv's packages,
+    # added after its own as site directories by a .pth file (their .pth files run too); --system-site-packages would
+    # reach the base installation instead, whose packages that venv never saw. Otherwise: the system's packages.
     parent_sites="$("$PY_BOOT" -c 'import site, sys
 if sys.prefix != sys.base_prefix: print("\n".join(f"import site; site.addsitedir({p!r})" for p in site.getsitepackages()))')"
     if [ -n "$parent_sites" ]; then
+      "$PY_BOOT" -m venv "$VENV"
       echo "$parent_sites" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_vssm_system_packages.pth"
+    else
+      "$PY_BOOT" -m venv --system-site-packages "$VENV"
     fi
+    touch "$VENV/.vssm-system-packages"
   else
     "$PY_BOOT" -m venv "$VENV"
   fi
-elif [ "$SYSTEM_PACKAGES" = 1 ] && ! grep -qi '^include-system-site-packages *= *true' "$VENV/pyvenv.cfg"; then
+elif [ "$SYSTEM_PACKAGES" = 1 ] && [ ! -f "$VENV/.vssm-system-packages" ]; then
   echo "[setup] VSSM_SYSTEM_PACKAGES=1 but $VENV was created without the system's packages: remove $VENV and run" \
     "again, or leave VSSM_SYSTEM_PACKAGES unset." >&2
   exit 1
