@@ -48,7 +48,8 @@ def test_every_model_spec_config_exists():
 
 
 @pytest.mark.parametrize('name, millions', [
-    ('swin-s', dict(cls=49.61, det=69.11, seg=81.26)), ('swin-b', dict(cls=87.77, det=107.14, seg=121.28))])
+    ('swin-s', dict(cls=49.61, det=69.11, seg=81.26)),
+    pytest.param('swin-b', dict(cls=87.77, det=107.14, seg=121.28), marks=pytest.mark.slow)])
 def test_swin_peers_of_each_size_have_the_published_sizes(name, millions):
     """The S and B peers: mmpretrain's classifiers, Mask R-CNN from mmdet's Swin-T 1x config with the backbone and FPN
     of that size, mmseg's UPerNet configs; parameters as the libraries' model zoos list them. Our S and B models

@@ -37,7 +37,7 @@ def _observe_gate_launches(channels, dtype):
         kernel.backward(torch.empty(b, length, channels, dtype=dtype), fused, C, u, ds, z, w, bias, mean, rstd)))
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('dtype', [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize('channels', CHANNELS)
 @pytest.mark.parametrize('launches', [_layer_norm_launches, _observe_gate_launches], ids=['layer_norm_2d',
                                                                                           'observe_gate'])
