@@ -32,6 +32,11 @@ def test_unknown_model_lists_the_valid_names(benchmark, capsys):
     assert 'vmamba-t' in capsys.readouterr().err
 
 
+META = dict(device='GPU', torch='2', cuda='13', tf32=True, cudnn_benchmark=False, date='today', batch=8, size=224,
+            warmup=1, iters=2, torch_batch=4, torch_warmup=0, torch_iters=1, det_size=[1333, 800], seg_size=512,
+            command='python x')
+
+
 def _row(benchmark, model, backend, mode, images_per_s, peak_gib=None, status='ok'):
     spec = benchmark.MODEL_SPECS[model]
     row = dict(model=model, title=spec.title, backend=backend, mode=mode, dtype=mode.rsplit('-', 1)[1], batch=8,
@@ -55,14 +60,11 @@ def _tables(markdown: str) -> dict:
 
 
 def test_markdown_ratios(benchmark):
-    meta = dict(device='GPU', torch='2', cuda='13', tf32=True, cudnn_benchmark=False, date='today', batch=8, size=224,
-                warmup=1, iters=2, torch_batch=4, torch_warmup=0, torch_iters=1, det_size=[1333, 800], seg_size=512,
-                command='python x')
     rows = [_row(benchmark, 'vmamba-t', 'torch', 'train-bf16', 100.0, 4.0),
             _row(benchmark, 'vmamba-t', 'cuda', 'train-bf16', 300.0, 2.0),
             _row(benchmark, 'swin-t', '-', 'train-bf16', 150.0, 1.0),
             _row(benchmark, 'convnext-t', '-', 'train-bf16', None, status='error')]
-    text = benchmark.markdown(meta, rows)
+    text = benchmark.markdown(META, rows)
     assert 'TF32 on' in text and 'batch 4, 0 + 1 iterations' in text
     tables = _tables(text)
     title = 'Training step (forward + backward + AdamW), bf16 autocast'
@@ -75,30 +77,24 @@ def test_markdown_ratios(benchmark):
 
 
 def test_markdown_ratios_to_the_swin_of_each_size(benchmark):
-    meta = dict(device='GPU', torch='2', cuda='13', tf32=True, cudnn_benchmark=False, date='today', batch=8, size=224,
-                warmup=1, iters=2, torch_batch=4, torch_warmup=0, torch_iters=1, det_size=[1333, 800], seg_size=512,
-                command='python x')
     rows = [_row(benchmark, 'swin-t', '-', 'infer-fp32', 400.0, 1.0),
             _row(benchmark, 'swin-s', '-', 'infer-fp32', 200.0, 2.0),
             _row(benchmark, 'vmamba-t', 'cuda', 'infer-fp32', 300.0, 1.5),
             _row(benchmark, 'vmamba-s', 'cuda', 'infer-fp32', 300.0, 1.0),
             _row(benchmark, 'vmamba-b', 'cuda', 'infer-fp32', 100.0, 1.0)]
-    table = {model: row for (_, model, _), row in _tables(benchmark.markdown(meta, rows)).items()}
+    table = {model: row for (_, model, _), row in _tables(benchmark.markdown(META, rows)).items()}
     column = 'images/s vs Swin of its size'
     assert table['VMamba-T'][column] == '0.75x' and table['VMamba-S'][column] == '1.50x'
     assert table['VMamba-S']['memory vs Swin of its size'] == '0.50x'
     assert table['VMamba-B'][column] == '-' and table['Swin-S'][column] == '1.00x'  # Swin-B not measured
 
 def test_saved_and_order_tables(benchmark):
-    meta = dict(device='GPU', torch='2', cuda='13', tf32=True, cudnn_benchmark=False, date='today', batch=8, size=224,
-                warmup=1, iters=2, torch_batch=4, torch_warmup=0, torch_iters=1, det_size=[1333, 800], seg_size=512,
-                command='python x')
     saved = [dict(_row(benchmark, name, backend, 'saved-bf16', None), saved_gib=gib, end_of_forward_gib=gib + 1,
                   saved_top={'SS2D': gib / 2}) for name, backend, gib in (('vmamba-t', 'cuda', 3.0),
                                                                            ('swin-t', '-', 2.0))]
     order = [dict(_row(benchmark, 'spectral-vmamba-t', 'cuda', 'order-fp32', 50.0), size='512x512', forward_ms=20.0,
                   order_ms=2.5, order_share=0.125, tokens=1024)]
-    tables = _tables(benchmark.markdown(meta, saved + order))
+    tables = _tables(benchmark.markdown(META, saved + order))
     row = tables['Saved for backward by a training forward, bf16 autocast', 'VMamba-T', 'cuda']
     assert float(row['saved vs Swin-T'].rstrip('x')) == pytest.approx(1.5)
     assert 'SS2D' in row['largest module types (GiB)']
