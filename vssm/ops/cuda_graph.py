@@ -9,8 +9,8 @@ seen (a shape seen once, as in multi-scale detection training, never pays for a 
 are kept (least recently used dropped) and inputs whose ``numel * cost_factor`` exceeds ``max_elements`` run eagerly
 (large inputs are GPU-bound, and a graph's private memory pool would hold all their intermediates). A capture that
 fails is remembered and that shape runs eagerly from then on, with one warning (but a capture that fails after
-drawing random numbers leaves CUDA's generator unusable: functions that may fail to capture must not be given here). Outputs are cloned out of the graph's
-static buffers, so they stay valid after the next replay.
+drawing random numbers leaves CUDA's generator unusable: functions that may fail to capture must not be given here).
+Outputs are cloned out of the graph's static buffers, so they stay valid after the next replay.
 
 A graph is recorded for the autocast state of its capture (autocast on or off, and its dtype, are part of the key).
 It reads every other tensor (weights, buffers) through the addresses it was captured with: ``state``, when given,
