@@ -77,19 +77,24 @@ the Swin of the model's size in the same mode, and the kernel / reference speed-
 import argparse
 import contextlib
 import importlib
-import json
 import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from vssm.analysis.memory import record_saved_tensors, static_bytes
-from vssm.analysis.models import MODEL_SPECS, ModelSpec, build_backbone, build_spec_model, prepare_config
+from vssm.analysis.models import (
+    MODEL_SPECS,
+    ModelSpec,
+    build_backbone,
+    build_spec_model,
+    model_name_type,
+    prepare_config,
+)
 from vssm.analysis.timing import (
     device_name,
     error_text,
@@ -100,6 +105,7 @@ from vssm.analysis.timing import (
     reset_peak,
     synchronize,
     timed_span,
+    write_results,
 )
 
 CLS_MODES = ('infer-fp32', 'infer-bf16', 'train-bf16', 'train-fp32')
@@ -755,26 +761,16 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def write_outputs(args: argparse.Namespace, meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> None:
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=list(rows)), indent=1))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(meta, rows))
+    write_results(args.json, args.markdown, meta, rows, markdown)
 
 
 # --- command line ------------------------------------------------------------------------------------------------
-def _model_names(value: str) -> str:
-    if value not in MODEL_SPECS:
-        raise argparse.ArgumentTypeError(f'unknown model {value!r}; choose from {", ".join(MODEL_SPECS)}')
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', type=_model_names, default=list(DEFAULT_MODELS), metavar='NAME',
+    model_name = model_name_type(list(MODEL_SPECS))
+    parser.add_argument('--models', nargs='+', type=model_name, default=list(DEFAULT_MODELS), metavar='NAME',
                         help=f'classification models, in order (default: all): {", ".join(MODEL_SPECS)}')
-    parser.add_argument('--latency-models', nargs='+', type=_model_names, default=list(DEFAULT_LATENCY_MODELS),
+    parser.add_argument('--latency-models', nargs='+', type=model_name, default=list(DEFAULT_LATENCY_MODELS),
                         metavar='NAME', help='models of the task modes (det-/seg-latency, det-/seg-train; default: '
                         f'{" ".join(DEFAULT_LATENCY_MODELS)})')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(DEFAULT_MODES), metavar='MODE',

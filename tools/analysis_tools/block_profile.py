@@ -71,7 +71,6 @@ Output: a table on stdout; ``--json PATH``: the settings and every row (with the
 import argparse
 import contextlib
 import csv
-import json
 import re
 import sys
 import time
@@ -83,8 +82,16 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 import torch
 from torch import Tensor, nn
 
-from vssm.analysis.models import MODEL_SPECS, ModelSpec, build_backbone, prepare_config
-from vssm.analysis.timing import device_name, error_text, median_ms, prepare_device, release, synchronize
+from vssm.analysis.models import MODEL_SPECS, ModelSpec, build_backbone, model_name_type, prepare_config
+from vssm.analysis.timing import (
+    device_name,
+    error_text,
+    median_ms,
+    prepare_device,
+    release,
+    synchronize,
+    write_results,
+)
 
 PARTS = ('fwd-fp32', 'fwd-bf16', 'train-bf16')
 OUR_MODELS = tuple(name for name, spec in MODEL_SPECS.items() if spec.ours)
@@ -561,12 +568,7 @@ def summary_markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> st
 
 def write_outputs(args: argparse.Namespace, meta: Dict[str, Any], rows: Sequence[Dict[str, Any]],
                   to_markdown: Callable[[Dict[str, Any], Sequence[Dict[str, Any]]], str] = markdown) -> None:
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=list(rows)), indent=1))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(to_markdown(meta, rows))
+    write_results(args.json, args.markdown, meta, rows, to_markdown)
 
 
 def summarize(args: argparse.Namespace, device: torch.device) -> List[Dict[str, Any]]:
@@ -592,15 +594,10 @@ def summarize(args: argparse.Namespace, device: torch.device) -> List[Dict[str, 
 
 
 # --- command line ------------------------------------------------------------------------------------------------
-def _model_name(value: str) -> str:
-    if value not in OUR_MODELS:
-        raise argparse.ArgumentTypeError(f'unknown model {value!r}; choose from {", ".join(OUR_MODELS)}')
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', type=_model_name, default=list(DEFAULT_MODELS), metavar='NAME',
+    parser.add_argument('--models', nargs='+', type=model_name_type(OUR_MODELS), default=list(DEFAULT_MODELS),
+                        metavar='NAME',
                         help=f'models whose first block to profile (default: {" ".join(DEFAULT_MODELS)}; any of '
                         f'{", ".join(OUR_MODELS)})')
     parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS), metavar='PART',

@@ -10,10 +10,11 @@
 
 ``init_weights()`` is never called here: the weights are the constructors' random initialisation.
 """
+import argparse
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -231,6 +232,16 @@ MODEL_SPECS: Dict[str, ModelSpec] = {spec.name: spec for spec in _our_specs() + 
               'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py',
               'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'),
 ]}
+
+
+def model_name_type(names: Sequence[str]) -> Callable[[str], str]:
+    """An argparse ``type`` accepting one of ``names`` (keys of :data:`MODEL_SPECS`), listing them when it is not."""
+    def check(value: str) -> str:
+        if value not in names:
+            raise argparse.ArgumentTypeError(f'unknown model {value!r}; choose from {", ".join(names)}')
+        return value
+
+    return check
 
 
 def build_spec_model(spec: ModelSpec, task: str, ops_backend: Optional[str] = None, size: int = 224) -> nn.Module:

@@ -5,8 +5,10 @@ runs this one, as in a model); on a CPU with ``time.perf_counter``. Peak memory 
 ``torch.cuda.max_memory_allocated`` (``None`` on a CPU, where there is no allocator to ask).
 """
 import gc
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -94,3 +96,15 @@ def error_text(error: BaseException) -> str:
         return 'out of memory'
     lines = str(error).strip().splitlines() or ['']
     return f'{type(error).__name__}: {lines[0]}'[:300]
+
+
+def write_results(json_path: Optional[str], markdown_path: Optional[str], meta: dict, rows: list,
+                  to_markdown: Callable[[dict, list], str]) -> None:
+    """A measuring tool's outputs: ``--json`` (the settings and every row) and ``--markdown`` (``to_markdown``'s
+    tables), each written when its path is given (rewritten after every model, so a cut run keeps its rows)."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(dict(meta=meta, rows=list(rows)), indent=1))
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(to_markdown(meta, rows))
