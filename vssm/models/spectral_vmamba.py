@@ -109,8 +109,10 @@ class SpectralSS2D(SS2D):
     def forward(self, x: Tensor, index: ScanIndex) -> Tensor:
         height, width = x.shape[-2:]
         x = self.graph_features(x)  # (B, D, H, W)
-        y = spectral_merge(self.scan(spectral_scan(x, index)), index, height, width)  # float32
-        return normed_linear(y, self.out_norm, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
+        merge = None if index.exact_inverse else index.merge
+        y = self.scan(x.flatten(2), index.scan, index.inverse, merge)  # (B, D, L), float32
+        # out_proj(out_norm(y)), saving only y
+        return normed_linear(y.view(y.shape[0], -1, height, width), self.out_norm, self.out_proj, x.dtype)
 
 
 class SpectralBlock(VSSBlock):

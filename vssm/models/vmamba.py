@@ -23,14 +23,13 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import dwconv2d, gather_tokens, inverse_permutation, scatter_tokens, selective_scan
+from ..ops import cross_selective_scan, dwconv2d, gather_tokens, inverse_permutation, scatter_tokens
 from ..ops._backend import is_cacheable
 from .layers import (
     LayerNorm2d,
     Linear2d,
     StagedBackbone,
     gelu_linear,
-    grouped_matmul,
     init_A_logs,
     init_Ds,
     init_dt_bias,
@@ -119,19 +118,13 @@ class SS2D(nn.Module):
         init_A_logs(self.A_logs)
         init_Ds(self.Ds)
 
-    def scan(self, xs: Tensor) -> Tensor:
-        """Projections and the selective scan of K sequences: (B, K, D, L) -> (B, K, D, L) float32."""
-        b, k, d, length = xs.shape
-        # One GEMM per sequence group with the weight broadcast over the batch (grouped_matmul: its backward keeps
-        # views of xs, which the scan saves too). A grouped conv1d runs 60x slower in fp32 on cuDNN (22.5 vs 0.36 ms
-        # at VMamba-T's stage 1, batch 128, H200: docs/benchmarks.md) and an einsum's backward 2.7x slower.
-        x_dbl = grouped_matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = grouped_matmul(self.dt_projs_weight, dts)  # (B, K, D, L)
-        y = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), -torch.exp(self.A_logs.float()),
-                           Bs, Cs, self.Ds.float(), self.dt_projs_bias.float().reshape(-1), delta_softplus=True,
-                           backend=self.backend)  # (B, K * D, L)
-        return y.view(b, k, d, length)
+    def scan(self, x: Tensor, index: Tensor, inverse: Optional[Tensor] = None,
+             merge: Optional[Tensor] = None) -> Tensor:
+        """The SSM over the K sequences of ``index``: (B, D, L) -> (B, D, L) float32, the sequences' outputs added
+        back onto their tokens (:func:`~vssm.ops.cross_selective_scan`)."""
+        return cross_selective_scan(x, index, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                                    -torch.exp(self.A_logs.float()), self.Ds.float(), inverse=inverse, merge=merge,
+                                    backend=self.backend)
 
     def forward(self, x: Tensor, norm: Optional[LayerNorm2d] = None) -> Tensor:
         """x: (B, C, H, W); ``norm``: the block's LayerNorm2d, applied to x first (and recomputed in the backward
@@ -141,8 +134,9 @@ class SS2D(nn.Module):
         # The depthwise conv through vssm.ops.dwconv2d (the kernel: 2.1x cuDNN's forward, 2.7x its forward+backward
         # at stage 1 in fp32 and bf16, docs/benchmarks.md); same function and parameters as the nn.Conv2d.
         x = self.act(dwconv2d(x, self.conv2d.weight, self.conv2d.bias, backend=self.backend))  # (B, D, H, W)
-        y = cross_merge(self.scan(cross_scan(x)), height, width)  # (B, D, H, W), float32
-        return normed_linear(y, self.out_norm, self.out_proj, x.dtype)  # out_proj(out_norm(y)), saving only y
+        y = self.scan(x.flatten(2), *cross_scan_index(height, width, x.device))  # (B, D, L), float32
+        # out_proj(out_norm(y)), saving only y
+        return normed_linear(y.view(y.shape[0], -1, height, width), self.out_norm, self.out_proj, x.dtype)
 
 
 class Mlp2d(nn.Module):

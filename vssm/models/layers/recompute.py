@@ -8,12 +8,7 @@ plain composition, under autocast too (the matmul runs in the dtype autocast gav
 ``recomputed_linear(f, fc, *inputs)`` generalizes it: ``fc(f(*inputs))`` saving the inputs, ``f`` (a norm, a gate)
 recomputed in the backward, e.g. Spatial-Mamba's ``out_proj(LN(y) * SiLU(z))``.
 
-``grouped_matmul(weight, x)`` is ``torch.matmul(weight, x)`` for per-group weights (K, O, I) and inputs (B, K, I, L)
-(the x_proj / dt_proj projections of the K scan sequences): one batched GEMM per group with the weight broadcast over
-the batch as a stride-0 view. ``torch.matmul``'s broadcasting materializes a (B*K, O, I) copy of the weight and saves it
-for the backward (6.8 GiB for Spectral VMamba-T at batch 128, whose weights are large next to its L = 49 tokens);
-an einsum saves a permuted copy of x instead, and a grouped ``conv1d`` (the same saves) runs 60x slower in fp32 on
-cuDNN. Not a recomputation: it is used with the switch below off too.
+``grouped_matmul`` (:mod:`vssm.ops.grouped_matmul`, re-exported here) is the projections' batched GEMM.
 
 ``set_recompute(False)`` (or ``VSSM_RECOMPUTE=0`` in the environment) makes the recomputed projections the plain
 compositions, to measure what the recomputation costs in time and saves in memory (``tools/analysis_tools/benchmark.py
@@ -28,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops._backend import plain_autograd_enabled
+from ...ops.grouped_matmul import grouped_matmul
 
 __all__ = ['recomputed_linear', 'gelu_linear', 'grouped_matmul', 'set_recompute', 'recompute_enabled']
 
@@ -117,48 +113,3 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
 def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False) -> Tensor:
     """``fc(gelu(h))`` saving only ``h`` for the backward (the second half of an MLP)."""
     return recomputed_linear(F.gelu, fc, h, channels_first=channels_first)
-
-
-class _GroupedMatmul(torch.autograd.Function):
-    """out[:, k] = weight[k] @ x[:, k], each group's GEMM writing into its slice of one output (no stacking copy)."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, x: Tensor) -> Tensor:
-        batch, (groups, rows, cols) = x.shape[0], weight.shape
-        out = x.new_empty(batch, groups, rows, x.shape[3])
-        for k in range(groups):
-            torch.bmm(weight[k].expand(batch, rows, cols), x[:, k], out=out[:, k])
-        ctx.save_for_backward(weight, x)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        weight, x = ctx.saved_tensors
-        batch, (groups, rows, cols) = x.shape[0], weight.shape
-        grad_weight = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = x.new_empty(x.shape)
-            for k in range(groups):
-                torch.bmm(weight[k].t().expand(batch, cols, rows), grad[:, k], out=grad_x[:, k])
-        if ctx.needs_input_grad[0]:
-            grad_weight = torch.stack([torch.bmm(grad[:, k], x[:, k].transpose(1, 2)).sum(0) for k in range(groups)])
-        return grad_weight, grad_x
-
-
-def grouped_matmul(weight: Tensor, x: Tensor) -> Tensor:
-    """(K, O, I) weights, (B, K, I, L) inputs -> (B, K, O, L) with ``out[:, k] = weight[k] @ x[:, k]``.
-
-    Under autocast both run in its dtype (as ``torch.matmul`` would); outside it the weight takes x's dtype. The
-    backward keeps x and the (cast) weight, nothing of the batch's size beyond x itself.
-    """
-    if weight.dim() != 3 or x.dim() != 4 or x.shape[1] != weight.shape[0] or x.shape[2] != weight.shape[2]:
-        raise ValueError(f'grouped_matmul: expected weight (K, O, I) and x (B, K, I, L), got {tuple(weight.shape)} '
-                         f'and {tuple(x.shape)}.')
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    weight, x = weight.to(dtype), x.to(dtype)
-    # The same GEMMs as plain ops for FLOP counters, exporters and torch.compile (whose partitioner decides the saves).
-    if torch.jit.is_tracing() or plain_autograd_enabled() or torch.compiler.is_compiling():
-        shape = (x.shape[0], ) + tuple(weight.shape[1:])
-        return torch.stack([torch.bmm(weight[k].expand(shape), x[:, k]) for k in range(weight.shape[0])], dim=1)
-    return _GroupedMatmul.apply(weight, x)

@@ -1,0 +1,162 @@
+"""vssm.ops.cross_selective_scan (VMamba's and Spectral VMamba's SSM core): the Triton kernel against float64 autograd
+(in Triton's interpreter on the CPU, and on a GPU against the reference in fp32 and under bf16 autocast), the
+dispatch, errors."""
+import textwrap
+
+import pytest
+import torch
+from conftest import GRAD_TOLERANCES, TOLERANCES
+from ops.triton_interpreter import run_in_interpreter
+
+from vssm.models.vmamba import cross_scan_index
+from vssm.ops import cross_selective_scan, cross_selective_scan_ref, inverse_permutation
+from vssm.ops.cross_scan import kernel_available
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
+
+
+def _permutations(b, k, length, generator):
+    return torch.stack([torch.stack([torch.randperm(length, generator=generator) for _ in range(k)])
+                        for _ in range(b)])
+
+
+def _inputs(b, d, h, w, k, rank, n_state, per_batch, device='cpu', seed=0):
+    """x, index, inverse, x_proj_weight, dt_weight, dt_bias, A, Ds (VMamba's four directions, or per-batch random
+    permutations as Spectral VMamba's orders)."""
+    g = torch.Generator().manual_seed(seed)
+    length = h * w
+    if per_batch:
+        index = _permutations(b, k, length, g)
+        inverse = inverse_permutation(index)
+    else:
+        index, inverse = cross_scan_index(h, w, 'cpu')
+    x = torch.randn(b, d, length, generator=g)
+    x_proj = torch.randn(k, rank + 2 * n_state, d, generator=g) / d**0.5
+    dt_w = torch.randn(k, d, rank, generator=g) / rank**0.5
+    dt_bias = torch.rand(k, d, generator=g) * 4 - 6  # softplus^-1 of VMamba's initial step sizes
+    A = -torch.rand(k * d, n_state, generator=g) * 4 - 0.2
+    Ds = torch.randn(k * d, generator=g)
+    return [t.to(device) for t in (x, index, inverse, x_proj, dt_w, dt_bias, A, Ds)]
+
+
+INTERPRETER_CASE = '''
+import torch
+from vssm.ops import _triton_cross_scan as kernel
+from vssm.ops import gather_tokens, plain_autograd, scatter_tokens, selective_scan
+from vssm.models.vmamba import cross_scan_index
+
+def check(b, d, h, w, k, r, n, per_batch):
+    torch.manual_seed(0)
+    length = h * w
+    if per_batch:  # index maps that differ per image
+        index = torch.stack([torch.stack([torch.randperm(length) for _ in range(k)]) for _ in range(b)])
+    else:
+        index = cross_scan_index(h, w, 'cpu')[0]
+    x = torch.randn(b, d, length)
+    dbl = torch.randn(b, k, r + 2 * n, length)
+    dtw, bias = torch.randn(k, d, r) * 0.5, torch.randn(k * d) - 2
+    A, Ds = -torch.rand(k * d, n) * 2 - 0.1, torch.randn(k * d)
+    out, states = kernel.forward(x, dbl, index, dtw, bias, A, Ds)
+    g = torch.randn(b, d, length)
+    grads = kernel.backward(g, x, dbl, index, dtw, bias, A, Ds, states)
+    leaves = [t.double().requires_grad_() for t in (x, dbl, dtw, bias, A, Ds)]
+    xx, dd, ww, bb, aa, ss = leaves
+    with plain_autograd():  # the composition, differentiated by autograd
+        xs = gather_tokens(xx, index)
+        dts, Bs, Cs = torch.split(dd.gather(3, index[:, :, None].expand(b, k, r + 2 * n, length)), [r, n, n], 2)
+        y = selective_scan(xs.reshape(b, k * d, length), torch.matmul(ww, dts).reshape(b, k * d, length), aa, Bs,
+                           Cs, ss, bb, True, backend='torch')
+        ref = scatter_tokens(y.view(b, k, d, length), index, length)
+    expected = [ref.detach(), *torch.autograd.grad(ref, leaves, g.double())]
+    for name, got, want in zip(['out', 'x', 'dbl', 'dt_weight', 'dt_bias', 'A', 'Ds'], (out, *grads), expected):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 1e-5, (b, d, h, w, k, r, n, name, err)
+'''
+
+
+@pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
+                    reason='needs Triton; with a GPU the GPU tests below run the kernels')
+@pytest.mark.parametrize('cases', [
+    # VMamba's four directions on an odd, non-square map; channels not a multiple of the 16 per program
+    [(2, 5, 3, 5, 4, 3, 1, False)],
+    pytest.param([
+        (1, 20, 9, 11, 4, 2, 1, False),  # two chunks of steps
+        (2, 7, 5, 7, 3, 5, 3, True),  # per-image permutations, N = 3 (three chunks), K = 3
+    ], marks=pytest.mark.slow)], ids=['one-chunk', 'chunks-and-states'])
+def test_kernel_matches_float64_autograd_in_the_triton_interpreter(cases):
+    """The kernels run by Triton's interpreter on CPU tensors, fp32, against the composition in float64 (a fresh
+    process: the interpreter is chosen when Triton is imported)."""
+    script = INTERPRETER_CASE + ''.join(f'check{case!r}\n' for case in cases) + "print('ok')\n"
+    run_in_interpreter(textwrap.dedent(script))
+
+
+def test_cpu_takes_the_reference():
+    inputs = _inputs(2, 6, 3, 5, 4, 2, 1, False)
+    x, index, inverse, *params = inputs
+    torch.testing.assert_close(cross_selective_scan(x, index, *params, inverse=inverse),
+                               cross_selective_scan_ref(x, index, *params, inverse=inverse), rtol=0, atol=0)
+
+
+def test_errors():
+    x, index, inverse, x_proj, dt_w, dt_bias, A, Ds = _inputs(2, 6, 3, 5, 4, 2, 1, False)
+    with pytest.raises(ValueError, match=r'index \(B or 1, K, L\)'):
+        cross_selective_scan(x, index[:, :3], x_proj, dt_w, dt_bias, A, Ds, inverse=inverse)
+    with pytest.raises(ValueError, match=r'x_proj_weight \(K, R \+ 2N, D\)'):
+        cross_selective_scan(x, index, x_proj[:, :-1], dt_w, dt_bias, A, Ds, inverse=inverse)
+
+
+GPU_CASES = [
+    (2, 96, 56, 56, 4, 6, 1, False),  # VMamba-T stage 1
+    (3, 40, 13, 7, 4, 3, 1, False),  # odd, non-square, channels not a multiple of 16
+    (2, 192, 7, 7, 8, 12, 1, True),  # Spectral-like: per-image orders, K = 8
+    (2, 24, 9, 10, 4, 4, 4, True),  # N = 4
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('case', GPU_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-R{c[5]}-N{c[6]}')
+def test_kernel_matches_the_reference_on_gpu(case, dtype):
+    """Values and every gradient against the reference composition (its scan on the CUDA kernel when built), in fp32
+    and under bf16 autocast (x in bf16 as the model's is)."""
+    inputs = _inputs(*case, device='cuda')
+    x, index, inverse, *params = inputs
+    results = []
+    for backend in ('torch', 'auto'):
+        leaves = [t.detach().clone().requires_grad_() for t in [x] + params]
+        xx, *pp = leaves
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            ref_path = backend == 'torch'
+            fn = cross_selective_scan_ref if ref_path else cross_selective_scan
+            out = fn(xx.to(dtype), index, *pp, inverse=inverse)
+        grad_out = torch.randn(out.shape, device='cuda', generator=torch.Generator('cuda').manual_seed(1))
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        results.append((out, grads))
+    (ref, ref_grads), (got, got_grads) = results
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+    rtol, atol = GRAD_TOLERANCES[dtype]
+    for name, g, r in zip(['x', 'x_proj', 'dt_weight', 'dt_bias', 'A', 'Ds'], got_grads, ref_grads):
+        err = ((g.float() - r.float()).norm() / r.float().norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (name, err)
+
+
+@needs_gpu
+def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
+    from vssm.ops import cross_scan
+    calls = []
+    monkeypatch.setattr(cross_scan._CrossSelectiveScan, 'apply', lambda *a: calls.append(a) or a[0].float())
+    x, index, inverse, *params = _inputs(2, 16, 4, 4, 4, 2, 1, False, device='cuda')
+    cross_selective_scan(x, index, *params)  # no inverse: not known to be permutations
+    cross_selective_scan(x, index, *params, inverse=inverse, merge=index)
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
+    cross_selective_scan(x, index, *params, inverse=inverse)
+    assert not calls
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
+    cross_selective_scan(x, index, *params, inverse=inverse)
+    assert len(calls) == 1
