@@ -12,8 +12,9 @@ For batch b, sequence k (K of them), channel d, step i (L steps) and raster toke
 each sequence (x_proj, in raster order), ``index`` (B or 1, K, L) permutations. Nothing of (B, K, D, L) is written:
 the gather is the kernel's loads and the merge its stores.
 
-A program owns one batch element and ``BD`` channels and runs the K sequences one after the other (so its
-read-modify-write of ``out`` adds the sequences in a fixed order: deterministic), each in chunks of ``BL`` steps: the
+A program owns one batch element, ``BD`` channels and one sequence, whose shares it adds onto ``out`` with atomics; with
+deterministic algorithms requested (``torch.use_deterministic_algorithms``) it runs the K sequences one after the other
+instead, adding them in a fixed order by read-modify-write. The steps go in chunks of ``BL``: the
 recurrence inside a chunk is an associative scan over affine maps, the state carried between chunks. The forward
 writes the state entering every chunk (B, K, D, chunks, N); the backward walks the chunks from the last, recomputes
 the chunk's states from it and runs the adjoint recurrence ``G_i = C_i * dy_i + a_{i+1} * G_{i+1}`` (a reverse scan;
@@ -104,6 +105,29 @@ def _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, 
 
 
 @triton.jit
+def _sequences(n_k, SPLIT_K: tl.constexpr):
+    """The sequences this program scans: all K one after the other, or (SPLIT_K) the one of grid axis 1."""
+    if SPLIT_K:
+        k_first = tl.program_id(1)
+        k_end = k_first + 1
+    else:
+        k_first = 0
+        k_end = n_k
+    return k_first, k_end
+
+
+@triton.jit
+def _accumulate(ptrs, value, mask, k, SPLIT_K: tl.constexpr):
+    """Add sequence k's share to a raster map: atomics across the K programs (SPLIT_K, the map zeroed first), or the
+    program's own read-modify-write, the first sequence storing (the K shares added in a fixed order)."""
+    if SPLIT_K:
+        tl.atomic_add(ptrs, value, mask=mask)
+    else:
+        previous = tl.load(ptrs, mask=mask & (k > 0), other=0.)
+        tl.store(ptrs, previous + value, mask=mask)
+
+
+@triton.jit
 def _column(t, offs_l, j):
     """Column j of a (BD, NP, BL) tile."""
     return tl.sum(tl.where(offs_l[None, None, :] == j, t, 0.), 2)
@@ -112,8 +136,10 @@ def _column(t, offs_l, j):
 @triton.jit
 def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, out_ptr, state_ptr,
                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                    LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
+                    LOW: tl.constexpr, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                    BL: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    k_first, k_end = _sequences(n_k, SPLIT_K)
     offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
     mask_d = offs_d < n_d
     offs_n = tl.arange(0, NP)
@@ -124,7 +150,7 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, o
     x_row = x_ptr + b * n_d * length
     out_row = out_ptr + b * n_d * length
     n_dbl = n_rank + 2 * n_state
-    for k in range(0, n_k):
+    for k in range(k_first, k_end):
         kd, w, bias, A, ds = _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, mask_n,
                                               offs_r, n_d, n_rank, n_state)
         dbl = dbl_ptr + (b * n_k + k) * n_dbl * length
@@ -141,9 +167,7 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, o
             hs = hs + pa * h[:, :, None]
             h = _column(hs, offs_l, BL - 1)
             y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
-            ptrs = out_row + offs_d[:, None] * length + pos[None, :]
-            previous = tl.load(ptrs, mask=mask & (k > 0), other=0.)
-            tl.store(ptrs, previous + y, mask=mask)
+            _accumulate(out_row + offs_d[:, None] * length + pos[None, :], y, mask, k, SPLIT_K)
         tl.debug_barrier()  # sequence k's stores are visible to the loads of sequence k + 1
 
 
@@ -151,8 +175,10 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, o
 def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, state_ptr, gout_ptr,
                     dx_ptr, ddbl_ptr, dw_ptr, dbias_ptr, da_ptr, dds_ptr,
                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                    LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
+                    LOW: tl.constexpr, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                    BL: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    k_first, k_end = _sequences(n_k, SPLIT_K)
     offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
     mask_d = offs_d < n_d
     offs_n = tl.arange(0, NP)
@@ -166,7 +192,7 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, s
     dx_row = dx_ptr + b * n_d * length
     n_dbl = n_rank + 2 * n_state
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    for k in range(0, n_k):
+    for k in range(k_first, k_end):
         kd, w, bias, A, ds = _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, mask_n,
                                               offs_r, n_d, n_rank, n_state)
         dbl = dbl_ptr + (b * n_k + k) * n_dbl * length
@@ -203,8 +229,7 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, s
             gb = tl.sum(G * Bv[None, :, :], 1)
             ddelta = tl.sum(glog * A[:, :, None], 1) + gb * u
             du = gb * delta + gy * ds[:, None]
-            previous = tl.load(dx_row + ptrs, mask=mask & (k > 0), other=0.)
-            tl.store(dx_row + ptrs, previous + du, mask=mask)
+            _accumulate(dx_row + ptrs, du, mask, k, SPLIT_K)
             da += tl.sum(glog * delta[:, None, :], 2)
             dds += tl.sum(gy * u, 1)
             draw = tl.where(mask, ddelta * tl.where(raw <= 20., tl.sigmoid(raw), 1.), 0.)
@@ -235,6 +260,13 @@ def _tiles(n_d: int, n_rank: int, n_state: int, length: int):
     return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l
 
 
+def _launch(n_dblk: int, n_k: int, b: int):
+    """(grid, SPLIT_K): one program per sequence, merged with atomics, unless deterministic algorithms are requested
+    (``torch.use_deterministic_algorithms``), when each program runs the K sequences and adds them in order."""
+    split = not torch.are_deterministic_algorithms_enabled()
+    return (n_dblk, n_k if split else 1, b), split
+
+
 def _check(x: Tensor, dbl: Tensor, index: Tensor):
     if not (x.is_contiguous() and dbl.is_contiguous() and index.is_contiguous()):
         raise ValueError('cross_selective_scan kernel: x, the projections and the index must be contiguous.')
@@ -249,12 +281,13 @@ def forward(x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Tensor, dt_bias: T
     n_rank = dbl.shape[2] - 2 * n_state
     n_dblk, n_p, r_p, block_l = _tiles(n_d, n_rank, n_state, length)
     n_chunks = triton.cdiv(length, block_l)
-    out = torch.empty(b, n_d, length, dtype=torch.float32, device=x.device)
+    grid, split = _launch(n_dblk, n_k, b)
+    out = (torch.zeros if split else torch.empty)(b, n_d, length, dtype=torch.float32, device=x.device)
     states = torch.empty(b, n_k, n_d, n_chunks, n_state, dtype=torch.float32, device=x.device)
     index_batch = 0 if index.shape[0] == 1 else n_k * length
-    _cross_scan_fwd[(n_dblk, b)](x, dbl, index, dt_weight, dt_bias, A, Ds, out, states, n_d, length, n_k, n_rank,
-                                 n_state, index_batch, n_chunks, LOW=x.dtype in (torch.float16, torch.bfloat16),
-                                 BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l, num_warps=NUM_WARPS)
+    _cross_scan_fwd[grid](x, dbl, index, dt_weight, dt_bias, A, Ds, out, states, n_d, length, n_k, n_rank, n_state,
+                          index_batch, n_chunks, LOW=x.dtype in (torch.float16, torch.bfloat16), SPLIT_K=split,
+                          BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l, num_warps=NUM_WARPS)
     return out, states
 
 
@@ -268,16 +301,17 @@ def backward(gout: Tensor, x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Ten
     n_rank = dbl.shape[2] - 2 * n_state
     n_dblk, n_p, r_p, block_l = _tiles(n_d, n_rank, n_state, length)
     n_chunks = states.shape[3]
+    grid, split = _launch(n_dblk, n_k, b)
     f32 = dict(dtype=torch.float32, device=x.device)
-    dx = torch.empty(b, n_d, length, **f32)
+    dx = (torch.zeros if split else torch.empty)(b, n_d, length, **f32)
     ddbl = torch.zeros(dbl.shape, **f32)
     dw = torch.empty(b, n_k, n_d, n_rank, **f32)
     dbias = torch.empty(b, n_k * n_d, **f32)
     da = torch.empty(b, n_k * n_d, n_state, **f32)
     dds = torch.empty(b, n_k * n_d, **f32)
     index_batch = 0 if index.shape[0] == 1 else n_k * length
-    _cross_scan_bwd[(n_dblk, b)](x, dbl, index, dt_weight, dt_bias, A, Ds, states, gout.float().contiguous(), dx,
-                                 ddbl, dw, dbias, da, dds, n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                                 LOW=x.dtype in (torch.float16, torch.bfloat16), BD=BLOCK_D, NP=n_p, RP=r_p,
-                                 BL=block_l, num_warps=NUM_WARPS)
+    _cross_scan_bwd[grid](x, dbl, index, dt_weight, dt_bias, A, Ds, states, gout.float().contiguous(), dx, ddbl, dw,
+                          dbias, da, dds, n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+                          LOW=x.dtype in (torch.float16, torch.bfloat16), SPLIT_K=split, BD=BLOCK_D, NP=n_p, RP=r_p,
+                          BL=block_l, num_warps=NUM_WARPS)
     return dx, ddbl, dw.sum(0), dbias.sum(0), da.sum(0), dds.sum(0)

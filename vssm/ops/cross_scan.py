@@ -70,8 +70,8 @@ class _CrossSelectiveScan(torch.autograd.Function):
         x, dbl, index, w, bias, a, ds, states = ctx.saved_tensors
         dx, ddbl, dw, dbias, da, dds = _KERNEL.backward(grad, x, dbl, index, w, bias, a, ds, states)
         w_dtype, bias_dtype, a_dtype, ds_dtype = ctx.dtypes
-        return (dx.to(x.dtype), ddbl.to(dbl.dtype), dw.to(w_dtype), dbias.view(-1, x.shape[1]).to(bias_dtype),
-                da.to(a_dtype), dds.to(ds_dtype), None)
+        return (dx.to(x.dtype), ddbl.to(dbl.dtype), None, dw.to(w_dtype), dbias.view(-1, x.shape[1]).to(bias_dtype),
+                da.to(a_dtype), dds.to(ds_dtype))
 
 
 def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor], merge: Optional[Tensor],
