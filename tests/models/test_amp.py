@@ -190,22 +190,23 @@ def _batches(cfg, task: str) -> Callable[[int], dict]:
 # --- the scan's dtypes -------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _scan_output_dtypes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Dict[str, int]]:
-    """Count the output dtypes of the selective scans the backbones call (VMamba's module serves Spectral VMamba)."""
+    """Count the output dtypes of the scans the backbones call: Spatial-Mamba's selective scan, VMamba's (and Spectral
+    VMamba's) cross_selective_scan."""
     from vssm.models import spatial_mamba, vmamba
     seen: Dict[str, int] = {}
 
     def recording(original):
 
-        def selective_scan(*args, **kwargs):
+        def scan(*args, **kwargs):
             out = original(*args, **kwargs)
             key = str(out.dtype).replace('torch.', '')
             seen[key] = seen.get(key, 0) + 1
             return out
 
-        return selective_scan
+        return scan
 
-    for module in (spatial_mamba, vmamba):
-        monkeypatch.setattr(module, 'selective_scan', recording(module.selective_scan))
+    for module, name in ((spatial_mamba, 'selective_scan'), (vmamba, 'cross_selective_scan')):
+        monkeypatch.setattr(module, name, recording(getattr(module, name)))
     yield seen
 
 
