@@ -41,3 +41,11 @@ def chan_merge(count, mean, m2, x, mask):
     mean += delta * n_b / tl.maximum(total, 1.)
     m2 += tl.sum(xc * xc, 0) + delta * delta * count * n_b / tl.maximum(total, 1.)
     return total, mean, m2
+
+
+@triton.jit
+def round_to(x, LOW: tl.constexpr, dtype: tl.constexpr):
+    """x rounded to the 16-bit ``dtype`` (as a reference op computing in it would) when ``LOW``, else unchanged."""
+    if LOW:
+        x = x.to(dtype).to(tl.float32)
+    return x

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._triton_common import round_to
+
 NUM_WARPS = 4
 BLOCK_D = 16  # channels per program (tl.dot's smallest tile side)
 
@@ -56,18 +58,11 @@ def _dot(a, b, LOW: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _round(x, LOW: tl.constexpr, dtype: tl.constexpr):
-    if LOW:
-        x = x.to(dtype).to(tl.float32)
-    return x
-
-
-@triton.jit
 def _step_sizes(dbl, w, bias, pos, mask_l, offs_r, n_rank, length, LOW: tl.constexpr, dtype: tl.constexpr):
     """(raw, delta, dts) of a chunk: dts (RP, BL) the low-rank step inputs at ``pos``, raw = w @ dts + bias."""
     dts = tl.load(dbl + offs_r[:, None] * length + pos[None, :], mask=(offs_r[:, None] < n_rank) & mask_l[None, :],
                   other=0.).to(tl.float32)
-    raw = _round(_dot(w, dts, LOW, dtype), LOW, dtype) + bias[:, None]
+    raw = round_to(_dot(w, dts, LOW, dtype), LOW, dtype) + bias[:, None]
     return raw, _softplus(raw), dts
 
 
@@ -105,15 +100,19 @@ def _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, 
 
 
 @triton.jit
-def _sequences(n_k, SPLIT_K: tl.constexpr):
-    """The sequences this program scans: all K one after the other, or (SPLIT_K) the one of grid axis 1."""
+def _program(n_k, n_d, n_state, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr):
+    """The program's batch element (grid axis 2), its sequences (all K one after the other, or with SPLIT_K the one
+    of grid axis 1), channels (axis 0) with their mask, state and rank offsets."""
     if SPLIT_K:
         k_first = tl.program_id(1)
         k_end = k_first + 1
     else:
         k_first = 0
         k_end = n_k
-    return k_first, k_end
+    offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    return (tl.program_id(2).to(tl.int64), k_first, k_end, offs_d, offs_d < n_d, offs_n, offs_n < n_state,
+            tl.arange(0, RP))
 
 
 @triton.jit
@@ -138,13 +137,7 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, o
                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
                     LOW: tl.constexpr, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
                     BL: tl.constexpr):
-    b = tl.program_id(2).to(tl.int64)
-    k_first, k_end = _sequences(n_k, SPLIT_K)
-    offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
-    mask_d = offs_d < n_d
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < n_state
-    offs_r = tl.arange(0, RP)
+    b, k_first, k_end, offs_d, mask_d, offs_n, mask_n, offs_r = _program(n_k, n_d, n_state, SPLIT_K, BD, NP, RP)
     offs_l = tl.arange(0, BL)
     dtype = x_ptr.dtype.element_ty
     x_row = x_ptr + b * n_d * length
@@ -177,13 +170,7 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, s
                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
                     LOW: tl.constexpr, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
                     BL: tl.constexpr):
-    b = tl.program_id(2).to(tl.int64)
-    k_first, k_end = _sequences(n_k, SPLIT_K)
-    offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
-    mask_d = offs_d < n_d
-    offs_n = tl.arange(0, NP)
-    mask_n = offs_n < n_state
-    offs_r = tl.arange(0, RP)
+    b, k_first, k_end, offs_d, mask_d, offs_n, mask_n, offs_r = _program(n_k, n_d, n_state, SPLIT_K, BD, NP, RP)
     mask_r = offs_r < n_rank
     offs_l = tl.arange(0, BL)
     dtype = x_ptr.dtype.element_ty
@@ -233,7 +220,7 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, s
             da += tl.sum(glog * delta[:, None, :], 2)
             dds += tl.sum(gy * u, 1)
             draw = tl.where(mask, ddelta * tl.where(raw <= 20., tl.sigmoid(raw), 1.), 0.)
-            draw = _round(draw, LOW, dtype)
+            draw = round_to(draw, LOW, dtype)
             dbias += tl.sum(draw, 1)
             dw += _dot(draw, tl.trans(dts), LOW, dtype)
             # sums over channels: this program's share, added to the other channel blocks' shares

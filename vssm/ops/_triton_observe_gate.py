@@ -18,14 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import NUM_WARPS, chan_merge, flat_pixels, tiles
-
-
-@triton.jit
-def _round(x, LOW: tl.constexpr, dtype: tl.constexpr):
-    if LOW:
-        x = x.to(dtype).to(tl.float32)
-    return x
+from ._triton_common import NUM_WARPS, chan_merge, flat_pixels, round_to, tiles
 
 
 @triton.jit
@@ -37,7 +30,7 @@ def _observe(fused_ptr, u_ptr, ds_ptr, c_val, offs_c, base, mask, mask_c, length
     u = tl.load(u_ptr + ptrs, mask=mask, other=0.).to(tl.float32)
     ds = tl.load(ds_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
     y = fused * c_val[None, :] + ds[:, None] * u
-    return tl.where(mask, _round(y, LOW, dtype), 0.), fused, u, ds
+    return tl.where(mask, round_to(y, LOW, dtype), 0.), fused, u, ds
 
 
 @triton.jit
@@ -45,7 +38,7 @@ def _gate(z_ptr, zoff, offs_c, mask, LOW: tl.constexpr, dtype: tl.constexpr):
     """z and silu(z) (rounded like the reference) of one tile; ``zoff``: each pixel's offset in z."""
     z = tl.load(z_ptr + zoff[None, :] + offs_c[:, None], mask=mask, other=0.).to(tl.float32)
     sig = tl.sigmoid(z)
-    return z, sig, _round(z * sig, LOW, dtype)
+    return z, sig, round_to(z * sig, LOW, dtype)
 
 
 @triton.jit
@@ -147,7 +140,7 @@ def _observe_gate_bwd(fused_ptr, c_ptr, u_ptr, ds_ptr, z_ptr, w_ptr, b_ptr, da_p
             fused_ptr, c_ptr, u_ptr, ds_ptr, z_ptr, w_ptr, da_ptr, offs_c, offs_p, base, zoff, mask_l, mean, rstd,
             c_val, n_c, length, LOW)
         b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
-        dy = _round((dln * w[:, None] - c2[None, :] - xhat * c1[None, :]) * rstd[None, :], LOW,
+        dy = round_to((dln * w[:, None] - c2[None, :] - xhat * c1[None, :]) * rstd[None, :], LOW,
                     z_ptr.dtype.element_ty)
         ptrs = offs_c[:, None] * length + base[None, :]
         tl.store(dfused_ptr + ptrs, dy * c_val[None, :], mask=mask)
@@ -155,7 +148,7 @@ def _observe_gate_bwd(fused_ptr, c_ptr, u_ptr, ds_ptr, z_ptr, w_ptr, b_ptr, da_p
         dc += tl.sum(dy * fused, 0)
         # d silu(z) = sig * (1 + z * (1 - sig)), times the norm's output (the gate's other factor)
         ln = xhat * w[:, None] + b[:, None]
-        ds_out = _round(da * ln, LOW, z_ptr.dtype.element_ty)
+        ds_out = round_to(da * ln, LOW, z_ptr.dtype.element_ty)
         dz = ds_out * sig * (1. + z * (1. - sig))
         tl.store(dz_ptr + offs_p[None, :] * n_c + offs_c[:, None], dz.to(dz_ptr.dtype.element_ty), mask=mask)
         tl.store(dw_part_ptr + program * n_c + offs_c, tl.sum(dln * xhat, 1), mask=mask_c)
