@@ -50,9 +50,8 @@ from vssm.ops import _triton_cross_scan as kernel
 from vssm.ops import gather_tokens, plain_autograd, scatter_tokens, selective_scan
 from vssm.models.vmamba import cross_scan_index
 
-def check(b, d, h, w, k, r, n, per_batch, deterministic=False):
+def check(b, d, h, w, k, r, n, per_batch):
     torch.manual_seed(0)
-    torch.use_deterministic_algorithms(deterministic)  # the K sequences in one program, added in order
     length = h * w
     if per_batch:  # index maps that differ per image
         index = torch.stack([torch.stack([torch.randperm(length) for _ in range(k)]) for _ in range(b)])
@@ -83,13 +82,15 @@ def check(b, d, h, w, k, r, n, per_batch, deterministic=False):
 @pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
                     reason='needs Triton; with a GPU the GPU tests below run the kernels')
 @pytest.mark.parametrize('cases', [
-    # VMamba's four directions on an odd, non-square map; channels not a multiple of the 16 per program
-    [(2, 5, 3, 5, 4, 3, 1, False), (2, 5, 3, 5, 4, 3, 1, False, True)],
+    # VMamba's four directions on an odd, non-square map, two chunks of steps (N = 2: 32 steps per chunk); 5 channels
+    # (not a multiple of the 16 per program)
+    [(1, 5, 3, 11, 4, 3, 2, False)],
     pytest.param([
-        (1, 20, 9, 11, 4, 2, 1, False),  # two chunks of steps
+        (2, 5, 3, 5, 4, 3, 1, False),  # one chunk: nothing carried
+        (1, 16, 10, 20, 4, 2, 1, False),  # four chunks of 64 steps
+        (2, 18, 2, 3, 2, 3, 2, True),  # per-image permutations, two channel blocks
         (2, 7, 5, 7, 3, 5, 3, True),  # per-image permutations, N = 3 (three chunks), K = 3
-        (1, 20, 9, 11, 4, 2, 1, False, True),
-    ], marks=pytest.mark.slow)], ids=['one-chunk', 'chunks-and-states'])
+    ], marks=pytest.mark.slow)], ids=['chunks', 'more-shapes'])
 def test_kernel_matches_float64_autograd_in_the_triton_interpreter(cases):
     """The kernels run by Triton's interpreter on CPU tensors, fp32, against the composition in float64 (a fresh
     process: the interpreter is chosen when Triton is imported)."""
@@ -163,22 +164,3 @@ def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
     cross_selective_scan(x, index, *params, inverse=inverse)
     assert len(calls) == 1
 
-
-@needs_gpu
-def test_deterministic_mode_is_bitwise_reproducible_and_agrees():
-    """With deterministic algorithms requested the K sequences are added in a fixed order: two runs give the same bits
-    (values and gradients), and they agree with the atomic merge."""
-    x, index, inverse, *params = _inputs(2, 96, 20, 28, 4, 6, 1, False, device='cuda')
-    runs = []
-    for deterministic in (True, True, False):
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-        try:
-            leaves = [t.detach().clone().requires_grad_() for t in [x] + params]
-            out = cross_selective_scan(leaves[0], index, *leaves[1:], inverse=inverse)
-            runs.append([out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out))])
-        finally:
-            torch.use_deterministic_algorithms(False)
-    for a, b in zip(runs[0], runs[1]):
-        assert torch.equal(a, b)
-    for a, b in zip(runs[0], runs[2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -58,8 +58,9 @@ def _cross_scan_launches(n_state, n_rank, dtype):
     index = torch.zeros(1, k, length, dtype=torch.int64)
     w, bias, A, ds = (torch.empty(k, d, n_rank, dtype=dtype), torch.empty(k * d), torch.empty(k * d, n_state),
                       torch.empty(k * d))
-    states = torch.empty(b, k, d, 2, n_state)
-    return record_launches(kernel, ['_cross_scan_fwd', '_cross_scan_bwd'], lambda: (
+    states = torch.empty(b, k, d, n_state, 2)
+    names = ['_chunk_summary', '_carry', '_cross_scan_fwd', '_adjoint_summary', '_cross_scan_bwd']
+    return record_launches(kernel, names, lambda: (
         kernel.forward(x, dbl, index, w, bias, A, ds),
         kernel.backward(torch.empty(b, d, length), x, dbl, index, w, bias, A, ds, states)))
 
@@ -69,7 +70,7 @@ def _cross_scan_launches(n_state, n_rank, dtype):
 def test_cross_scan_compiles_for_sm90(n_state, n_rank, dtype):
     """VMamba's shapes (N = 1, rank 6 at stage 1) and a larger state and rank (N = 4, rank 48)."""
     recorded = _cross_scan_launches(n_state, n_rank, dtype)
-    assert len(recorded) == 2
+    assert len(recorded) == 6  # forward: summaries, carries, outputs; backward: the same on the adjoint
     for kernel, args, kwargs in recorded:
         compiled = compile_launch(kernel, args, kwargs)
         assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0

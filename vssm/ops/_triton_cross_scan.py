@@ -10,17 +10,21 @@ For batch b, sequence k (K of them), channel d, step i (L steps) and raster toke
 
 ``x`` (B, D, L) and ``out`` (B, D, L, float32) are raster maps, ``dbl`` (B, K, R + 2N, L) the per-token projections of
 each sequence (x_proj, in raster order), ``index`` (B or 1, K, L) permutations. Nothing of (B, K, D, L) is written:
-the gather is the kernel's loads and the merge its stores.
+the gather is the kernels' loads and the merge their stores.
 
-A program owns one batch element, ``BD`` channels and one sequence, whose shares it adds onto ``out`` with atomics; with
-deterministic algorithms requested (``torch.use_deterministic_algorithms``) it runs the K sequences one after the other
-instead, adding them in a fixed order by read-modify-write. The steps go in chunks of ``BL``: the
-recurrence inside a chunk is an associative scan over affine maps, the state carried between chunks. The forward
-writes the state entering every chunk (B, K, D, chunks, N); the backward walks the chunks from the last, recomputes
-the chunk's states from it and runs the adjoint recurrence ``G_i = C_i * dy_i + a_{i+1} * G_{i+1}`` (a reverse scan;
-a_{i+1} recomputed from the next step's inputs). The gradients of the per-token projections are sums over channels,
-added across the programs of one batch element with atomics (as the CUDA scan does for dB and dC); those of the
-per-channel parameters are per-batch partial sums reduced on the host.
+The steps go in chunks of ``BL``, one program per (channel block of ``BD``, sequence, chunk, batch element), so no
+program walks a whole sequence. Inside a chunk the recurrence is an associative scan over the affine maps
+h -> a h + b; across chunks, three passes (state passing):
+
+1. ``_chunk_summary``: each chunk's composed map, (product of a, state at its end from h = 0), (B, K, D, N, chunks);
+2. ``_carry``: the states entering each chunk, one short sequential loop over the chunks per (b, k, d, n) row;
+3. ``_cross_scan_fwd``: each chunk again from its entering state, its outputs added onto ``out`` with atomics.
+
+The backward runs the same three passes on the adjoint recurrence ``G_i = C_i dy_i + a_{i+1} G_{i+1}`` in reverse
+order (a reverse scan; a_{i+1} recomputed from the next step's inputs), from the forward's entering states. The
+gradients of the per-token projections (sums over channels) and of x (sums over the sequences) are added with atomics,
+as the CUDA scan adds dB and dC; those of the per-channel parameters are per-(batch, chunk) partial sums reduced on the
+host.
 """
 import torch
 import triton
@@ -31,6 +35,7 @@ from ._triton_common import round_to
 
 NUM_WARPS = 4
 BLOCK_D = 16  # channels per program (tl.dot's smallest tile side)
+CARRY_BLOCK = 128  # rows per program of the carry pass
 
 
 @triton.jit
@@ -100,30 +105,16 @@ def _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, 
 
 
 @triton.jit
-def _program(n_k, n_d, n_state, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr):
-    """The program's batch element (grid axis 2), its sequences (all K one after the other, or with SPLIT_K the one
-    of grid axis 1), channels (axis 0) with their mask, state and rank offsets."""
-    if SPLIT_K:
-        k_first = tl.program_id(1)
-        k_end = k_first + 1
-    else:
-        k_first = 0
-        k_end = n_k
+def _program(n_d, n_state, n_chunks, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """The program's batch element (grid axis 2), sequence and chunk (axis 1), channels (axis 0) with their mask, the
+    state, rank and step offsets, and the chunk's steps."""
+    k = tl.program_id(1) // n_chunks
+    c = tl.program_id(1) % n_chunks
     offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, NP)
-    return (tl.program_id(2).to(tl.int64), k_first, k_end, offs_d, offs_d < n_d, offs_n, offs_n < n_state,
-            tl.arange(0, RP))
-
-
-@triton.jit
-def _accumulate(ptrs, value, mask, k, SPLIT_K: tl.constexpr):
-    """Add sequence k's share to a raster map: atomics across the K programs (SPLIT_K, the map zeroed first), or the
-    program's own read-modify-write, the first sequence storing (the K shares added in a fixed order)."""
-    if SPLIT_K:
-        tl.atomic_add(ptrs, value, mask=mask)
-    else:
-        previous = tl.load(ptrs, mask=mask & (k > 0), other=0.)
-        tl.store(ptrs, previous + value, mask=mask)
+    offs_l = tl.arange(0, BL)
+    return (tl.program_id(2).to(tl.int64), k, c, offs_d, offs_d < n_d, offs_n, offs_n < n_state, tl.arange(0, RP),
+            offs_l, c * BL + offs_l)
 
 
 @triton.jit
@@ -133,125 +124,152 @@ def _column(t, offs_l, j):
 
 
 @triton.jit
-def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, out_ptr, state_ptr,
-                    n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                    LOW: tl.constexpr, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
-                    BL: tl.constexpr):
-    b, k_first, k_end, offs_d, mask_d, offs_n, mask_n, offs_r = _program(n_k, n_d, n_state, SPLIT_K, BD, NP, RP)
-    offs_l = tl.arange(0, BL)
-    dtype = x_ptr.dtype.element_ty
-    x_row = x_ptr + b * n_d * length
-    out_row = out_ptr + b * n_d * length
+def _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state, index_batch,
+           n_chunks, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """Everything a chunk program starts from: its place, its sequence's parameters and base pointers, and the offset
+    of its (b, k, d, n, c) entries in the per-chunk buffers (B, K, D, N, chunks)."""
+    b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i = _program(n_d, n_state, n_chunks, BD, NP, RP, BL)
+    kd, w, bias, A, ds = _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, mask_n, offs_r,
+                                          n_d, n_rank, n_state)
     n_dbl = n_rank + 2 * n_state
-    for k in range(k_first, k_end):
-        kd, w, bias, A, ds = _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, mask_n,
-                                              offs_r, n_d, n_rank, n_state)
-        dbl = dbl_ptr + (b * n_k + k) * n_dbl * length
-        idx_row = index_ptr + b * index_batch + k * length
-        state_row = state_ptr + ((b * n_k * n_d + kd[:, None]) * n_chunks) * n_state + offs_n[None, :]
-        h = tl.zeros([BD, NP], dtype=tl.float32)
-        for c in range(0, n_chunks):
-            offs_i = c * BL + offs_l
-            mask_l, pos, mask, u, _raw, _delta, _dts, _Bv, Cv, a, bx = _chunk(
-                x_row, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank, n_state,
-                length, LOW, dtype)
-            tl.store(state_row + c * n_state, h, mask=mask_d[:, None] & mask_n[None, :])
-            pa, hs = tl.associative_scan((a, bx), 2, _affine)
-            hs = hs + pa * h[:, :, None]
-            h = _column(hs, offs_l, BL - 1)
-            y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
-            _accumulate(out_row + offs_d[:, None] * length + pos[None, :], y, mask, k, SPLIT_K)
-        tl.debug_barrier()  # sequence k's stores are visible to the loads of sequence k + 1
+    dbl_off = (b * n_k + k) * n_dbl * length
+    idx_row = index_ptr + b * index_batch + k * length
+    chunk_off = ((b * n_k * n_d + kd[:, None]) * n_state + offs_n[None, :]) * n_chunks + c
+    return (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row,
+            chunk_off, mask_d[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, state_ptr, gout_ptr,
+def _chunk_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, decay_ptr, last_ptr,
+                   n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+                   LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """Pass 1 of the forward: the product of the chunk's decays and its end state from h = 0."""
+    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row, chunk_off,
+     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
+                       index_batch, n_chunks, BD, NP, RP, BL)
+    _mask_l, _pos, _mask, _u, _raw, _delta, _dts, _Bv, _Cv, a, bx = _chunk(
+        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
+        offs_i, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
+    pa, hs = tl.associative_scan((a, bx), 2, _affine)
+    tl.store(decay_ptr + chunk_off, _column(pa, offs_l, BL - 1), mask=mask_dn)
+    tl.store(last_ptr + chunk_off, _column(hs, offs_l, BL - 1), mask=mask_dn)
+
+
+@triton.jit
+def _carry(decay_ptr, local_ptr, out_ptr, n_rows, n_chunks, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: along the chunks of each of the ``n_rows`` (b, k, d, n) rows, ``out[c]`` = the carry entering
+    chunk c, with ``carry <- decay[c] * carry + local[c]`` after it (from the last chunk when REVERSE)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < n_rows
+    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, n_chunks):
+        c = n_chunks - 1 - j if REVERSE else j
+        offs = rows * n_chunks + c
+        tl.store(out_ptr + offs, carry, mask=mask)
+        carry = tl.load(decay_ptr + offs, mask=mask, other=0.) * carry + tl.load(local_ptr + offs, mask=mask, other=0.)
+
+
+@triton.jit
+def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, state_ptr, out_ptr,
+                    n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+                    LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """Pass 3 of the forward: the chunk's states from its entering state, its outputs added onto ``out``."""
+    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row, chunk_off,
+     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
+                       index_batch, n_chunks, BD, NP, RP, BL)
+    _mask_l, pos, mask, u, _raw, _delta, _dts, _Bv, Cv, a, bx = _chunk(
+        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
+        offs_i, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
+    h0 = tl.load(state_ptr + chunk_off, mask=mask_dn, other=0.)
+    pa, hs = tl.associative_scan((a, bx), 2, _affine)
+    hs = hs + pa * h0[:, :, None]
+    y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
+    tl.atomic_add(out_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], y, mask=mask)
+
+
+@triton.jit
+def _adjoint_chunk(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr,
+                   n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+                   LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """A chunk of the adjoint recurrence from G = 0 after its end: the forward chunk, dy, the next steps' decays and
+    the reverse scan (pc: products of those decays from each step to the chunk's end)."""
+    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row, chunk_off,
+     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
+                       index_batch, n_chunks, BD, NP, RP, BL)
+    dtype = x_ptr.dtype.element_ty
+    dbl = dbl_ptr + dbl_off
+    mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx = _chunk(
+        x_ptr + b * n_d * length, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank,
+        n_state, length, LOW, dtype)
+    mask_next = offs_i + 1 < length  # a_{i+1}; 0 after the last step
+    pos_next = tl.load(idx_row + offs_i + 1, mask=mask_next, other=0)
+    _raw_n, delta_next, _dts_n = _step_sizes(dbl, w, bias, pos_next, mask_next, offs_r, n_rank, length, LOW, dtype)
+    a_next = tl.where(mask_next[None, None, :], tl.exp(delta_next[:, None, :] * A[:, :, None]), 0.)
+    gy = tl.load(gout_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.)
+    pc, G = tl.associative_scan((a_next, gy[:, None, :] * Cv[None, :, :]), 2, _affine, reverse=True)
+    return (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, kd, A, ds, w, dbl_off, chunk_off, mask_dn,
+            mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, gy, pc, G)
+
+
+@triton.jit
+def _adjoint_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, decay_ptr, first_ptr,
+                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+                     LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """Pass 1 of the backward: the product of the chunk's next-step decays and G at its first step from G = 0."""
+    (_b, _k, _c, _offs_d, _mask_d, _offs_n, _mask_n, _offs_r, offs_l, _kd, _A, _ds, _w, _dbl_off, chunk_off, mask_dn,
+     _mask_l, _pos, _mask, _u, _raw, _delta, _dts, _Bv, _a, _bx, _gy, pc, G) = _adjoint_chunk(
+         x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, n_d, length, n_k, n_rank, n_state,
+         index_batch, n_chunks, LOW, BD, NP, RP, BL)
+    tl.store(decay_ptr + chunk_off, _column(pc, offs_l, 0), mask=mask_dn)
+    tl.store(first_ptr + chunk_off, _column(G, offs_l, 0), mask=mask_dn)
+
+
+@triton.jit
+def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, state_ptr, carry_ptr,
                     dx_ptr, ddbl_ptr, dw_ptr, dbias_ptr, da_ptr, dds_ptr,
                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                    LOW: tl.constexpr, SPLIT_K: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
-                    BL: tl.constexpr):
-    b, k_first, k_end, offs_d, mask_d, offs_n, mask_n, offs_r = _program(n_k, n_d, n_state, SPLIT_K, BD, NP, RP)
-    mask_r = offs_r < n_rank
-    offs_l = tl.arange(0, BL)
+                    LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """Pass 3 of the backward: the chunk's states and adjoints from the carried ones, and every gradient."""
+    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, kd, A, ds, w, dbl_off, chunk_off, mask_dn,
+     mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, gy, pc, G) = _adjoint_chunk(
+         x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, n_d, length, n_k, n_rank, n_state,
+         index_batch, n_chunks, LOW, BD, NP, RP, BL)
     dtype = x_ptr.dtype.element_ty
-    x_row = x_ptr + b * n_d * length
-    g_row = gout_ptr + b * n_d * length
-    dx_row = dx_ptr + b * n_d * length
-    n_dbl = n_rank + 2 * n_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    for k in range(k_first, k_end):
-        kd, w, bias, A, ds = _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, mask_n,
-                                              offs_r, n_d, n_rank, n_state)
-        dbl = dbl_ptr + (b * n_k + k) * n_dbl * length
-        ddbl = ddbl_ptr + (b * n_k + k) * n_dbl * length
-        idx_row = index_ptr + b * index_batch + k * length
-        state_row = state_ptr + ((b * n_k * n_d + kd[:, None]) * n_chunks) * n_state + offs_n[None, :]
-        g_next = tl.zeros([BD, NP], dtype=tl.float32)  # G at the first step of the chunk after this one
-        dw = tl.zeros([BD, RP], dtype=tl.float32)
-        da = tl.zeros([BD, NP], dtype=tl.float32)
-        dbias = tl.zeros([BD], dtype=tl.float32)
-        dds = tl.zeros([BD], dtype=tl.float32)
-        for cc in range(0, n_chunks):
-            c = n_chunks - 1 - cc
-            offs_i = c * BL + offs_l
-            mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx = _chunk(
-                x_row, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank, n_state,
-                length, LOW, dtype)
-            h0 = tl.load(state_row + c * n_state, mask=mask_dn, other=0.)
-            pa, hs = tl.associative_scan((a, bx), 2, _affine)
-            hs = hs + pa * h0[:, :, None]
-            # the decay of the next step, a_{i+1} (0 after the last step)
-            mask_next = offs_i + 1 < length
-            pos_next = tl.load(idx_row + offs_i + 1, mask=mask_next, other=0)
-            _raw_n, delta_next, _dts_n = _step_sizes(dbl, w, bias, pos_next, mask_next, offs_r, n_rank, length, LOW,
-                                                     dtype)
-            a_next = tl.where(mask_next[None, None, :], tl.exp(delta_next[:, None, :] * A[:, :, None]), 0.)
-            ptrs = offs_d[:, None] * length + pos[None, :]
-            gy = tl.load(g_row + ptrs, mask=mask, other=0.)
-            gh = gy[:, None, :] * Cv[None, :, :]
-            pc, G = tl.associative_scan((a_next, gh), 2, _affine, reverse=True)
-            G = G + pc * g_next[:, :, None]
-            g_next = _column(G, offs_l, 0)
-            glog = G * (hs - bx)  # d/d(delta * A): G_i * a_i * h_{i-1}
-            gb = tl.sum(G * Bv[None, :, :], 1)
-            ddelta = tl.sum(glog * A[:, :, None], 1) + gb * u
-            du = gb * delta + gy * ds[:, None]
-            _accumulate(dx_row + ptrs, du, mask, k, SPLIT_K)
-            da += tl.sum(glog * delta[:, None, :], 2)
-            dds += tl.sum(gy * u, 1)
-            draw = tl.where(mask, ddelta * tl.where(raw <= 20., tl.sigmoid(raw), 1.), 0.)
-            draw = round_to(draw, LOW, dtype)
-            dbias += tl.sum(draw, 1)
-            dw += _dot(draw, tl.trans(dts), LOW, dtype)
-            # sums over channels: this program's share, added to the other channel blocks' shares
-            mask_nl = mask_n[:, None] & mask_l[None, :]
-            tl.atomic_add(ddbl + (n_rank + offs_n[:, None]) * length + pos[None, :],
-                          tl.sum(G * (delta * u)[:, None, :], 0), mask=mask_nl)
-            tl.atomic_add(ddbl + (n_rank + n_state + offs_n[:, None]) * length + pos[None, :],
-                          tl.sum(hs * gy[:, None, :], 0), mask=mask_nl)
-            tl.atomic_add(ddbl + offs_r[:, None] * length + pos[None, :], _dot(tl.trans(w), draw, LOW, dtype),
-                          mask=mask_r[:, None] & mask_l[None, :])
-        part = b * n_k * n_d + kd
-        tl.store(dw_ptr + part[:, None] * n_rank + offs_r[None, :], dw, mask=mask_d[:, None] & mask_r[None, :])
-        tl.store(da_ptr + part[:, None] * n_state + offs_n[None, :], da, mask=mask_dn)
-        tl.store(dbias_ptr + part, dbias, mask=mask_d)
-        tl.store(dds_ptr + part, dds, mask=mask_d)
-        tl.debug_barrier()  # sequence k's dx stores are visible to the loads of sequence k + 1
+    pa, hs = tl.associative_scan((a, bx), 2, _affine)
+    hs = hs + pa * tl.load(state_ptr + chunk_off, mask=mask_dn, other=0.)[:, :, None]
+    G = G + pc * tl.load(carry_ptr + chunk_off, mask=mask_dn, other=0.)[:, :, None]
+    glog = G * (hs - bx)  # d/d(delta * A): G_i * a_i * h_{i-1}
+    gb = tl.sum(G * Bv[None, :, :], 1)
+    ddelta = tl.sum(glog * A[:, :, None], 1) + gb * u
+    tl.atomic_add(dx_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], gb * delta + gy * ds[:, None],
+                  mask=mask)
+    draw = tl.where(mask, ddelta * tl.where(raw <= 20., tl.sigmoid(raw), 1.), 0.)
+    draw = round_to(draw, LOW, dtype)
+    # sums over channels: this program's share, added to the other channel blocks' shares
+    ddbl = ddbl_ptr + dbl_off
+    mask_r = offs_r < n_rank
+    mask_nl = mask_n[:, None] & mask_l[None, :]
+    tl.atomic_add(ddbl + (n_rank + offs_n[:, None]) * length + pos[None, :], tl.sum(G * (delta * u)[:, None, :], 0),
+                  mask=mask_nl)
+    tl.atomic_add(ddbl + (n_rank + n_state + offs_n[:, None]) * length + pos[None, :], tl.sum(hs * gy[:, None, :], 0),
+                  mask=mask_nl)
+    tl.atomic_add(ddbl + offs_r[:, None] * length + pos[None, :], _dot(tl.trans(w), draw, LOW, dtype),
+                  mask=mask_r[:, None] & mask_l[None, :])
+    # per-channel parameters: partial sums of this (batch element, chunk), laid out (B, K, chunks, D, ...)
+    part = ((b * n_k + k) * n_chunks + c) * n_d + offs_d
+    tl.store(dw_ptr + part[:, None] * n_rank + offs_r[None, :], _dot(draw, tl.trans(dts), LOW, dtype),
+             mask=mask_d[:, None] & mask_r[None, :])
+    tl.store(da_ptr + part[:, None] * n_state + offs_n[None, :], tl.sum(glog * delta[:, None, :], 2), mask=mask_dn)
+    tl.store(dbias_ptr + part, tl.sum(draw, 1), mask=mask_d)
+    tl.store(dds_ptr + part, tl.sum(gy * u, 1), mask=mask_d)
 
 
 def _tiles(n_d: int, n_rank: int, n_state: int, length: int):
-    """(grid over channels, NP, RP, BL): tl.dot needs 16+ per side; about 1024 elements per (BD, NP, BL) tile."""
+    """(channel blocks, NP, RP, BL, chunks): tl.dot needs 16+ per side; about 1024 elements per (BD, NP, BL) tile."""
     n_p = triton.next_power_of_2(n_state)
     r_p = max(16, triton.next_power_of_2(n_rank))
     block_l = max(16, min(triton.next_power_of_2(length), max(16, 1024 // (BLOCK_D * n_p)), 64))
-    return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l
-
-
-def _launch(n_dblk: int, n_k: int, b: int):
-    """(grid, SPLIT_K): one program per sequence, merged with atomics, unless deterministic algorithms are requested
-    (``torch.use_deterministic_algorithms``), when each program runs the K sequences and adds them in order."""
-    split = not torch.are_deterministic_algorithms_enabled()
-    return (n_dblk, n_k if split else 1, b), split
+    return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l, triton.cdiv(length, block_l)
 
 
 def _check(x: Tensor, dbl: Tensor, index: Tensor):
@@ -259,22 +277,37 @@ def _check(x: Tensor, dbl: Tensor, index: Tensor):
         raise ValueError('cross_selective_scan kernel: x, the projections and the index must be contiguous.')
 
 
+def _carried(kernel, args, grid, shape, n_chunks, reverse, meta):
+    """Passes 1 and 2: the per-chunk summaries of ``kernel``, then the carries entering each chunk (zero when there is
+    one chunk: nothing to carry)."""
+    f32 = dict(dtype=torch.float32, device=args[0].device)
+    if n_chunks == 1:
+        return torch.zeros(shape, **f32)
+    decay, local = torch.empty(shape, **f32), torch.empty(shape, **f32)
+    kernel[grid](*args[:-7], decay, local, *args[-7:], **meta)
+    carry = torch.empty(shape, **f32)
+    rows = decay.numel() // n_chunks
+    _carry[(triton.cdiv(rows, CARRY_BLOCK), )](decay, local, carry, rows, n_chunks, REVERSE=reverse, BLOCK=CARRY_BLOCK)
+    return carry
+
+
 def forward(x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor):
     """x (B, D, L); dbl (B, K, R + 2N, L) of x's dtype; index (B or 1, K, L) int64 permutations; dt_weight (K, D, R)
-    of x's dtype; dt_bias, Ds (K * D,) and A (K * D, N) float32 -> out (B, D, L) float32 and the chunk states."""
+    of x's dtype; dt_bias, Ds (K * D,) and A (K * D, N) float32 -> out (B, D, L) float32 and the states entering each
+    chunk (B, K, D, N, chunks)."""
     _check(x, dbl, index)
     b, n_d, length = x.shape
     n_k, n_state = index.shape[1], A.shape[1]
     n_rank = dbl.shape[2] - 2 * n_state
-    n_dblk, n_p, r_p, block_l = _tiles(n_d, n_rank, n_state, length)
-    n_chunks = triton.cdiv(length, block_l)
-    grid, split = _launch(n_dblk, n_k, b)
-    out = (torch.zeros if split else torch.empty)(b, n_d, length, dtype=torch.float32, device=x.device)
-    states = torch.empty(b, n_k, n_d, n_chunks, n_state, dtype=torch.float32, device=x.device)
-    index_batch = 0 if index.shape[0] == 1 else n_k * length
-    _cross_scan_fwd[grid](x, dbl, index, dt_weight, dt_bias, A, Ds, out, states, n_d, length, n_k, n_rank, n_state,
-                          index_batch, n_chunks, LOW=x.dtype in (torch.float16, torch.bfloat16), SPLIT_K=split,
-                          BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l, num_warps=NUM_WARPS)
+    n_dblk, n_p, r_p, block_l, n_chunks = _tiles(n_d, n_rank, n_state, length)
+    grid = (n_dblk, n_k * n_chunks, b)
+    meta = dict(LOW=x.dtype in (torch.float16, torch.bfloat16), BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l,
+                num_warps=NUM_WARPS)
+    sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_chunks)
+    inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds)
+    states = _carried(_chunk_summary, inputs + sizes, grid, (b, n_k, n_d, n_state, n_chunks), n_chunks, False, meta)
+    out = torch.zeros(b, n_d, length, dtype=torch.float32, device=x.device)
+    _cross_scan_fwd[grid](*inputs, states, out, *sizes, **meta)
     return out, states
 
 
@@ -286,19 +319,23 @@ def backward(gout: Tensor, x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Ten
     b, n_d, length = x.shape
     n_k, n_state = index.shape[1], A.shape[1]
     n_rank = dbl.shape[2] - 2 * n_state
-    n_dblk, n_p, r_p, block_l = _tiles(n_d, n_rank, n_state, length)
-    n_chunks = states.shape[3]
-    grid, split = _launch(n_dblk, n_k, b)
+    n_dblk, n_p, r_p, block_l, n_chunks = _tiles(n_d, n_rank, n_state, length)
+    grid = (n_dblk, n_k * n_chunks, b)
+    meta = dict(LOW=x.dtype in (torch.float16, torch.bfloat16), BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l,
+                num_warps=NUM_WARPS)
+    sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_chunks)
+    inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds, gout.float().contiguous())
+    carry = _carried(_adjoint_summary, inputs + sizes, grid, states.shape, n_chunks, True, meta)
     f32 = dict(dtype=torch.float32, device=x.device)
-    dx = (torch.zeros if split else torch.empty)(b, n_d, length, **f32)
+    dx = torch.zeros(b, n_d, length, **f32)
     ddbl = torch.zeros(dbl.shape, **f32)
-    dw = torch.empty(b, n_k, n_d, n_rank, **f32)
-    dbias = torch.empty(b, n_k * n_d, **f32)
-    da = torch.empty(b, n_k * n_d, n_state, **f32)
-    dds = torch.empty(b, n_k * n_d, **f32)
-    index_batch = 0 if index.shape[0] == 1 else n_k * length
-    _cross_scan_bwd[grid](x, dbl, index, dt_weight, dt_bias, A, Ds, states, gout.float().contiguous(), dx, ddbl, dw,
-                          dbias, da, dds, n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                          LOW=x.dtype in (torch.float16, torch.bfloat16), SPLIT_K=split, BD=BLOCK_D, NP=n_p, RP=r_p,
-                          BL=block_l, num_warps=NUM_WARPS)
-    return dx, ddbl, dw.sum(0), dbias.sum(0), da.sum(0), dds.sum(0)
+    dw = torch.empty(b, n_k, n_chunks, n_d, n_rank, **f32)
+    da = torch.empty(b, n_k, n_chunks, n_d, n_state, **f32)
+    dbias = torch.empty(b, n_k, n_chunks, n_d, **f32)
+    dds = torch.empty(b, n_k, n_chunks, n_d, **f32)
+    _cross_scan_bwd[grid](*inputs, states, carry, dx, ddbl, dw, dbias, da, dds, *sizes, **meta)
+
+    def total(part):
+        return part.sum((0, 2)).reshape(n_k * n_d, *part.shape[4:])
+
+    return dx, ddbl, total(dw).view(n_k, n_d, n_rank), total(dbias), total(da), total(dds)
