@@ -63,3 +63,16 @@ def test_markdown_tables():
     assert float(det['host ms per fwd+bwd']) == pytest.approx(1.3)
     targets = bench_ops.targets_markdown(rows).splitlines()
     assert len(targets) == 2 + len(bench_ops.target_rows(rows)) == 2 + 5
+
+
+def test_cross_case_runs_the_op_on_any_device():
+    """The cross-scan case (its timing needs a GPU): the op on its inputs, gradients for x and the parameters, and
+    the minimal bytes (x read and a float32 output written; x, the output gradient read and dx written)."""
+    import torch
+    case = bench_ops.cross_case(2, 8, 3, 5, 2, torch.float32, device='cpu')
+    out = case.run('auto')
+    assert out.shape == (2, 8, 15) and out.dtype == torch.float32
+    grads = torch.autograd.grad(out.sum(), case.leaves)
+    assert len(grads) == 6 and all(torch.isfinite(g).all() for g in grads)
+    el = 2 * 8 * 15
+    assert (case.fwd_bytes, case.bwd_bytes) == (el * 8, el * 12)

@@ -1,6 +1,7 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
-    python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan fusion dwconv] [--quick]
+    python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan cross fusion dwconv]
+        [--quick]
         [--json out.json] [--markdown out.md]
 
 For every case it prints the time per call of the forward pass and of forward + backward (calls back to back, as a
@@ -11,6 +12,10 @@ bandwidth and speed-up, dense 11x11 speed-up). Rows:
 
 * selective scan (Spatial-Mamba's state form, VMamba's output form): the CUDA kernel, the PyTorch reference
   (log-depth scan) and the reference under ``torch.compile``;
+* cross scan (VMamba's SSM core, :func:`vssm.ops.cross_selective_scan`, four directions with x_proj and the low-rank
+  step sizes): the Triton kernel (``VSSM_TRITON_FUSIONS=1``) and the composition it replaces (gathers, GEMMs, the
+  CUDA scan, the merge); the minimal bytes count x read and the float32 output written (forward), x and the output
+  gradient read and dx written (backward);
 * state fusion: the fused kernel, three cuDNN depthwise dilated 3x3 convs on replicate ``F.pad`` inputs (the
   upstream training path), and one dense 11x11 ``F.conv2d`` (the upstream eval path's cost);
 * dense 11x11 depthwise conv: the kernel and ``F.conv2d(groups=C)``.
@@ -18,14 +23,17 @@ TF32 is enabled for the cuDNN baselines (as in training).
 """
 import argparse
 import json
+import os
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from vssm.analysis.timing import median_ms
-from vssm.ops import dwconv2d, selective_scan, state_fusion
+from vssm.models.vmamba import cross_scan_index
+from vssm.ops import cross_selective_scan, dwconv2d, selective_scan, state_fusion
 from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
 
@@ -135,6 +143,34 @@ def scan_case(form: str, bt: int, d: int, groups: int, length: int, dtype: torch
                 fwd_bytes, bwd_bytes)
 
 
+def cross_case(bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, device: str = 'cuda') -> Case:
+    """VMamba's SSM core over a (B, D, H, W) map: four directions, x_proj to rank + 2 step inputs, N = 1."""
+    kw = dict(device=device)
+    k, length = 4, h * w
+    index, inverse = cross_scan_index(h, w, torch.device(device))
+    x = torch.randn(bt, d, length, **kw).to(dtype).requires_grad_()
+    params = [torch.randn(k, rank + 2, d, **kw) / d**0.5, torch.randn(k, d, rank, **kw) / rank**0.5,
+              torch.rand(k, d, **kw) * 4 - 6, -torch.rand(k * d, 1, **kw) - 0.2, torch.randn(k * d, **kw)]
+    params = [p.requires_grad_() for p in params]
+    el, s = x.numel(), x.element_size()
+    return Case(lambda backend: cross_selective_scan(x, index, *params, inverse=inverse, backend=backend),
+                [x, *params], el * (s + 4), el * (2 * s + 4))
+
+
+@contextmanager
+def triton_fusions(enabled: bool) -> Iterator[None]:
+    """``VSSM_TRITON_FUSIONS`` set for the calls inside (the ops read it per call)."""
+    previous = os.environ.get('VSSM_TRITON_FUSIONS')
+    os.environ['VSSM_TRITON_FUSIONS'] = '1' if enabled else '0'
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ['VSSM_TRITON_FUSIONS']
+        else:
+            os.environ['VSSM_TRITON_FUSIONS'] = previous
+
+
 def fusion_case(bt: int, d: int, h: int, w: int, dtype: torch.dtype, device: str = 'cuda') -> Case:
     """Spatial-Mamba's state fusion of a (B, D, H, W) map; leaves: the map, the three kernels, alpha."""
     x = torch.randn(bt, d, h, w, device=device).to(dtype).requires_grad_()
@@ -162,6 +198,19 @@ def bench_scan(table: Table, form: str, bt: int, d: int, groups: int, length: in
             fwd = time_ms(compiled)
         table.add(f'scan-{form}', name, DTYPE_NAME[dtype], 'torch ref (compiled)', fwd,
                   time_ms(fwd_bwd(compiled, case.leaves)), case.fwd_bytes, case.bwd_bytes)
+
+
+def bench_cross(table: Table, bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, name: str) -> None:
+    case = cross_case(bt, d, h, w, rank, dtype)
+    for impl, triton in (('triton kernel', True), ('composition (cuda scan)', False)):
+        with triton_fusions(triton):
+            def fn():
+                return case.run('auto')
+            with torch.no_grad():
+                fwd = time_ms(fn)
+            step = fwd_bwd(fn, case.leaves)
+            table.add('cross-scan', name, DTYPE_NAME[dtype], impl, fwd, time_ms(step), case.fwd_bytes,
+                      case.bwd_bytes, host_ms(step))
 
 
 def bench_fusion(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dtype, name: str) -> None:
@@ -207,7 +256,7 @@ def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: to
 
 
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-OPS = ('scan', 'fusion', 'dwconv')  # --ops: selective scans, state fusion, dense 11x11 depthwise conv
+OPS = ('scan', 'cross', 'fusion', 'dwconv')  # --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv
 
 
 def _pct(v: Optional[float]) -> str:
@@ -292,7 +341,7 @@ def main() -> None:
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile baseline')
     parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
     parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
-                        help='which rows: selective scans, state fusion, dense 11x11 depthwise conv')
+                        help='which rows: selective scans, cross scan, state fusion, dense 11x11 depthwise conv')
     parser.add_argument('--json', help='also write the rows here')
     parser.add_argument('--markdown', help="also write the rows and the targets' verdicts here as Markdown tables "
                         '(those of kernels/README.md)')
@@ -300,7 +349,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit('bench_ops.py needs a CUDA device.')
     ops = set(args.ops)
-    if ('scan' in ops and not scan_kernel_available()) or (ops & {'fusion', 'dwconv'} and not dw_kernel_available()):
+    if ((ops & {'scan', 'cross'} and not scan_kernel_available())
+            or (ops & {'fusion', 'dwconv'} and not dw_kernel_available())):
         raise SystemExit('build the kernels first: see kernels/README.md')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -319,12 +369,16 @@ def main() -> None:
                            not args.no_compile and i == 0)
                 bench_scan(table, 'output', bt, 4 * d_vm, 4, h * w, dtype, f'VM-T s{i + 1} {bt}x4x{d_vm}x{h * w}',
                            False)
+            if 'cross' in ops:  # VMamba-T: dt rank = ceil(C / 16) of the block width C = D (ssm_ratio 1)
+                bench_cross(table, bt, d_vm, h, w, -(-d_vm // 16), dtype, f'VM-T s{i + 1} {bt}x{d_vm}x{h}x{w}')
             if 'fusion' in ops:
                 bench_fusion(table, bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')
         if 'fusion' in ops:
             bench_fusion(table, 2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')
         if 'scan' in ops:
             bench_scan(table, 'state', 2, 128, 1, 200 * 336, dtype, 'SM-T det s1 2x128x67200', False)
+        if 'cross' in ops:
+            bench_cross(table, 2, 96, 200, 336, 6, dtype, 'VM-T det s1 2x96x200x336')
         if 'dwconv' in ops:
             bench_dense(table, bt, 128, 56, 56, 11, dtype, f'{bt}x128x56x56')
     if args.json:
