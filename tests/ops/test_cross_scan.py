@@ -164,3 +164,48 @@ def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
     cross_selective_scan(x, index, *params, inverse=inverse)
     assert len(calls) == 1
 
+
+
+MODEL_CASE = '''
+import torch
+from vssm.ops import cross_scan
+from vssm.models import SpectralVMamba, VMamba
+
+# the kernel wherever it may run but on CPU tensors (Triton's interpreter); the rest of the model on its reference
+cross_scan._use_kernel = lambda backend, x, index, inverse, merge, n_state: (
+    backend != 'torch' and inverse is not None and merge is None)
+
+def check(make, batch, size):
+    torch.manual_seed(0)
+    fused, reference = make('auto').train(), make('torch').train()
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(batch, 3, *size)
+    outs = []
+    for model in (fused, reference):
+        out = model(x)
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out)
+        outs.append((out, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])))
+    (out_f, grads_f), (out_r, grads_r) = outs
+    for a, b in zip(out_f, out_r):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
+    for a, b in zip(grads_f, grads_r):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-4, ((a - b).norm() / b.norm()).item()
+'''
+
+
+@pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
+                    reason="needs Triton; with a GPU the models' GPU tests run the kernel")
+@pytest.mark.parametrize('call', [
+    # one chunk per sequence at every stage (8x8 tokens at stage 1)
+    pytest.param("check(lambda b: VMamba(dict(dims=16, depths=[1, 1, 1, 1]), out_indices=(0, 1, 2, 3), "
+                 "ops_backend=b), 1, (32, 32))", marks=pytest.mark.slow),
+    # three chunks at stage 1 (10x14 tokens), two images
+    pytest.param("check(lambda b: VMamba(dict(dims=16, depths=[1, 1, 1, 1]), out_indices=(0, 1, 2, 3), "
+                 "ops_backend=b), 2, (40, 56))", marks=pytest.mark.slow),
+    pytest.param("check(lambda b: SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]), "
+                 "out_indices=(0, 1, 2, 3), ops_backend=b), 2, (64, 64))", marks=pytest.mark.slow)],
+    ids=['vmamba', 'vmamba-chunks', 'spectral-vmamba'])
+def test_models_with_the_kernel_match_the_reference_in_the_triton_interpreter(call):
+    """A backbone whose cross scans run the kernel (in Triton's interpreter) against the same backbone on the
+    reference: its outputs and every parameter's gradient, training mode."""
+    run_in_interpreter(MODEL_CASE + call + "\nprint('ok')\n")
