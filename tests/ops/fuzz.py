@@ -1,7 +1,7 @@
 """Random op cases for fuzzing, and the kernel-vs-reference comparison of one case.
 
 Used by ``tests/ops/test_fuzz_reference.py`` (the references against naive loops, CPU, hypothesis) and
-``tests/ops/test_fuzz_kernels_cuda.py`` (the CUDA kernels against the references, GPU).
+``tests/ops/test_fuzz_kernels_cuda.py`` (the CUDA and Triton kernels against the references, GPU).
 
 One frozen dataclass per op holds everything a case is made of: shapes, dtype, flags, the memory layout of every
 input and the seed of its values. ``draw_*_case`` builds a case from a :class:`Chooser`, so the same parameter
@@ -27,6 +27,7 @@ Shape legend: as in :mod:`vssm.ops.selective_scan` and :mod:`vssm.ops.dwconv2d`.
 """
 import dataclasses
 import math
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Ty
 import torch
 from torch import Tensor
 
+from vssm.ops import cross_selective_scan, inverse_permutation
+from vssm.ops.cross_scan import kernel_available as cross_kernel_available
 from vssm.ops.dwconv2d import FUSION_DILATIONS, dwconv2d, state_fusion
 from vssm.ops.dwconv2d import kernel_available as dwconv_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
@@ -43,7 +46,8 @@ from vssm.ops.selective_scan import selective_scan
 __all__ = [
     'DTYPES', 'LAYOUTS', 'LAYOUT_MODES', 'FUSION_KERNELS', 'Chooser', 'RandomChooser', 'ScanBounds', 'ScanCase',
     'DWConvBounds', 'DWConvCase', 'FusionBounds', 'FusionCase', 'Case', 'CPU_SCAN', 'GPU_SCAN', 'CPU_DWCONV',
-    'GPU_DWCONV', 'CPU_FUSION', 'GPU_FUSION', 'draw_scan_case', 'draw_dwconv_case', 'draw_fusion_case',
+    'GPU_DWCONV', 'CPU_FUSION', 'GPU_FUSION', 'CrossBounds', 'CrossCase', 'GPU_CROSS', 'draw_scan_case',
+    'draw_dwconv_case', 'draw_fusion_case', 'draw_cross_case',
     'with_layout', 'make_inputs', 'call_op', 'grad_output', 'KERNEL_OPS', 'op_name', 'tolerance', 'rel_err',
     'CaseResult', 'compare_case', 'draw_cases', 'summarize', 'format_summary', 'describe_failure'
 ]
@@ -454,8 +458,120 @@ def _fusion_values(case: FusionCase) -> Dict[str, Tensor]:
     return values
 
 
+# ------------------------------------------------------------------------------------------------- cross scan
+@dataclass(frozen=True)
+class CrossBounds:
+    """The parameter space of :func:`vssm.ops.cross_selective_scan` cases (its Triton kernel against the reference).
+
+    Args:
+        dtypes: dtype names of x (the parameters are float32).
+        max_batch: largest B.
+        max_channels: largest D.
+        sizes: special map heights and widths, drawn half of the time; else from ``[1, max_size]``.
+        max_size: largest height or width.
+        ranks: ranks R of the step sizes.
+        d_states: state sizes N.
+        sequences: numbers K of sequences of the per-image orders (VMamba's cross scan has K = 4).
+        max_elements: B * D * K * L is kept below this by lowering D, then B.
+    """
+
+    dtypes: Tuple[str, ...]
+    max_batch: int
+    max_channels: int
+    sizes: Tuple[int, ...]
+    max_size: int
+    ranks: Tuple[int, ...]
+    d_states: Tuple[int, ...]
+    sequences: Tuple[int, ...]
+    max_elements: int
+    layout_modes: Tuple[str, ...] = LAYOUT_MODES
+
+
+@dataclass(frozen=True)
+class CrossCase(_CaseBase):
+    """One cross_selective_scan call.
+
+    Args:
+        batch, channels, height, width: x is (B, D, H * W).
+        order: ``'cross'`` (VMamba's four directions) or ``'permutations'`` (random orders, as Spectral VMamba's).
+        per_image: the permutations differ per image (index (B, K, L)) rather than shared ((1, K, L)).
+        sequences: K.
+        rank: R; ``d_state``: N.
+        dtype: x's dtype name.
+        layouts: (input name, layout) pairs (x only).
+        seed: the seed of the values.
+    """
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    order: str
+    per_image: bool
+    sequences: int
+    rank: int
+    d_state: int
+    dtype: str
+    layouts: Tuple[Tuple[str, str], ...]
+    seed: int
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.channels, self.height * self.width)
+
+
+# Map sides around the kernel's 16- to 64-step chunks and the models' stage sizes; ranks of VMamba-T to B's stages.
+GPU_CROSS = CrossBounds(dtypes=('float32', 'float16', 'bfloat16'), max_batch=3, max_channels=100,
+                        sizes=(1, 2, 7, 8, 14, 15, 28, 56), max_size=60, ranks=(1, 2, 6, 12, 24, 48, 64),
+                        d_states=(1, 2, 4, 16), sequences=(1, 2, 4, 8), max_elements=1 << 22)
+
+
+def draw_cross_case(chooser: Chooser, bounds: CrossBounds) -> CrossCase:
+    """A cross-scan case drawn from ``bounds``."""
+    order = chooser.choice(('cross', 'permutations'))
+    per_image = order == 'permutations' and chooser.choice((False, True))
+    sequences = 4 if order == 'cross' else chooser.choice(bounds.sequences)
+    height = _draw_size(chooser, bounds.sizes, bounds.max_size)
+    width = _draw_size(chooser, bounds.sizes, bounds.max_size)
+    batch = chooser.integer(1, bounds.max_batch)
+    channels = chooser.integer(1, bounds.max_channels)
+    per_position = sequences * height * width
+    channels = max(1, min(channels, bounds.max_elements // (batch * per_position)))
+    batch = max(1, min(batch, bounds.max_elements // (channels * per_position)))
+    return CrossCase(batch=batch, channels=channels, height=height, width=width, order=order, per_image=per_image,
+                     sequences=sequences, rank=chooser.choice(bounds.ranks), d_state=chooser.choice(bounds.d_states),
+                     dtype=chooser.choice(bounds.dtypes),
+                     layouts=_draw_layouts(chooser, bounds.layout_modes, dict(x=3)),
+                     seed=chooser.integer(0, MAX_SEED))
+
+
+def _cross_values(case: CrossCase) -> Dict[str, Tensor]:
+    """x ~ N(0, 1) in the case's dtype; the index maps and their inverses (int64); x_proj ~ N(0, 1/D), dt_weight
+    ~ N(0, 1/R), dt_bias ~ U(-6, -2) (VMamba's initial step sizes), A = -exp(U(-2, 1.5)), Ds ~ N(0, 1) (float32)."""
+    from vssm.models.vmamba import cross_scan_index
+    g = torch.Generator().manual_seed(case.seed)
+    wide = case.param_dtype
+    b, d, k, n, r = case.batch, case.channels, case.sequences, case.d_state, case.rank
+    length = case.height * case.width
+    if case.order == 'cross':
+        index, inverse = cross_scan_index(case.height, case.width, torch.device('cpu'))
+    else:
+        rows = b if case.per_image else 1
+        index = torch.stack([torch.stack([torch.randperm(length, generator=g) for _ in range(k)])
+                             for _ in range(rows)])
+        inverse = inverse_permutation(index)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=wide)
+
+    return dict(x=randn(b, d, length).to(case.torch_dtype), index=index.clone(), inverse=inverse.clone(),
+                x_proj_weight=randn(k, r + 2 * n, d) / d**0.5, dt_weight=randn(k, d, r) / r**0.5,
+                dt_bias=torch.rand(k, d, generator=g, dtype=wide) * 4 - 6,
+                A=-torch.exp(torch.rand(k * d, n, generator=g, dtype=wide) * 3.5 - 2), Ds=randn(k * d))
+
+
 # ------------------------------------------------------------------------------------------------------ shared
-Case = Union[ScanCase, DWConvCase, FusionCase]
+Case = Union[ScanCase, DWConvCase, FusionCase, CrossCase]
 
 
 def with_layout(values: Tensor, layout: str) -> Tensor:
@@ -487,8 +603,11 @@ def make_inputs(case: Case, device: Union[str, torch.device] = 'cpu') -> Dict[st
         values = _dwconv_values(case)
     elif isinstance(case, FusionCase):
         values = _fusion_values(case)
+    elif isinstance(case, CrossCase):
+        values = _cross_values(case)
     else:
-        raise TypeError(f'make_inputs: expected a ScanCase, DWConvCase or FusionCase, got {type(case).__name__}.')
+        raise TypeError(f'make_inputs: expected a ScanCase, DWConvCase, FusionCase or CrossCase, got '
+                        f'{type(case).__name__}.')
     return {name: with_layout(v.to(device), case.layout(name)) for name, v in values.items()}
 
 
@@ -500,7 +619,19 @@ def call_op(case: Case, inputs: Dict[str, Tensor], backend: str) -> Tensor:
         return dwconv2d(**inputs, dilation=case.dilation, padding_mode=case.padding_mode, backend=backend)
     if isinstance(case, FusionCase):
         return state_fusion(**inputs, padding_mode=case.padding_mode, backend=backend)
-    raise TypeError(f'call_op: expected a ScanCase, DWConvCase or FusionCase, got {type(case).__name__}.')
+    if isinstance(case, CrossCase):  # the kernel under VSSM_TRITON_FUSIONS=1 (any backend but 'torch')
+        args = dict(inputs)
+        x, index = args.pop('x'), args.pop('index')
+        previous = os.environ.get('VSSM_TRITON_FUSIONS')
+        os.environ['VSSM_TRITON_FUSIONS'] = '0' if backend == 'torch' else '1'
+        try:
+            return cross_selective_scan(x, index, **args, backend='auto' if backend == 'cuda' else backend)
+        finally:
+            if previous is None:
+                del os.environ['VSSM_TRITON_FUSIONS']
+            else:
+                os.environ['VSSM_TRITON_FUSIONS'] = previous
+    raise TypeError(f'call_op: expected a ScanCase, DWConvCase, FusionCase or CrossCase, got {type(case).__name__}.')
 
 
 def grad_output(case: Case, dtype: torch.dtype, device: Union[str, torch.device] = 'cpu') -> Tensor:
@@ -519,6 +650,7 @@ KERNEL_OPS: Dict[str, Tuple[Callable, object, Callable[[], bool]]] = {
     'scan-output': (draw_scan_case, dataclasses.replace(GPU_SCAN, forms=('output', )), scan_kernel_available),
     'dwconv2d': (draw_dwconv_case, GPU_DWCONV, dwconv_kernel_available),
     'state-fusion': (draw_fusion_case, GPU_FUSION, dwconv_kernel_available),
+    'cross-scan': (draw_cross_case, GPU_CROSS, cross_kernel_available),
 }
 
 # max|kernel - reference| / max|reference|, the values of tests/ops/test_selective_scan_cuda.py and
@@ -531,6 +663,10 @@ SCAN_PARAM_GRAD_TOL = 5e-4
 # dtype; weight, bias, the fusion's kernels and alpha get float32 sums over B x H x W.
 CONV_TOL = {'float32': 1e-5, 'float16': 2e-3, 'bfloat16': 1e-2}
 CONV_PARAM_GRAD_TOL = 1e-4
+# Cross scan: both paths round the GEMMs' outputs (projections, step sizes) to x's dtype; they accumulate in different
+# orders (the kernel's projections on the raster map, its step sizes with tl.dot, atomics), so a rounding step of
+# the 16-bit dtype can differ, and every later value follows it.
+CROSS_TOL = {'float32': 1e-4, 'float16': 1e-2, 'bfloat16': 5e-2}
 ACTIVATIONS = ('u', 'delta', 'B', 'C', 'x', 'h')
 
 
@@ -538,6 +674,8 @@ def op_name(case: Case) -> str:
     """The :data:`KERNEL_OPS` name of a case's op."""
     if isinstance(case, ScanCase):
         return f'scan-{case.form}'
+    if isinstance(case, CrossCase):
+        return 'cross-scan'
     return 'dwconv2d' if isinstance(case, DWConvCase) else 'state-fusion'
 
 
@@ -547,6 +685,8 @@ def tolerance(case: Case, name: str) -> float:
         if name == 'out':
             return SCAN_OUT_TOL
         return SCAN_GRAD_TOL[case.dtype] if name in ACTIVATIONS else SCAN_PARAM_GRAD_TOL
+    if isinstance(case, CrossCase):
+        return CROSS_TOL[case.dtype]
     return CONV_TOL[case.dtype] if name in ('out', *ACTIVATIONS) else CONV_PARAM_GRAD_TOL
 
 
@@ -597,9 +737,11 @@ def compare_case(case: Case, device: str = 'cuda') -> CaseResult:
     cast to float32. Both receive the same incoming gradient, rounded to the kernel's output dtype.
     """
     inputs = make_inputs(case, device)
-    scan = isinstance(case, ScanCase)
-    leaves_k = {k: v.detach().requires_grad_() for k, v in inputs.items()}  # each input keeps its layout
-    leaves_r = {k: (v.detach() if scan else v.detach().float()).requires_grad_() for k, v in inputs.items()}
+    scan = isinstance(case, (ScanCase, CrossCase))  # ops that compute in float32 themselves
+    floats = [k for k, v in inputs.items() if v.is_floating_point()]  # the index maps get no gradient
+    leaves_k = {k: v.detach().requires_grad_() if k in floats else v for k, v in inputs.items()}  # layouts kept
+    leaves_r = {k: (v.detach() if scan else v.detach().float()).requires_grad_() if k in floats else v
+                for k, v in inputs.items()}
     out_dtype = torch.float32 if scan else case.torch_dtype
     try:
         out_k = call_op(case, leaves_k, backend='cuda')
@@ -608,12 +750,13 @@ def compare_case(case: Case, device: str = 'cuda') -> CaseResult:
             return CaseResult(case, {}, {}, f'output {out_k.dtype} {tuple(out_k.shape)}, expected {out_dtype} '
                               f'{tuple(out_r.shape)}')
         dout = grad_output(case, out_k.dtype, device)
-        grads_k = torch.autograd.grad(out_k, list(leaves_k.values()), dout.to(out_k.dtype))
-        grads_r = torch.autograd.grad(out_r, list(leaves_r.values()), dout.to(out_r.dtype))
+        grads_k = torch.autograd.grad(out_k, [leaves_k[k] for k in floats], dout.to(out_k.dtype))
+        grads_r = torch.autograd.grad(out_r, [leaves_r[k] for k in floats], dout.to(out_r.dtype))
     except (RuntimeError, ValueError) as exc:  # reported as a failing case; the other cases still run
         return CaseResult(case, {}, {}, f'{type(exc).__name__}: {exc}')
     errors = {'out': rel_err(out_k, out_r)}
-    for (name, leaf), grad_k, grad_r in zip(leaves_k.items(), grads_k, grads_r):
+    for name, grad_k, grad_r in zip(floats, grads_k, grads_r):
+        leaf = leaves_k[name]
         if grad_k.dtype != leaf.dtype or grad_k.shape != leaf.shape:
             return CaseResult(case, {}, {}, f'gradient of {name}: {grad_k.dtype} {tuple(grad_k.shape)}, expected '
                               f'{leaf.dtype} {tuple(leaf.shape)}')
