@@ -140,17 +140,28 @@ def _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, lengt
 
 
 @triton.jit
+def _forward_chunk(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
+                   index_batch, n_chunks, LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                   BL: tl.constexpr):
+    """A chunk program's forward from h = 0: what it writes needs, and the scan (products of a, states)."""
+    (b, _k, _c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, _kd, w, bias, A, ds, dbl_off, idx_row,
+     chunk_off, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank,
+                                  n_state, index_batch, n_chunks, BD, NP, RP, BL)
+    _mask_l, pos, mask, u, _raw, _delta, _dts, _Bv, Cv, a, bx = _chunk(
+        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
+        offs_i, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
+    pa, hs = tl.associative_scan((a, bx), 2, _affine)
+    return b, offs_d, offs_l, ds, chunk_off, mask_dn, pos, mask, u, Cv, pa, hs
+
+
+@triton.jit
 def _chunk_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, decay_ptr, last_ptr,
                    n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
                    LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
     """Pass 1 of the forward: the product of the chunk's decays and its end state from h = 0."""
-    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row, chunk_off,
-     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                       index_batch, n_chunks, BD, NP, RP, BL)
-    _mask_l, _pos, _mask, _u, _raw, _delta, _dts, _Bv, _Cv, a, bx = _chunk(
-        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
-        offs_i, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
-    pa, hs = tl.associative_scan((a, bx), 2, _affine)
+    _b, _offs_d, offs_l, _ds, chunk_off, mask_dn, _pos, _mask, _u, _Cv, pa, hs = _forward_chunk(
+        x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state, index_batch,
+        n_chunks, LOW, BD, NP, RP, BL)
     tl.store(decay_ptr + chunk_off, _column(pa, offs_l, BL - 1), mask=mask_dn)
     tl.store(last_ptr + chunk_off, _column(hs, offs_l, BL - 1), mask=mask_dn)
 
@@ -174,15 +185,10 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, s
                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
                     LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
     """Pass 3 of the forward: the chunk's states from its entering state, its outputs added onto ``out``."""
-    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row, chunk_off,
-     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                       index_batch, n_chunks, BD, NP, RP, BL)
-    _mask_l, pos, mask, u, _raw, _delta, _dts, _Bv, Cv, a, bx = _chunk(
-        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
-        offs_i, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
-    h0 = tl.load(state_ptr + chunk_off, mask=mask_dn, other=0.)
-    pa, hs = tl.associative_scan((a, bx), 2, _affine)
-    hs = hs + pa * h0[:, :, None]
+    b, offs_d, _offs_l, ds, chunk_off, mask_dn, pos, mask, u, Cv, pa, hs = _forward_chunk(
+        x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state, index_batch,
+        n_chunks, LOW, BD, NP, RP, BL)
+    hs = hs + pa * tl.load(state_ptr + chunk_off, mask=mask_dn, other=0.)[:, :, None]
     y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
     tl.atomic_add(out_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], y, mask=mask)
 
@@ -291,19 +297,24 @@ def _carried(kernel, args, grid, shape, n_chunks, reverse, meta):
     return carry
 
 
-def forward(x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor):
-    """x (B, D, L); dbl (B, K, R + 2N, L) of x's dtype; index (B or 1, K, L) int64 permutations; dt_weight (K, D, R)
-    of x's dtype; dt_bias, Ds (K * D,) and A (K * D, N) float32 -> out (B, D, L) float32 and the states entering each
-    chunk (B, K, D, N, chunks)."""
+def _launch(x: Tensor, dbl: Tensor, index: Tensor, A: Tensor):
+    """The sizes, the grid (channel blocks, K x chunks, B), the kernels' size arguments and their constexprs."""
     _check(x, dbl, index)
     b, n_d, length = x.shape
     n_k, n_state = index.shape[1], A.shape[1]
     n_rank = dbl.shape[2] - 2 * n_state
     n_dblk, n_p, r_p, block_l, n_chunks = _tiles(n_d, n_rank, n_state, length)
-    grid = (n_dblk, n_k * n_chunks, b)
+    sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_chunks)
     meta = dict(LOW=x.dtype in (torch.float16, torch.bfloat16), BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l,
                 num_warps=NUM_WARPS)
-    sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_chunks)
+    return b, n_d, length, n_k, n_rank, n_state, n_chunks, (n_dblk, n_k * n_chunks, b), sizes, meta
+
+
+def forward(x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor):
+    """x (B, D, L); dbl (B, K, R + 2N, L) of x's dtype; index (B or 1, K, L) int64 permutations; dt_weight (K, D, R)
+    of x's dtype; dt_bias, Ds (K * D,) and A (K * D, N) float32 -> out (B, D, L) float32 and the states entering each
+    chunk (B, K, D, N, chunks)."""
+    b, n_d, length, n_k, n_rank, n_state, n_chunks, grid, sizes, meta = _launch(x, dbl, index, A)
     inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds)
     states = _carried(_chunk_summary, inputs + sizes, grid, (b, n_k, n_d, n_state, n_chunks), n_chunks, False, meta)
     out = torch.zeros(b, n_d, length, dtype=torch.float32, device=x.device)
@@ -315,15 +326,7 @@ def backward(gout: Tensor, x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Ten
              Ds: Tensor, states: Tensor):
     """Gradients of :func:`forward`'s output ``gout`` (B, D, L): dx (B, D, L), d dbl (B, K, R + 2N, L) (float32),
     d dt_weight (K, D, R), d dt_bias (K * D,), dA (K * D, N), dDs (K * D,) (float32)."""
-    _check(x, dbl, index)
-    b, n_d, length = x.shape
-    n_k, n_state = index.shape[1], A.shape[1]
-    n_rank = dbl.shape[2] - 2 * n_state
-    n_dblk, n_p, r_p, block_l, n_chunks = _tiles(n_d, n_rank, n_state, length)
-    grid = (n_dblk, n_k * n_chunks, b)
-    meta = dict(LOW=x.dtype in (torch.float16, torch.bfloat16), BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l,
-                num_warps=NUM_WARPS)
-    sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_chunks)
+    b, n_d, length, n_k, n_rank, n_state, n_chunks, grid, sizes, meta = _launch(x, dbl, index, A)
     inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds, gout.float().contiguous())
     carry = _carried(_adjoint_summary, inputs + sizes, grid, states.shape, n_chunks, True, meta)
     f32 = dict(dtype=torch.float32, device=x.device)
