@@ -105,6 +105,32 @@ def test_cpu_takes_the_reference():
                                cross_selective_scan_ref(x, index, *params, inverse=inverse), rtol=0, atol=0)
 
 
+def test_dispatch_rules(monkeypatch):
+    """The kernel only for CUDA tensors, with the switch, for permutations without a separate merge map, and not
+    under deterministic algorithms (its atomics)."""
+    from types import SimpleNamespace
+
+    from vssm.ops import cross_scan
+    monkeypatch.setattr(cross_scan, '_KERNEL', object())
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    index = torch.zeros(1, 4, 6, dtype=torch.int64)
+    assert cross_scan._use_kernel('auto', x, index, index, None, 1)
+    assert not cross_scan._use_kernel('torch', x, index, index, None, 1)
+    assert not cross_scan._use_kernel('auto', x, index, None, None, 1)  # not known to be permutations
+    assert not cross_scan._use_kernel('auto', x, index, index, index, 1)  # a separate merge map
+    assert not cross_scan._use_kernel('auto', SimpleNamespace(is_cuda=False, dtype=torch.float32), index, index,
+                                      None, 1)
+    assert not cross_scan._use_kernel('auto', x, index, index, None, 17)  # N above the scan kernels' 16
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
+    assert not cross_scan._use_kernel('auto', x, index, index, None, 1)
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not cross_scan._use_kernel('auto', x, index, index, None, 1)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_errors():
     x, index, inverse, x_proj, dt_w, dt_bias, A, Ds = _inputs(2, 6, 3, 5, 4, 2, 1, False)
     with pytest.raises(ValueError, match=r'index \(B or 1, K, L\)'):

@@ -12,7 +12,8 @@ token, so the order of the tokens does not matter), and one kernel reads the tok
 index, computes the step sizes from the low rank, scans and adds the K sequences back onto the map. Its backward
 saves x, the projections (B, K, R + 2N, L) and the states entering each chunk of steps. It runs with
 ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
-index is a permutation (``inverse`` given, no separate ``merge``); everywhere else the reference runs.
+index is a permutation (``inverse`` given, no separate ``merge``), unless deterministic algorithms are requested (it
+adds with atomics); everywhere else the reference runs.
 
 Shape legend: B batch, D channels, L tokens (H*W), K sequences, R rank of the step sizes, N state size.
 """
@@ -79,8 +80,11 @@ def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # under torch.compile the reference's ops are graph nodes (the scan a custom op)
+    # The kernel adds the K sequences with atomics (run-to-run differences in the last bits): not where deterministic
+    # algorithms are asked for (torch.use_deterministic_algorithms, mmengine's randomness.deterministic).
     return (_KERNEL is not None and x.is_cuda and triton_fusions_enabled() and inverse is not None and merge is None
-            and x.dtype in KERNEL_DTYPES and n_state <= KERNEL_MAX_STATE and index.dtype == torch.int64)
+            and x.dtype in KERNEL_DTYPES and n_state <= KERNEL_MAX_STATE and index.dtype == torch.int64
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor,
