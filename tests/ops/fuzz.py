@@ -27,7 +27,6 @@ Shape legend: as in :mod:`vssm.ops.selective_scan` and :mod:`vssm.ops.dwconv2d`.
 """
 import dataclasses
 import math
-import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from vssm.ops import cross_selective_scan, inverse_permutation
+from vssm.ops._backend import triton_fusions
 from vssm.ops.cross_scan import kernel_available as cross_kernel_available
 from vssm.ops.dwconv2d import FUSION_DILATIONS, dwconv2d, state_fusion
 from vssm.ops.dwconv2d import kernel_available as dwconv_kernel_available
@@ -622,15 +622,8 @@ def call_op(case: Case, inputs: Dict[str, Tensor], backend: str) -> Tensor:
     if isinstance(case, CrossCase):  # the kernel under VSSM_TRITON_FUSIONS=1 (any backend but 'torch')
         args = dict(inputs)
         x, index = args.pop('x'), args.pop('index')
-        previous = os.environ.get('VSSM_TRITON_FUSIONS')
-        os.environ['VSSM_TRITON_FUSIONS'] = '0' if backend == 'torch' else '1'
-        try:
+        with triton_fusions(backend != 'torch'):
             return cross_selective_scan(x, index, **args, backend='auto' if backend == 'cuda' else backend)
-        finally:
-            if previous is None:
-                del os.environ['VSSM_TRITON_FUSIONS']
-            else:
-                os.environ['VSSM_TRITON_FUSIONS'] = previous
     raise TypeError(f'call_op: expected a ScanCase, DWConvCase, FusionCase or CrossCase, got {type(case).__name__}.')
 
 

@@ -235,3 +235,17 @@ def test_models_with_the_kernel_match_the_reference_in_the_triton_interpreter(ca
     """A backbone whose cross scans run the kernel (in Triton's interpreter) against the same backbone on the
     reference: its outputs and every parameter's gradient, training mode."""
     run_in_interpreter(MODEL_CASE + call + "\nprint('ok')\n")
+
+
+def test_triton_fusions_context_sets_and_restores_the_switch(monkeypatch):
+    from vssm.ops._backend import triton_fusions, triton_fusions_enabled
+    with triton_fusions(False):
+        assert not triton_fusions_enabled()
+        with triton_fusions():
+            assert triton_fusions_enabled()
+        assert not triton_fusions_enabled()
+    assert triton_fusions_enabled()  # the fixture's value is back
+    monkeypatch.delenv('VSSM_TRITON_FUSIONS')
+    with triton_fusions():
+        assert triton_fusions_enabled()
+    assert not triton_fusions_enabled()

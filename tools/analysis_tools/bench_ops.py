@@ -23,10 +23,8 @@ TF32 is enabled for the cuDNN baselines (as in training).
 """
 import argparse
 import json
-import os
 import time
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from vssm.analysis.timing import median_ms
 from vssm.models.vmamba import cross_scan_index
 from vssm.ops import cross_selective_scan, dwconv2d, selective_scan, state_fusion
+from vssm.ops._backend import triton_fusions
 from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
 
@@ -155,20 +154,6 @@ def cross_case(bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, d
     el, s = x.numel(), x.element_size()
     return Case(lambda backend: cross_selective_scan(x, index, *params, inverse=inverse, backend=backend),
                 [x, *params], el * (s + 4), el * (2 * s + 4))
-
-
-@contextmanager
-def triton_fusions(enabled: bool) -> Iterator[None]:
-    """``VSSM_TRITON_FUSIONS`` set for the calls inside (the ops read it per call)."""
-    previous = os.environ.get('VSSM_TRITON_FUSIONS')
-    os.environ['VSSM_TRITON_FUSIONS'] = '1' if enabled else '0'
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ['VSSM_TRITON_FUSIONS']
-        else:
-            os.environ['VSSM_TRITON_FUSIONS'] = previous
 
 
 def fusion_case(bt: int, d: int, h: int, w: int, dtype: torch.dtype, device: str = 'cuda') -> Case:

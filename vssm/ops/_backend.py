@@ -101,6 +101,21 @@ def triton_fusions_enabled() -> bool:
     return os.environ.get('VSSM_TRITON_FUSIONS', '0') == '1'
 
 
+@contextmanager
+def triton_fusions(enabled: bool = True) -> Iterator[None]:
+    """``VSSM_TRITON_FUSIONS`` set to ``enabled`` for the calls inside (the ops read it per call; benchmarks and tests
+    run one op both ways). Process-wide, like the variable."""
+    previous = os.environ.get('VSSM_TRITON_FUSIONS')
+    os.environ['VSSM_TRITON_FUSIONS'] = '1' if enabled else '0'
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ['VSSM_TRITON_FUSIONS']
+        else:
+            os.environ['VSSM_TRITON_FUSIONS'] = previous
+
+
 def is_cacheable(t: Tensor) -> bool:
     """Whether a constant tensor built inside an op (an index, a map) may be kept in a module-level cache: not the
     fake tensors of tracers (FakeTensorMode, torch.compile) or tensors on the meta device, which would leak into later
