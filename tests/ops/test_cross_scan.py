@@ -50,7 +50,8 @@ from vssm.ops import _triton_cross_scan as kernel
 from vssm.ops import gather_tokens, plain_autograd, scatter_tokens, selective_scan
 from vssm.models.vmamba import cross_scan_index
 
-def check(b, d, h, w, k, r, n, per_batch):
+def check(b, d, h, w, k, r, n, per_batch, programs_per_sm=kernel.PROGRAMS_PER_SM):
+    kernel.PROGRAMS_PER_SM = programs_per_sm  # the interpreter counts one multiprocessor: more programs, more segments
     torch.manual_seed(0)
     length = h * w
     if per_batch:  # index maps that differ per image
@@ -82,15 +83,17 @@ def check(b, d, h, w, k, r, n, per_batch):
 @pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
                     reason='needs Triton; with a GPU the GPU tests below run the kernels')
 @pytest.mark.parametrize('cases', [
-    # VMamba's four directions on an odd, non-square map, two chunks of steps (N = 2: 32 steps per chunk); 5 channels
-    # (not a multiple of the 16 per program)
-    [(1, 5, 3, 11, 4, 3, 2, False)],
+    # VMamba's four directions on an odd, non-square map (N = 2: tiles of 64 steps, three of them), 5 channels (not a
+    # multiple of the 16 per program); the sequence cut into two segments (two tiles walked in order, then one)
+    [(1, 5, 7, 23, 4, 3, 2, False, 8)],
     pytest.param([
-        (2, 5, 3, 5, 4, 3, 1, False),  # one chunk: nothing carried
-        (1, 16, 10, 20, 4, 2, 1, False),  # four chunks of 64 steps
+        (1, 5, 7, 23, 4, 3, 2, False),  # the same as one segment
+        (2, 5, 3, 5, 4, 3, 1, False),  # one tile: nothing carried
+        (1, 16, 10, 20, 4, 2, 1, False, 16),  # two tiles of 128 steps, one per segment
+        (1, 16, 20, 30, 4, 2, 1, False, 12),  # five tiles in three segments (2, 2, 1)
         (2, 18, 2, 3, 2, 3, 2, True),  # per-image permutations, two channel blocks
-        (2, 7, 5, 7, 3, 5, 3, True),  # per-image permutations, N = 3 (three chunks), K = 3
-    ], marks=pytest.mark.slow)], ids=['chunks', 'more-shapes'])
+        (2, 7, 5, 7, 3, 5, 3, True, 100),  # per-image permutations, N = 3 (two tiles of 32, two segments), K = 3
+    ], marks=pytest.mark.slow)], ids=['tiles-and-segments', 'more-shapes'])
 def test_kernel_matches_float64_autograd_in_the_triton_interpreter(cases):
     """The kernels run by Triton's interpreter on CPU tensors, fp32, against the composition in float64 (a fresh
     process: the interpreter is chosen when Triton is imported)."""
@@ -106,14 +109,16 @@ def test_cpu_takes_the_reference():
 
 
 def test_dispatch_rules(monkeypatch):
-    """The kernel only for CUDA tensors, with the switch, for permutations without a separate merge map, and not
-    under deterministic algorithms (its atomics)."""
+    """The kernel only for CUDA tensors, with the switch, for permutations without a separate merge map, where it pays
+    (inference over per-image maps), and not under deterministic algorithms (its atomics)."""
     from types import SimpleNamespace
 
     from vssm.ops import cross_scan
     monkeypatch.setattr(cross_scan, '_KERNEL', object())
     x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
-    index = torch.zeros(1, 4, 6, dtype=torch.int64)
+    index = torch.zeros(2, 4, 6, dtype=torch.int64)  # per-image maps, inference: where the kernel pays
+    assert not cross_scan._use_kernel('auto', x, index[:1], index[:1], None, 1)  # one map for the batch
+    assert not cross_scan._use_kernel('auto', x, index, index, None, 1, needs_grad=True)  # training
     assert cross_scan._use_kernel('auto', x, index, index, None, 1)
     assert not cross_scan._use_kernel('torch', x, index, index, None, 1)
     assert not cross_scan._use_kernel('auto', x, index, None, None, 1)  # not known to be permutations
@@ -150,9 +155,11 @@ GPU_CASES = [
 @needs_gpu
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('case', GPU_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-R{c[5]}-N{c[6]}')
-def test_kernel_matches_the_reference_on_gpu(case, dtype):
+def test_kernel_matches_the_reference_on_gpu(case, dtype, monkeypatch):
     """Values and every gradient against the reference composition (its scan on the CUDA kernel when built), in fp32
-    and under bf16 autocast (x in bf16 as the model's is)."""
+    and under bf16 autocast (x in bf16 as the model's is); the kernel wherever it may run, training included."""
+    from vssm.ops import cross_scan
+    monkeypatch.setattr(cross_scan, '_pays', lambda index, needs_grad: True)
     inputs = _inputs(*case, device='cuda')
     x, index, inverse, *params = inputs
     results = []
@@ -178,6 +185,7 @@ def test_kernel_matches_the_reference_on_gpu(case, dtype):
 @needs_gpu
 def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
     from vssm.ops import cross_scan
+    monkeypatch.setattr(cross_scan, '_pays', lambda index, needs_grad: True)
     calls = []
     monkeypatch.setattr(cross_scan._CrossSelectiveScan, 'apply', lambda *a: calls.append(a) or a[0].float())
     x, index, inverse, *params = _inputs(2, 16, 4, 4, 4, 2, 1, False, device='cuda')
@@ -194,8 +202,10 @@ def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
 
 MODEL_CASE = '''
 import torch
-from vssm.ops import cross_scan
+from vssm.ops import _triton_cross_scan, cross_scan
 from vssm.models import SpectralVMamba, VMamba
+
+_triton_cross_scan.PROGRAMS_PER_SM = 16  # sequences of two or more tiles cut into segments (one multiprocessor)
 
 # the kernel wherever it may run but on CPU tensors (Triton's interpreter); the rest of the model on its reference
 cross_scan._use_kernel = lambda backend, x, index, inverse, merge, n_state: (
@@ -222,15 +232,15 @@ def check(make, batch, size):
 @pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
                     reason="needs Triton; with a GPU the models' GPU tests run the kernel")
 @pytest.mark.parametrize('call', [
-    # one chunk per sequence at every stage (8x8 tokens at stage 1)
+    # one tile per sequence at every stage (8x8 tokens at stage 1)
     pytest.param("check(lambda b: VMamba(dict(dims=16, depths=[1, 1, 1, 1]), out_indices=(0, 1, 2, 3), "
                  "ops_backend=b), 1, (32, 32))", marks=pytest.mark.slow),
-    # three chunks at stage 1 (10x14 tokens), two images
+    # two tiles at stage 1 (10x14 tokens), two images
     pytest.param("check(lambda b: VMamba(dict(dims=16, depths=[1, 1, 1, 1]), out_indices=(0, 1, 2, 3), "
                  "ops_backend=b), 2, (40, 56))", marks=pytest.mark.slow),
     pytest.param("check(lambda b: SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]), "
                  "out_indices=(0, 1, 2, 3), ops_backend=b), 2, (64, 64))", marks=pytest.mark.slow)],
-    ids=['vmamba', 'vmamba-chunks', 'spectral-vmamba'])
+    ids=['vmamba', 'vmamba-tiles', 'spectral-vmamba'])
 def test_models_with_the_kernel_match_the_reference_in_the_triton_interpreter(call):
     """A backbone whose cross scans run the kernel (in Triton's interpreter) against the same backbone on the
     reference: its outputs and every parameter's gradient, training mode."""

@@ -50,16 +50,17 @@ def test_kernels_compile_for_sm90(launches, channels, dtype):
         assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0
 
 
-def _cross_scan_launches(n_state, n_rank, dtype):
+def _cross_scan_launches(n_state, n_rank, dtype, monkeypatch):
     from vssm.ops import _triton_cross_scan as kernel
-    b, d, k, length = 2, 40, 4, 77
+    monkeypatch.setattr(kernel, 'PROGRAMS_PER_SM', 1000)  # sequences cut into segments: every kernel launches
+    b, d, k, length = 2, 40, 4, 300
     x = torch.empty(b, d, length, dtype=dtype)
     dbl = torch.empty(b, k, n_rank + 2 * n_state, length, dtype=dtype)
     index = torch.zeros(1, k, length, dtype=torch.int64)
     w, bias, A, ds = (torch.empty(k, d, n_rank, dtype=dtype), torch.empty(k * d), torch.empty(k * d, n_state),
                       torch.empty(k * d))
-    states = torch.empty(b, k, d, n_state, 2)
-    names = ['_chunk_summary', '_carry', '_cross_scan_fwd', '_adjoint_summary', '_cross_scan_bwd']
+    states = torch.empty(b, k, d, n_state, kernel._tiles(d, n_rank, n_state, length)[-1])
+    names = ['_segment_summary', '_carry', '_cross_scan_fwd', '_adjoint_summary', '_cross_scan_bwd']
     return record_launches(kernel, names, lambda: (
         kernel.forward(x, dbl, index, w, bias, A, ds),
         kernel.backward(torch.empty(b, d, length), x, dbl, index, w, bias, A, ds, states)))
@@ -67,10 +68,10 @@ def _cross_scan_launches(n_state, n_rank, dtype):
 
 @pytest.mark.parametrize('dtype', [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize('n_state, n_rank', [(1, 6), pytest.param(4, 48, marks=pytest.mark.slow)])
-def test_cross_scan_compiles_for_sm90(n_state, n_rank, dtype):
+def test_cross_scan_compiles_for_sm90(n_state, n_rank, dtype, monkeypatch):
     """VMamba's shapes (N = 1, rank 6 at stage 1) and a larger state and rank (N = 4, rank 48)."""
-    recorded = _cross_scan_launches(n_state, n_rank, dtype)
-    assert len(recorded) == 6  # forward: summaries, carries, outputs; backward: the same on the adjoint
+    recorded = _cross_scan_launches(n_state, n_rank, dtype, monkeypatch)
+    assert len(recorded) == 6  # forward: segment summaries, carries, outputs; backward: the same on the adjoint
     for kernel, args, kwargs in recorded:
         compiled = compile_launch(kernel, args, kwargs)
         assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0

@@ -12,18 +12,23 @@ For batch b, sequence k (K of them), channel d, step i (L steps) and raster toke
 each sequence (x_proj, in raster order), ``index`` (B or 1, K, L) permutations. Nothing of (B, K, D, L) is written:
 the gather is the kernels' loads and the merge their stores.
 
-The steps go in chunks of ``BL``, one program per (channel block of ``BD``, sequence, chunk, batch element), so no
-program walks a whole sequence. Inside a chunk the recurrence is an associative scan over the affine maps
-h -> a h + b; across chunks, three passes (state passing):
+The steps go in tiles of ``BL``; inside a tile the recurrence is an associative scan over the affine maps
+h -> a h + b. One program per (channel block of ``BD``, sequence, segment, batch element) walks the tiles of its segment
+in order, the state carried from tile to tile in registers. A sequence is one segment when the batch, sequences and
+channel blocks give the GPU enough programs (``PROGRAMS_PER_SM`` per multiprocessor); otherwise (detection's batch of
+two, say) it is cut into segments joined by state passing, two more passes:
 
-1. ``_chunk_summary``: each chunk's composed map, (product of a, state at its end from h = 0), (B, K, D, N, chunks);
-2. ``_carry``: the states entering each chunk, one short sequential loop over the chunks per (b, k, d, n) row;
-3. ``_cross_scan_fwd``: each chunk again from its entering state, its outputs added onto ``out`` with atomics.
+1. ``_segment_summary``: each segment's composed map, (product of a, state at its end from h = 0);
+2. ``_carry``: the states entering each segment, one short sequential loop over the segments per (b, k, d, n) row;
+3. ``_cross_scan_fwd``: each segment from its entering state; outputs added onto ``out`` with atomics, and the state
+   entering every tile saved (B, K, D, N, tiles) for the backward.
 
-The backward runs the same three passes on the adjoint recurrence ``G_i = C_i dy_i + a_{i+1} G_{i+1}`` in reverse
-order (a reverse scan; a_{i+1} recomputed from the next step's inputs), from the forward's entering states. The
-gradients of the per-token projections (sums over channels) and of x (sums over the sequences) are added with atomics,
-as the CUDA scan adds dB and dC; those of the per-channel parameters are per-(batch, chunk) partial sums reduced on the
+The backward walks the tiles in reverse with the adjoint ``G_i = C_i dy_i + a_{i+1} G_{i+1}``. Its reverse scan keeps
+the decay of the step after each one without shifting the tile: a stretch of steps i..j is (a_i, a_{i+1}...a_j, G_i
+from G_{j+1} = 0), and two stretches compose as ``_adjoint`` says; what enters a tile from the later ones is
+a_{first} G_{first} of the next tile. Segments are joined as in the forward (summary, reverse carry). The gradients
+of the per-token projections (sums over channels) and of x (sums over the sequences) are added with atomics, as the
+CUDA scan adds dB and dC; those of the per-channel parameters are per-(batch, segment) partial sums reduced on the
 host.
 """
 import torch
@@ -33,8 +38,10 @@ from torch import Tensor
 
 from ._triton_common import round_to
 
-NUM_WARPS = 4
+NUM_WARPS = 8
 BLOCK_D = 16  # channels per program (tl.dot's smallest tile side)
+TILE_ELEMENTS = 1024  # a (BD, NP, BL) tile: BL = TILE_ELEMENTS / (BD * NP), 16 to 128 steps
+PROGRAMS_PER_SM = 4  # fewer programs than this per multiprocessor: sequences cut into segments
 CARRY_BLOCK = 128  # rows per program of the carry pass
 
 
@@ -43,6 +50,14 @@ def _affine(a1, b1, a2, b2):
     """Composition of two steps h -> a*h + b, the first (a1, b1) then (a2, b2); for a reverse scan, the accumulated
     suffix first: G -> b2 + a2 * (b1 + a1 * G), the same formula."""
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _adjoint(f1, r1, g1, f2, r2, g2):
+    """Composition of two stretches of the adjoint recurrence G_i = c_i + a_{i+1} G_{i+1} in a reverse scan: the later
+    stretch (1) accumulated first, then the earlier one (2). A stretch i..j is (f, r, g) = (a_i, a_{i+1}...a_j, G_i
+    with G_{j+1} = 0); a single step is (a_i, 1, c_i). Then G_i = g + r * a_{j+1} G_{j+1} for what comes after."""
+    return f2, r2 * f1 * r1, g2 + r2 * f1 * g1
 
 
 @triton.jit
@@ -105,19 +120,6 @@ def _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, 
 
 
 @triton.jit
-def _program(n_d, n_state, n_chunks, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    """The program's batch element (grid axis 2), sequence and chunk (axis 1), channels (axis 0) with their mask, the
-    state, rank and step offsets, and the chunk's steps."""
-    k = tl.program_id(1) // n_chunks
-    c = tl.program_id(1) % n_chunks
-    offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, NP)
-    offs_l = tl.arange(0, BL)
-    return (tl.program_id(2).to(tl.int64), k, c, offs_d, offs_d < n_d, offs_n, offs_n < n_state, tl.arange(0, RP),
-            offs_l, c * BL + offs_l)
-
-
-@triton.jit
 def _column(t, offs_l, j):
     """Column j of a (BD, NP, BL) tile."""
     return tl.sum(tl.where(offs_l[None, None, :] == j, t, 0.), 2)
@@ -125,157 +127,215 @@ def _column(t, offs_l, j):
 
 @triton.jit
 def _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state, index_batch,
-           n_chunks, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    """Everything a chunk program starts from: its place, its sequence's parameters and base pointers, and the offset
-    of its (b, k, d, n, c) entries in the per-chunk buffers (B, K, D, N, chunks)."""
-    b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i = _program(n_d, n_state, n_chunks, BD, NP, RP, BL)
+           n_tiles, tiles_per_seg, n_seg, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr):
+    """Everything a program starts from: its batch element (grid axis 2), sequence and segment (axis 1), channels
+    (axis 0), its tiles [first, end), its sequence's parameters and base pointers, and the offsets of its
+    (b, k, d, n) rows in the per-tile (B, K, D, N, tiles) and per-segment (B, K, D, N, segments) buffers."""
+    b = tl.program_id(2).to(tl.int64)
+    k = tl.program_id(1) // n_seg
+    seg = tl.program_id(1) % n_seg
+    offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
+    mask_d = offs_d < n_d
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < n_state
+    offs_r = tl.arange(0, RP)
     kd, w, bias, A, ds = _sequence_params(w_ptr, bias_ptr, a_ptr, ds_ptr, k, offs_d, mask_d, offs_n, mask_n, offs_r,
                                           n_d, n_rank, n_state)
-    n_dbl = n_rank + 2 * n_state
-    dbl_off = (b * n_k + k) * n_dbl * length
+    first = seg * tiles_per_seg
+    end = tl.minimum(first + tiles_per_seg, n_tiles)
+    dbl_off = (b * n_k + k) * (n_rank + 2 * n_state) * length
     idx_row = index_ptr + b * index_batch + k * length
-    chunk_off = ((b * n_k * n_d + kd[:, None]) * n_state + offs_n[None, :]) * n_chunks + c
-    return (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row,
-            chunk_off, mask_d[:, None] & mask_n[None, :])
+    rows = (b * n_k * n_d + kd[:, None]) * n_state + offs_n[None, :]
+    return (b, k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, kd, w, bias, A, ds, dbl_off, idx_row, rows,
+            mask_d[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _forward_chunk(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                   index_batch, n_chunks, LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
-                   BL: tl.constexpr):
-    """A chunk program's forward from h = 0: what it writes needs, and the scan (products of a, states)."""
-    (b, _k, _c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, _kd, w, bias, A, ds, dbl_off, idx_row,
-     chunk_off, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank,
-                                  n_state, index_batch, n_chunks, BD, NP, RP, BL)
-    _mask_l, pos, mask, u, _raw, _delta, _dts, _Bv, Cv, a, bx = _chunk(
+def _forward_tile(x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d,
+                  n_rank, n_state, length, LOW: tl.constexpr, BL: tl.constexpr):
+    """Tile t of a sequence from h = 0: its inputs and the scan (products of a, states)."""
+    offs_l = tl.arange(0, BL)
+    mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx = _chunk(
         x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
-        offs_i, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
+        t * BL + offs_l, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
     pa, hs = tl.associative_scan((a, bx), 2, _affine)
-    return b, offs_d, offs_l, ds, chunk_off, mask_dn, pos, mask, u, Cv, pa, hs
+    return offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx, pa, hs
 
 
 @triton.jit
-def _chunk_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, decay_ptr, last_ptr,
-                   n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                   LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    """Pass 1 of the forward: the product of the chunk's decays and its end state from h = 0."""
-    _b, _offs_d, offs_l, _ds, chunk_off, mask_dn, _pos, _mask, _u, _Cv, pa, hs = _forward_chunk(
-        x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state, index_batch,
-        n_chunks, LOW, BD, NP, RP, BL)
-    tl.store(decay_ptr + chunk_off, _column(pa, offs_l, BL - 1), mask=mask_dn)
-    tl.store(last_ptr + chunk_off, _column(hs, offs_l, BL - 1), mask=mask_dn)
+def _segment_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, decay_ptr, last_ptr,
+                     n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
+                     LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+    """Pass 1 of the forward: the product of the segment's decays and its end state from h = 0."""
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, _ds, dbl_off, idx_row, rows,
+     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
+                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
+    h = tl.zeros([BD, NP], dtype=tl.float32)
+    decay = tl.full([BD, NP], 1., dtype=tl.float32)
+    for t in range(first, end):
+        offs_l, _, _, _, _, _, _, _, _, _, _, _, pa, hs = _forward_tile(
+            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d, n_rank,
+            n_state, length, LOW, BL)
+        pa_last = _column(pa, offs_l, BL - 1)
+        h = pa_last * h + _column(hs, offs_l, BL - 1)
+        decay = decay * pa_last
+    tl.store(decay_ptr + rows * n_seg + seg, decay, mask=mask_dn)
+    tl.store(last_ptr + rows * n_seg + seg, h, mask=mask_dn)
 
 
 @triton.jit
-def _carry(decay_ptr, local_ptr, out_ptr, n_rows, n_chunks, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 2: along the chunks of each of the ``n_rows`` (b, k, d, n) rows, ``out[c]`` = the carry entering
-    chunk c, with ``carry <- decay[c] * carry + local[c]`` after it (from the last chunk when REVERSE)."""
+def _carry(decay_ptr, local_ptr, out_ptr, n_rows, n_seg, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: along the segments of each of the ``n_rows`` (b, k, d, n) rows, ``out[s]`` = the carry entering
+    segment s, with ``carry <- decay[s] * carry + local[s]`` after it (from the last segment when REVERSE)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < n_rows
     carry = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(0, n_chunks):
-        c = n_chunks - 1 - j if REVERSE else j
-        offs = rows * n_chunks + c
+    for j in range(0, n_seg):
+        s = n_seg - 1 - j if REVERSE else j
+        offs = rows * n_seg + s
         tl.store(out_ptr + offs, carry, mask=mask)
         carry = tl.load(decay_ptr + offs, mask=mask, other=0.) * carry + tl.load(local_ptr + offs, mask=mask, other=0.)
 
 
 @triton.jit
-def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, state_ptr, out_ptr,
-                    n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, carry_ptr, state_ptr, out_ptr,
+                    n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
                     LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    """Pass 3 of the forward: the chunk's states from its entering state, its outputs added onto ``out``."""
-    b, offs_d, _offs_l, ds, chunk_off, mask_dn, pos, mask, u, Cv, pa, hs = _forward_chunk(
-        x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state, index_batch,
-        n_chunks, LOW, BD, NP, RP, BL)
-    hs = hs + pa * tl.load(state_ptr + chunk_off, mask=mask_dn, other=0.)[:, :, None]
-    y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
-    tl.atomic_add(out_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], y, mask=mask)
-
-
-@triton.jit
-def _adjoint_chunk(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr,
-                   n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
-                   LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    """A chunk of the adjoint recurrence from G = 0 after its end: the forward chunk, dy, the next steps' decays and
-    the reverse scan (pc: products of those decays from each step to the chunk's end)."""
-    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, offs_i, kd, w, bias, A, ds, dbl_off, idx_row, chunk_off,
+    """Pass 3 of the forward: the segment's tiles from its entering state; outputs added onto ``out``, the state
+    entering each tile saved."""
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, ds, dbl_off, idx_row, rows,
      mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                       index_batch, n_chunks, BD, NP, RP, BL)
-    dtype = x_ptr.dtype.element_ty
-    dbl = dbl_ptr + dbl_off
-    mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx = _chunk(
-        x_ptr + b * n_d * length, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank,
-        n_state, length, LOW, dtype)
-    mask_next = offs_i + 1 < length  # a_{i+1}; 0 after the last step
-    pos_next = tl.load(idx_row + offs_i + 1, mask=mask_next, other=0)
-    _raw_n, delta_next, _dts_n = _step_sizes(dbl, w, bias, pos_next, mask_next, offs_r, n_rank, length, LOW, dtype)
-    a_next = tl.where(mask_next[None, None, :], tl.exp(delta_next[:, None, :] * A[:, :, None]), 0.)
-    gy = tl.load(gout_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.)
-    pc, G = tl.associative_scan((a_next, gy[:, None, :] * Cv[None, :, :]), 2, _affine, reverse=True)
-    return (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, kd, A, ds, w, dbl_off, chunk_off, mask_dn,
-            mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, gy, pc, G)
+                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
+    h = tl.load(carry_ptr + rows * n_seg + seg, mask=mask_dn, other=0.)
+    out_row = out_ptr + b * n_d * length + offs_d[:, None] * length
+    for t in range(first, end):
+        offs_l, _, pos, mask, u, _, _, _, _, Cv, _, _, pa, hs = _forward_tile(
+            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d, n_rank,
+            n_state, length, LOW, BL)
+        tl.store(state_ptr + rows * n_tiles + t, h, mask=mask_dn)
+        hs = hs + pa * h[:, :, None]
+        y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
+        tl.atomic_add(out_row + pos[None, :], y, mask=mask)
+        h = _column(hs, offs_l, BL - 1)
 
 
 @triton.jit
-def _adjoint_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, decay_ptr, first_ptr,
-                     n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+def _adjoint_tile(x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n,
+                  offs_r, n_d, n_rank, n_state, length, LOW: tl.constexpr, BL: tl.constexpr):
+    """Tile t of the adjoint recurrence with G = 0 after it: the forward tile's inputs, dy, and the reverse scan
+    (``r``: the products of the decays after each step to the tile's end; ``G``: the local adjoints)."""
+    offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx, pa, hs = _forward_tile(
+        x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d, n_rank,
+        n_state, length, LOW, BL)
+    gy = tl.load(gout_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.)
+    _, r, G = tl.associative_scan((a, tl.full(a.shape, 1., tl.float32), gy[:, None, :] * Cv[None, :, :]), 2,
+                                  _adjoint, reverse=True)
+    return offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, pa, hs, gy, r, G
+
+
+@triton.jit
+def _adjoint_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, decay_ptr, local_ptr,
+                     n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
                      LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    """Pass 1 of the backward: the product of the chunk's next-step decays and G at its first step from G = 0."""
-    (_b, _k, _c, _offs_d, _mask_d, _offs_n, _mask_n, _offs_r, offs_l, _kd, _A, _ds, _w, _dbl_off, chunk_off, mask_dn,
-     _mask_l, _pos, _mask, _u, _raw, _delta, _dts, _Bv, _a, _bx, _gy, pc, G) = _adjoint_chunk(
-         x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, n_d, length, n_k, n_rank, n_state,
-         index_batch, n_chunks, LOW, BD, NP, RP, BL)
-    tl.store(decay_ptr + chunk_off, _column(pc, offs_l, 0), mask=mask_dn)
-    tl.store(first_ptr + chunk_off, _column(G, offs_l, 0), mask=mask_dn)
+    """Pass 1 of the backward: the product of the segment's decays and a_first G_first, what it passes to the segment
+    before it, from G = 0 after its end."""
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, _ds, dbl_off, idx_row, rows,
+     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
+                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
+    passed = tl.zeros([BD, NP], dtype=tl.float32)  # a_{j+1} G_{j+1} entering the tile's last step j from later tiles
+    decay = tl.full([BD, NP], 1., dtype=tl.float32)
+    for j in range(0, end - first):
+        offs_l, _, _, _, _, _, _, _, _, a, _, _, _, _, r, G = _adjoint_tile(
+            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, end - 1 - j, w, bias, A, offs_d, mask_d, offs_n, mask_n,
+            offs_r, n_d, n_rank, n_state, length, LOW, BL)
+        a_first, r_first = _column(a, offs_l, 0), _column(r, offs_l, 0)
+        passed = a_first * (_column(G, offs_l, 0) + r_first * passed)
+        decay = decay * a_first * r_first
+    tl.store(decay_ptr + rows * n_seg + seg, decay, mask=mask_dn)
+    tl.store(local_ptr + rows * n_seg + seg, passed, mask=mask_dn)
 
 
 @triton.jit
 def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, state_ptr, carry_ptr,
                     dx_ptr, ddbl_ptr, dw_ptr, dbias_ptr, da_ptr, dds_ptr,
-                    n_d, length, n_k, n_rank, n_state, index_batch, n_chunks,
+                    n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
                     LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
-    """Pass 3 of the backward: the chunk's states and adjoints from the carried ones, and every gradient."""
-    (b, k, c, offs_d, mask_d, offs_n, mask_n, offs_r, offs_l, kd, A, ds, w, dbl_off, chunk_off, mask_dn,
-     mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, gy, pc, G) = _adjoint_chunk(
-         x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, n_d, length, n_k, n_rank, n_state,
-         index_batch, n_chunks, LOW, BD, NP, RP, BL)
+    """Pass 3 of the backward: the segment's tiles in reverse, states from the saved ones and adjoints from what the
+    later tiles pass on; every gradient."""
+    (b, k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, ds, dbl_off, idx_row, rows,
+     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
+                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     dtype = x_ptr.dtype.element_ty
-    pa, hs = tl.associative_scan((a, bx), 2, _affine)
-    hs = hs + pa * tl.load(state_ptr + chunk_off, mask=mask_dn, other=0.)[:, :, None]
-    G = G + pc * tl.load(carry_ptr + chunk_off, mask=mask_dn, other=0.)[:, :, None]
-    glog = G * (hs - bx)  # d/d(delta * A): G_i * a_i * h_{i-1}
-    gb = tl.sum(G * Bv[None, :, :], 1)
-    ddelta = tl.sum(glog * A[:, :, None], 1) + gb * u
-    tl.atomic_add(dx_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], gb * delta + gy * ds[:, None],
-                  mask=mask)
-    draw = tl.where(mask, ddelta * tl.where(raw <= 20., tl.sigmoid(raw), 1.), 0.)
-    draw = round_to(draw, LOW, dtype)
-    # sums over channels: this program's share, added to the other channel blocks' shares
     ddbl = ddbl_ptr + dbl_off
+    dx_row = dx_ptr + b * n_d * length + offs_d[:, None] * length
     mask_r = offs_r < n_rank
-    mask_nl = mask_n[:, None] & mask_l[None, :]
-    tl.atomic_add(ddbl + (n_rank + offs_n[:, None]) * length + pos[None, :], tl.sum(G * (delta * u)[:, None, :], 0),
-                  mask=mask_nl)
-    tl.atomic_add(ddbl + (n_rank + n_state + offs_n[:, None]) * length + pos[None, :], tl.sum(hs * gy[:, None, :], 0),
-                  mask=mask_nl)
-    tl.atomic_add(ddbl + offs_r[:, None] * length + pos[None, :], _dot(tl.trans(w), draw, LOW, dtype),
-                  mask=mask_r[:, None] & mask_l[None, :])
-    # per-channel parameters: partial sums of this (batch element, chunk), laid out (B, K, chunks, D, ...)
-    part = ((b * n_k + k) * n_chunks + c) * n_d + offs_d
-    tl.store(dw_ptr + part[:, None] * n_rank + offs_r[None, :], _dot(draw, tl.trans(dts), LOW, dtype),
-             mask=mask_d[:, None] & mask_r[None, :])
-    tl.store(da_ptr + part[:, None] * n_state + offs_n[None, :], tl.sum(glog * delta[:, None, :], 2), mask=mask_dn)
-    tl.store(dbias_ptr + part, tl.sum(draw, 1), mask=mask_d)
-    tl.store(dds_ptr + part, tl.sum(gy * u, 1), mask=mask_d)
+    passed = tl.load(carry_ptr + rows * n_seg + seg, mask=mask_dn, other=0.)
+    dw = tl.zeros([BD, RP], dtype=tl.float32)
+    da = tl.zeros([BD, NP], dtype=tl.float32)
+    dbias = tl.zeros([BD], dtype=tl.float32)
+    dds = tl.zeros([BD], dtype=tl.float32)
+    for j in range(0, end - first):
+        t = end - 1 - j
+        offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, pa, hs, gy, r, G = _adjoint_tile(
+            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d,
+            n_rank, n_state, length, LOW, BL)
+        hs = hs + pa * tl.load(state_ptr + rows * n_tiles + t, mask=mask_dn, other=0.)[:, :, None]
+        G = G + r * passed[:, :, None]
+        passed = _column(a, offs_l, 0) * _column(G, offs_l, 0)
+        glog = G * (hs - bx)  # d/d(delta * A): G_i * a_i * h_{i-1}
+        gb = tl.sum(G * Bv[None, :, :], 1)
+        ddelta = tl.sum(glog * A[:, :, None], 1) + gb * u
+        tl.atomic_add(dx_row + pos[None, :], gb * delta + gy * ds[:, None], mask=mask)
+        draw = tl.where(mask, ddelta * tl.where(raw <= 20., tl.sigmoid(raw), 1.), 0.)
+        draw = round_to(draw, LOW, dtype)
+        # sums over channels: this program's share, added to the other channel blocks' shares
+        mask_nl = mask_n[:, None] & mask_l[None, :]
+        tl.atomic_add(ddbl + (n_rank + offs_n[:, None]) * length + pos[None, :],
+                      tl.sum(G * (delta * u)[:, None, :], 0), mask=mask_nl)
+        tl.atomic_add(ddbl + (n_rank + n_state + offs_n[:, None]) * length + pos[None, :],
+                      tl.sum(hs * gy[:, None, :], 0), mask=mask_nl)
+        tl.atomic_add(ddbl + offs_r[:, None] * length + pos[None, :], _dot(tl.trans(w), draw, LOW, dtype),
+                      mask=mask_r[:, None] & mask_l[None, :])
+        dw += _dot(draw, tl.trans(dts), LOW, dtype)
+        da += tl.sum(glog * delta[:, None, :], 2)
+        dbias += tl.sum(draw, 1)
+        dds += tl.sum(gy * u, 1)
+    # per-channel parameters: partial sums of this (batch element, segment), laid out (B, K, segments, D, ...)
+    part = ((b * n_k + k) * n_seg + seg) * n_d + offs_d
+    tl.store(dw_ptr + part[:, None] * n_rank + offs_r[None, :], dw, mask=mask_d[:, None] & mask_r[None, :])
+    tl.store(da_ptr + part[:, None] * n_state + offs_n[None, :], da, mask=mask_dn)
+    tl.store(dbias_ptr + part, dbias, mask=mask_d)
+    tl.store(dds_ptr + part, dds, mask=mask_d)
 
 
 def _tiles(n_d: int, n_rank: int, n_state: int, length: int):
-    """(channel blocks, NP, RP, BL, chunks): tl.dot needs 16+ per side; about 1024 elements per (BD, NP, BL) tile."""
+    """(channel blocks, NP, RP, BL, tiles): tl.dot needs 16+ per side; about ``TILE_ELEMENTS`` per (BD, NP, BL)."""
     n_p = triton.next_power_of_2(n_state)
     r_p = max(16, triton.next_power_of_2(n_rank))
-    block_l = max(16, min(triton.next_power_of_2(length), max(16, 1024 // (BLOCK_D * n_p)), 64))
+    block_l = min(triton.next_power_of_2(length), max(16, min(TILE_ELEMENTS // (BLOCK_D * n_p), 128)))
+    block_l = max(16, block_l)
     return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l, triton.cdiv(length, block_l)
+
+
+_SM_COUNT = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessors (1 for CPU tensors: Triton's interpreter)."""
+    if device.type != 'cuda':
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _segments(programs: int, n_tiles: int, device: torch.device):
+    """(tiles per segment, segments): one segment per sequence when ``programs`` (channel blocks x sequences x batch)
+    already fill the GPU, else as many as bring them to ``PROGRAMS_PER_SM`` per multiprocessor."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), programs)
+    per_seg = triton.cdiv(n_tiles, max(1, min(wanted, n_tiles)))
+    return per_seg, triton.cdiv(n_tiles, per_seg)
 
 
 def _check(x: Tensor, dbl: Tensor, index: Tensor):
@@ -283,42 +343,44 @@ def _check(x: Tensor, dbl: Tensor, index: Tensor):
         raise ValueError('cross_selective_scan kernel: x, the projections and the index must be contiguous.')
 
 
-def _carried(kernel, args, grid, shape, n_chunks, reverse, meta):
-    """Passes 1 and 2: the per-chunk summaries of ``kernel``, then the carries entering each chunk (zero when there is
-    one chunk: nothing to carry)."""
+def _carried(kernel, args, grid, shape, n_seg, reverse, meta):
+    """Passes 1 and 2: the per-segment summaries of ``kernel``, then the carries entering each segment (zero when
+    there is one segment: nothing to carry)."""
     f32 = dict(dtype=torch.float32, device=args[0].device)
-    if n_chunks == 1:
+    if n_seg == 1:
         return torch.zeros(shape, **f32)
     decay, local = torch.empty(shape, **f32), torch.empty(shape, **f32)
-    kernel[grid](*args[:-7], decay, local, *args[-7:], **meta)
+    kernel[grid](*args[:-9], decay, local, *args[-9:], **meta)
     carry = torch.empty(shape, **f32)
-    rows = decay.numel() // n_chunks
-    _carry[(triton.cdiv(rows, CARRY_BLOCK), )](decay, local, carry, rows, n_chunks, REVERSE=reverse, BLOCK=CARRY_BLOCK)
+    rows = decay.numel() // n_seg
+    _carry[(triton.cdiv(rows, CARRY_BLOCK), )](decay, local, carry, rows, n_seg, REVERSE=reverse, BLOCK=CARRY_BLOCK)
     return carry
 
 
 def _launch(x: Tensor, dbl: Tensor, index: Tensor, A: Tensor):
-    """The sizes, the grid (channel blocks, K x chunks, B), the kernels' size arguments and their constexprs."""
+    """The sizes, the grid (channel blocks, K x segments, B), the kernels' size arguments and their constexprs."""
     _check(x, dbl, index)
     b, n_d, length = x.shape
     n_k, n_state = index.shape[1], A.shape[1]
     n_rank = dbl.shape[2] - 2 * n_state
-    n_dblk, n_p, r_p, block_l, n_chunks = _tiles(n_d, n_rank, n_state, length)
-    sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_chunks)
+    n_dblk, n_p, r_p, block_l, n_tiles = _tiles(n_d, n_rank, n_state, length)
+    per_seg, n_seg = _segments(n_dblk * n_k * b, n_tiles, x.device)
+    sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_tiles, per_seg, n_seg)
     meta = dict(LOW=x.dtype in (torch.float16, torch.bfloat16), BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l,
                 num_warps=NUM_WARPS)
-    return b, n_d, length, n_k, n_rank, n_state, n_chunks, (n_dblk, n_k * n_chunks, b), sizes, meta
+    return b, n_d, length, n_k, n_rank, n_state, n_tiles, n_seg, (n_dblk, n_k * n_seg, b), sizes, meta
 
 
 def forward(x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor):
     """x (B, D, L); dbl (B, K, R + 2N, L) of x's dtype; index (B or 1, K, L) int64 permutations; dt_weight (K, D, R)
     of x's dtype; dt_bias, Ds (K * D,) and A (K * D, N) float32 -> out (B, D, L) float32 and the states entering each
-    chunk (B, K, D, N, chunks)."""
-    b, n_d, length, n_k, n_rank, n_state, n_chunks, grid, sizes, meta = _launch(x, dbl, index, A)
+    tile (B, K, D, N, tiles)."""
+    b, n_d, length, n_k, n_rank, n_state, n_tiles, n_seg, grid, sizes, meta = _launch(x, dbl, index, A)
     inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds)
-    states = _carried(_chunk_summary, inputs + sizes, grid, (b, n_k, n_d, n_state, n_chunks), n_chunks, False, meta)
+    carry = _carried(_segment_summary, inputs + sizes, grid, (b, n_k, n_d, n_state, n_seg), n_seg, False, meta)
+    states = torch.empty(b, n_k, n_d, n_state, n_tiles, dtype=torch.float32, device=x.device)
     out = torch.zeros(b, n_d, length, dtype=torch.float32, device=x.device)
-    _cross_scan_fwd[grid](*inputs, states, out, *sizes, **meta)
+    _cross_scan_fwd[grid](*inputs, carry, states, out, *sizes, **meta)
     return out, states
 
 
@@ -326,16 +388,16 @@ def backward(gout: Tensor, x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Ten
              Ds: Tensor, states: Tensor):
     """Gradients of :func:`forward`'s output ``gout`` (B, D, L): dx (B, D, L), d dbl (B, K, R + 2N, L) (float32),
     d dt_weight (K, D, R), d dt_bias (K * D,), dA (K * D, N), dDs (K * D,) (float32)."""
-    b, n_d, length, n_k, n_rank, n_state, n_chunks, grid, sizes, meta = _launch(x, dbl, index, A)
+    b, n_d, length, n_k, n_rank, n_state, n_tiles, n_seg, grid, sizes, meta = _launch(x, dbl, index, A)
     inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds, gout.float().contiguous())
-    carry = _carried(_adjoint_summary, inputs + sizes, grid, states.shape, n_chunks, True, meta)
+    carry = _carried(_adjoint_summary, inputs + sizes, grid, (b, n_k, n_d, n_state, n_seg), n_seg, True, meta)
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.zeros(b, n_d, length, **f32)
     ddbl = torch.zeros(dbl.shape, **f32)
-    dw = torch.empty(b, n_k, n_chunks, n_d, n_rank, **f32)
-    da = torch.empty(b, n_k, n_chunks, n_d, n_state, **f32)
-    dbias = torch.empty(b, n_k, n_chunks, n_d, **f32)
-    dds = torch.empty(b, n_k, n_chunks, n_d, **f32)
+    dw = torch.empty(b, n_k, n_seg, n_d, n_rank, **f32)
+    da = torch.empty(b, n_k, n_seg, n_d, n_state, **f32)
+    dbias = torch.empty(b, n_k, n_seg, n_d, **f32)
+    dds = torch.empty(b, n_k, n_seg, n_d, **f32)
     _cross_scan_bwd[grid](*inputs, states, carry, dx, ddbl, dw, dbias, da, dds, *sizes, **meta)
 
     def total(part):

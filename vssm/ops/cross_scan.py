@@ -12,8 +12,9 @@ token, so the order of the tokens does not matter), and one kernel reads the tok
 index, computes the step sizes from the low rank, scans and adds the K sequences back onto the map. Its backward
 saves x, the projections (B, K, R + 2N, L) and the states entering each chunk of steps. It runs with
 ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
-index is a permutation (``inverse`` given, no separate ``merge``), unless deterministic algorithms are requested (it
-adds with atomics); everywhere else the reference runs.
+index is a permutation (``inverse`` given, no separate ``merge``) and where it is faster than the composition
+(:func:`_pays`: inference over per-image maps), unless deterministic algorithms are requested (it adds with atomics);
+everywhere else the reference runs.
 
 Shape legend: B batch, D channels, L tokens (H*W), K sequences, R rank of the step sizes, N state size.
 """
@@ -75,8 +76,16 @@ class _CrossSelectiveScan(torch.autograd.Function):
                 da.to(a_dtype), dds.to(ds_dtype))
 
 
+def _pays(index: Tensor, needs_grad: bool) -> bool:
+    """Where the kernel is faster than the composition (one H100; kernels/README.md): inference over per-image maps
+    (Spectral VMamba's orders), 1.3x for the whole Spectral VMamba-T. With one map for the batch (VMamba's four
+    directions) the composition's gathers are cheap and its CUDA scan is faster than the kernel's tiles from stage 1
+    to 3, and in training the kernel's backward (atomic adds of the per-token gradients) is slower everywhere."""
+    return index.shape[0] > 1 and not needs_grad
+
+
 def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor], merge: Optional[Tensor],
-                n_state: int) -> bool:
+                n_state: int, needs_grad: bool = False) -> bool:
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # under torch.compile the reference's ops are graph nodes (the scan a custom op)
@@ -84,7 +93,7 @@ def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor
     # algorithms are asked for (torch.use_deterministic_algorithms, mmengine's randomness.deterministic).
     return (_KERNEL is not None and x.is_cuda and triton_fusions_enabled() and inverse is not None and merge is None
             and x.dtype in KERNEL_DTYPES and n_state <= KERNEL_MAX_STATE and index.dtype == torch.int64
-            and not torch.are_deterministic_algorithms_enabled())
+            and not torch.are_deterministic_algorithms_enabled() and _pays(index, needs_grad))
 
 
 def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor,
@@ -117,7 +126,8 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
                          f'(K, R + 2N, D) and dt_weight (K, D, R) with A (K * D, N); got x {tuple(x.shape)}, index '
                          f'{tuple(index.shape)}, x_proj_weight {tuple(x_proj_weight.shape)}, dt_weight '
                          f'{tuple(dt_weight.shape)}, A {tuple(A.shape)}.')
-    if not _use_kernel(backend, x, index, inverse, merge, n_state):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, x_proj_weight, dt_weight, dt_bias, A, Ds))
+    if not _use_kernel(backend, x, index, inverse, merge, n_state, needs_grad):
         return cross_selective_scan_ref(x, index, x_proj_weight, dt_weight, dt_bias, A, Ds, inverse=inverse,
                                         merge=merge, backend=backend)
     device = x.device.type
