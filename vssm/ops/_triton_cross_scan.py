@@ -270,12 +270,30 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, g
     tl.store(dds_ptr + part, tl.sum(gy * u, 1), mask=mask_d)
 
 
+def _chunks(n_state: int, length: int):
+    """(NP, steps of a full chunk, chunks): about 1024 elements per (BD, NP, steps) tile, 16 to 64 steps.
+
+    The one place the chunk count is computed (the launches and the custom ops' fake implementations): N is made a
+    plain int (the kernels' NP is a constexpr; a fake implementation's symbolic N is specialized), L may stay symbolic.
+    """
+    n_p = triton.next_power_of_2(int(n_state))
+    steps = max(16, min(1024 // (BLOCK_D * n_p), 64))
+    return n_p, steps, triton.cdiv(length, steps)
+
+
 def _tiles(n_d: int, n_rank: int, n_state: int, length: int):
-    """(channel blocks, NP, RP, BL, chunks): tl.dot needs 16+ per side; about 1024 elements per (BD, NP, BL) tile."""
-    n_p = triton.next_power_of_2(n_state)
+    """(channel blocks, NP, RP, BL, chunks): tl.dot needs 16+ per side; BL is a full chunk's steps, or the sequences'
+    length rounded up to a power of 2 (at least 16) when they are shorter (one chunk)."""
+    n_p, steps, n_chunks = _chunks(n_state, length)
     r_p = max(16, triton.next_power_of_2(n_rank))
-    block_l = max(16, min(triton.next_power_of_2(length), max(16, 1024 // (BLOCK_D * n_p)), 64))
-    return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l, triton.cdiv(length, block_l)
+    block_l = max(16, min(triton.next_power_of_2(length), steps))
+    return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l, n_chunks
+
+
+def state_shape(x: Tensor, index: Tensor, A: Tensor):
+    """(B, K, D, N, chunks): the shape of the states :func:`forward` returns (the states entering each chunk)."""
+    b, n_d, length = x.shape
+    return b, index.shape[1], n_d, A.shape[1], _chunks(A.shape[1], length)[2]
 
 
 def _check(x: Tensor, dbl: Tensor, index: Tensor):
@@ -316,7 +334,7 @@ def forward(x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Tensor, dt_bias: T
     chunk (B, K, D, N, chunks)."""
     b, n_d, length, n_k, n_rank, n_state, n_chunks, grid, sizes, meta = _launch(x, dbl, index, A)
     inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds)
-    states = _carried(_chunk_summary, inputs + sizes, grid, (b, n_k, n_d, n_state, n_chunks), n_chunks, False, meta)
+    states = _carried(_chunk_summary, inputs + sizes, grid, state_shape(x, index, A), n_chunks, False, meta)
     out = torch.zeros(b, n_d, length, dtype=torch.float32, device=x.device)
     _cross_scan_fwd[grid](*inputs, states, out, *sizes, **meta)
     return out, states
