@@ -1,6 +1,6 @@
 """vssm.ops.cross_selective_scan (VMamba's and Spectral VMamba's SSM core): the Triton kernel against float64 autograd
-(in Triton's interpreter on the CPU, and on a GPU against the reference in fp32 and under bf16 autocast), the
-dispatch, errors."""
+(in Triton's interpreter on the CPU, and on a GPU against the reference in fp32 and under bf16 autocast), its custom
+ops under ``torch.library.opcheck`` and ``torch.compile`` (in the interpreter), the dispatch, errors."""
 import textwrap
 
 import pytest
@@ -101,6 +101,89 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter(cases):
     run_in_interpreter(textwrap.dedent(script))
 
 
+OPS_CASE = '''
+import torch
+from torch._dynamo.testing import AotEagerAndRecordGraphs
+from vssm.ops import cross_scan, cross_selective_scan, inverse_permutation
+from vssm.models.vmamba import cross_scan_index
+
+# the kernel wherever it may run but on CPU tensors (Triton's interpreter)
+cross_scan._use_kernel = lambda backend, x, index, inverse, merge, n_state, *_: (
+    backend != 'torch' and inverse is not None and merge is None)
+
+def inputs(b, d, h, w, k, r, n, per_batch):
+    """index, inverse and the leaves x, x_proj_weight, dt_weight, dt_bias, A, Ds."""
+    g = torch.Generator().manual_seed(0)
+    length = h * w
+    if per_batch:  # index maps that differ per image
+        index = torch.stack([torch.stack([torch.randperm(length, generator=g) for _ in range(k)]) for _ in range(b)])
+    else:
+        index = cross_scan_index(h, w, 'cpu')[0]
+    x = torch.randn(b, d, length, generator=g)
+    x_proj = torch.randn(k, r + 2 * n, d, generator=g) / d**0.5
+    dt_w = torch.randn(k, d, r, generator=g) / r**0.5
+    dt_bias = torch.rand(k, d, generator=g) * 4 - 6
+    A = -torch.rand(k * d, n, generator=g) * 4 - 0.2
+    return index, inverse_permutation(index), [x, x_proj, dt_w, dt_bias, A, torch.randn(k * d, generator=g)]
+
+def check_opcheck(case):
+    """The forward op's schema, fake implementation, autograd registration, and AOTAutograd with dynamic shapes
+    (forward and backward against eager)."""
+    index, _, (x, x_proj, dt_w, dt_bias, A, Ds) = inputs(*case)
+    dbl = torch.einsum('kcd,bdl->bkcl', x_proj, x)  # (B, K, R + 2N, L)
+    args = [t.requires_grad_() for t in (x, dbl, dt_w, dt_bias.reshape(-1), A, Ds)]
+    torch.library.opcheck(torch.ops.vssm.cross_scan_fwd.default, args[:2] + [index] + args[2:])
+
+def scan(x, index, inverse, x_proj, dt_w, dt_bias, A, Ds, backend='auto'):
+    return cross_selective_scan(x, index, x_proj, dt_w, dt_bias, A, Ds, inverse=inverse, backend=backend)
+
+def run(fn, index, inverse, params, backend='auto'):
+    leaves = [t.clone().requires_grad_() for t in params]
+    out = fn(leaves[0], index, inverse, *leaves[1:], backend=backend)
+    return [out, *torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view_as(out))]
+
+def assert_close(got, want):
+    for name, a, b in zip(['out', 'x', 'x_proj_weight', 'dt_weight', 'dt_bias', 'A', 'Ds'], got, want):
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-5, (name, err)
+
+def check_compiled(case, *more_cases, dynamic=False):
+    """cross_selective_scan compiled (fullgraph, aot_eager): one graph with the ops forward and backward, its values
+    and gradients against the eager kernel path and the reference; more cases: other shapes, no recompilation."""
+    torch._dynamo.reset()
+    graphs = AotEagerAndRecordGraphs()
+    compiled = torch.compile(scan, fullgraph=True, backend=graphs, dynamic=dynamic)
+    for i, shape in enumerate((case, ) + more_cases):
+        index, inverse, params = inputs(*shape)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = run(compiled, index, inverse, params)
+        assert_close(got, run(scan, index, inverse, params))
+        assert_close(got, run(scan, index, inverse, params, backend='torch'))
+    assert len(graphs.graphs) == 1 and len(graphs.fw_graphs) == len(graphs.bw_graphs) == 1
+    for gm, op in ((graphs.fw_graphs[0], torch.ops.vssm.cross_scan_fwd.default),
+                   (graphs.bw_graphs[0], torch.ops.vssm.cross_scan_bwd.default)):
+        assert sum(node.target is op for node in gm.graph.nodes) == 1, gm.graph
+'''
+
+
+@pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
+                    reason='needs Triton; with a GPU, test_compiled_kernel_matches_eager_on_gpu runs the ops')
+@pytest.mark.parametrize('calls', [
+    # (B, D, H, W, K, R, N, per-image orders): two per-image orders on a 3 x 7 map, N = 4, two tiles of 16 steps (the
+    # interpreter's time grows with the programs, sequences x tiles per launch; opcheck runs the forward five times)
+    'case = (1, 5, 3, 7, 2, 3, 4, True)\ncheck_opcheck(case)\ncheck_compiled(case)\n',
+    # VMamba's four directions on a 3 x 11 map (two tiles of 32 steps), then compiled with dynamic shapes and run
+    # on a 5 x 13 map (three tiles) without recompiling
+    pytest.param('case = (1, 5, 3, 11, 4, 3, 2, False)\ncheck_opcheck(case)\n'
+                 'check_compiled(case, (1, 5, 5, 13, 4, 3, 2, False), dynamic=True)\n', marks=pytest.mark.slow)],
+    ids=['orders', 'vmamba-dynamic'])
+def test_custom_ops_pass_opcheck_and_compile_in_the_triton_interpreter(calls):
+    """``vssm::cross_scan_fwd``/``cross_scan_bwd`` (the kernels as graph nodes under torch.compile) in Triton's
+    interpreter, fp32 CPU tensors: ``torch.library.opcheck`` (every default utility), and ``cross_selective_scan``
+    compiled with ``fullgraph=True`` and ``aot_eager`` against eager, both on the kernel path and on the reference."""
+    run_in_interpreter(OPS_CASE + calls + "print('ok')\n")
+
+
 def test_cpu_takes_the_reference():
     inputs = _inputs(2, 6, 3, 5, 4, 2, 1, False)
     x, index, inverse, *params = inputs
@@ -110,7 +193,8 @@ def test_cpu_takes_the_reference():
 
 def test_dispatch_rules(monkeypatch):
     """The kernel only for CUDA tensors, with the switch, for permutations without a separate merge map, where it pays
-    (inference over per-image maps), and not under deterministic algorithms (its atomics)."""
+    (inference over per-image maps), and not under deterministic algorithms (its atomics); under torch.compile too,
+    not under torch.export."""
     from types import SimpleNamespace
 
     from vssm.ops import cross_scan
@@ -129,6 +213,11 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
     assert not cross_scan._use_kernel('auto', x, index, index, None, 1)
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, 'is_compiling', lambda: True)
+        assert cross_scan._use_kernel('auto', x, index, index, None, 1)  # compiled: the custom ops
+        patch.setattr(torch.compiler, 'is_exporting', lambda: True)
+        assert not cross_scan._use_kernel('auto', x, index, index, None, 1)
     torch.use_deterministic_algorithms(True)
     try:
         assert not cross_scan._use_kernel('auto', x, index, index, None, 1)
@@ -183,6 +272,38 @@ def test_kernel_matches_the_reference_on_gpu(case, dtype, monkeypatch):
 
 
 @needs_gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_kernel_matches_eager_on_gpu(dtype, monkeypatch):
+    """Compiled with inductor (``fullgraph=True``), the kernels run as the custom ops: values and every gradient
+    against the eager kernel path, in fp32 and under bf16 autocast."""
+    from vssm.ops import cross_scan
+    monkeypatch.setattr(cross_scan, '_pays', lambda index, needs_grad: True)
+    calls = []
+    for name in ('forward', 'backward'):
+        kernel_fn = getattr(cross_scan._KERNEL, name)
+        monkeypatch.setattr(cross_scan._KERNEL, name, lambda *a, f=kernel_fn, n=name: calls.append(n) or f(*a))
+    x, index, inverse, *params = _inputs(*GPU_CASES[1], device='cuda')
+    torch._dynamo.reset()
+    results = []
+    for fn in (torch.compile(cross_selective_scan, fullgraph=True), cross_selective_scan):
+        calls.clear()
+        leaves = [t.detach().clone().requires_grad_() for t in [x] + params]
+        xx, *pp = leaves
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn(xx.to(dtype), index, *pp, inverse=inverse)
+        grad_out = torch.randn(out.shape, device='cuda', generator=torch.Generator('cuda').manual_seed(1))
+        results.append((out, torch.autograd.grad(out, leaves, grad_out)))
+        assert calls == ['forward', 'backward']
+    (got, got_grads), (ref, ref_grads) = results
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+    for name, g, r in zip(['x', 'x_proj', 'dt_weight', 'dt_bias', 'A', 'Ds'], got_grads, ref_grads):
+        assert g.dtype == r.dtype, name
+        err = ((g.float() - r.float()).norm() / r.float().norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (name, err)
+
+
+@needs_gpu
 def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
     from vssm.ops import cross_scan
     monkeypatch.setattr(cross_scan, '_pays', lambda index, needs_grad: True)
@@ -208,7 +329,7 @@ from vssm.models import SpectralVMamba, VMamba
 _triton_cross_scan.PROGRAMS_PER_SM = 16  # sequences of two or more tiles cut into segments (one multiprocessor)
 
 # the kernel wherever it may run but on CPU tensors (Triton's interpreter); the rest of the model on its reference
-cross_scan._use_kernel = lambda backend, x, index, inverse, merge, n_state: (
+cross_scan._use_kernel = lambda backend, x, index, inverse, merge, n_state, *_: (
     backend != 'torch' and inverse is not None and merge is None)
 
 def check(make, batch, size):

@@ -79,7 +79,7 @@ def _dot(a, b, LOW: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def _step_sizes(dbl, w, bias, pos, mask_l, offs_r, n_rank, length, LOW: tl.constexpr, dtype: tl.constexpr):
-    """(raw, delta, dts) of a chunk: dts (RP, BL) the low-rank step inputs at ``pos``, raw = w @ dts + bias."""
+    """(raw, delta, dts) of a tile: dts (RP, BL) the low-rank step inputs at ``pos``, raw = w @ dts + bias."""
     dts = tl.load(dbl + offs_r[:, None] * length + pos[None, :], mask=(offs_r[:, None] < n_rank) & mask_l[None, :],
                   other=0.).to(tl.float32)
     raw = round_to(_dot(w, dts, LOW, dtype), LOW, dtype) + bias[:, None]
@@ -87,9 +87,9 @@ def _step_sizes(dbl, w, bias, pos, mask_l, offs_r, n_rank, length, LOW: tl.const
 
 
 @triton.jit
-def _chunk(x_row, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank, n_state, length,
-           LOW: tl.constexpr, dtype: tl.constexpr):
-    """One chunk's inputs and decays: positions, u, raw, delta, dts, B, C (NP, BL), a and delta * u * B (BD, NP, BL)
+def _tile_inputs(x_row, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank, n_state,
+                 length, LOW: tl.constexpr, dtype: tl.constexpr):
+    """One tile's inputs and decays: positions, u, raw, delta, dts, B, C (NP, BL), a and delta * u * B (BD, NP, BL)
     (a = 1 and delta * u * B = 0 past the end, so the state stays put there)."""
     mask_l = offs_i < length
     pos = tl.load(idx_row + offs_i, mask=mask_l, other=0)
@@ -155,7 +155,7 @@ def _forward_tile(x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, ma
                   n_rank, n_state, length, LOW: tl.constexpr, BL: tl.constexpr):
     """Tile t of a sequence from h = 0: its inputs and the scan (products of a, states)."""
     offs_l = tl.arange(0, BL)
-    mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx = _chunk(
+    mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx = _tile_inputs(
         x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
         t * BL + offs_l, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
     pa, hs = tl.associative_scan((a, bx), 2, _affine)
@@ -308,13 +308,30 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, g
     tl.store(dds_ptr + part, dds, mask=mask_d)
 
 
+def _steps(n_state: int, length: int):
+    """(NP, steps of a full tile, tiles): about ``TILE_ELEMENTS`` per (BD, NP, steps) tile, 16 to 128 steps.
+
+    The one place the tile count is computed (the launches and the custom ops' fake implementations): N is made a
+    plain int (the kernels' NP is a constexpr; a fake implementation's symbolic N is specialized), L may stay symbolic.
+    """
+    n_p = triton.next_power_of_2(int(n_state))
+    steps = max(16, min(TILE_ELEMENTS // (BLOCK_D * n_p), 128))
+    return n_p, steps, triton.cdiv(length, steps)
+
+
 def _tiles(n_d: int, n_rank: int, n_state: int, length: int):
-    """(channel blocks, NP, RP, BL, tiles): tl.dot needs 16+ per side; about ``TILE_ELEMENTS`` per (BD, NP, BL)."""
-    n_p = triton.next_power_of_2(n_state)
+    """(channel blocks, NP, RP, BL, tiles): tl.dot needs 16+ per side; BL is a full tile's steps, or the sequences'
+    length rounded up to a power of 2 (at least 16) when they are shorter (one tile)."""
+    n_p, steps, n_tiles = _steps(n_state, length)
     r_p = max(16, triton.next_power_of_2(n_rank))
-    block_l = min(triton.next_power_of_2(length), max(16, min(TILE_ELEMENTS // (BLOCK_D * n_p), 128)))
-    block_l = max(16, block_l)
-    return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l, triton.cdiv(length, block_l)
+    block_l = max(16, min(triton.next_power_of_2(length), steps))
+    return triton.cdiv(n_d, BLOCK_D), n_p, r_p, block_l, n_tiles
+
+
+def state_shape(x: Tensor, index: Tensor, A: Tensor):
+    """(B, K, D, N, tiles): the shape of the states :func:`forward` returns (the states entering each tile)."""
+    b, n_d, length = x.shape
+    return b, index.shape[1], n_d, A.shape[1], _steps(A.shape[1], length)[2]
 
 
 _SM_COUNT = {}
@@ -378,7 +395,7 @@ def forward(x: Tensor, dbl: Tensor, index: Tensor, dt_weight: Tensor, dt_bias: T
     b, n_d, length, n_k, n_rank, n_state, n_tiles, n_seg, grid, sizes, meta = _launch(x, dbl, index, A)
     inputs = (x, dbl, index, dt_weight, dt_bias, A, Ds)
     carry = _carried(_segment_summary, inputs + sizes, grid, (b, n_k, n_d, n_state, n_seg), n_seg, False, meta)
-    states = torch.empty(b, n_k, n_d, n_state, n_tiles, dtype=torch.float32, device=x.device)
+    states = torch.empty(state_shape(x, index, A), dtype=torch.float32, device=x.device)
     out = torch.zeros(b, n_d, length, dtype=torch.float32, device=x.device)
     _cross_scan_fwd[grid](*inputs, carry, states, out, *sizes, **meta)
     return out, states

@@ -10,11 +10,18 @@ The reference is this composition (the scan on its own dispatch: the CUDA kernel
 kernel (:mod:`vssm.ops._triton_cross_scan`) writes none of them: x_proj runs as one GEMM on the raster map (it is per
 token, so the order of the tokens does not matter), and one kernel reads the tokens and their projections through the
 index, computes the step sizes from the low rank, scans and adds the K sequences back onto the map. Its backward
-saves x, the projections (B, K, R + 2N, L) and the states entering each chunk of steps. It runs with
+saves x, the projections (B, K, R + 2N, L) and the states entering each tile of steps. It runs with
 ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
 index is a permutation (``inverse`` given, no separate ``merge``) and where it is faster than the composition
 (:func:`_pays`: inference over per-image maps), unless deterministic algorithms are requested (it adds with atomics);
 everywhere else the reference runs.
+
+Under ``torch.compile`` the kernels are two ``torch.library`` custom ops, ``vssm::cross_scan_fwd`` (out and the
+states) and ``vssm::cross_scan_bwd``, with fake implementations and the forward's autograd (graph nodes; the backward
+is not differentiable, so a double backward raises); in eager mode the same forward, saved tensors and backward run as
+a ``torch.autograd.Function``, whose dispatch costs the host less (as the token maps do, :mod:`vssm.ops.token_maps`).
+Under ``torch.jit.trace`` and ``torch.export`` (FLOP counters, ONNX export) and in
+:func:`~vssm.ops.plain_autograd` mode the reference runs.
 
 Shape legend: B batch, D channels, L tokens (H*W), K sequences, R rank of the step sizes, N state size.
 """
@@ -56,24 +63,62 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
     return scatter_tokens(y.view(b, k, d, length), index if merge is None else merge, length, inverse)
 
 
+def _setup_context(ctx, inputs, output):
+    """What the backward needs: the inputs (x, dbl, index, w, bias, a, ds) and the states entering each tile."""
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _gradients(backward, ctx, grad):
+    """The inputs' gradients in their dtypes (``backward``: the kernels' host function or the ``cross_scan_bwd`` op);
+    the kernels' gradients are float32."""
+    x, dbl, index, w, bias, a, ds, states = ctx.saved_tensors
+    dx, ddbl, dw, dbias, da, dds = backward(grad, x, dbl, index, w, bias, a, ds, states)
+    return dx.to(x.dtype), ddbl.to(dbl.dtype), None, dw.to(w.dtype), dbias, da, dds
+
+
+if _KERNEL is not None:
+    # The kernels as graph nodes under torch.compile. The backward is not differentiable: cross_scan_bwd has no
+    # autograd registration, so a double backward through the op raises.
+    @torch.library.custom_op('vssm::cross_scan_fwd', mutates_args=())
+    def _fwd_op(x: Tensor, dbl: Tensor, index: Tensor, w: Tensor, bias: Tensor, a: Tensor,
+                ds: Tensor) -> tuple[Tensor, Tensor]:
+        return _KERNEL.forward(x, dbl, index, w, bias, a, ds)
+
+    @torch.library.custom_op('vssm::cross_scan_bwd', mutates_args=())
+    def _bwd_op(grad: Tensor, x: Tensor, dbl: Tensor, index: Tensor, w: Tensor, bias: Tensor, a: Tensor, ds: Tensor,
+                states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _KERNEL.backward(grad, x, dbl, index, w, bias, a, ds, states)
+
+    @_fwd_op.register_fake
+    def _(x, dbl, index, w, bias, a, ds):
+        f32 = dict(dtype=torch.float32)
+        return x.new_empty(x.shape, **f32), x.new_empty(_KERNEL.state_shape(x, index, a), **f32)
+
+    @_bwd_op.register_fake
+    def _(grad, x, dbl, index, w, bias, a, ds, states):
+        return tuple(t.new_empty(t.shape, dtype=torch.float32) for t in (x, dbl, w, bias, a, ds))
+
+    def _setup_op(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])  # the states: saved for the backward, no gradient flows into them
+        _setup_context(ctx, inputs, output)
+
+    _fwd_op.register_autograd(lambda ctx, grad, _grad_states: _gradients(_bwd_op, ctx, grad),
+                              setup_context=_setup_op)
+
+
 class _CrossSelectiveScan(torch.autograd.Function):
+    """Eager form of ``vssm::cross_scan_fwd``: the same forward, setup and backward, without the op's dispatch."""
 
     @staticmethod
-    def forward(ctx, x, dbl, index, dt_weight, dt_bias, A, Ds):
-        w = dt_weight.to(x.dtype).contiguous()  # the reference's dt_proj runs in x's (autocast's) dtype
-        bias, a, ds = dt_bias.float().reshape(-1).contiguous(), A.float().contiguous(), Ds.float().contiguous()
+    def forward(ctx, x, dbl, index, w, bias, a, ds):
         out, states = _KERNEL.forward(x, dbl, index, w, bias, a, ds)
-        ctx.save_for_backward(x, dbl, index, w, bias, a, ds, states)
-        ctx.dtypes = dt_weight.dtype, dt_bias.dtype, A.dtype, Ds.dtype
+        _setup_context(ctx, (x, dbl, index, w, bias, a, ds), (out, states))
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, dbl, index, w, bias, a, ds, states = ctx.saved_tensors
-        dx, ddbl, dw, dbias, da, dds = _KERNEL.backward(grad, x, dbl, index, w, bias, a, ds, states)
-        w_dtype, bias_dtype, a_dtype, ds_dtype = ctx.dtypes
-        return (dx.to(x.dtype), ddbl.to(dbl.dtype), None, dw.to(w_dtype), dbias.view(-1, x.shape[1]).to(bias_dtype),
-                da.to(a_dtype), dds.to(ds_dtype))
+        return _gradients(_KERNEL.backward, ctx, grad)
 
 
 def _pays(index: Tensor, needs_grad: bool) -> bool:
@@ -87,8 +132,9 @@ def _pays(index: Tensor, needs_grad: bool) -> bool:
 def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor], merge: Optional[Tensor],
                 n_state: int, needs_grad: bool = False) -> bool:
     check_backend_name(backend)
-    if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False  # under torch.compile the reference's ops are graph nodes (the scan a custom op)
+    if (backend == 'torch' or plain_autograd_enabled() or torch.jit.is_tracing()
+            or torch.compiler.is_exporting()):
+        return False  # FLOP counters and exporters (ONNX) know the reference's ops, not the kernel's custom ops
     # The kernel adds the K sequences with atomics (run-to-run differences in the last bits): not where deterministic
     # algorithms are asked for (torch.use_deterministic_algorithms, mmengine's randomness.deterministic).
     return (_KERNEL is not None and x.is_cuda and triton_fusions_enabled() and inverse is not None and merge is None
@@ -135,4 +181,10 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
     x = x.to(dtype).contiguous()
     # x_proj on the raster map: every token's projections for every sequence, (B, K, R + 2N, L)
     dbl = grouped_matmul(x_proj_weight.reshape(1, k * n_dbl, d), x[:, None]).view(b, k, n_dbl, length)
-    return _CrossSelectiveScan.apply(x, dbl, index.contiguous(), dt_weight, dt_bias, A, Ds)
+    # the parameters as the kernels take them (autograd casts their gradients back): dt_proj in x's (autocast's)
+    # dtype as the reference's, the rest float32
+    inputs = (x, dbl, index.contiguous(), dt_weight.to(dtype).contiguous(), dt_bias.float().reshape(-1).contiguous(),
+              A.float().contiguous(), Ds.float().contiguous())
+    if torch.compiler.is_compiling():
+        return _fwd_op(*inputs)[0]
+    return _CrossSelectiveScan.apply(*inputs)
