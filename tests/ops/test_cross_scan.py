@@ -193,22 +193,24 @@ def test_cpu_takes_the_reference():
 
 def test_dispatch_rules(monkeypatch):
     """The kernel only for CUDA tensors, with the switch, for permutations without a separate merge map, where it pays
-    (inference over per-image maps), and not under deterministic algorithms (its atomics); under torch.compile too,
-    not under torch.export."""
+    (16-bit inference over per-image maps), and not under deterministic algorithms (its atomics); under torch.compile
+    too, not under torch.export."""
     from types import SimpleNamespace
 
     from vssm.ops import cross_scan
     monkeypatch.setattr(cross_scan, '_KERNEL', object())
-    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
-    index = torch.zeros(2, 4, 6, dtype=torch.int64)  # per-image maps, inference: where the kernel pays
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device('cuda'))
+    index = torch.zeros(2, 4, 6, dtype=torch.int64)  # per-image maps, 16-bit inference: where the kernel pays
+    assert not cross_scan._use_kernel('auto', SimpleNamespace(is_cuda=True, dtype=torch.float32, device=x.device),
+                                      index, index, None, 1)  # float32
     assert not cross_scan._use_kernel('auto', x, index[:1], index[:1], None, 1)  # one map for the batch
     assert not cross_scan._use_kernel('auto', x, index, index, None, 1, needs_grad=True)  # training
     assert cross_scan._use_kernel('auto', x, index, index, None, 1)
     assert not cross_scan._use_kernel('torch', x, index, index, None, 1)
     assert not cross_scan._use_kernel('auto', x, index, None, None, 1)  # not known to be permutations
     assert not cross_scan._use_kernel('auto', x, index, index, index, 1)  # a separate merge map
-    assert not cross_scan._use_kernel('auto', SimpleNamespace(is_cuda=False, dtype=torch.float32), index, index,
-                                      None, 1)
+    assert not cross_scan._use_kernel('auto', SimpleNamespace(is_cuda=False, dtype=torch.bfloat16,
+                                                              device=torch.device('cpu')), index, index, None, 1)
     assert not cross_scan._use_kernel('auto', x, index, index, None, 17)  # N above the scan kernels' 16
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
     assert not cross_scan._use_kernel('auto', x, index, index, None, 1)
@@ -248,7 +250,7 @@ def test_kernel_matches_the_reference_on_gpu(case, dtype, monkeypatch):
     """Values and every gradient against the reference composition (its scan on the CUDA kernel when built), in fp32
     and under bf16 autocast (x in bf16 as the model's is); the kernel wherever it may run, training included."""
     from vssm.ops import cross_scan
-    monkeypatch.setattr(cross_scan, '_pays', lambda index, needs_grad: True)
+    monkeypatch.setattr(cross_scan, '_pays', lambda *args: True)
     inputs = _inputs(*case, device='cuda')
     x, index, inverse, *params = inputs
     results = []
@@ -277,7 +279,7 @@ def test_compiled_kernel_matches_eager_on_gpu(dtype, monkeypatch):
     """Compiled with inductor (``fullgraph=True``), the kernels run as the custom ops: values and every gradient
     against the eager kernel path, in fp32 and under bf16 autocast."""
     from vssm.ops import cross_scan
-    monkeypatch.setattr(cross_scan, '_pays', lambda index, needs_grad: True)
+    monkeypatch.setattr(cross_scan, '_pays', lambda *args: True)
     calls = []
     for name in ('forward', 'backward'):
         kernel_fn = getattr(cross_scan._KERNEL, name)
@@ -306,7 +308,7 @@ def test_compiled_kernel_matches_eager_on_gpu(dtype, monkeypatch):
 @needs_gpu
 def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
     from vssm.ops import cross_scan
-    monkeypatch.setattr(cross_scan, '_pays', lambda index, needs_grad: True)
+    monkeypatch.setattr(cross_scan, '_pays', lambda *args: True)
     calls = []
     monkeypatch.setattr(cross_scan._CrossSelectiveScan, 'apply', lambda *a: calls.append(a) or a[0].float())
     x, index, inverse, *params = _inputs(2, 16, 4, 4, 4, 2, 1, False, device='cuda')

@@ -13,8 +13,8 @@ index, computes the step sizes from the low rank, scans and adds the K sequences
 saves x, the projections (B, K, R + 2N, L) and the states entering each tile of steps. It runs with
 ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
 index is a permutation (``inverse`` given, no separate ``merge``) and where it is faster than the composition
-(:func:`_pays`: inference over per-image maps), unless deterministic algorithms are requested (it adds with atomics);
-everywhere else the reference runs.
+(:func:`_pays`: 16-bit inference over per-image maps), unless deterministic algorithms are requested (it adds with
+atomics); everywhere else the reference runs.
 
 Under ``torch.compile`` the kernels are two ``torch.library`` custom ops, ``vssm::cross_scan_fwd`` (out and the
 states) and ``vssm::cross_scan_bwd``, with fake implementations and the forward's autograd (graph nodes; the backward
@@ -121,12 +121,19 @@ class _CrossSelectiveScan(torch.autograd.Function):
         return _gradients(_KERNEL.backward, ctx, grad)
 
 
-def _pays(index: Tensor, needs_grad: bool) -> bool:
-    """Where the kernel is faster than the composition (one H100; kernels/README.md): inference over per-image maps
-    (Spectral VMamba's orders), 1.3x for the whole Spectral VMamba-T. With one map for the batch (VMamba's four
-    directions) the composition's gathers are cheap and its CUDA scan is faster than the kernel's tiles from stage 1
-    to 3, and in training the kernel's backward (atomic adds of the per-token gradients) is slower everywhere."""
-    return index.shape[0] > 1 and not needs_grad
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the kernel computes in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _pays(x: Tensor, index: Tensor, needs_grad: bool) -> bool:
+    """Where the kernel is faster than the composition (one H100; kernels/README.md): 16-bit inference over per-image
+    maps (Spectral VMamba's orders), 1.34x for the whole Spectral VMamba-T in bf16. In float32 its exact-fp32 dots
+    make it slower (0.76x); with one map for the batch (VMamba's four directions) the composition's gathers are cheap
+    and its CUDA scan is faster than the kernel's tiles from stage 1 to 3; in training the kernel's backward (atomic
+    adds of the per-token gradients) is slower everywhere."""
+    return _compute_dtype(x) in (torch.float16, torch.bfloat16) and index.shape[0] > 1 and not needs_grad
 
 
 def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor], merge: Optional[Tensor],
@@ -139,7 +146,7 @@ def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor
     # algorithms are asked for (torch.use_deterministic_algorithms, mmengine's randomness.deterministic).
     return (_KERNEL is not None and x.is_cuda and triton_fusions_enabled() and inverse is not None and merge is None
             and x.dtype in KERNEL_DTYPES and n_state <= KERNEL_MAX_STATE and index.dtype == torch.int64
-            and not torch.are_deterministic_algorithms_enabled() and _pays(index, needs_grad))
+            and not torch.are_deterministic_algorithms_enabled() and _pays(x, index, needs_grad))
 
 
 def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor,
@@ -176,8 +183,7 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
     if not _use_kernel(backend, x, index, inverse, merge, n_state, needs_grad):
         return cross_selective_scan_ref(x, index, x_proj_weight, dt_weight, dt_bias, A, Ds, inverse=inverse,
                                         merge=merge, backend=backend)
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = _compute_dtype(x)
     x = x.to(dtype).contiguous()
     # x_proj on the raster map: every token's projections for every sequence, (B, K, R + 2N, L)
     dbl = grouped_matmul(x_proj_weight.reshape(1, k * n_dbl, d), x[:, None]).view(b, k, n_dbl, length)
