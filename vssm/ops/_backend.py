@@ -116,6 +116,15 @@ def triton_fusions(enabled: bool = True) -> Iterator[None]:
             os.environ['VSSM_TRITON_FUSIONS'] = previous
 
 
+def exporting() -> bool:
+    """Traced for FLOP counting (``torch.jit.trace``) or exported (``torch.export``, the ONNX exporter): the ops run as
+    plain PyTorch ops, which those tools know. Not under ``torch.compile``, where the custom ops are graph nodes:
+    ``torch.compiler.is_exporting()`` alone also answers True while dynamo traces for ``torch.compile`` on some
+    versions (torch 2.11), so a dynamo trace counts as compiling (``torch.export`` traces without dynamo by default)."""
+    import torch
+    return torch.jit.is_tracing() or (torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling())
+
+
 def is_cacheable(t: Tensor) -> bool:
     """Whether a constant tensor built inside an op (an index, a map) may be kept in a module-level cache: not the
     fake tensors of tracers (FakeTensorMode, torch.compile) or tensors on the meta device, which would leak into later

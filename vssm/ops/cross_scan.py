@@ -30,7 +30,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
+from ._backend import (
+    check_backend_name,
+    exporting,
+    plain_autograd_enabled,
+    triton_fusions_enabled,
+    try_import_extension,
+)
 from .grouped_matmul import grouped_matmul
 from .selective_scan import KERNEL_DTYPES, KERNEL_MAX_STATE, selective_scan
 from .token_maps import gather_tokens, scatter_tokens
@@ -139,8 +145,7 @@ def _pays(x: Tensor, index: Tensor, needs_grad: bool) -> bool:
 def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor], merge: Optional[Tensor],
                 n_state: int, needs_grad: bool = False) -> bool:
     check_backend_name(backend)
-    if (backend == 'torch' or plain_autograd_enabled() or torch.jit.is_tracing()
-            or torch.compiler.is_exporting()):
+    if backend == 'torch' or plain_autograd_enabled() or exporting():
         return False  # FLOP counters and exporters (ONNX) know the reference's ops, not the kernel's custom ops
     # The kernel adds the K sequences with atomics (run-to-run differences in the last bits): not where deterministic
     # algorithms are asked for (torch.use_deterministic_algorithms, mmengine's randomness.deterministic).

@@ -31,14 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import plain_autograd_enabled
+from ._backend import exporting, plain_autograd_enabled
 
 __all__ = ['gather_tokens', 'scatter_tokens', 'inverse_permutation']
-
-
-def _exporting() -> bool:
-    """Traced for FLOP counting or exported (ONNX): plain ops, which those tools know."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def _expand_index(index: Tensor, batch: int, channels: int) -> Tensor:
@@ -159,7 +154,7 @@ def gather_tokens(x: Tensor, index: Tensor, inverse: Optional[Tensor] = None) ->
         (B, K, D, M), x's dtype.
     """
     x = x.flatten(2)
-    if _exporting():
+    if exporting():
         return _gather(x, index)
     _check('gather_tokens', index, inverse, x.shape[0], x.shape[2] if inverse is not None else None)
     if plain_autograd_enabled():
@@ -181,7 +176,7 @@ def scatter_tokens(y: Tensor, index: Tensor, length: int, inverse: Optional[Tens
     Returns:
         (B, D, L), y's dtype.
     """
-    if _exporting():
+    if exporting():
         return _scatter(y, index, length, None)
     _check('scatter_tokens', index, inverse, y.shape[0], length if inverse is not None else None)
     if y.shape[1] != index.shape[1] or y.shape[3] != index.shape[2]:
