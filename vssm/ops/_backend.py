@@ -95,9 +95,9 @@ def plain_autograd_enabled() -> bool:
 
 
 def triton_fusions_enabled() -> bool:
-    """Whether the Triton kernels that wait for their verification on a GPU (``layer_norm_2d``, ``observe_gate``)
-    run: only with ``VSSM_TRITON_FUSIONS=1`` in the environment (read per call); otherwise their ops take the
-    reference under every backend."""
+    """Whether the Triton kernels (``layer_norm_2d``, ``observe_gate``, ``cross_selective_scan``) may run: only with
+    ``VSSM_TRITON_FUSIONS=1`` in the environment (read per call), off by default until the models' eager rows with
+    them are measured again; otherwise their ops take the reference under every backend."""
     return os.environ.get('VSSM_TRITON_FUSIONS', '0') == '1'
 
 
