@@ -171,7 +171,8 @@ def check_compiled(case, *more_cases, dynamic=False):
 @pytest.mark.parametrize('calls', [
     # (B, D, H, W, K, R, N, per-image orders): two per-image orders on a 3 x 7 map, N = 4, two tiles of 16 steps (the
     # interpreter's time grows with the programs, sequences x tiles per launch; opcheck runs the forward five times)
-    'case = (1, 5, 3, 7, 2, 3, 4, True)\ncheck_opcheck(case)\ncheck_compiled(case)\n',
+    pytest.param('case = (1, 5, 3, 7, 2, 3, 4, True)\ncheck_opcheck(case)\ncheck_compiled(case)\n',
+                 marks=pytest.mark.slow),
     # VMamba's four directions on a 3 x 11 map (two tiles of 32 steps), then compiled with dynamic shapes and run
     # on a 5 x 13 map (three tiles) without recompiling
     pytest.param('case = (1, 5, 3, 11, 4, 3, 2, False)\ncheck_opcheck(case)\n'

@@ -78,24 +78,37 @@ def _dot(a, b, LOW: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _step_sizes(dbl, w, bias, pos, mask_l, offs_r, n_rank, length, LOW: tl.constexpr, dtype: tl.constexpr):
-    """(raw, delta, dts) of a tile: dts (RP, BL) the low-rank step inputs at ``pos``, raw = w @ dts + bias."""
-    dts = tl.load(dbl + offs_r[:, None] * length + pos[None, :], mask=(offs_r[:, None] < n_rank) & mask_l[None, :],
-                  other=0.).to(tl.float32)
-    raw = round_to(_dot(w, dts, LOW, dtype), LOW, dtype) + bias[:, None]
-    return raw, _softplus(raw), dts
+def _step_sizes(dbl, w_rows, mask_d, bias, pos, mask_l, length, LOW: tl.constexpr, dtype: tl.constexpr,
+                R: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+    """(raw, delta) of a tile: raw = w @ dts + bias, the rank-R product as R outer-product updates in float32 (one
+    row of the step inputs at ``pos`` and one column of ``w_rows``, the channels' dt weights, at a time: no dot
+    operand layouts, no tile of the step inputs kept)."""
+    acc = tl.zeros([BD, BL], dtype=tl.float32)
+    for r in tl.static_range(R):
+        dts_r = tl.load(dbl + r * length + pos, mask=mask_l, other=0.).to(tl.float32)
+        acc += tl.load(w_rows + r, mask=mask_d, other=0.).to(tl.float32)[:, None] * dts_r[None, :]
+    raw = round_to(acc, LOW, dtype) + bias[:, None]
+    return raw, _softplus(raw)
 
 
 @triton.jit
-def _tile_inputs(x_row, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank, n_state,
-                 length, LOW: tl.constexpr, dtype: tl.constexpr):
-    """One tile's inputs and decays: positions, u, raw, delta, dts, B, C (NP, BL), a and delta * u * B (BD, NP, BL)
+def _step_inputs(dbl, pos, mask_l, offs_r, n_rank, length):
+    """The tile's low-rank step inputs (RP, BL), float32 (the backward's dot operands)."""
+    return tl.load(dbl + offs_r[:, None] * length + pos[None, :], mask=(offs_r[:, None] < n_rank) & mask_l[None, :],
+                   other=0.).to(tl.float32)
+
+
+@triton.jit
+def _tile_inputs(x_row, dbl, idx_row, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, offs_i, n_rank, n_state,
+                 length, LOW: tl.constexpr, dtype: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
+                 BL: tl.constexpr):
+    """One tile's inputs and decays: positions, u, raw, delta, B, C (NP, BL), a and delta * u * B (BD, NP, BL)
     (a = 1 and delta * u * B = 0 past the end, so the state stays put there)."""
     mask_l = offs_i < length
     pos = tl.load(idx_row + offs_i, mask=mask_l, other=0)
     mask = mask_d[:, None] & mask_l[None, :]
     u = tl.load(x_row + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.).to(tl.float32)
-    raw, delta, dts = _step_sizes(dbl, w, bias, pos, mask_l, offs_r, n_rank, length, LOW, dtype)
+    raw, delta = _step_sizes(dbl, w_rows, mask_d, bias, pos, mask_l, length, LOW, dtype, R, BD, BL)
     mask_nl = mask_n[:, None] & mask_l[None, :]
     Bv = tl.load(dbl + (n_rank + offs_n[:, None]) * length + pos[None, :], mask=mask_nl, other=0.).to(tl.float32)
     Cv = tl.load(dbl + (n_rank + n_state + offs_n[:, None]) * length + pos[None, :], mask=mask_nl,
@@ -103,7 +116,7 @@ def _tile_inputs(x_row, dbl, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n
     live = mask_l[None, None, :]
     a = tl.where(live, tl.exp(delta[:, None, :] * A[:, :, None]), 1.)
     bx = tl.where(live, (delta * u)[:, None, :] * Bv[None, :, :], 0.)
-    return mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx
+    return mask_l, pos, mask, u, raw, delta, Bv, Cv, a, bx
 
 
 @triton.jit
@@ -129,7 +142,8 @@ def _column(t, offs_l, j):
 def _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state, index_batch,
            n_tiles, tiles_per_seg, n_seg, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr):
     """Everything a program starts from: its batch element (grid axis 2), sequence and segment (axis 1), channels
-    (axis 0), its tiles [first, end), its sequence's parameters and base pointers, and the offsets of its
+    (axis 0), its tiles [first, end), its sequence's parameters (the dt weights as a (BD, RP) tile and as row
+    pointers) and base pointers, and the offsets of its
     (b, k, d, n) rows in the per-tile (B, K, D, N, tiles) and per-segment (B, K, D, N, segments) buffers."""
     b = tl.program_id(2).to(tl.int64)
     k = tl.program_id(1) // n_seg
@@ -146,36 +160,37 @@ def _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, lengt
     dbl_off = (b * n_k + k) * (n_rank + 2 * n_state) * length
     idx_row = index_ptr + b * index_batch + k * length
     rows = (b * n_k * n_d + kd[:, None]) * n_state + offs_n[None, :]
-    return (b, k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, kd, w, bias, A, ds, dbl_off, idx_row, rows,
-            mask_d[:, None] & mask_n[None, :])
+    return (b, k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, kd, w, w_ptr + kd * n_rank, bias, A, ds,
+            dbl_off, idx_row, rows, mask_d[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _forward_tile(x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d,
-                  n_rank, n_state, length, LOW: tl.constexpr, BL: tl.constexpr):
+def _forward_tile(x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d,
+                  n_rank, n_state, length, LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
     """Tile t of a sequence from h = 0: its inputs and the scan (products of a, states)."""
     offs_l = tl.arange(0, BL)
-    mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx = _tile_inputs(
-        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r,
-        t * BL + offs_l, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty)
+    mask_l, pos, mask, u, raw, delta, Bv, Cv, a, bx = _tile_inputs(
+        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n,
+        t * BL + offs_l, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty, R, BD, BL)
     pa, hs = tl.associative_scan((a, bx), 2, _affine)
-    return offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx, pa, hs
+    return offs_l, mask_l, pos, mask, u, raw, delta, Bv, Cv, a, bx, pa, hs
 
 
 @triton.jit
 def _segment_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, decay_ptr, last_ptr,
                      n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
-                     LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+                     LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                     BL: tl.constexpr):
     """Pass 1 of the forward: the product of the segment's decays and its end state from h = 0."""
-    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, _ds, dbl_off, idx_row, rows,
-     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, _w, w_rows, bias, A, _ds, dbl_off,
+     idx_row, rows, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k,
+                                      n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     h = tl.zeros([BD, NP], dtype=tl.float32)
     decay = tl.full([BD, NP], 1., dtype=tl.float32)
     for t in range(first, end):
-        offs_l, _, _, _, _, _, _, _, _, _, _, _, pa, hs = _forward_tile(
-            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d, n_rank,
-            n_state, length, LOW, BL)
+        offs_l, _, _, _, _, _, _, _, _, _, _, pa, hs = _forward_tile(
+            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d, n_rank,
+            n_state, length, LOW, R, BD, BL)
         pa_last = _column(pa, offs_l, BL - 1)
         h = pa_last * h + _column(hs, offs_l, BL - 1)
         decay = decay * pa_last
@@ -200,18 +215,19 @@ def _carry(decay_ptr, local_ptr, out_ptr, n_rows, n_seg, REVERSE: tl.constexpr, 
 @triton.jit
 def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, carry_ptr, state_ptr, out_ptr,
                     n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
-                    LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+                    LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                    BL: tl.constexpr):
     """Pass 3 of the forward: the segment's tiles from its entering state; outputs added onto ``out``, the state
     entering each tile saved."""
-    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, ds, dbl_off, idx_row, rows,
-     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, _w, w_rows, bias, A, ds, dbl_off,
+     idx_row, rows, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k,
+                                      n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     h = tl.load(carry_ptr + rows * n_seg + seg, mask=mask_dn, other=0.)
     out_row = out_ptr + b * n_d * length + offs_d[:, None] * length
     for t in range(first, end):
-        offs_l, _, pos, mask, u, _, _, _, _, Cv, _, _, pa, hs = _forward_tile(
-            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d, n_rank,
-            n_state, length, LOW, BL)
+        offs_l, _, pos, mask, u, _, _, _, Cv, _, _, pa, hs = _forward_tile(
+            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d, n_rank,
+            n_state, length, LOW, R, BD, BL)
         tl.store(state_ptr + rows * n_tiles + t, h, mask=mask_dn)
         hs = hs + pa * h[:, :, None]
         y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
@@ -220,34 +236,36 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, c
 
 
 @triton.jit
-def _adjoint_tile(x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n,
-                  offs_r, n_d, n_rank, n_state, length, LOW: tl.constexpr, BL: tl.constexpr):
+def _adjoint_tile(x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n,
+                  n_d, n_rank, n_state, length, LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
+                  BL: tl.constexpr):
     """Tile t of the adjoint recurrence with G = 0 after it: the forward tile's inputs, dy, and the reverse scan
     (``r``: the products of the decays after each step to the tile's end; ``G``: the local adjoints)."""
-    offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, Cv, a, bx, pa, hs = _forward_tile(
-        x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d, n_rank,
-        n_state, length, LOW, BL)
+    offs_l, mask_l, pos, mask, u, raw, delta, Bv, Cv, a, bx, pa, hs = _forward_tile(
+        x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d, n_rank,
+        n_state, length, LOW, R, BD, BL)
     gy = tl.load(gout_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.)
     _, r, G = tl.associative_scan((a, tl.full(a.shape, 1., tl.float32), gy[:, None, :] * Cv[None, :, :]), 2,
                                   _adjoint, reverse=True)
-    return offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, pa, hs, gy, r, G
+    return offs_l, mask_l, pos, mask, u, raw, delta, Bv, a, bx, pa, hs, gy, r, G
 
 
 @triton.jit
 def _adjoint_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, decay_ptr, local_ptr,
                      n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
-                     LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+                     LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                     BL: tl.constexpr):
     """Pass 1 of the backward: the product of the segment's decays and a_first G_first, what it passes to the segment
     before it, from G = 0 after its end."""
-    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, _ds, dbl_off, idx_row, rows,
-     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, _w, w_rows, bias, A, _ds, dbl_off,
+     idx_row, rows, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k,
+                                      n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     passed = tl.zeros([BD, NP], dtype=tl.float32)  # a_{j+1} G_{j+1} entering the tile's last step j from later tiles
     decay = tl.full([BD, NP], 1., dtype=tl.float32)
     for j in range(0, end - first):
-        offs_l, _, _, _, _, _, _, _, _, a, _, _, _, _, r, G = _adjoint_tile(
-            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, end - 1 - j, w, bias, A, offs_d, mask_d, offs_n, mask_n,
-            offs_r, n_d, n_rank, n_state, length, LOW, BL)
+        offs_l, _, _, _, _, _, _, _, a, _, _, _, _, r, G = _adjoint_tile(
+            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, end - 1 - j, w_rows, bias, A, offs_d, mask_d, offs_n,
+            mask_n, n_d, n_rank, n_state, length, LOW, R, BD, BL)
         a_first, r_first = _column(a, offs_l, 0), _column(r, offs_l, 0)
         passed = a_first * (_column(G, offs_l, 0) + r_first * passed)
         decay = decay * a_first * r_first
@@ -259,12 +277,13 @@ def _adjoint_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, 
 def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, gout_ptr, state_ptr, carry_ptr,
                     dx_ptr, ddbl_ptr, dw_ptr, dbias_ptr, da_ptr, dds_ptr,
                     n_d, length, n_k, n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg,
-                    LOW: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr):
+                    LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                    BL: tl.constexpr):
     """Pass 3 of the backward: the segment's tiles in reverse, states from the saved ones and adjoints from what the
     later tiles pass on; every gradient."""
-    (b, k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, bias, A, ds, dbl_off, idx_row, rows,
-     mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k, n_rank, n_state,
-                       index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
+    (b, k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, w_rows, bias, A, ds, dbl_off,
+     idx_row, rows, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k,
+                                      n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     dtype = x_ptr.dtype.element_ty
     ddbl = ddbl_ptr + dbl_off
     dx_row = dx_ptr + b * n_d * length + offs_d[:, None] * length
@@ -276,9 +295,9 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, g
     dds = tl.zeros([BD], dtype=tl.float32)
     for j in range(0, end - first):
         t = end - 1 - j
-        offs_l, mask_l, pos, mask, u, raw, delta, dts, Bv, a, bx, pa, hs, gy, r, G = _adjoint_tile(
-            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d,
-            n_rank, n_state, length, LOW, BL)
+        offs_l, mask_l, pos, mask, u, raw, delta, Bv, a, bx, pa, hs, gy, r, G = _adjoint_tile(
+            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d,
+            n_rank, n_state, length, LOW, R, BD, BL)
         hs = hs + pa * tl.load(state_ptr + rows * n_tiles + t, mask=mask_dn, other=0.)[:, :, None]
         G = G + r * passed[:, :, None]
         passed = _column(a, offs_l, 0) * _column(G, offs_l, 0)
@@ -296,6 +315,7 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, g
                       tl.sum(hs * gy[:, None, :], 0), mask=mask_nl)
         tl.atomic_add(ddbl + offs_r[:, None] * length + pos[None, :], _dot(tl.trans(w), draw, LOW, dtype),
                       mask=mask_r[:, None] & mask_l[None, :])
+        dts = _step_inputs(dbl_ptr + dbl_off, pos, mask_l, offs_r, n_rank, length)
         dw += _dot(draw, tl.trans(dts), LOW, dtype)
         da += tl.sum(glog * delta[:, None, :], 2)
         dbias += tl.sum(draw, 1)
@@ -383,7 +403,7 @@ def _launch(x: Tensor, dbl: Tensor, index: Tensor, A: Tensor):
     n_dblk, n_p, r_p, block_l, n_tiles = _tiles(n_d, n_rank, n_state, length)
     per_seg, n_seg = _segments(n_dblk * n_k * b, n_tiles, x.device)
     sizes = (n_d, length, n_k, n_rank, n_state, 0 if index.shape[0] == 1 else n_k * length, n_tiles, per_seg, n_seg)
-    meta = dict(LOW=x.dtype in (torch.float16, torch.bfloat16), BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l,
+    meta = dict(LOW=x.dtype in (torch.float16, torch.bfloat16), R=n_rank, BD=BLOCK_D, NP=n_p, RP=r_p, BL=block_l,
                 num_warps=NUM_WARPS)
     return b, n_d, length, n_k, n_rank, n_state, n_tiles, n_seg, (n_dblk, n_k * n_seg, b), sizes, meta
 
