@@ -93,6 +93,7 @@ def check(b, d, h, w, k, r, n, per_batch, programs_per_sm=kernel.PROGRAMS_PER_SM
         (1, 16, 20, 30, 4, 2, 1, False, 12),  # five tiles in three segments (2, 2, 1)
         (2, 18, 2, 3, 2, 3, 2, True),  # per-image permutations, two channel blocks
         (2, 7, 5, 7, 3, 5, 3, True, 100),  # per-image permutations, N = 3 (two tiles of 32, two segments), K = 3
+        (1, 16, 5, 7, 4, 17, 1, False),  # rank 17: the step sizes through tl.dot
     ], marks=pytest.mark.slow)], ids=['tiles-and-segments', 'more-shapes'])
 def test_kernel_matches_float64_autograd_in_the_triton_interpreter(cases):
     """The kernels run by Triton's interpreter on CPU tensors, fp32, against the composition in float64 (a fresh

@@ -78,20 +78,6 @@ def _dot(a, b, LOW: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _step_sizes(dbl, w_rows, mask_d, bias, pos, mask_l, length, LOW: tl.constexpr, dtype: tl.constexpr,
-                R: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
-    """(raw, delta) of a tile: raw = w @ dts + bias, the rank-R product as R outer-product updates in float32 (one
-    row of the step inputs at ``pos`` and one column of ``w_rows``, the channels' dt weights, at a time: no dot
-    operand layouts, no tile of the step inputs kept)."""
-    acc = tl.zeros([BD, BL], dtype=tl.float32)
-    for r in tl.static_range(R):
-        dts_r = tl.load(dbl + r * length + pos, mask=mask_l, other=0.).to(tl.float32)
-        acc += tl.load(w_rows + r, mask=mask_d, other=0.).to(tl.float32)[:, None] * dts_r[None, :]
-    raw = round_to(acc, LOW, dtype) + bias[:, None]
-    return raw, _softplus(raw)
-
-
-@triton.jit
 def _step_inputs(dbl, pos, mask_l, offs_r, n_rank, length):
     """The tile's low-rank step inputs (RP, BL), float32 (the backward's dot operands)."""
     return tl.load(dbl + offs_r[:, None] * length + pos[None, :], mask=(offs_r[:, None] < n_rank) & mask_l[None, :],
@@ -99,8 +85,25 @@ def _step_inputs(dbl, pos, mask_l, offs_r, n_rank, length):
 
 
 @triton.jit
-def _tile_inputs(x_row, dbl, idx_row, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, offs_i, n_rank, n_state,
-                 length, LOW: tl.constexpr, dtype: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
+def _step_sizes(dbl, w, w_rows, offs_r, mask_d, bias, pos, mask_l, length, LOW: tl.constexpr, dtype: tl.constexpr,
+                R: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+    """(raw, delta) of a tile: raw = w @ dts + bias. Below rank 16 the product is R outer-product updates in float32
+    (one row of the step inputs at ``pos`` and one column of ``w_rows``, the channels' dt weights, at a time: no dot
+    operand layouts, no padded tile of the step inputs); from rank 16 a ``tl.dot`` of the (BD, RP) weights ``w``."""
+    if R >= 16:
+        acc = _dot(w, _step_inputs(dbl, pos, mask_l, offs_r, R, length), LOW, dtype)
+    else:
+        acc = tl.zeros([BD, BL], dtype=tl.float32)
+        for r in tl.static_range(R):
+            dts_r = tl.load(dbl + r * length + pos, mask=mask_l, other=0.).to(tl.float32)
+            acc += tl.load(w_rows + r, mask=mask_d, other=0.).to(tl.float32)[:, None] * dts_r[None, :]
+    raw = round_to(acc, LOW, dtype) + bias[:, None]
+    return raw, _softplus(raw)
+
+
+@triton.jit
+def _tile_inputs(x_row, dbl, idx_row, w, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, offs_i, n_rank,
+                 n_state, length, LOW: tl.constexpr, dtype: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
                  BL: tl.constexpr):
     """One tile's inputs and decays: positions, u, raw, delta, B, C (NP, BL), a and delta * u * B (BD, NP, BL)
     (a = 1 and delta * u * B = 0 past the end, so the state stays put there)."""
@@ -108,7 +111,7 @@ def _tile_inputs(x_row, dbl, idx_row, w_rows, bias, A, offs_d, mask_d, offs_n, m
     pos = tl.load(idx_row + offs_i, mask=mask_l, other=0)
     mask = mask_d[:, None] & mask_l[None, :]
     u = tl.load(x_row + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.).to(tl.float32)
-    raw, delta = _step_sizes(dbl, w_rows, mask_d, bias, pos, mask_l, length, LOW, dtype, R, BD, BL)
+    raw, delta = _step_sizes(dbl, w, w_rows, offs_r, mask_d, bias, pos, mask_l, length, LOW, dtype, R, BD, BL)
     mask_nl = mask_n[:, None] & mask_l[None, :]
     Bv = tl.load(dbl + (n_rank + offs_n[:, None]) * length + pos[None, :], mask=mask_nl, other=0.).to(tl.float32)
     Cv = tl.load(dbl + (n_rank + n_state + offs_n[:, None]) * length + pos[None, :], mask=mask_nl,
@@ -165,13 +168,14 @@ def _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, lengt
 
 
 @triton.jit
-def _forward_tile(x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d,
-                  n_rank, n_state, length, LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+def _forward_tile(x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n,
+                  offs_r, n_d, n_rank, n_state, length, LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
+                  BL: tl.constexpr):
     """Tile t of a sequence from h = 0: its inputs and the scan (products of a, states)."""
     offs_l = tl.arange(0, BL)
     mask_l, pos, mask, u, raw, delta, Bv, Cv, a, bx = _tile_inputs(
-        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n,
-        t * BL + offs_l, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty, R, BD, BL)
+        x_ptr + b * n_d * length, dbl_ptr + dbl_off, idx_row, w, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n,
+        offs_r, t * BL + offs_l, n_rank, n_state, length, LOW, x_ptr.dtype.element_ty, R, BD, BL)
     pa, hs = tl.associative_scan((a, bx), 2, _affine)
     return offs_l, mask_l, pos, mask, u, raw, delta, Bv, Cv, a, bx, pa, hs
 
@@ -182,15 +186,15 @@ def _segment_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, 
                      LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
                      BL: tl.constexpr):
     """Pass 1 of the forward: the product of the segment's decays and its end state from h = 0."""
-    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, _w, w_rows, bias, A, _ds, dbl_off,
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, w_rows, bias, A, _ds, dbl_off,
      idx_row, rows, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k,
                                       n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     h = tl.zeros([BD, NP], dtype=tl.float32)
     decay = tl.full([BD, NP], 1., dtype=tl.float32)
     for t in range(first, end):
         offs_l, _, _, _, _, _, _, _, _, _, _, pa, hs = _forward_tile(
-            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d, n_rank,
-            n_state, length, LOW, R, BD, BL)
+            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d,
+            n_rank, n_state, length, LOW, R, BD, BL)
         pa_last = _column(pa, offs_l, BL - 1)
         h = pa_last * h + _column(hs, offs_l, BL - 1)
         decay = decay * pa_last
@@ -219,15 +223,15 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, c
                     BL: tl.constexpr):
     """Pass 3 of the forward: the segment's tiles from its entering state; outputs added onto ``out``, the state
     entering each tile saved."""
-    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, _w, w_rows, bias, A, ds, dbl_off,
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, w_rows, bias, A, ds, dbl_off,
      idx_row, rows, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k,
                                       n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     h = tl.load(carry_ptr + rows * n_seg + seg, mask=mask_dn, other=0.)
     out_row = out_ptr + b * n_d * length + offs_d[:, None] * length
     for t in range(first, end):
         offs_l, _, pos, mask, u, _, _, _, Cv, _, _, pa, hs = _forward_tile(
-            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d, n_rank,
-            n_state, length, LOW, R, BD, BL)
+            x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d,
+            n_rank, n_state, length, LOW, R, BD, BL)
         tl.store(state_ptr + rows * n_tiles + t, h, mask=mask_dn)
         hs = hs + pa * h[:, :, None]
         y = tl.sum(hs * Cv[None, :, :], 1) + ds[:, None] * u
@@ -236,14 +240,14 @@ def _cross_scan_fwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, c
 
 
 @triton.jit
-def _adjoint_tile(x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n,
-                  n_d, n_rank, n_state, length, LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
+def _adjoint_tile(x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w, w_rows, bias, A, offs_d, mask_d, offs_n,
+                  mask_n, offs_r, n_d, n_rank, n_state, length, LOW: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
                   BL: tl.constexpr):
     """Tile t of the adjoint recurrence with G = 0 after it: the forward tile's inputs, dy, and the reverse scan
     (``r``: the products of the decays after each step to the tile's end; ``G``: the local adjoints)."""
     offs_l, mask_l, pos, mask, u, raw, delta, Bv, Cv, a, bx, pa, hs = _forward_tile(
-        x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d, n_rank,
-        n_state, length, LOW, R, BD, BL)
+        x_ptr, dbl_ptr, idx_row, b, dbl_off, t, w, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, offs_r, n_d,
+        n_rank, n_state, length, LOW, R, BD, BL)
     gy = tl.load(gout_ptr + b * n_d * length + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.)
     _, r, G = tl.associative_scan((a, tl.full(a.shape, 1., tl.float32), gy[:, None, :] * Cv[None, :, :]), 2,
                                   _adjoint, reverse=True)
@@ -257,15 +261,15 @@ def _adjoint_summary(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, 
                      BL: tl.constexpr):
     """Pass 1 of the backward: the product of the segment's decays and a_first G_first, what it passes to the segment
     before it, from G = 0 after its end."""
-    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, _w, w_rows, bias, A, _ds, dbl_off,
+    (b, _k, seg, first, end, offs_d, mask_d, offs_n, mask_n, offs_r, _kd, w, w_rows, bias, A, _ds, dbl_off,
      idx_row, rows, mask_dn) = _setup(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, n_d, length, n_k,
                                       n_rank, n_state, index_batch, n_tiles, tiles_per_seg, n_seg, BD, NP, RP)
     passed = tl.zeros([BD, NP], dtype=tl.float32)  # a_{j+1} G_{j+1} entering the tile's last step j from later tiles
     decay = tl.full([BD, NP], 1., dtype=tl.float32)
     for j in range(0, end - first):
         offs_l, _, _, _, _, _, _, _, a, _, _, _, _, r, G = _adjoint_tile(
-            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, end - 1 - j, w_rows, bias, A, offs_d, mask_d, offs_n,
-            mask_n, n_d, n_rank, n_state, length, LOW, R, BD, BL)
+            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, end - 1 - j, w, w_rows, bias, A, offs_d, mask_d, offs_n,
+            mask_n, offs_r, n_d, n_rank, n_state, length, LOW, R, BD, BL)
         a_first, r_first = _column(a, offs_l, 0), _column(r, offs_l, 0)
         passed = a_first * (_column(G, offs_l, 0) + r_first * passed)
         decay = decay * a_first * r_first
@@ -296,8 +300,8 @@ def _cross_scan_bwd(x_ptr, dbl_ptr, index_ptr, w_ptr, bias_ptr, a_ptr, ds_ptr, g
     for j in range(0, end - first):
         t = end - 1 - j
         offs_l, mask_l, pos, mask, u, raw, delta, Bv, a, bx, pa, hs, gy, r, G = _adjoint_tile(
-            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n, n_d,
-            n_rank, n_state, length, LOW, R, BD, BL)
+            x_ptr, dbl_ptr, idx_row, gout_ptr, b, dbl_off, t, w, w_rows, bias, A, offs_d, mask_d, offs_n, mask_n,
+            offs_r, n_d, n_rank, n_state, length, LOW, R, BD, BL)
         hs = hs + pa * tl.load(state_ptr + rows * n_tiles + t, mask=mask_dn, other=0.)[:, :, None]
         G = G + r * passed[:, :, None]
         passed = _column(a, offs_l, 0) * _column(G, offs_l, 0)
