@@ -83,16 +83,18 @@ def check(b, d, h, w, k, r, n, per_batch, programs_per_sm=kernel.PROGRAMS_PER_SM
 @pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
                     reason='needs Triton; with a GPU the GPU tests below run the kernels')
 @pytest.mark.parametrize('cases', [
-    # VMamba's four directions on an odd, non-square map (N = 2: tiles of 64 steps, three of them), 5 channels (not a
-    # multiple of the 16 per program); the sequence cut into two segments (two tiles walked in order, then one)
-    [(1, 5, 7, 23, 4, 3, 2, False, 8)],
+    # two per-image orders (Spectral VMamba's case) on an odd, non-square map (N = 2: tiles of 32 steps, three of them),
+    # 5 channels (not a multiple of the 16 per program); each sequence cut into two segments (two tiles walked in
+    # order, then one). The interpreter's time goes to the associative scans: few programs and tiles here.
+    [(1, 5, 3, 23, 2, 3, 2, True, 4)],
     pytest.param([
-        (1, 5, 7, 23, 4, 3, 2, False),  # the same as one segment
+        (1, 5, 3, 23, 4, 3, 2, False),  # VMamba's four directions, one segment of three tiles
+        (1, 5, 3, 23, 4, 3, 2, False, 8),  # and cut into two segments
         (2, 5, 3, 5, 4, 3, 1, False),  # one tile: nothing carried
-        (1, 16, 10, 20, 4, 2, 1, False, 16),  # two tiles of 128 steps, one per segment
-        (1, 16, 20, 30, 4, 2, 1, False, 12),  # five tiles in three segments (2, 2, 1)
+        (1, 16, 10, 20, 4, 2, 1, False, 16),  # four tiles of 64 steps, one per segment
+        (1, 16, 20, 30, 4, 2, 1, False, 12),  # ten tiles in three segments (4, 4, 2)
         (2, 18, 2, 3, 2, 3, 2, True),  # per-image permutations, two channel blocks
-        (2, 7, 5, 7, 3, 5, 3, True, 100),  # per-image permutations, N = 3 (two tiles of 32, two segments), K = 3
+        (2, 7, 5, 7, 3, 5, 3, True, 100),  # per-image permutations, N = 3 (three tiles of 16, one per segment), K = 3
         (1, 16, 5, 7, 4, 17, 1, False),  # rank 17: the step sizes through tl.dot
     ], marks=pytest.mark.slow)], ids=['tiles-and-segments', 'more-shapes'])
 def test_kernel_matches_float64_autograd_in_the_triton_interpreter(cases):
@@ -360,7 +362,7 @@ def check(make, batch, size):
     # one tile per sequence at every stage (8x8 tokens at stage 1)
     pytest.param("check(lambda b: VMamba(dict(dims=16, depths=[1, 1, 1, 1]), out_indices=(0, 1, 2, 3), "
                  "ops_backend=b), 1, (32, 32))", marks=pytest.mark.slow),
-    # two tiles at stage 1 (10x14 tokens), two images
+    # three tiles at stage 1 (10x14 tokens) in two segments, two images
     pytest.param("check(lambda b: VMamba(dict(dims=16, depths=[1, 1, 1, 1]), out_indices=(0, 1, 2, 3), "
                  "ops_backend=b), 2, (40, 56))", marks=pytest.mark.slow),
     pytest.param("check(lambda b: SpectralVMamba(dict(dims=[256, 32, 64, 128], depths=[1, 1, 1, 1]), "
