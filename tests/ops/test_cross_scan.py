@@ -1,6 +1,7 @@
 """vssm.ops.cross_selective_scan (VMamba's and Spectral VMamba's SSM core): the Triton kernel against float64 autograd
 (in Triton's interpreter on the CPU, and on a GPU against the reference in fp32 and under bf16 autocast), its custom
-ops under ``torch.library.opcheck`` and ``torch.compile`` (in the interpreter), the dispatch, errors."""
+ops under ``torch.library.opcheck`` and ``torch.compile`` (in the interpreter); the CUDA scan's cross form (inference)
+against its reference on a GPU and its glue on the CPU; the dispatch, errors."""
 import textwrap
 
 import pytest
@@ -9,10 +10,13 @@ from conftest import GRAD_TOLERANCES, TOLERANCES
 from ops.triton_interpreter import run_in_interpreter
 
 from vssm.models.vmamba import cross_scan_index
-from vssm.ops import cross_selective_scan, cross_selective_scan_ref, inverse_permutation
-from vssm.ops.cross_scan import kernel_available
+from vssm.ops import cross_scan, cross_selective_scan, cross_selective_scan_ref, inverse_permutation
+from vssm.ops.cross_scan import cross_form_ref, kernel_available
+from vssm.ops.selective_scan import cross_form_available
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
+needs_cross_form = pytest.mark.skipif(not (torch.cuda.is_available() and cross_form_available()),
+                                      reason='needs a GPU and the selective_scan kernel')
 
 
 @pytest.fixture(autouse=True)
@@ -231,6 +235,59 @@ def test_dispatch_rules(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+def test_cross_form_dispatch_rules(monkeypatch):
+    """The CUDA scan's cross form: inference on CUDA tensors with one map to read and add back to (any index), on
+    the CUDA backend and not under deterministic algorithms or export; independent of the Triton switch."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(cross_scan, 'cross_form_available', lambda: True)
+    x = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device('cuda'))
+    index = torch.zeros(1, 4, 6, dtype=torch.int64)
+    assert cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    assert cross_scan._use_cross_form('cuda', SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=x.device),
+                                      index, None, 16, False)
+    assert not cross_scan._use_cross_form('auto', x, index, None, 1, True)  # training: no backward
+    assert not cross_scan._use_cross_form('torch', x, index, None, 1, False)
+    assert not cross_scan._use_cross_form('auto', x, index, index, 1, False)  # a separate merge map
+    assert not cross_scan._use_cross_form('auto', x, index.int(), None, 1, False)
+    assert not cross_scan._use_cross_form('auto', x, index, None, 17, False)
+    assert not cross_scan._use_cross_form('auto', SimpleNamespace(is_cuda=False, dtype=torch.float32,
+                                                                  device=torch.device('cpu')), index, None, 1, False)
+    assert not cross_scan._use_cross_form('auto', SimpleNamespace(is_cuda=True, dtype=torch.float64,
+                                                                  device=x.device), index, None, 1, False)
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
+    assert cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, 'is_exporting', lambda: True)
+        assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(cross_scan, 'cross_form_available', lambda: False)
+    assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+
+
+@pytest.mark.parametrize('kind', ['directions', 'per-image', 'repeats-and-skips'])
+def test_cross_form_glue_matches_the_composition(kind, monkeypatch):
+    """What cross_selective_scan hands the cross form (x_proj and dt_proj on the raster map, the parameters as the
+    kernel takes them), run through the form's reference on the CPU: equal to the composition; training keeps the
+    composition."""
+    calls = []
+    monkeypatch.setattr(cross_scan, '_use_cross_form', lambda *args: not args[-1])
+    monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(args) or cross_form_ref(*args))
+    x, index, inverse, *params = _inputs(2, 6, 3, 5, 4, 2, 3, kind != 'directions')
+    if kind == 'repeats-and-skips':  # rows that are not permutations: tokens read twice, tokens left out
+        index, inverse = torch.randint(0, 15, (2, 4, 15), generator=torch.Generator().manual_seed(1)), None
+    with torch.no_grad():
+        got = cross_selective_scan(x, index, *params, inverse=inverse)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, cross_selective_scan_ref(x, index, *params, inverse=inverse), rtol=1e-6,
+                               atol=1e-6)
+    cross_selective_scan(x.requires_grad_(), index, *params, inverse=inverse)
+    assert len(calls) == 1
+
+
 def test_errors():
     x, index, inverse, x_proj, dt_w, dt_bias, A, Ds = _inputs(2, 6, 3, 5, 4, 2, 1, False)
     with pytest.raises(ValueError, match=r'index \(B or 1, K, L\)'):
@@ -324,6 +381,59 @@ def test_kernel_is_used_only_for_permutations_without_a_merge_map(monkeypatch):
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
     cross_selective_scan(x, index, *params, inverse=inverse)
     assert len(calls) == 1
+
+
+CROSS_FORM_CASES = [
+    (2, 96, 56, 56, 4, 6, 1, 'directions'),  # VMamba-T stage 1
+    (3, 40, 13, 7, 4, 3, 1, 'directions'),  # odd, non-square; 91 steps: a partial chunk and partial lanes
+    (2, 192, 7, 7, 8, 12, 1, 'per-image'),  # Spectral-like: per-image orders, K = 8
+    (2, 24, 9, 10, 4, 4, 4, 'repeats-and-skips'),  # N = 4; tokens read twice and tokens left out
+    (1, 16, 17, 31, 2, 5, 16, 'per-image'),  # N = 16; 527 steps: three chunks
+]
+
+
+@needs_cross_form
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('case', CROSS_FORM_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-N{c[6]}-{c[7]}')
+def test_cross_form_matches_its_reference_on_gpu(case, dtype):
+    """The kernel against cross_form_ref on the same inputs (both compute in float32 from the same 16-bit values)."""
+    b, d, h, w, k, rank, n_state, kind = case
+    x, index, inverse, x_proj, dt_w, dt_bias, A, Ds = _inputs(b, d, h, w, k, rank, n_state, kind != 'directions',
+                                                              device='cuda')
+    length = h * w
+    if kind == 'repeats-and-skips':
+        index = torch.randint(0, length, (b, k, length), device='cuda')
+    g = torch.Generator('cuda').manual_seed(2)
+    delta = (torch.randn(b, k * d, length, device='cuda', generator=g) - 1).to(dtype)
+    dbl = torch.randn(b, k, rank + 2 * n_state, length, device='cuda', generator=g).to(dtype)
+    args = (x.to(dtype), index, delta, A, dbl, Ds, dt_bias.reshape(-1), rank)
+    got, ref = cross_scan.cross_form(*args), cross_form_ref(*args)
+    assert got.dtype == torch.float32 and got.shape == (b, d, length)
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, err
+
+
+@needs_cross_form
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('case', GPU_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-R{c[5]}-N{c[6]}')
+def test_inference_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
+    """Inference (no gradients) runs the cross form, eager and compiled (fullgraph), and matches the composition
+    (fp32, and under bf16 autocast with x in bf16); with the Triton switch off, so the Triton kernel stays out."""
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
+    calls = []
+    form = cross_scan.cross_form
+    monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(1) or form(*args))
+    x, index, inverse, *params = _inputs(*case, device='cuda')
+    torch._dynamo.reset()
+    outs = []
+    for fn in (cross_selective_scan_ref, cross_selective_scan, torch.compile(cross_selective_scan, fullgraph=True)):
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            outs.append(fn(x.to(dtype), index, *params, inverse=inverse))
+    assert len(calls) == 2
+    rtol, atol = TOLERANCES[dtype]
+    for got in outs[1:]:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, outs[0], rtol=rtol, atol=atol)
 
 
 

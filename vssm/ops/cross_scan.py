@@ -38,10 +38,10 @@ from ._backend import (
     try_import_extension,
 )
 from .grouped_matmul import grouped_matmul
-from .selective_scan import KERNEL_DTYPES, KERNEL_MAX_STATE, selective_scan
+from .selective_scan import KERNEL_DTYPES, KERNEL_MAX_STATE, cross_form_available, selective_scan
 from .token_maps import gather_tokens, scatter_tokens
 
-__all__ = ['cross_selective_scan', 'cross_selective_scan_ref', 'kernel_available']
+__all__ = ['cross_selective_scan', 'cross_selective_scan_ref', 'cross_form', 'cross_form_ref', 'kernel_available']
 
 _KERNEL = try_import_extension(f'{__package__}._triton_cross_scan')  # None without Triton (CPU-only torch installs)
 
@@ -67,6 +67,44 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
     y = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), A, Bs, Cs, Ds,
                        dt_bias.reshape(-1), delta_softplus=True, backend=backend)  # (B, K * D, L) float32
     return scatter_tokens(y.view(b, k, d, length), index if merge is None else merge, length, inverse)
+
+
+def cross_form(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor, dt_bias: Tensor,
+               n_rank: int) -> Tensor:
+    """The CUDA scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd`` (forward only, no autograd): the K
+    sequences of ``index`` over the map x, each scanned with softplus step sizes, added back onto the tokens they read.
+
+    Args:
+        x: (B, D, L) CUDA tensor; float32, float16 or bfloat16.
+        index: (B or 1, K, L) int64: sequence k reads token index[k, i] at step i and adds its output there (entries
+            may repeat or leave tokens out).
+        delta: (B, K * D, L), every token's raw step sizes for every sequence, in token order; x's dtype.
+        A: (K * D, N) float32; Ds, dt_bias: (K * D,) float32.
+        dbl: (B, K, R + 2N, L), x_proj's output per token in x's dtype: rows R.. are B, rows R + N.. are C.
+        n_rank: R.
+
+    Returns: (B, D, L) float32, the sum of the sequences' outputs at their tokens (atomic adds: the last bits vary
+    from run to run). :func:`cross_form_ref` is its reference.
+    """
+    return torch.ops.vssm_selective_scan.cross_fwd(x, index, delta, A, dbl, Ds, dt_bias, n_rank, True)
+
+
+def cross_form_ref(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor, dt_bias: Tensor,
+                   n_rank: int) -> Tensor:
+    """:func:`cross_form` in PyTorch (any device): the inputs gathered by ``index``, scanned, added back."""
+    b, d, length = x.shape
+    k, n_state = index.shape[1], A.shape[1]
+    idx = index.expand(b, k, length)[:, :, None]
+
+    def gather(t: Tensor) -> Tensor:  # t (B, K, C, L) in token order, read in the sequences' orders
+        return t.gather(3, idx.expand(t.shape))
+
+    xs = gather(x[:, None].expand(b, k, d, length))
+    dts = gather(delta.view(b, k, d, length))
+    bcs = gather(dbl[:, :, n_rank:])
+    y = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), A, bcs[:, :, :n_state],
+                       bcs[:, :, n_state:], Ds, dt_bias, True, backend='torch')
+    return scatter_tokens(y.view(b, k, d, length), index, length)
 
 
 def _setup_context(ctx, inputs, output):
@@ -142,16 +180,35 @@ def _pays(x: Tensor, index: Tensor, needs_grad: bool) -> bool:
     return _compute_dtype(x) in (torch.float16, torch.bfloat16) and index.shape[0] > 1 and not needs_grad
 
 
-def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor], merge: Optional[Tensor],
-                n_state: int, needs_grad: bool = False) -> bool:
+def _fusable(backend: str, x: Tensor, index: Tensor, merge: Optional[Tensor], n_state: int) -> bool:
+    """What both fused paths need: CUDA tensors of the kernels' dtypes, one map to read and to add back to."""
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or exporting():
-        return False  # FLOP counters and exporters (ONNX) know the reference's ops, not the kernel's custom ops
-    # The kernel adds the K sequences with atomics (run-to-run differences in the last bits): not where deterministic
+        return False  # FLOP counters and exporters (ONNX) know the reference's ops, not the kernels' custom ops
+    # Both add the K sequences with atomics (run-to-run differences in the last bits): not where deterministic
     # algorithms are asked for (torch.use_deterministic_algorithms, mmengine's randomness.deterministic).
-    return (_KERNEL is not None and x.is_cuda and triton_fusions_enabled() and inverse is not None and merge is None
-            and x.dtype in KERNEL_DTYPES and n_state <= KERNEL_MAX_STATE and index.dtype == torch.int64
-            and not torch.are_deterministic_algorithms_enabled() and _pays(x, index, needs_grad))
+    return (x.is_cuda and merge is None and x.dtype in KERNEL_DTYPES and n_state <= KERNEL_MAX_STATE
+            and index.dtype == torch.int64 and not torch.are_deterministic_algorithms_enabled())
+
+
+def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor], merge: Optional[Tensor],
+                n_state: int, needs_grad: bool = False) -> bool:
+    """The Triton kernel: with the switch on, over permutations, where it pays."""
+    return (_KERNEL is not None and triton_fusions_enabled() and inverse is not None
+            and _fusable(backend, x, index, merge, n_state) and _pays(x, index, needs_grad))
+
+
+def _use_cross_form(backend: str, x: Tensor, index: Tensor, merge: Optional[Tensor], n_state: int,
+                    needs_grad: bool) -> bool:
+    """The CUDA scan's cross form: inference (it has no backward), any index within the map."""
+    return not needs_grad and cross_form_available() and _fusable(backend, x, index, merge, n_state)
+
+
+def _raster_projections(x: Tensor, x_proj_weight: Tensor) -> Tensor:
+    """x_proj on the raster map (it is per token, so the tokens' order does not matter): (B, K, R + 2N, L)."""
+    b, d, length = x.shape
+    k, n_dbl = x_proj_weight.shape[:2]
+    return grouped_matmul(x_proj_weight.reshape(1, k * n_dbl, d), x[:, None]).view(b, k, n_dbl, length)
 
 
 def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor,
@@ -185,13 +242,17 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
                          f'{tuple(index.shape)}, x_proj_weight {tuple(x_proj_weight.shape)}, dt_weight '
                          f'{tuple(dt_weight.shape)}, A {tuple(A.shape)}.')
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, x_proj_weight, dt_weight, dt_bias, A, Ds))
-    if not _use_kernel(backend, x, index, inverse, merge, n_state, needs_grad):
+    use_kernel = _use_kernel(backend, x, index, inverse, merge, n_state, needs_grad)
+    if not use_kernel and not _use_cross_form(backend, x, index, merge, n_state, needs_grad):
         return cross_selective_scan_ref(x, index, x_proj_weight, dt_weight, dt_bias, A, Ds, inverse=inverse,
                                         merge=merge, backend=backend)
     dtype = _compute_dtype(x)
     x = x.to(dtype).contiguous()
-    # x_proj on the raster map: every token's projections for every sequence, (B, K, R + 2N, L)
-    dbl = grouped_matmul(x_proj_weight.reshape(1, k * n_dbl, d), x[:, None]).view(b, k, n_dbl, length)
+    dbl = _raster_projections(x, x_proj_weight).to(dtype)
+    if not use_kernel:  # the CUDA cross form, with the step sizes of every token from dt_proj on the raster map
+        delta = grouped_matmul(dt_weight, dbl[:, :, :n_rank]).to(dtype).reshape(b, k * d, length)
+        return cross_form(x, index.contiguous(), delta.contiguous(), A.float().contiguous(), dbl.contiguous(),
+                          Ds.float().contiguous(), dt_bias.float().reshape(-1).contiguous(), n_rank)
     # the parameters as the kernels take them (autograd casts their gradients back): dt_proj in x's (autocast's)
     # dtype as the reference's, the rest float32
     inputs = (x, dbl, index.contiguous(), dt_weight.to(dtype).contiguous(), dt_bias.float().reshape(-1).contiguous(),

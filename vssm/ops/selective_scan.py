@@ -29,18 +29,26 @@ from torch import Tensor
 
 from ._backend import plain_autograd_enabled, resolve_backend, try_import_extension
 
-__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available', 'KERNEL_DTYPES', 'KERNEL_MAX_STATE']
+__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available', 'cross_form_available', 'KERNEL_DTYPES',
+           'KERNEL_MAX_STATE']
 
 _EXT_NAME = 'vssm_selective_scan'
 _EXT = try_import_extension(_EXT_NAME)
 KERNEL_CHUNK = 256  # steps per warp iteration in the kernel (kChunk in kernels/selective_scan/csrc/selective_scan.h)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_STATE = 16  # largest state size N (kMaxState in kernels/selective_scan/csrc/selective_scan.h)
+_CROSS_FORM = _EXT is not None and hasattr(torch.ops.vssm_selective_scan, 'cross_fwd')  # builds older than the form
 
 
 def kernel_available() -> bool:
     """Whether the compiled ``vssm_selective_scan`` extension is installed."""
     return _EXT is not None
+
+
+def cross_form_available() -> bool:
+    """Whether the installed extension has the scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd``
+    (:func:`vssm.ops.cross_scan.cross_form`)."""
+    return _CROSS_FORM
 
 
 def linear_scan(a: Tensor, b: Tensor) -> Tensor:
@@ -242,6 +250,11 @@ def _register_kernel_ops() -> None:
                 None if delta_bias is None else dbias, None)
 
     torch.library.register_autograd(f'{lib}::fwd', backward, setup_context=setup_context)
+
+    if cross_form_available():
+        @torch.library.register_fake(f'{lib}::cross_fwd')
+        def _cross_fwd_fake(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus):
+            return x.new_empty(x.shape, dtype=torch.float32)
 
 
 if _EXT is not None:

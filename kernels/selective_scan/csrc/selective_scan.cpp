@@ -1,5 +1,5 @@
 // Binding of the CUDA selective scan: input checks, dtype dispatch, and the operators
-//   torch.ops.vssm_selective_scan.fwd / .bwd
+//   torch.ops.vssm_selective_scan.fwd / .bwd / .cross_fwd
 // registered with TORCH_LIBRARY (fake implementations and autograd live in vssm/ops/selective_scan.py).
 #include <Python.h>
 
@@ -34,6 +34,26 @@ void check_shape(const at::Tensor &t, const char *name, at::IntArrayRef expected
 
 using vssm::aligned16;
 
+// A (D, N), D and delta_bias (D,): float32, on u's device; returns N.
+int64_t check_channel_params(const at::Tensor &A, const OptTensor &D, const OptTensor &delta_bias, int64_t dim,
+                             const at::Tensor &u) {
+  check_tensor(A, "A", u);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "vssm_selective_scan: A must be (D, N) with D = ", dim, ", got ",
+              A.sizes());
+  TORCH_CHECK(A.scalar_type() == at::kFloat, "vssm_selective_scan: A must be float32");
+  const int64_t nstate = A.size(1);
+  TORCH_CHECK(nstate >= 1 && nstate <= vssm_scan::kMaxState, "vssm_selective_scan: the state size N must be in 1..",
+              vssm_scan::kMaxState, ", got ", nstate);
+  for (const auto &[opt, name] : {std::make_pair(&D, "D"), std::make_pair(&delta_bias, "delta_bias")}) {
+    if (opt->has_value()) {
+      check_tensor(**opt, name, u);
+      check_shape(**opt, name, {dim});
+      TORCH_CHECK((*opt)->scalar_type() == at::kFloat, "vssm_selective_scan: ", name, " must be float32");
+    }
+  }
+  return nstate;
+}
+
 struct Checked {
   ScanParams p{};
   at::ScalarType dtype;
@@ -51,13 +71,7 @@ Checked check_inputs(const at::Tensor &u, const at::Tensor &delta, const at::Ten
   check_tensor(delta, "delta", u);
   check_shape(delta, "delta", u.sizes());
   TORCH_CHECK(delta.scalar_type() == c.dtype, "vssm_selective_scan: delta must have u's dtype ", c.dtype);
-  check_tensor(A, "A", u);
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "vssm_selective_scan: A must be (D, N) with D = ", dim, ", got ",
-              A.sizes());
-  TORCH_CHECK(A.scalar_type() == at::kFloat, "vssm_selective_scan: A must be float32");
-  const int64_t nstate = A.size(1);
-  TORCH_CHECK(nstate >= 1 && nstate <= vssm_scan::kMaxState, "vssm_selective_scan: the state size N must be in 1..",
-              vssm_scan::kMaxState, ", got ", nstate);
+  const int64_t nstate = check_channel_params(A, D, delta_bias, dim, u);
   check_tensor(B, "B", u);
   TORCH_CHECK(B.dim() == 4 && B.size(0) == bt && B.size(2) == nstate && B.size(3) == length,
               "vssm_selective_scan: B must be (Bt, G, N, L) = (", bt, ", G, ", nstate, ", ", length, "), got ",
@@ -70,13 +84,6 @@ Checked check_inputs(const at::Tensor &u, const at::Tensor &delta, const at::Ten
     check_tensor(*C, "C", u);
     check_shape(*C, "C", B.sizes());
     TORCH_CHECK(C->scalar_type() == c.dtype, "vssm_selective_scan: C must have u's dtype ", c.dtype);
-  }
-  for (const auto &[opt, name] : {std::make_pair(&D, "D"), std::make_pair(&delta_bias, "delta_bias")}) {
-    if (opt->has_value()) {
-      check_tensor(**opt, name, u);
-      check_shape(**opt, name, {dim});
-      TORCH_CHECK((*opt)->scalar_type() == at::kFloat, "vssm_selective_scan: ", name, " must be float32");
-    }
   }
   TORCH_CHECK(C.has_value() || !D.has_value(), "vssm_selective_scan: D needs C (the output-returning form)");
 
@@ -98,29 +105,41 @@ Checked check_inputs(const at::Tensor &u, const at::Tensor &delta, const at::Ten
   p.A = A.data_ptr<float>();
   p.Ds = p.has_d ? D->data_ptr<float>() : nullptr;
   p.delta_bias = p.has_bias ? delta_bias->data_ptr<float>() : nullptr;
+  p.bc_stride = nstate * length;
   const int64_t elems_per_16b = 16 / static_cast<int64_t>(u.element_size());
   p.vec = length % elems_per_16b == 0 && length % 4 == 0 && aligned16(u) && aligned16(delta) && aligned16(B) &&
           (!p.has_c || aligned16(*C));
   return c;
 }
 
-template <typename T>
-void dispatch_n(const ScanParams &p, bool forward, cudaStream_t stream) {
-  if (p.dstate == 1) {
-    forward ? launch_fwd<T, 1>(p, stream) : launch_bwd<T, 1>(p, stream);
-  } else if (p.dstate <= 4) {
-    forward ? launch_fwd<T, 4>(p, stream) : launch_bwd<T, 4>(p, stream);
-  } else {
-    forward ? launch_fwd<T, kMaxState>(p, stream) : launch_bwd<T, kMaxState>(p, stream);
+enum class Pass { kForward, kBackward, kCrossForward };
+
+template <typename T, int kN>
+void launch(const ScanParams &p, Pass pass, cudaStream_t stream) {
+  switch (pass) {
+    case Pass::kForward: launch_fwd<T, kN>(p, stream); break;
+    case Pass::kBackward: launch_bwd<T, kN>(p, stream); break;
+    default: launch_cross_fwd<T, kN>(p, stream); break;
   }
 }
 
-void dispatch(const Checked &c, bool forward) {
+template <typename T>
+void dispatch_n(const ScanParams &p, Pass pass, cudaStream_t stream) {
+  if (p.dstate == 1) {
+    launch<T, 1>(p, pass, stream);
+  } else if (p.dstate <= 4) {
+    launch<T, 4>(p, pass, stream);
+  } else {
+    launch<T, kMaxState>(p, pass, stream);
+  }
+}
+
+void dispatch(const Checked &c, Pass pass) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (c.dtype) {
-    case at::kFloat: dispatch_n<float>(c.p, forward, stream); break;
-    case at::kHalf: dispatch_n<__half>(c.p, forward, stream); break;
-    default: dispatch_n<__nv_bfloat16>(c.p, forward, stream); break;
+    case at::kFloat: dispatch_n<float>(c.p, pass, stream); break;
+    case at::kHalf: dispatch_n<__half>(c.p, pass, stream); break;
+    default: dispatch_n<__nv_bfloat16>(c.p, pass, stream); break;
   }
 }
 
@@ -137,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd(const at::Tensor &u, const at::Tenso
   p.out = out.data_ptr<float>();
   p.chunk_states = chunk_states.data_ptr<float>();
   p.vec = p.vec && aligned16(out);
-  if (p.batch * p.dim > 0 && p.length > 0) dispatch(c, /*forward=*/true);
+  if (p.batch * p.dim > 0 && p.length > 0) dispatch(c, Pass::kForward);
   return {out, chunk_states};
 }
 
@@ -175,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.dbias_rows = p.has_bias ? dbias_rows.data_ptr<float>() : nullptr;
   p.vec = p.vec && aligned16(dout) && aligned16(du) && aligned16(ddelta);
   if (p.batch * p.dim > 0 && p.length > 0) {
-    dispatch(c, /*forward=*/false);
+    dispatch(c, Pass::kBackward);
   } else {
     du.zero_();
     ddelta.zero_();
@@ -189,6 +208,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {du, ddelta, dA, dB, dC, dD, dbias};
 }
 
+// The cross form (selective_scan.h): x (Bt, Dx, L); index (Bt or 1, K, L) int64; delta (Bt, K * Dx, L) and dbl
+// (Bt, K, R + 2N, L) in token order, B and C its rows R.. and R + N..; A (K * Dx, N). Returns (Bt, Dx, L) float32.
+at::Tensor scan_cross_fwd(const at::Tensor &x, const at::Tensor &index, const at::Tensor &delta, const at::Tensor &A,
+                          const at::Tensor &dbl, const OptTensor &D, const OptTensor &delta_bias, int64_t n_rank,
+                          bool delta_softplus) {
+  check_tensor(x, "x", x);
+  TORCH_CHECK(x.dim() == 3, "vssm_selective_scan: x must be (Bt, D, L), got ", x.sizes());
+  Checked c;
+  c.dtype = x.scalar_type();
+  TORCH_CHECK(c.dtype == at::kFloat || c.dtype == at::kHalf || c.dtype == at::kBFloat16,
+              "vssm_selective_scan: x must be float32, float16 or bfloat16, got ", c.dtype);
+  const int64_t bt = x.size(0), dim = x.size(1), length = x.size(2);
+  check_tensor(index, "index", x);
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 3 && (index.size(0) == 1 || index.size(0) == bt) &&
+              index.size(2) == length, "vssm_selective_scan: index must be int64 (Bt or 1, K, L) with Bt = ", bt,
+              ", L = ", length, ", got ", index.scalar_type(), " ", index.sizes());
+  TORCH_CHECK(length < (int64_t{1} << 31), "vssm_selective_scan: the cross form takes sequences below 2^31 steps, got ",
+              length);
+  const int64_t k = index.size(1);
+  check_tensor(delta, "delta", x);
+  check_shape(delta, "delta", {bt, k * dim, length});
+  TORCH_CHECK(delta.scalar_type() == c.dtype, "vssm_selective_scan: delta must have x's dtype ", c.dtype);
+  const int64_t nstate = check_channel_params(A, D, delta_bias, k * dim, x);
+  check_tensor(dbl, "dbl", x);
+  check_shape(dbl, "dbl", {bt, k, n_rank + 2 * nstate, length});
+  TORCH_CHECK(dbl.scalar_type() == c.dtype, "vssm_selective_scan: dbl must have x's dtype ", c.dtype);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::zeros({bt, dim, length}, x.options().dtype(at::kFloat));
+  ScanParams &p = c.p;
+  p.batch = bt;
+  p.dim = k * dim;
+  p.length = length;
+  p.groups = k;
+  p.dstate = nstate;
+  p.n_chunks = (length + kChunk - 1) / kChunk;
+  p.has_c = true;
+  p.has_d = D.has_value();
+  p.has_bias = delta_bias.has_value();
+  p.softplus = delta_softplus;
+  p.vec = false;
+  p.u = x.data_ptr();
+  p.delta = delta.data_ptr();
+  const int64_t row_bytes = length * static_cast<int64_t>(x.element_size());
+  p.B = static_cast<const char *>(dbl.data_ptr()) + n_rank * row_bytes;
+  p.C = static_cast<const char *>(dbl.data_ptr()) + (n_rank + nstate) * row_bytes;
+  p.bc_stride = (n_rank + 2 * nstate) * length;
+  p.A = A.data_ptr<float>();
+  p.Ds = p.has_d ? D->data_ptr<float>() : nullptr;
+  p.delta_bias = p.has_bias ? delta_bias->data_ptr<float>() : nullptr;
+  p.index = index.data_ptr<int64_t>();
+  p.index_batch_stride = index.size(0) == 1 ? 0 : k * length;
+  p.out = out.data_ptr<float>();
+  p.chunk_states = nullptr;
+  if (bt * dim * k > 0 && length > 0) dispatch(c, Pass::kCrossForward);
+  return out;
+}
+
 }  // namespace
 }  // namespace vssm_scan
 
@@ -197,11 +273,14 @@ TORCH_LIBRARY(vssm_selective_scan, m) {
         "bool delta_softplus) -> (Tensor, Tensor)");
   m.def("bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D, Tensor? delta_bias, Tensor dout, "
         "Tensor chunk_states, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cross_fwd(Tensor x, Tensor index, Tensor delta, Tensor A, Tensor dbl, Tensor? D, Tensor? delta_bias, "
+        "int n_rank, bool delta_softplus) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vssm_selective_scan, CUDA, m) {
   m.impl("fwd", &vssm_scan::scan_fwd);
   m.impl("bwd", &vssm_scan::scan_bwd);
+  m.impl("cross_fwd", &vssm_scan::scan_cross_fwd);
 }
 
 VSSM_PYTHON_MODULE(vssm_selective_scan, "CUDA selective scan; operators in torch.ops.vssm_selective_scan")

@@ -3,6 +3,12 @@
 // Shapes (all tensors contiguous): u, delta (Bt, D, L); A (D, N) fp32; B, C (Bt, G, N, L); Ds, delta_bias (D,) fp32;
 // out: the states h (Bt, D, N, L) fp32 (state form) or y (Bt, D, L) fp32 (output form);
 // chunk_states (Bt, D, n_chunks, N) fp32: h at the end of every kChunk-step chunk, for the backward pass.
+//
+// Cross form (forward only, output-returning): the K = groups sequences of a token map read in an order given by an
+// index and added back onto it. u is the map x (Bt, D / K, L); index (Bt or 1, K, L) int64, the token sequence k reads
+// at step i; delta (Bt, D, L) and the B/C rows are indexed by token (raster order) and gathered too; B and C are rows
+// of one (Bt, K, bc_stride / L, L) tensor (x_proj's output); out (Bt, D / K, L) fp32, zeroed by the host, receives
+// every sequence's y at its token (atomic adds).
 #pragma once
 
 #include <cstdint>
@@ -24,6 +30,9 @@ struct ScanParams {
   bool vec;                                      // 16-byte vector loads and stores are safe for every row
   const void *u, *delta, *B, *C;                 // input dtype
   const float *A, *Ds, *delta_bias;              // fp32
+  int64_t bc_stride;                             // elements between the B (or C) rows of consecutive (b, group)
+  const int64_t *index;                          // cross form: (Bt or 1, K, L); nullptr otherwise
+  int64_t index_batch_stride;                    // K * L, or 0 for one map shared by the batch
   float *out, *chunk_states;                     // fp32
   // backward only
   const float *dout;                             // fp32, shape of out
@@ -34,6 +43,9 @@ struct ScanParams {
 
 template <typename T, int kN>
 void launch_fwd(const ScanParams &p, cudaStream_t stream);
+
+template <typename T, int kN>
+void launch_cross_fwd(const ScanParams &p, cudaStream_t stream);
 
 template <typename T, int kN>
 void launch_bwd(const ScanParams &p, cudaStream_t stream);

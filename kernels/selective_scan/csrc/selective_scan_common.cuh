@@ -54,6 +54,23 @@ __device__ __forceinline__ void store_items(T *row, int64_t start, int64_t lengt
   }
 }
 
+// kItems consecutive entries of an index row starting at `start` (as int: the host keeps lengths below 2^31); -1
+// past `length` and for entries outside [0, length) (their steps read zeros and add nothing).
+__device__ __forceinline__ void load_index(const int64_t *row, int64_t start, int64_t length, int (&ix)[kItems]) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t v = (start + i < length) ? __ldg(row + start + i) : -1;
+    ix[i] = (v >= 0 && v < length) ? static_cast<int>(v) : -1;
+  }
+}
+
+// The elements of a row at the positions ix (zero where ix < 0).
+template <typename T>
+__device__ __forceinline__ void gather_items(const T *row, const int (&ix)[kItems], float (&v)[kItems]) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) v[i] = ix[i] >= 0 ? to_float(__ldg(row + ix[i])) : 0.f;
+}
+
 // 2^x with one MUFU instruction (relative error below 2^-22; flushes denormal results to zero, which for a decay
 // exp(dt * A) only means underflowing to 0 a little earlier).
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -4,6 +4,10 @@
 // (a_t = exp(dt_t A), b_t = dt_t B_t u_t), the warp scans these compositions over the lanes, and every lane
 // then replays its steps from its exclusive prefix applied to the carry of the previous chunks. Inputs are
 // read once and the outputs written once; the state at the end of each chunk is kept for the backward pass.
+//
+// The cross form (kCross, selective_scan.h) runs the same steps on the sequences of a token map: each lane reads its
+// steps' tokens at their index entries and adds its outputs at the same tokens (atomics: the K sequences of a map,
+// or repeated entries of one, meet there). Its states are not kept (inference).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -14,7 +18,7 @@ namespace vssm_scan {
 
 constexpr int kFwdWarps = 4;
 
-template <typename T, int kN, bool kHasC>
+template <typename T, int kN, bool kHasC, bool kCross>
 __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const ScanParams p) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / kWarpSize;
@@ -22,13 +26,16 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
   const int64_t length = p.length;
   const int nstate = static_cast<int>(p.dstate);
   const int64_t b = row / p.dim, d = row % p.dim;
-  const int64_t g = d / (p.dim / p.groups);
+  const int64_t per_group = p.dim / p.groups, g = d / per_group;
   const bool vec = p.vec;
+  // cross form: sequence g reads (and adds back to) channel d % per_group of image b's map
+  const int64_t map_row = kCross ? b * per_group + d % per_group : row;
 
-  const T *u = static_cast<const T *>(p.u) + row * length;
+  const T *u = static_cast<const T *>(p.u) + map_row * length;
   const T *delta = static_cast<const T *>(p.delta) + row * length;
-  const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * nstate * length;
-  const T *Cg = kHasC ? static_cast<const T *>(p.C) + (b * p.groups + g) * nstate * length : nullptr;
+  const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * p.bc_stride;
+  const T *Cg = kHasC ? static_cast<const T *>(p.C) + (b * p.groups + g) * p.bc_stride : nullptr;
+  const int64_t *index = kCross ? p.index + b * p.index_batch_stride + g * length : nullptr;
 
   float A2[kN];
 #pragma unroll
@@ -42,15 +49,24 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
 
   for (int64_t chunk = 0; chunk < p.n_chunks; ++chunk) {
     const int64_t start = chunk * kChunk + lane * kItems;
+    int ix[kItems];
+    if constexpr (kCross) load_index(index, start, length, ix);
+    auto load = [&](const T *src, float (&v)[kItems]) {
+      if constexpr (kCross) {
+        gather_items(src, ix, v);
+      } else {
+        load_items(src, start, length, vec, v);
+      }
+    };
     float uv[kItems], dt[kItems];
-    load_items(u, start, length, vec, uv);
-    load_items(delta, start, length, vec, dt);
+    load(u, uv);
+    load(delta, dt);
     float a[kItems][kN], bu[kItems][kN];
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
       float bv[kItems];
       if (n < nstate) {
-        load_items(Bg + n * length, start, length, vec, bv);
+        load(Bg + n * length, bv);
       } else {
 #pragma unroll
         for (int i = 0; i < kItems; ++i) bv[i] = 0.f;
@@ -95,7 +111,7 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
       for (int n = 0; n < kN; ++n) {
         float cv[kItems];
         if (n < nstate) {
-          load_items(Cg + n * length, start, length, vec, cv);
+          load(Cg + n * length, cv);
         } else {
 #pragma unroll
           for (int i = 0; i < kItems; ++i) cv[i] = 0.f;
@@ -106,7 +122,13 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
           y[i] += cv[i] * h[n];
         }
       }
-      store_items(p.out + row * length, start, length, vec, y);
+      if constexpr (kCross) {
+#pragma unroll
+        for (int i = 0; i < kItems; ++i)
+          if (ix[i] >= 0) atomicAdd(p.out + map_row * length + ix[i], y[i]);
+      } else {
+        store_items(p.out + row * length, start, length, vec, y);
+      }
     } else {
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
@@ -120,7 +142,7 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
         store_items(p.out + (row * nstate + n) * length, start, length, vec, hs);
       }
     }
-    if (lane == 0) {
+    if (!kCross && lane == 0) {
 #pragma unroll
       for (int n = 0; n < kN; ++n)
         if (n < nstate) p.chunk_states[(row * p.n_chunks + chunk) * nstate + n] = carry[n];
@@ -133,10 +155,18 @@ void launch_fwd(const ScanParams &p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.dim;
   const dim3 grid(static_cast<unsigned>((rows + kFwdWarps - 1) / kFwdWarps));
   if (p.has_c) {
-    scan_fwd_kernel<T, kN, true><<<grid, kFwdWarps * kWarpSize, 0, stream>>>(p);
+    scan_fwd_kernel<T, kN, true, false><<<grid, kFwdWarps * kWarpSize, 0, stream>>>(p);
   } else {
-    scan_fwd_kernel<T, kN, false><<<grid, kFwdWarps * kWarpSize, 0, stream>>>(p);
+    scan_fwd_kernel<T, kN, false, false><<<grid, kFwdWarps * kWarpSize, 0, stream>>>(p);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kN>
+void launch_cross_fwd(const ScanParams &p, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.dim;
+  const dim3 grid(static_cast<unsigned>((rows + kFwdWarps - 1) / kFwdWarps));
+  scan_fwd_kernel<T, kN, true, true><<<grid, kFwdWarps * kWarpSize, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
