@@ -54,8 +54,9 @@ from vssm.ops import _triton_cross_scan as kernel
 from vssm.ops import gather_tokens, plain_autograd, scatter_tokens, selective_scan
 from vssm.models.vmamba import cross_scan_index
 
-def check(b, d, h, w, k, r, n, per_batch, programs_per_sm=kernel.PROGRAMS_PER_SM):
+def check(b, d, h, w, k, r, n, per_batch, programs_per_sm=kernel.PROGRAMS_PER_SM, tile=kernel.TILE_ELEMENTS):
     kernel.PROGRAMS_PER_SM = programs_per_sm  # the interpreter counts one multiprocessor: more programs, more segments
+    kernel.TILE_ELEMENTS = tile
     torch.manual_seed(0)
     length = h * w
     if per_batch:  # index maps that differ per image
@@ -87,10 +88,10 @@ def check(b, d, h, w, k, r, n, per_batch, programs_per_sm=kernel.PROGRAMS_PER_SM
 @pytest.mark.skipif(not kernel_available() or torch.cuda.is_available(),
                     reason='needs Triton; with a GPU the GPU tests below run the kernels')
 @pytest.mark.parametrize('cases', [
-    # two per-image orders (Spectral VMamba's case) on an odd, non-square map (N = 2: tiles of 32 steps, three of them),
-    # 5 channels (not a multiple of the 16 per program); each sequence cut into two segments (two tiles walked in
-    # order, then one). The interpreter's time goes to the associative scans: few programs and tiles here.
-    [(1, 5, 3, 23, 2, 3, 2, True, 4)],
+    # two per-image orders (Spectral VMamba's case) on an odd, non-square map (256-element tiles: 16 steps, three of
+    # them), 5 channels (not a multiple of the 16 per program); each sequence cut into two segments (two tiles walked
+    # in order, then one). The interpreter's time goes to the associative scans: few programs and small tiles here.
+    [(1, 5, 3, 11, 2, 3, 1, True, 4, 256)],
     pytest.param([
         (1, 5, 3, 23, 4, 3, 2, False),  # VMamba's four directions, one segment of three tiles
         (1, 5, 3, 23, 4, 3, 2, False, 8),  # and cut into two segments

@@ -14,7 +14,11 @@ saves x, the projections (B, K, R + 2N, L) and the states entering each tile of 
 ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
 index is a permutation (``inverse`` given, no separate ``merge``) and where it is faster than the composition
 (:func:`_pays`: 16-bit inference over per-image maps), unless deterministic algorithms are requested (it adds with
-atomics); everywhere else the reference runs.
+atomics). In inference on CUDA tensors without that kernel, the CUDA selective scan's cross form (:func:`cross_form`)
+does the same in one pass over the steps: x_proj and dt_proj on the raster map, then one warp per sequence and
+channel reads its tokens, step sizes, B and C through the index and adds its outputs back at its tokens (atomics, so
+not under deterministic algorithms either; any index within the map, repeated or skipped tokens included). Training
+and everything else run the reference.
 
 Under ``torch.compile`` the kernels are two ``torch.library`` custom ops, ``vssm::cross_scan_fwd`` (out and the
 states) and ``vssm::cross_scan_bwd``, with fake implementations and the forward's autograd (graph nodes; the backward
