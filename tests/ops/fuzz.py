@@ -40,14 +40,14 @@ from vssm.ops._backend import triton_fusions
 from vssm.ops.cross_scan import kernel_available as cross_kernel_available
 from vssm.ops.dwconv2d import FUSION_DILATIONS, dwconv2d, state_fusion
 from vssm.ops.dwconv2d import kernel_available as dwconv_kernel_available
+from vssm.ops.selective_scan import cross_form_available, selective_scan
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
-from vssm.ops.selective_scan import selective_scan
 
 __all__ = [
     'DTYPES', 'LAYOUTS', 'LAYOUT_MODES', 'FUSION_KERNELS', 'Chooser', 'RandomChooser', 'ScanBounds', 'ScanCase',
     'DWConvBounds', 'DWConvCase', 'FusionBounds', 'FusionCase', 'Case', 'CPU_SCAN', 'GPU_SCAN', 'CPU_DWCONV',
     'GPU_DWCONV', 'CPU_FUSION', 'GPU_FUSION', 'CrossBounds', 'CrossCase', 'GPU_CROSS', 'draw_scan_case',
-    'draw_dwconv_case', 'draw_fusion_case', 'draw_cross_case',
+    'draw_dwconv_case', 'draw_fusion_case', 'draw_cross_case', 'draw_cross_form_case',
     'with_layout', 'make_inputs', 'call_op', 'grad_output', 'KERNEL_OPS', 'op_name', 'tolerance', 'rel_err',
     'CaseResult', 'compare_case', 'draw_cases', 'summarize', 'format_summary', 'describe_failure'
 ]
@@ -493,13 +493,16 @@ class CrossCase(_CaseBase):
 
     Args:
         batch, channels, height, width: x is (B, D, H * W).
-        order: ``'cross'`` (VMamba's four directions) or ``'permutations'`` (random orders, as Spectral VMamba's).
-        per_image: the permutations differ per image (index (B, K, L)) rather than shared ((1, K, L)).
+        order: ``'cross'`` (VMamba's four directions), ``'permutations'`` (random orders, as Spectral VMamba's) or
+            ``'maps'`` (random index maps that repeat and skip tokens; inference cases only).
+        per_image: the permutations or maps differ per image (index (B, K, L)) rather than shared ((1, K, L)).
         sequences: K.
         rank: R; ``d_state``: N.
         dtype: x's dtype name.
         layouts: (input name, layout) pairs (x only).
         seed: the seed of the values.
+        inference: forward only, without gradients: the CUDA scan's cross form against the composition (else the
+            Triton kernel, forward and backward).
     """
 
     batch: int
@@ -514,6 +517,7 @@ class CrossCase(_CaseBase):
     dtype: str
     layouts: Tuple[Tuple[str, str], ...]
     seed: int
+    inference: bool = False
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -526,10 +530,11 @@ GPU_CROSS = CrossBounds(dtypes=('float32', 'float16', 'bfloat16'), max_batch=3, 
                         d_states=(1, 2, 4, 16), sequences=(1, 2, 4, 8), max_elements=1 << 22)
 
 
-def draw_cross_case(chooser: Chooser, bounds: CrossBounds) -> CrossCase:
-    """A cross-scan case drawn from ``bounds``."""
-    order = chooser.choice(('cross', 'permutations'))
-    per_image = order == 'permutations' and chooser.choice((False, True))
+def draw_cross_case(chooser: Chooser, bounds: CrossBounds, inference: bool = False) -> CrossCase:
+    """A cross-scan case drawn from ``bounds`` (``inference``: for the cross form, index maps that are not
+    permutations included)."""
+    order = chooser.choice(('cross', 'permutations', 'maps') if inference else ('cross', 'permutations'))
+    per_image = order != 'cross' and chooser.choice((False, True))
     sequences = 4 if order == 'cross' else chooser.choice(bounds.sequences)
     height = _draw_size(chooser, bounds.sizes, bounds.max_size)
     width = _draw_size(chooser, bounds.sizes, bounds.max_size)
@@ -542,7 +547,12 @@ def draw_cross_case(chooser: Chooser, bounds: CrossBounds) -> CrossCase:
                      sequences=sequences, rank=chooser.choice(bounds.ranks), d_state=chooser.choice(bounds.d_states),
                      dtype=chooser.choice(bounds.dtypes),
                      layouts=_draw_layouts(chooser, bounds.layout_modes, dict(x=3)),
-                     seed=chooser.integer(0, MAX_SEED))
+                     seed=chooser.integer(0, MAX_SEED), inference=inference)
+
+
+def draw_cross_form_case(chooser: Chooser, bounds: CrossBounds) -> CrossCase:
+    """An inference cross-scan case (the CUDA scan's cross form)."""
+    return draw_cross_case(chooser, bounds, inference=True)
 
 
 def _cross_values(case: CrossCase) -> Dict[str, Tensor]:
@@ -553,18 +563,23 @@ def _cross_values(case: CrossCase) -> Dict[str, Tensor]:
     wide = case.param_dtype
     b, d, k, n, r = case.batch, case.channels, case.sequences, case.d_state, case.rank
     length = case.height * case.width
+    rows = b if case.per_image else 1
+    maps = {}
     if case.order == 'cross':
         index, inverse = cross_scan_index(case.height, case.width, torch.device('cpu'))
+    elif case.order == 'maps':  # no inverse: the composition adds repeated tokens with index_add
+        index = torch.randint(0, length, (rows, k, length), generator=g)
     else:
-        rows = b if case.per_image else 1
         index = torch.stack([torch.stack([torch.randperm(length, generator=g) for _ in range(k)])
                              for _ in range(rows)])
         inverse = inverse_permutation(index)
+    if case.order != 'maps':
+        maps['inverse'] = inverse.clone()
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=wide)
 
-    return dict(x=randn(b, d, length).to(case.torch_dtype), index=index.clone(), inverse=inverse.clone(),
+    return dict(x=randn(b, d, length).to(case.torch_dtype), index=index.clone(), **maps,
                 x_proj_weight=randn(k, r + 2 * n, d) / d**0.5, dt_weight=randn(k, d, r) / r**0.5,
                 dt_bias=torch.rand(k, d, generator=g, dtype=wide) * 4 - 6,
                 A=-torch.exp(torch.rand(k * d, n, generator=g, dtype=wide) * 3.5 - 2), Ds=randn(k * d))
@@ -619,10 +634,13 @@ def call_op(case: Case, inputs: Dict[str, Tensor], backend: str) -> Tensor:
         return dwconv2d(**inputs, dilation=case.dilation, padding_mode=case.padding_mode, backend=backend)
     if isinstance(case, FusionCase):
         return state_fusion(**inputs, padding_mode=case.padding_mode, backend=backend)
-    if isinstance(case, CrossCase):  # the kernel under VSSM_TRITON_FUSIONS=1 (any backend but 'torch')
+    if isinstance(case, CrossCase):
         args = dict(inputs)
         x, index = args.pop('x'), args.pop('index')
-        with triton_fusions(backend != 'torch'):
+        if case.inference:  # no gradients: the CUDA scan's cross form (any backend but 'torch'), no Triton kernel
+            with triton_fusions(False), torch.no_grad():
+                return cross_selective_scan(x, index, **args, backend=backend)
+        with triton_fusions(backend != 'torch'):  # the Triton kernel under VSSM_TRITON_FUSIONS=1
             return cross_selective_scan(x, index, **args, backend='auto' if backend == 'cuda' else backend)
     raise TypeError(f'call_op: expected a ScanCase, DWConvCase, FusionCase or CrossCase, got {type(case).__name__}.')
 
@@ -644,6 +662,7 @@ KERNEL_OPS: Dict[str, Tuple[Callable, object, Callable[[], bool]]] = {
     'dwconv2d': (draw_dwconv_case, GPU_DWCONV, dwconv_kernel_available),
     'state-fusion': (draw_fusion_case, GPU_FUSION, dwconv_kernel_available),
     'cross-scan': (draw_cross_case, GPU_CROSS, cross_kernel_available),
+    'cross-form': (draw_cross_form_case, GPU_CROSS, cross_form_available),
 }
 
 # max|kernel - reference| / max|reference|, the values of tests/ops/test_selective_scan_cuda.py and
@@ -668,7 +687,7 @@ def op_name(case: Case) -> str:
     if isinstance(case, ScanCase):
         return f'scan-{case.form}'
     if isinstance(case, CrossCase):
-        return 'cross-scan'
+        return 'cross-form' if case.inference else 'cross-scan'
     return 'dwconv2d' if isinstance(case, DWConvCase) else 'state-fusion'
 
 
@@ -742,6 +761,8 @@ def compare_case(case: Case, device: str = 'cuda') -> CaseResult:
         if out_k.dtype != out_dtype or out_k.shape != out_r.shape:
             return CaseResult(case, {}, {}, f'output {out_k.dtype} {tuple(out_k.shape)}, expected {out_dtype} '
                               f'{tuple(out_r.shape)}')
+        if getattr(case, 'inference', False):  # forward only
+            return CaseResult(case, {'out': rel_err(out_k, out_r)}, {'out': tolerance(case, 'out')})
         dout = grad_output(case, out_k.dtype, device)
         grads_k = torch.autograd.grad(out_k, [leaves_k[k] for k in floats], dout.to(out_k.dtype))
         grads_r = torch.autograd.grad(out_r, [leaves_r[k] for k in floats], dout.to(out_r.dtype))

@@ -268,7 +268,8 @@ def _expected_shapes(case: fuzz.Case) -> Dict[str, Tuple[int, ...]]:
         b, d, k, r, n, length = (case.batch, case.channels, case.sequences, case.rank, case.d_state,
                                  case.height * case.width)
         maps = (b if case.per_image else 1, k, length)
-        return dict(x=case.out_shape, index=maps, inverse=maps, x_proj_weight=(k, r + 2 * n, d),
+        inverse = {} if case.order == 'maps' else dict(inverse=maps)
+        return dict(x=case.out_shape, index=maps, **inverse, x_proj_weight=(k, r + 2 * n, d),
                     dt_weight=(k, d, r), dt_bias=(k, d), A=(k * d, n), Ds=(k * d, ))
     if isinstance(case, fuzz.DWConvCase):
         shapes = dict(x=case.out_shape, weight=(case.channels, 1, case.kernel_size, case.kernel_size))
@@ -281,14 +282,19 @@ def _expected_shapes(case: fuzz.Case) -> Dict[str, Tuple[int, ...]]:
     (fuzz.draw_dwconv_case, fuzz.GPU_DWCONV),
     (fuzz.draw_fusion_case, fuzz.GPU_FUSION),
     (fuzz.draw_cross_case, fuzz.GPU_CROSS),
-], ids=['scan', 'dwconv', 'fusion', 'cross'])
+    (fuzz.draw_cross_form_case, fuzz.GPU_CROSS),
+], ids=['scan', 'dwconv', 'fusion', 'cross', 'cross-form'])
 def test_gpu_cases_build_on_cpu_with_the_kernels_dtypes(draw, bounds):
     for case in _draw_many(draw, bounds, 3, 'build'):
         inputs = fuzz.make_inputs(case)
         assert {k: tuple(v.shape) for k, v in inputs.items()} == _expected_shapes(case)
         for name, x in inputs.items():
-            if name in ('index', 'inverse'):  # the cross scan's orders: permutations of the tokens
-                assert x.dtype == torch.int64 and torch.equal(x.sort(-1).values, torch.arange(x.shape[-1]).expand_as(x))
+            if name in ('index', 'inverse'):  # the cross scan's orders: permutations of the tokens, or index maps
+                assert x.dtype == torch.int64
+                if case.order == 'maps':  # tokens within the map, repeated and skipped
+                    assert name == 'index' and 'inverse' not in inputs and 0 <= x.min() <= x.max() < x.shape[-1]
+                else:
+                    assert torch.equal(x.sort(-1).values, torch.arange(x.shape[-1]).expand_as(x))
                 continue
             main_input = name in ('u', 'delta', 'B', 'C', 'x', 'h')  # the kernels take the others in float32
             assert x.dtype == (case.torch_dtype if main_input else torch.float32), name
@@ -331,13 +337,17 @@ def test_harness_counts_mismatches(monkeypatch, scale):
         (fuzz.draw_dwconv_case, dataclasses.replace(fuzz.CPU_DWCONV, dtypes=('float32', ))),
         (fuzz.draw_fusion_case, dataclasses.replace(fuzz.CPU_FUSION, dtypes=('float32', ))),
         (fuzz.draw_cross_case, dataclasses.replace(fuzz.GPU_CROSS, dtypes=('float32', ), max_size=6, max_channels=8)),
+        (fuzz.draw_cross_form_case, dataclasses.replace(fuzz.GPU_CROSS, dtypes=('float32', ), max_size=6,
+                                                        max_channels=8)),
     ]
     for draw, bounds in small:
         cases = _draw_many(draw, bounds, 4, 'harness')
         results = [fuzz.compare_case(case, 'cpu') for case in cases]
         for result in results:
             inputs = fuzz.make_inputs(result.case)
-            assert set(result.errors) == {'out', *(k for k, v in inputs.items() if v.is_floating_point())}
+            compared = {'out'} if getattr(result.case, 'inference', False) else {  # the cross form: forward only
+                'out', *(k for k, v in inputs.items() if v.is_floating_point())}
+            assert set(result.errors) == compared
             if scale is None:
                 assert result.ok and max(result.errors.values()) == 0.0
             else:  # 1e-3 relative is over every float32 output tolerance (1e-4 at most)
