@@ -64,11 +64,61 @@ __device__ __forceinline__ void load_index(const int64_t *row, int64_t start, in
   }
 }
 
-// The elements of a row at the positions ix (zero where ix < 0).
+// How a lane's index entries run: 1 when they ascend by one from ix[0], -1 when they descend by one, 0 otherwise
+// (VMamba's row-major directions run; its column-major ones and per-image orders do not).
+__device__ __forceinline__ int index_run(const int (&ix)[kItems]) {
+  bool up = ix[0] >= 0, down = ix[0] >= 0;
+#pragma unroll
+  for (int i = 1; i < kItems; ++i) {
+    up = up && ix[i] == ix[0] + i;
+    down = down && ix[i] == ix[0] - i;
+  }
+  return up ? 1 : (down ? -1 : 0);
+}
+
+// The first of a run's kItems entries in memory order when that start is 16-byte aligned (rows aligned: `vec`),
+// else -1: the run is then read and written with vector instructions.
+template <typename E>
+__device__ __forceinline__ int aligned_run_start(const int (&ix)[kItems], int run, bool vec) {
+  const int lo = run > 0 ? ix[0] : ix[kItems - 1];
+  return (vec && run != 0 && lo % (16 / static_cast<int>(sizeof(E))) == 0) ? lo : -1;
+}
+
+// The elements of a row at the positions ix (zero where ix < 0); an aligned run with vector loads.
 template <typename T>
-__device__ __forceinline__ void gather_items(const T *row, const int (&ix)[kItems], float (&v)[kItems]) {
+__device__ __forceinline__ void gather_items(const T *row, const int (&ix)[kItems], int run, bool vec,
+                                             float (&v)[kItems]) {
+  const int lo = aligned_run_start<T>(ix, run, vec);
+  if (lo >= 0) {
+    float t[kItems];
+    load_items(row, lo, lo + kItems, true, t);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[i] = run > 0 ? t[i] : t[kItems - 1 - i];
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < kItems; ++i) v[i] = ix[i] >= 0 ? to_float(__ldg(row + ix[i])) : 0.f;
+}
+
+// v added to a float32 row at the positions ix (none where ix < 0), atomically; an aligned run with float4 atomics
+// where the architecture has them (sm_90).
+__device__ __forceinline__ void scatter_add_items(float *row, const int (&ix)[kItems], int run, bool vec,
+                                                  const float (&v)[kItems]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int lo = aligned_run_start<float>(ix, run, vec);
+  if (lo >= 0) {
+    float t[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) t[i] = run > 0 ? v[i] : v[kItems - 1 - i];
+    float4 *dst = reinterpret_cast<float4 *>(row + lo);
+#pragma unroll
+    for (int q = 0; q < kItems / 4; ++q) atomicAdd(dst + q, make_float4(t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]));
+    return;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < kItems; ++i)
+    if (ix[i] >= 0) atomicAdd(row + ix[i], v[i]);
 }
 
 // 2^x with one MUFU instruction (relative error below 2^-22; flushes denormal results to zero, which for a decay

@@ -7,7 +7,8 @@
 //
 // The cross form (kCross, selective_scan.h) runs the same steps on the sequences of a token map: each lane reads its
 // steps' tokens at their index entries and adds its outputs at the same tokens (atomics: the K sequences of a map,
-// or repeated entries of one, meet there). Its states are not kept (inference).
+// or repeated entries of one, meet there); where a lane's entries run by one up or down (VMamba's row-major
+// directions), with vector loads and float4 atomics. Its states are not kept (inference).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -50,10 +51,14 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
   for (int64_t chunk = 0; chunk < p.n_chunks; ++chunk) {
     const int64_t start = chunk * kChunk + lane * kItems;
     int ix[kItems];
-    if constexpr (kCross) load_index(index, start, length, ix);
+    int run = 0;
+    if constexpr (kCross) {
+      load_index(index, start, length, ix);
+      run = index_run(ix);
+    }
     auto load = [&](const T *src, float (&v)[kItems]) {
       if constexpr (kCross) {
-        gather_items(src, ix, v);
+        gather_items(src, ix, run, vec, v);
       } else {
         load_items(src, start, length, vec, v);
       }
@@ -123,9 +128,7 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
         }
       }
       if constexpr (kCross) {
-#pragma unroll
-        for (int i = 0; i < kItems; ++i)
-          if (ix[i] >= 0) atomicAdd(p.out + map_row * length + ix[i], y[i]);
+        scatter_add_items(p.out + map_row * length, ix, run, vec, y);
       } else {
         store_items(p.out + row * length, start, length, vec, y);
       }
