@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from vssm.ops import cross_selective_scan, inverse_permutation
-from vssm.ops._backend import triton_fusions
+from vssm.ops._backend import cross_form_switch, triton_fusions
 from vssm.ops.cross_scan import kernel_available as cross_kernel_available
 from vssm.ops.dwconv2d import FUSION_DILATIONS, dwconv2d, state_fusion
 from vssm.ops.dwconv2d import kernel_available as dwconv_kernel_available
@@ -638,7 +638,7 @@ def call_op(case: Case, inputs: Dict[str, Tensor], backend: str) -> Tensor:
         args = dict(inputs)
         x, index = args.pop('x'), args.pop('index')
         if case.inference:  # no gradients: the CUDA scan's cross form (any backend but 'torch'), no Triton kernel
-            with triton_fusions(False), torch.no_grad():
+            with triton_fusions(False), cross_form_switch(True), torch.no_grad():
                 return cross_selective_scan(x, index, **args, backend=backend)
         with triton_fusions(backend != 'torch'):  # the Triton kernel under VSSM_TRITON_FUSIONS=1
             return cross_selective_scan(x, index, **args, backend='auto' if backend == 'cuda' else backend)

@@ -22,6 +22,7 @@ needs_cross_form = pytest.mark.skipif(not (torch.cuda.is_available() and cross_f
 @pytest.fixture(autouse=True)
 def _kernels_on(monkeypatch):
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
+    monkeypatch.setenv('VSSM_CROSS_FORM', '1')
 
 
 def _permutations(b, k, length, generator):
@@ -237,8 +238,9 @@ def test_dispatch_rules(monkeypatch):
 
 
 def test_cross_form_dispatch_rules(monkeypatch):
-    """The CUDA scan's cross form: inference on CUDA tensors with one map to read and add back to (any index), on
-    the CUDA backend and not under deterministic algorithms or export; independent of the Triton switch."""
+    """The CUDA scan's cross form: with VSSM_CROSS_FORM=1, inference on CUDA tensors with one map to read and add
+    back to (any index), on the CUDA backend and not under deterministic algorithms or export; independent of the
+    Triton switch."""
     from types import SimpleNamespace
     monkeypatch.setattr(cross_scan, 'cross_form_available', lambda: True)
     x = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device('cuda'))
@@ -257,6 +259,11 @@ def test_cross_form_dispatch_rules(monkeypatch):
                                                                   device=x.device), index, None, 1, False)
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
     assert cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    monkeypatch.setenv('VSSM_CROSS_FORM', '0')
+    assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    monkeypatch.delenv('VSSM_CROSS_FORM')
+    assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)  # off by default
+    monkeypatch.setenv('VSSM_CROSS_FORM', '1')
     with monkeypatch.context() as patch:
         patch.setattr(torch.compiler, 'is_exporting', lambda: True)
         assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)

@@ -9,7 +9,7 @@ import importlib
 import os
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 from torch import Tensor
 
@@ -101,19 +101,36 @@ def triton_fusions_enabled() -> bool:
     return os.environ.get('VSSM_TRITON_FUSIONS', '0') == '1'
 
 
+def cross_form_enabled() -> bool:
+    """Whether ``cross_selective_scan`` may take the CUDA selective scan's cross form in inference
+    (:func:`vssm.ops.cross_scan.cross_form`): ``VSSM_CROSS_FORM=1`` in the environment (read per call); off by
+    default until its GPU tests and the models' inference rows have run with it; ``0`` keeps the composition."""
+    return os.environ.get('VSSM_CROSS_FORM', '0') == '1'
+
+
 @contextmanager
-def triton_fusions(enabled: bool = True) -> Iterator[None]:
-    """``VSSM_TRITON_FUSIONS`` set to ``enabled`` for the calls inside (the ops read it per call; benchmarks and tests
-    run one op both ways). Process-wide, like the variable."""
-    previous = os.environ.get('VSSM_TRITON_FUSIONS')
-    os.environ['VSSM_TRITON_FUSIONS'] = '1' if enabled else '0'
+def _env_switch(name: str, enabled: bool) -> Iterator[None]:
+    """The variable ``name`` set to 1 or 0 for the calls inside, restored after (process-wide)."""
+    previous = os.environ.get(name)
+    os.environ[name] = '1' if enabled else '0'
     try:
         yield
     finally:
         if previous is None:
-            del os.environ['VSSM_TRITON_FUSIONS']
+            del os.environ[name]
         else:
-            os.environ['VSSM_TRITON_FUSIONS'] = previous
+            os.environ[name] = previous
+
+
+def triton_fusions(enabled: bool = True) -> ContextManager[None]:
+    """``VSSM_TRITON_FUSIONS`` set to ``enabled`` for the calls inside (the ops read it per call; benchmarks and tests
+    run one op both ways). Process-wide, like the variable."""
+    return _env_switch('VSSM_TRITON_FUSIONS', enabled)
+
+
+def cross_form_switch(enabled: bool = True) -> ContextManager[None]:
+    """``VSSM_CROSS_FORM`` set to ``enabled`` for the calls inside, as :func:`triton_fusions`."""
+    return _env_switch('VSSM_CROSS_FORM', enabled)
 
 
 def exporting() -> bool:

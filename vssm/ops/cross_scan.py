@@ -14,8 +14,9 @@ saves x, the projections (B, K, R + 2N, L) and the states entering each tile of 
 ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
 index is a permutation (``inverse`` given, no separate ``merge``) and where it is faster than the composition
 (:func:`_pays`: 16-bit inference over per-image maps), unless deterministic algorithms are requested (it adds with
-atomics). In inference on CUDA tensors without that kernel, the CUDA selective scan's cross form (:func:`cross_form`)
-does the same in one pass over the steps: x_proj and dt_proj on the raster map, then one warp per sequence and
+atomics). In inference on CUDA tensors without that kernel, with ``VSSM_CROSS_FORM=1``
+(:func:`~vssm.ops._backend.cross_form_enabled`), the CUDA selective scan's cross form (:func:`cross_form`) does the
+same in one pass over the steps: x_proj and dt_proj on the raster map, then one warp per sequence and
 channel reads its tokens, step sizes, B and C through the index and adds its outputs back at its tokens (atomics, so
 not under deterministic algorithms either; any index within the map, repeated or skipped tokens included). Training
 and everything else run the reference.
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from ._backend import (
     check_backend_name,
+    cross_form_enabled,
     exporting,
     plain_autograd_enabled,
     triton_fusions_enabled,
@@ -205,7 +207,8 @@ def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor
 def _use_cross_form(backend: str, x: Tensor, index: Tensor, merge: Optional[Tensor], n_state: int,
                     needs_grad: bool) -> bool:
     """The CUDA scan's cross form: inference (it has no backward), any index within the map."""
-    return not needs_grad and cross_form_available() and _fusable(backend, x, index, merge, n_state)
+    return (not needs_grad and cross_form_available() and cross_form_enabled()
+            and _fusable(backend, x, index, merge, n_state))
 
 
 def _raster_projections(x: Tensor, x_proj_weight: Tensor) -> Tensor:
