@@ -105,7 +105,9 @@ def test_reference_scan_exports_as_plain_onnx_ops(tool, tmp_path, with_output):
     _assert_matches(scan, out, u, ['y'])
 
 
-@pytest.mark.parametrize('family', [pytest.param('SpatialMamba', marks=pytest.mark.slow), 'VMamba'])
+# Whole classifiers (about 20 s each on 2 cores) under slow; the quick suite exports the reference scans above.
+@pytest.mark.parametrize('family', [pytest.param('SpatialMamba', marks=pytest.mark.slow),
+                                    pytest.param('VMamba', marks=pytest.mark.slow)])
 def test_classifier_export_matches_pytorch(tool, tmp_path, capsys, monkeypatch, family):
     torch.manual_seed(1)
     model, what = _build(tool, CONFIGS[family], SMALL_CLASSIFIER)
