@@ -112,7 +112,8 @@ __device__ __forceinline__ void scatter_add_items(float *row, const int (&ix)[kI
     for (int i = 0; i < kItems; ++i) t[i] = run > 0 ? v[i] : v[kItems - 1 - i];
     float4 *dst = reinterpret_cast<float4 *>(row + lo);
 #pragma unroll
-    for (int q = 0; q < kItems / 4; ++q) atomicAdd(dst + q, make_float4(t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]));
+    for (int q = 0; q < kItems / 4; ++q)
+      atomicAdd(dst + q, make_float4(t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]));
     return;
   }
 #endif
