@@ -494,15 +494,15 @@ class CrossCase(_CaseBase):
     Args:
         batch, channels, height, width: x is (B, D, H * W).
         order: ``'cross'`` (VMamba's four directions), ``'permutations'`` (random orders, as Spectral VMamba's) or
-            ``'maps'`` (random index maps that repeat and skip tokens; inference cases only).
+            ``'maps'`` (random index maps that repeat and skip tokens; cross-form cases only).
         per_image: the permutations or maps differ per image (index (B, K, L)) rather than shared ((1, K, L)).
         sequences: K.
         rank: R; ``d_state``: N.
         dtype: x's dtype name.
         layouts: (input name, layout) pairs (x only).
         seed: the seed of the values.
-        inference: forward only, without gradients: the CUDA scan's cross form against the composition (else the
-            Triton kernel, forward and backward).
+        form: the CUDA scan's cross form against the composition (else the Triton kernel); both forward and
+            backward.
     """
 
     batch: int
@@ -517,7 +517,7 @@ class CrossCase(_CaseBase):
     dtype: str
     layouts: Tuple[Tuple[str, str], ...]
     seed: int
-    inference: bool = False
+    form: bool = False
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -530,10 +530,10 @@ GPU_CROSS = CrossBounds(dtypes=('float32', 'float16', 'bfloat16'), max_batch=3, 
                         d_states=(1, 2, 4, 16), sequences=(1, 2, 4, 8), max_elements=1 << 22)
 
 
-def draw_cross_case(chooser: Chooser, bounds: CrossBounds, inference: bool = False) -> CrossCase:
-    """A cross-scan case drawn from ``bounds`` (``inference``: for the cross form, index maps that are not
+def draw_cross_case(chooser: Chooser, bounds: CrossBounds, form: bool = False) -> CrossCase:
+    """A cross-scan case drawn from ``bounds`` (``form``: for the CUDA scan's cross form, index maps that are not
     permutations included)."""
-    order = chooser.choice(('cross', 'permutations', 'maps') if inference else ('cross', 'permutations'))
+    order = chooser.choice(('cross', 'permutations', 'maps') if form else ('cross', 'permutations'))
     per_image = order != 'cross' and chooser.choice((False, True))
     sequences = 4 if order == 'cross' else chooser.choice(bounds.sequences)
     height = _draw_size(chooser, bounds.sizes, bounds.max_size)
@@ -547,12 +547,12 @@ def draw_cross_case(chooser: Chooser, bounds: CrossBounds, inference: bool = Fal
                      sequences=sequences, rank=chooser.choice(bounds.ranks), d_state=chooser.choice(bounds.d_states),
                      dtype=chooser.choice(bounds.dtypes),
                      layouts=_draw_layouts(chooser, bounds.layout_modes, dict(x=3)),
-                     seed=chooser.integer(0, MAX_SEED), inference=inference)
+                     seed=chooser.integer(0, MAX_SEED), form=form)
 
 
 def draw_cross_form_case(chooser: Chooser, bounds: CrossBounds) -> CrossCase:
-    """An inference cross-scan case (the CUDA scan's cross form)."""
-    return draw_cross_case(chooser, bounds, inference=True)
+    """A cross-scan case for the CUDA scan's cross form."""
+    return draw_cross_case(chooser, bounds, form=True)
 
 
 def _cross_values(case: CrossCase) -> Dict[str, Tensor]:
@@ -637,8 +637,8 @@ def call_op(case: Case, inputs: Dict[str, Tensor], backend: str) -> Tensor:
     if isinstance(case, CrossCase):
         args = dict(inputs)
         x, index = args.pop('x'), args.pop('index')
-        if case.inference:  # no gradients: the CUDA scan's cross form (any backend but 'torch'), no Triton kernel
-            with triton_fusions(False), cross_form_switch(True), torch.no_grad():
+        if case.form:  # the CUDA scan's cross form (any backend but 'torch'), no Triton kernel
+            with triton_fusions(False), cross_form_switch(True):
                 return cross_selective_scan(x, index, **args, backend=backend)
         with triton_fusions(backend != 'torch'):  # the Triton kernel under VSSM_TRITON_FUSIONS=1
             return cross_selective_scan(x, index, **args, backend='auto' if backend == 'cuda' else backend)
@@ -687,7 +687,7 @@ def op_name(case: Case) -> str:
     if isinstance(case, ScanCase):
         return f'scan-{case.form}'
     if isinstance(case, CrossCase):
-        return 'cross-form' if case.inference else 'cross-scan'
+        return 'cross-form' if case.form else 'cross-scan'
     return 'dwconv2d' if isinstance(case, DWConvCase) else 'state-fusion'
 
 
@@ -761,8 +761,6 @@ def compare_case(case: Case, device: str = 'cuda') -> CaseResult:
         if out_k.dtype != out_dtype or out_k.shape != out_r.shape:
             return CaseResult(case, {}, {}, f'output {out_k.dtype} {tuple(out_k.shape)}, expected {out_dtype} '
                               f'{tuple(out_r.shape)}')
-        if getattr(case, 'inference', False):  # forward only
-            return CaseResult(case, {'out': rel_err(out_k, out_r)}, {'out': tolerance(case, 'out')})
         dout = grad_output(case, out_k.dtype, device)
         grads_k = torch.autograd.grad(out_k, [leaves_k[k] for k in floats], dout.to(out_k.dtype))
         grads_r = torch.autograd.grad(out_r, [leaves_r[k] for k in floats], dout.to(out_r.dtype))

@@ -1,7 +1,7 @@
 """vssm.ops.cross_selective_scan (VMamba's and Spectral VMamba's SSM core): the Triton kernel against float64 autograd
 (in Triton's interpreter on the CPU, and on a GPU against the reference in fp32 and under bf16 autocast), its custom
-ops under ``torch.library.opcheck`` and ``torch.compile`` (in the interpreter); the CUDA scan's cross form (inference)
-against its reference on a GPU and its glue on the CPU; the dispatch, errors."""
+ops under ``torch.library.opcheck`` and ``torch.compile`` (in the interpreter); the CUDA scan's cross form (values and
+gradients) against its reference on a GPU and its glue on the CPU; the dispatch, errors."""
 import textwrap
 
 import pytest
@@ -238,62 +238,61 @@ def test_dispatch_rules(monkeypatch):
 
 
 def test_cross_form_dispatch_rules(monkeypatch):
-    """The CUDA scan's cross form: with VSSM_CROSS_FORM=1, inference on CUDA tensors with one map to read and add
-    back to (any index), on the CUDA backend and not under deterministic algorithms or export; independent of the
-    Triton switch."""
+    """The CUDA scan's cross form: with VSSM_CROSS_FORM=1, on CUDA tensors with one map to read and add back to (any
+    index), on the CUDA backend and not under deterministic algorithms or export; independent of the Triton switch."""
     from types import SimpleNamespace
     monkeypatch.setattr(cross_scan, 'cross_form_available', lambda: True)
     x = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device('cuda'))
     index = torch.zeros(1, 4, 6, dtype=torch.int64)
-    assert cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    assert cross_scan._use_cross_form('auto', x, index, None, 1)
     assert cross_scan._use_cross_form('cuda', SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=x.device),
-                                      index, None, 16, False)
-    assert not cross_scan._use_cross_form('auto', x, index, None, 1, True)  # training: no backward
-    assert not cross_scan._use_cross_form('torch', x, index, None, 1, False)
-    assert not cross_scan._use_cross_form('auto', x, index, index, 1, False)  # a separate merge map
-    assert not cross_scan._use_cross_form('auto', x, index.int(), None, 1, False)
-    assert not cross_scan._use_cross_form('auto', x, index, None, 17, False)
+                                      index, None, 16)
+    assert not cross_scan._use_cross_form('torch', x, index, None, 1)
+    assert not cross_scan._use_cross_form('auto', x, index, index, 1)  # a separate merge map
+    assert not cross_scan._use_cross_form('auto', x, index.int(), None, 1)
+    assert not cross_scan._use_cross_form('auto', x, index, None, 17)
     assert not cross_scan._use_cross_form('auto', SimpleNamespace(is_cuda=False, dtype=torch.float32,
-                                                                  device=torch.device('cpu')), index, None, 1, False)
+                                                                  device=torch.device('cpu')), index, None, 1)
     assert not cross_scan._use_cross_form('auto', SimpleNamespace(is_cuda=True, dtype=torch.float64,
-                                                                  device=x.device), index, None, 1, False)
+                                                                  device=x.device), index, None, 1)
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
-    assert cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    assert cross_scan._use_cross_form('auto', x, index, None, 1)
     monkeypatch.setenv('VSSM_CROSS_FORM', '0')
-    assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    assert not cross_scan._use_cross_form('auto', x, index, None, 1)
     monkeypatch.delenv('VSSM_CROSS_FORM')
-    assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)  # off by default
+    assert not cross_scan._use_cross_form('auto', x, index, None, 1)  # off by default
     monkeypatch.setenv('VSSM_CROSS_FORM', '1')
     with monkeypatch.context() as patch:
         patch.setattr(torch.compiler, 'is_exporting', lambda: True)
-        assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+        assert not cross_scan._use_cross_form('auto', x, index, None, 1)
     torch.use_deterministic_algorithms(True)
     try:
-        assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+        assert not cross_scan._use_cross_form('auto', x, index, None, 1)
     finally:
         torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(cross_scan, 'cross_form_available', lambda: False)
-    assert not cross_scan._use_cross_form('auto', x, index, None, 1, False)
+    assert not cross_scan._use_cross_form('auto', x, index, None, 1)
 
 
 @pytest.mark.parametrize('kind', ['directions', 'per-image', 'repeats-and-skips'])
 def test_cross_form_glue_matches_the_composition(kind, monkeypatch):
     """What cross_selective_scan hands the cross form (x_proj and dt_proj on the raster map, the parameters as the
-    kernel takes them), run through the form's reference on the CPU: equal to the composition; training keeps the
-    composition."""
+    kernel takes them), run through the form's reference on the CPU: equal to the composition, values and every
+    gradient."""
     calls = []
-    monkeypatch.setattr(cross_scan, '_use_cross_form', lambda *args: not args[-1])
+    monkeypatch.setattr(cross_scan, '_use_cross_form', lambda *args: True)
     monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(args) or cross_form_ref(*args))
     x, index, inverse, *params = _inputs(2, 6, 3, 5, 4, 2, 3, kind != 'directions')
     if kind == 'repeats-and-skips':  # rows that are not permutations: tokens read twice, tokens left out
         index, inverse = torch.randint(0, 15, (2, 4, 15), generator=torch.Generator().manual_seed(1)), None
-    with torch.no_grad():
-        got = cross_selective_scan(x, index, *params, inverse=inverse)
+    results = []
+    for fn in (cross_selective_scan, cross_selective_scan_ref):
+        leaves = [t.clone().requires_grad_() for t in [x] + params]
+        out = fn(leaves[0], index, *leaves[1:], inverse=inverse)
+        results.append([out, *torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view_as(out))])
     assert len(calls) == 1
-    torch.testing.assert_close(got, cross_selective_scan_ref(x, index, *params, inverse=inverse), rtol=1e-6,
-                               atol=1e-6)
-    cross_selective_scan(x.requires_grad_(), index, *params, inverse=inverse)
-    assert len(calls) == 1
+    for name, got, want in zip(['out', 'x', 'x_proj', 'dt_weight', 'dt_bias', 'A', 'Ds'], *results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_errors():
@@ -404,7 +403,8 @@ CROSS_FORM_CASES = [
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('case', CROSS_FORM_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-N{c[6]}-{c[7]}')
 def test_cross_form_matches_its_reference_on_gpu(case, dtype):
-    """The kernel against cross_form_ref on the same inputs (both compute in float32 from the same 16-bit values)."""
+    """The kernel against cross_form_ref on the same inputs (both compute in float32 from the same 16-bit values),
+    values and the gradients of every input; inference keeps no states."""
     b, d, h, w, k, rank, n_state, kind = case
     x, index, inverse, x_proj, dt_w, dt_bias, A, Ds = _inputs(b, d, h, w, k, rank, n_state, kind != 'directions',
                                                               device='cuda')
@@ -414,11 +414,23 @@ def test_cross_form_matches_its_reference_on_gpu(case, dtype):
     g = torch.Generator('cuda').manual_seed(2)
     delta = (torch.randn(b, k * d, length, device='cuda', generator=g) - 1).to(dtype)
     dbl = torch.randn(b, k, rank + 2 * n_state, length, device='cuda', generator=g).to(dtype)
-    args = (x.to(dtype), index, delta, A, dbl, Ds, dt_bias.reshape(-1), rank)
-    got, ref = cross_scan.cross_form(*args), cross_form_ref(*args)
-    assert got.dtype == torch.float32 and got.shape == (b, d, length)
-    err = ((got - ref).norm() / ref.norm()).item()
-    assert err < 1e-5, err
+    leaves = (x.to(dtype), delta, A, dbl, Ds, dt_bias.reshape(-1))
+    with torch.no_grad():
+        out, states = torch.ops.vssm_selective_scan.cross_fwd(*leaves[:2], index, *leaves[2:], rank, True, False)
+    assert states.numel() == 0
+    grad_out = torch.randn(b, d, length, device='cuda', generator=g)
+    results = []
+    for fn in (cross_scan.cross_form, cross_form_ref):
+        args = [t.detach().requires_grad_() for t in leaves]
+        got = fn(args[0], index, *args[1:], rank)
+        results.append([got, *torch.autograd.grad(got, args, grad_out)])
+    assert results[0][0].dtype == torch.float32 and results[0][0].shape == (b, d, length)
+    assert ((out - results[0][0]).norm() / out.norm()).item() < 1e-5  # the same sums, added in another order
+    for name, got, ref in zip(['out', 'x', 'delta', 'A', 'dbl', 'Ds', 'dt_bias'], *results):
+        assert got.dtype == ref.dtype and got.shape == ref.shape, name
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        # the gradients of 16-bit inputs are rounded to their dtype by both
+        assert err < (1e-5 if name == 'out' or dtype == torch.float32 else 1e-2), (name, err)
 
 
 @needs_cross_form
@@ -442,6 +454,32 @@ def test_inference_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
     for got in outs[1:]:
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, outs[0], rtol=rtol, atol=atol)
+
+
+@needs_cross_form
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('case', GPU_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-R{c[5]}-N{c[6]}')
+def test_training_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
+    """Training runs the cross form, eager and compiled (fullgraph, forward and backward), and matches the composition
+    in values and every gradient (fp32, and under bf16 autocast with x in bf16); Triton switch off."""
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
+    calls = []
+    form = cross_scan.cross_form
+    monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(1) or form(*args))
+    x, index, inverse, *params = _inputs(*case, device='cuda')
+    torch._dynamo.reset()
+    results = []
+    for fn in (cross_selective_scan_ref, cross_selective_scan, torch.compile(cross_selective_scan, fullgraph=True)):
+        leaves = [t.detach().clone().requires_grad_() for t in [x] + params]
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn(leaves[0].to(dtype), index, *leaves[1:], inverse=inverse)
+        grad_out = torch.randn(out.shape, device='cuda', generator=torch.Generator('cuda').manual_seed(1))
+        results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
+    assert len(calls) == 2
+    for got in results[1:]:
+        for name, g, r in zip(['out', 'x', 'x_proj', 'dt_weight', 'dt_bias', 'A', 'Ds'], got, results[0]):
+            err = ((g.float() - r.float()).norm() / r.float().norm()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (name, err)
 
 
 

@@ -1,12 +1,12 @@
 """The CUDA and Triton kernels against the PyTorch references over random cases (GPU; skipped without CUDA or the
 kernels). For each op (the scan's state and output forms, the depthwise conv, the state fusion, the cross scan's
 Triton kernel: VMamba's four directions and random per-image orders, K = 1-8, ranks 1-64, N up to 16, maps from 1x1
-to 60x60, and the CUDA scan's cross form in inference on the same draws plus index maps that repeat and skip tokens),
+to 60x60, and the CUDA scan's cross form on the same draws plus index maps that repeat and skip tokens),
 ``--fuzz-cases`` random cases (default 20, or ``$VSSM_FUZZ_CASES``) from ``tests/ops/fuzz.py``'s GPU bounds: L up to
 6000 with the models' and the 256-step chunk boundaries' lengths (1, 49, 129, 255-257, 3136), N up to 16, K = 1, 2, 4
 or 8 groups of B/C, depthwise kernels 1..31 with dilations, zero and replicate padding, planes from 1x1 across the
 32x32 tiles, every flag combination, fp32/fp16/bf16, contiguous, transposed, sliced, stride-0 and channels-last
-inputs. Each case runs forward and backward (the cross form: forward) on the kernel and on the reference; the output
+inputs. Each case runs forward and backward on the kernel and on the reference; the output
 and every input's gradient must agree within the tolerances of ``test_selective_scan_cuda.py`` /
 ``test_dwconv2d_cuda.py`` (max relative error; the cross scan's in ``fuzz.CROSS_TOL``).
 

@@ -345,8 +345,7 @@ def test_harness_counts_mismatches(monkeypatch, scale):
         results = [fuzz.compare_case(case, 'cpu') for case in cases]
         for result in results:
             inputs = fuzz.make_inputs(result.case)
-            compared = {'out'} if getattr(result.case, 'inference', False) else {  # the cross form: forward only
-                'out', *(k for k, v in inputs.items() if v.is_floating_point())}
+            compared = {'out', *(k for k, v in inputs.items() if v.is_floating_point())}
             assert set(result.errors) == compared
             if scale is None:
                 assert result.ok and max(result.errors.values()) == 0.0

@@ -14,12 +14,13 @@ saves x, the projections (B, K, R + 2N, L) and the states entering each tile of 
 ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
 index is a permutation (``inverse`` given, no separate ``merge``) and where it is faster than the composition
 (:func:`_pays`: 16-bit inference over per-image maps), unless deterministic algorithms are requested (it adds with
-atomics). In inference on CUDA tensors without that kernel, with ``VSSM_CROSS_FORM=1``
+atomics). On CUDA tensors without that kernel, with ``VSSM_CROSS_FORM=1``
 (:func:`~vssm.ops._backend.cross_form_enabled`), the CUDA selective scan's cross form (:func:`cross_form`) does the
 same in one pass over the steps: x_proj and dt_proj on the raster map, then one warp per sequence and
 channel reads its tokens, step sizes, B and C through the index and adds its outputs back at its tokens (atomics, so
-not under deterministic algorithms either; any index within the map, repeated or skipped tokens included). Training
-and everything else run the reference.
+not under deterministic algorithms either; any index within the map, repeated or skipped tokens included). In
+training it keeps the scan's state at the end of every 256-step chunk, and its backward reads the same tokens and adds
+the gradients of x, the step sizes, B and C back at them. Everything else runs the reference.
 
 Under ``torch.compile`` the kernels are two ``torch.library`` custom ops, ``vssm::cross_scan_fwd`` (out and the
 states) and ``vssm::cross_scan_bwd``, with fake implementations and the forward's autograd (graph nodes; the backward
@@ -77,8 +78,9 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
 
 def cross_form(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor, dt_bias: Tensor,
                n_rank: int) -> Tensor:
-    """The CUDA scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd`` (forward only, no autograd): the K
+    """The CUDA scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd`` with its backward ``cross_bwd``: the K
     sequences of ``index`` over the map x, each scanned with softplus step sizes, added back onto the tokens they read.
+    Where gradients are needed it keeps the states at the chunk ends for the backward (inference keeps none).
 
     Args:
         x: (B, D, L) CUDA tensor; float32, float16 or bfloat16.
@@ -90,9 +92,10 @@ def cross_form(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, 
         n_rank: R.
 
     Returns: (B, D, L) float32, the sum of the sequences' outputs at their tokens (atomic adds: the last bits vary
-    from run to run). :func:`cross_form_ref` is its reference.
+    from run to run; so do the gradients'). :func:`cross_form_ref` is its reference.
     """
-    return torch.ops.vssm_selective_scan.cross_fwd(x, index, delta, A, dbl, Ds, dt_bias, n_rank, True)
+    keep_states = torch.is_grad_enabled() and any(t.requires_grad for t in (x, delta, A, dbl, Ds, dt_bias))
+    return torch.ops.vssm_selective_scan.cross_fwd(x, index, delta, A, dbl, Ds, dt_bias, n_rank, True, keep_states)[0]
 
 
 def cross_form_ref(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor, dt_bias: Tensor,
@@ -204,11 +207,9 @@ def _use_kernel(backend: str, x: Tensor, index: Tensor, inverse: Optional[Tensor
             and _fusable(backend, x, index, merge, n_state) and _pays(x, index, needs_grad))
 
 
-def _use_cross_form(backend: str, x: Tensor, index: Tensor, merge: Optional[Tensor], n_state: int,
-                    needs_grad: bool) -> bool:
-    """The CUDA scan's cross form: inference (it has no backward), any index within the map."""
-    return (not needs_grad and cross_form_available() and cross_form_enabled()
-            and _fusable(backend, x, index, merge, n_state))
+def _use_cross_form(backend: str, x: Tensor, index: Tensor, merge: Optional[Tensor], n_state: int) -> bool:
+    """The CUDA scan's cross form: inference and training, any index within the map."""
+    return cross_form_available() and cross_form_enabled() and _fusable(backend, x, index, merge, n_state)
 
 
 def _raster_projections(x: Tensor, x_proj_weight: Tensor) -> Tensor:
@@ -250,7 +251,7 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
                          f'{tuple(dt_weight.shape)}, A {tuple(A.shape)}.')
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, x_proj_weight, dt_weight, dt_bias, A, Ds))
     use_kernel = _use_kernel(backend, x, index, inverse, merge, n_state, needs_grad)
-    if not use_kernel and not _use_cross_form(backend, x, index, merge, n_state, needs_grad):
+    if not use_kernel and not _use_cross_form(backend, x, index, merge, n_state):
         return cross_selective_scan_ref(x, index, x_proj_weight, dt_weight, dt_bias, A, Ds, inverse=inverse,
                                         merge=merge, backend=backend)
     dtype = _compute_dtype(x)

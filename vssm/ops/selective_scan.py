@@ -37,7 +37,8 @@ _EXT = try_import_extension(_EXT_NAME)
 KERNEL_CHUNK = 256  # steps per warp iteration in the kernel (kChunk in kernels/selective_scan/csrc/selective_scan.h)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_STATE = 16  # largest state size N (kMaxState in kernels/selective_scan/csrc/selective_scan.h)
-_CROSS_FORM = _EXT is not None and hasattr(torch.ops.vssm_selective_scan, 'cross_fwd')  # builds older than the form
+# builds older than the cross form (or than its backward) lack it
+_CROSS_FORM = _EXT is not None and hasattr(torch.ops.vssm_selective_scan, 'cross_bwd')
 
 
 def kernel_available() -> bool:
@@ -46,8 +47,8 @@ def kernel_available() -> bool:
 
 
 def cross_form_available() -> bool:
-    """Whether the installed extension has the scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd``
-    (:func:`vssm.ops.cross_scan.cross_form`)."""
+    """Whether the installed extension has the scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd`` and
+    ``cross_bwd`` (:func:`vssm.ops.cross_scan.cross_form`)."""
     return _CROSS_FORM
 
 
@@ -252,9 +253,47 @@ def _register_kernel_ops() -> None:
     torch.library.register_autograd(f'{lib}::fwd', backward, setup_context=setup_context)
 
     if cross_form_available():
-        @torch.library.register_fake(f'{lib}::cross_fwd')
-        def _cross_fwd_fake(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus):
-            return x.new_empty(x.shape, dtype=torch.float32)
+        _register_cross_form()
+
+
+def _register_cross_form() -> None:
+    """Fake implementations of the cross form's operators and the forward's autograd (its backward is cross_bwd)."""
+    lib = _EXT_NAME
+
+    @torch.library.register_fake(f'{lib}::cross_fwd')
+    def _cross_fwd_fake(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus, keep_states):
+        bt, _, length = x.shape
+        n_chunks = (length + KERNEL_CHUNK - 1) // KERNEL_CHUNK
+        states_shape = (bt, A.shape[0], n_chunks, A.shape[1]) if keep_states else (0, )
+        return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(states_shape, dtype=torch.float32)
+
+    @torch.library.register_fake(f'{lib}::cross_bwd')
+    def _cross_bwd_fake(x, index, delta, A, dbl, D, delta_bias, dout, chunk_states, n_rank, delta_softplus):
+        f32 = dict(dtype=torch.float32)
+        d = A.shape[0]
+        return (x.new_empty(x.shape, **f32), delta.new_empty(delta.shape, **f32), A.new_empty(A.shape, **f32),
+                dbl.new_empty(dbl.shape, **f32), x.new_empty((d, ) if D is not None else (0, ), **f32),
+                x.new_empty((d, ) if delta_bias is not None else (0, ), **f32))
+
+    def setup_context(ctx, inputs, output):
+        x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus, _keep_states = inputs
+        ctx.n_rank, ctx.delta_softplus = n_rank, delta_softplus
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, index, delta, A, dbl, D, delta_bias, output[1])
+
+    def backward(ctx, dout, _dchunk_states):
+        x, index, delta, A, dbl, D, delta_bias, chunk_states = ctx.saved_tensors
+        if chunk_states.dim() != 4:
+            raise RuntimeError('vssm_selective_scan.cross_fwd ran with keep_states=False, so it has no backward: call '
+                               'it with keep_states=True where gradients are needed (vssm.ops.cross_scan.cross_form '
+                               'decides this from the inputs).')
+        dx, ddelta, dA, ddbl, dD, dbias = torch.ops.vssm_selective_scan.cross_bwd(
+            x, index, delta, A, dbl, D, delta_bias, dout.float().contiguous(), chunk_states, ctx.n_rank,
+            ctx.delta_softplus)
+        return (dx.to(x.dtype), None, ddelta.to(delta.dtype), dA, ddbl.to(dbl.dtype), None if D is None else dD,
+                None if delta_bias is None else dbias, None, None, None)
+
+    torch.library.register_autograd(f'{lib}::cross_fwd', backward, setup_context=setup_context)
 
 
 if _EXT is not None:

@@ -1,5 +1,5 @@
 // Binding of the CUDA selective scan: input checks, dtype dispatch, and the operators
-//   torch.ops.vssm_selective_scan.fwd / .bwd / .cross_fwd
+//   torch.ops.vssm_selective_scan.fwd / .bwd / .cross_fwd / .cross_bwd
 // registered with TORCH_LIBRARY (fake implementations and autograd live in vssm/ops/selective_scan.py).
 #include <Python.h>
 
@@ -106,20 +106,22 @@ Checked check_inputs(const at::Tensor &u, const at::Tensor &delta, const at::Ten
   p.Ds = p.has_d ? D->data_ptr<float>() : nullptr;
   p.delta_bias = p.has_bias ? delta_bias->data_ptr<float>() : nullptr;
   p.bc_stride = nstate * length;
+  p.dbc_stride = nstate * length;
   const int64_t elems_per_16b = 16 / static_cast<int64_t>(u.element_size());
   p.vec = length % elems_per_16b == 0 && length % 4 == 0 && aligned16(u) && aligned16(delta) && aligned16(B) &&
           (!p.has_c || aligned16(*C));
   return c;
 }
 
-enum class Pass { kForward, kBackward, kCrossForward };
+enum class Pass { kForward, kBackward, kCrossForward, kCrossBackward };
 
 template <typename T, int kN>
 void launch(const ScanParams &p, Pass pass, cudaStream_t stream) {
   switch (pass) {
     case Pass::kForward: launch_fwd<T, kN>(p, stream); break;
     case Pass::kBackward: launch_bwd<T, kN>(p, stream); break;
-    default: launch_cross_fwd<T, kN>(p, stream); break;
+    case Pass::kCrossForward: launch_cross_fwd<T, kN>(p, stream); break;
+    default: launch_cross_bwd<T, kN>(p, stream); break;
   }
 }
 
@@ -209,10 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // The cross form (selective_scan.h): x (Bt, Dx, L); index (Bt or 1, K, L) int64; delta (Bt, K * Dx, L) and dbl
-// (Bt, K, R + 2N, L) in token order, B and C its rows R.. and R + N..; A (K * Dx, N). Returns (Bt, Dx, L) float32.
-at::Tensor scan_cross_fwd(const at::Tensor &x, const at::Tensor &index, const at::Tensor &delta, const at::Tensor &A,
-                          const at::Tensor &dbl, const OptTensor &D, const OptTensor &delta_bias, int64_t n_rank,
-                          bool delta_softplus) {
+// (Bt, K, R + 2N, L) in token order, B and C its rows R.. and R + N..; A (K * Dx, N).
+Checked check_cross_inputs(const at::Tensor &x, const at::Tensor &index, const at::Tensor &delta, const at::Tensor &A,
+                           const at::Tensor &dbl, const OptTensor &D, const OptTensor &delta_bias, int64_t n_rank,
+                           bool delta_softplus) {
   check_tensor(x, "x", x);
   TORCH_CHECK(x.dim() == 3, "vssm_selective_scan: x must be (Bt, D, L), got ", x.sizes());
   Checked c;
@@ -234,8 +236,6 @@ at::Tensor scan_cross_fwd(const at::Tensor &x, const at::Tensor &index, const at
   check_tensor(dbl, "dbl", x);
   check_shape(dbl, "dbl", {bt, k, n_rank + 2 * nstate, length});
   TORCH_CHECK(dbl.scalar_type() == c.dtype, "vssm_selective_scan: dbl must have x's dtype ", c.dtype);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::zeros({bt, dim, length}, x.options().dtype(at::kFloat));
   ScanParams &p = c.p;
   p.batch = bt;
   p.dim = k * dim;
@@ -247,7 +247,7 @@ at::Tensor scan_cross_fwd(const at::Tensor &x, const at::Tensor &index, const at
   p.has_d = D.has_value();
   p.has_bias = delta_bias.has_value();
   p.softplus = delta_softplus;
-  // rows 16-byte aligned (float32 out and 16-bit or float32 inputs): aligned runs of a lane's entries are moved
+  // rows 16-byte aligned (float32 maps and 16-bit or float32 inputs): aligned runs of a lane's entries are moved
   // with vector instructions
   p.vec = length % 8 == 0 && aligned16(x) && aligned16(delta) && aligned16(dbl);
   p.u = x.data_ptr();
@@ -261,10 +261,64 @@ at::Tensor scan_cross_fwd(const at::Tensor &x, const at::Tensor &index, const at
   p.delta_bias = p.has_bias ? delta_bias->data_ptr<float>() : nullptr;
   p.index = index.data_ptr<int64_t>();
   p.index_batch_stride = index.size(0) == 1 ? 0 : k * length;
+  return c;
+}
+
+// Returns the (Bt, Dx, L) float32 sum of the sequences' outputs and, when keep_states, the chunk states
+// (Bt, K * Dx, n_chunks, N) for the backward (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> scan_cross_fwd(const at::Tensor &x, const at::Tensor &index,
+                                                  const at::Tensor &delta, const at::Tensor &A, const at::Tensor &dbl,
+                                                  const OptTensor &D, const OptTensor &delta_bias, int64_t n_rank,
+                                                  bool delta_softplus, bool keep_states) {
+  Checked c = check_cross_inputs(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus);
+  const c10::cuda::CUDAGuard guard(x.device());
+  ScanParams &p = c.p;
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor out = at::zeros(x.sizes(), f32);
+  at::Tensor chunk_states = keep_states ? at::empty({p.batch, p.dim, p.n_chunks, p.dstate}, f32) : at::empty({0}, f32);
   p.out = out.data_ptr<float>();
-  p.chunk_states = nullptr;
-  if (bt * dim * k > 0 && length > 0) dispatch(c, Pass::kCrossForward);
-  return out;
+  p.chunk_states = keep_states ? chunk_states.data_ptr<float>() : nullptr;
+  if (p.batch * p.dim > 0 && p.length > 0) dispatch(c, Pass::kCrossForward);
+  return {out, chunk_states};
+}
+
+// The gradients of the cross form for dout (Bt, Dx, L) float32, all float32: dx (Bt, Dx, L), ddelta (Bt, K * Dx, L)
+// in token order, dA (K * Dx, N), ddbl (Bt, K, R + 2N, L) in token order (dB and dC; its R rows zero: the step
+// sizes' gradient is ddelta), dD and dbias (K * Dx,) (empty when D or delta_bias is absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_cross_bwd(
+    const at::Tensor &x, const at::Tensor &index, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &dbl,
+    const OptTensor &D, const OptTensor &delta_bias, const at::Tensor &dout, const at::Tensor &chunk_states,
+    int64_t n_rank, bool delta_softplus) {
+  Checked c = check_cross_inputs(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus);
+  ScanParams &p = c.p;
+  check_tensor(dout, "dout", x);
+  TORCH_CHECK(dout.scalar_type() == at::kFloat, "vssm_selective_scan: dout must be float32 (the output's dtype)");
+  check_shape(dout, "dout", x.sizes());
+  check_tensor(chunk_states, "chunk_states", x);
+  check_shape(chunk_states, "chunk_states", {p.batch, p.dim, p.n_chunks, p.dstate});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::zeros(x.sizes(), f32), ddelta = at::zeros(delta.sizes(), f32);
+  at::Tensor ddbl = at::zeros(dbl.sizes(), f32);
+  at::Tensor dA_rows = at::empty({p.batch, p.dim, p.dstate}, f32);
+  at::Tensor dD_rows = p.has_d ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
+  at::Tensor dbias_rows = p.has_bias ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
+  p.dout = dout.data_ptr<float>();
+  p.chunk_states = const_cast<float *>(chunk_states.data_ptr<float>());
+  p.du = dx.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dB = ddbl.data_ptr<float>() + n_rank * p.length;
+  p.dC = p.dB + p.dstate * p.length;
+  p.dbc_stride = p.bc_stride;
+  p.dA_rows = dA_rows.data_ptr<float>();
+  p.dD_rows = p.has_d ? dD_rows.data_ptr<float>() : nullptr;
+  p.dbias_rows = p.has_bias ? dbias_rows.data_ptr<float>() : nullptr;
+  p.vec = p.vec && aligned16(dout);
+  if (p.batch * p.dim > 0 && p.length > 0) dispatch(c, Pass::kCrossBackward);
+  at::Tensor dA = dA_rows.sum(0);
+  at::Tensor dD = p.has_d ? dD_rows.sum(0) : dD_rows;
+  at::Tensor dbias = p.has_bias ? dbias_rows.sum(0) : dbias_rows;
+  return {dx, ddelta, dA, ddbl, dD, dbias};
 }
 
 }  // namespace
@@ -276,13 +330,17 @@ TORCH_LIBRARY(vssm_selective_scan, m) {
   m.def("bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D, Tensor? delta_bias, Tensor dout, "
         "Tensor chunk_states, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cross_fwd(Tensor x, Tensor index, Tensor delta, Tensor A, Tensor dbl, Tensor? D, Tensor? delta_bias, "
-        "int n_rank, bool delta_softplus) -> Tensor");
+        "int n_rank, bool delta_softplus, bool keep_states) -> (Tensor, Tensor)");
+  m.def("cross_bwd(Tensor x, Tensor index, Tensor delta, Tensor A, Tensor dbl, Tensor? D, Tensor? delta_bias, "
+        "Tensor dout, Tensor chunk_states, int n_rank, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vssm_selective_scan, CUDA, m) {
   m.impl("fwd", &vssm_scan::scan_fwd);
   m.impl("bwd", &vssm_scan::scan_bwd);
   m.impl("cross_fwd", &vssm_scan::scan_cross_fwd);
+  m.impl("cross_bwd", &vssm_scan::scan_cross_bwd);
 }
 
 VSSM_PYTHON_MODULE(vssm_selective_scan, "CUDA selective scan; operators in torch.ops.vssm_selective_scan")

@@ -4,11 +4,13 @@
 // out: the states h (Bt, D, N, L) fp32 (state form) or y (Bt, D, L) fp32 (output form);
 // chunk_states (Bt, D, n_chunks, N) fp32: h at the end of every kChunk-step chunk, for the backward pass.
 //
-// Cross form (forward only, output-returning): the K = groups sequences of a token map read in an order given by an
-// index and added back onto it. u is the map x (Bt, D / K, L); index (Bt or 1, K, L) int64, the token sequence k reads
-// at step i; delta (Bt, D, L) and the B/C rows are indexed by token (raster order) and gathered too; B and C are rows
-// of one (Bt, K, bc_stride / L, L) tensor (x_proj's output); out (Bt, D / K, L) fp32, zeroed by the host, receives
-// every sequence's y at its token (atomic adds).
+// Cross form (output-returning): the K = groups sequences of a token map read in an order given by an index and added
+// back onto it. u is the map x (Bt, D / K, L); index (Bt or 1, K, L) int64, the token sequence k reads at step i;
+// delta (Bt, D, L) and the B/C rows are indexed by token (raster order) and gathered too; B and C are rows of one
+// (Bt, K, bc_stride / L, L) tensor (x_proj's output); out (Bt, D / K, L) fp32, zeroed by the host, receives every
+// sequence's y at its token (atomic adds); chunk_states may be null (inference). Its backward gathers dout the same
+// way and adds every gradient at its token: du (Bt, D / K, L), ddelta (Bt, D, L) and dB/dC (rows of one tensor
+// shaped as x_proj's output) all fp32, zeroed by the host.
 #pragma once
 
 #include <cstdint>
@@ -36,9 +38,10 @@ struct ScanParams {
   float *out, *chunk_states;                     // fp32
   // backward only
   const float *dout;                             // fp32, shape of out
-  void *du, *ddelta;                             // input dtype
+  void *du, *ddelta;                             // input dtype (cross form: fp32, accumulated with atomics)
   float *dA_rows, *dD_rows, *dbias_rows;         // per row (Bt, D, N) / (Bt, D): summed over Bt on the host
-  float *dB, *dC;                                // fp32 (Bt, G, N, L), accumulated with atomics
+  float *dB, *dC;                                // fp32 (Bt, G, N, L) rows, accumulated with atomics
+  int64_t dbc_stride;                            // elements between the dB (or dC) rows of consecutive (b, group)
 };
 
 template <typename T, int kN>
@@ -49,5 +52,8 @@ void launch_cross_fwd(const ScanParams &p, cudaStream_t stream);
 
 template <typename T, int kN>
 void launch_bwd(const ScanParams &p, cudaStream_t stream);
+
+template <typename T, int kN>
+void launch_cross_bwd(const ScanParams &p, cudaStream_t stream);
 
 }  // namespace vssm_scan

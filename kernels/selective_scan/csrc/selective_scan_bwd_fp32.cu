@@ -5,4 +5,7 @@ namespace vssm_scan {
 template void launch_bwd<float, 1>(const ScanParams &, cudaStream_t);
 template void launch_bwd<float, 4>(const ScanParams &, cudaStream_t);
 template void launch_bwd<float, kMaxState>(const ScanParams &, cudaStream_t);
+template void launch_cross_bwd<float, 1>(const ScanParams &, cudaStream_t);
+template void launch_cross_bwd<float, 4>(const ScanParams &, cudaStream_t);
+template void launch_cross_bwd<float, kMaxState>(const ScanParams &, cudaStream_t);
 }  // namespace vssm_scan

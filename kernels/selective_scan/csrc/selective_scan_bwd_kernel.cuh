@@ -3,6 +3,10 @@
 // chunk-boundary state, runs the adjoint recurrence g_t = gh_t + a_{t+1} g_{t+1} backwards with the same
 // warp-scan of affine maps (lane 31 first), and forms every gradient. dB and dC are shared by all channels of a
 // group: the block sums its kW warps in shared memory and adds the sum to global memory with one atomic per step.
+//
+// The cross form (kCross, selective_scan.h) reads its steps' tokens, dout included, through the index as the forward
+// does and adds du, ddelta, dB and dC at those tokens (atomics: the K sequences of a map, or repeated entries of one,
+// meet there).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -16,7 +20,7 @@ constexpr int bwd_smem_floats() {
   return (kHasC ? 2 : 1) * kW * kN * kWarpSize * (kItems + 1);
 }
 
-template <typename T, int kN, bool kHasC, int kW>
+template <typename T, int kN, bool kHasC, int kW, bool kCross>
 __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParams p) {
   extern __shared__ float smem[];
   // Reduction buffers, laid out [warp][state][lane][item] with one float of padding per lane.
@@ -27,17 +31,21 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
   const int64_t b = blockIdx.x / blocks_per_batch;
   const int64_t d = (blockIdx.x % blocks_per_batch) * kW + warp;
   const int64_t row = b * p.dim + d;
-  const int64_t g = d / (p.dim / p.groups);  // the same for all warps: kW divides dim / groups
+  const int64_t per_group = p.dim / p.groups, g = d / per_group;  // g is the same for all warps: kW divides per_group
   const int64_t length = p.length;
   const int nstate = static_cast<int>(p.dstate);
   const bool vec = p.vec;
+  // cross form: sequence g reads (and adds back to) channel d % per_group of image b's map
+  const int64_t map_row = kCross ? b * per_group + d % per_group : row;
 
-  const T *u = static_cast<const T *>(p.u) + row * length;
+  const T *u = static_cast<const T *>(p.u) + map_row * length;
   const T *delta = static_cast<const T *>(p.delta) + row * length;
-  const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * nstate * length;
-  const T *Cg = kHasC ? static_cast<const T *>(p.C) + (b * p.groups + g) * nstate * length : nullptr;
-  float *dBg = p.dB + (b * p.groups + g) * nstate * length;
-  float *dCg = kHasC ? p.dC + (b * p.groups + g) * nstate * length : nullptr;
+  const float *dout = p.dout + (kHasC ? map_row * length : 0);
+  const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * p.bc_stride;
+  const T *Cg = kHasC ? static_cast<const T *>(p.C) + (b * p.groups + g) * p.bc_stride : nullptr;
+  float *dBg = p.dB + (b * p.groups + g) * p.dbc_stride;
+  float *dCg = kHasC ? p.dC + (b * p.groups + g) * p.dbc_stride : nullptr;
+  const int64_t *index = kCross ? p.index + b * p.index_batch_stride + g * length : nullptr;
 
   float A[kN], A2[kN];
 #pragma unroll
@@ -56,10 +64,23 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
 
   for (int64_t chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
     const int64_t start = chunk * kChunk + lane * kItems;
+    int ix[kItems];
+    int run = 0;
+    if constexpr (kCross) {
+      load_index(index, start, length, ix);
+      run = index_run(ix);
+    }
+    auto load = [&](const auto *src, float (&v)[kItems]) {
+      if constexpr (kCross) {
+        gather_items(src, ix, run, vec, v);
+      } else {
+        load_items(src, start, length, vec, v);
+      }
+    };
     float uv[kItems], raw[kItems], dt[kItems], dy[kItems];
-    load_items(u, start, length, vec, uv);
-    load_items(delta, start, length, vec, raw);
-    if constexpr (kHasC) load_items(p.dout + row * length, start, length, vec, dy);
+    load(u, uv);
+    load(delta, raw);
+    if constexpr (kHasC) load(dout, dy);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       raw[i] += bias;
@@ -70,7 +91,7 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
       if (n < nstate) {
-        load_items(Bg + n * length, start, length, vec, bv[n]);
+        load(Bg + n * length, bv[n]);
       } else {
 #pragma unroll
         for (int i = 0; i < kItems; ++i) bv[n][i] = 0.f;
@@ -78,13 +99,13 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
       float cv[kItems];
       if constexpr (kHasC) {
         if (n < nstate) {
-          load_items(Cg + n * length, start, length, vec, cv);
+          load(Cg + n * length, cv);
         } else {
 #pragma unroll
           for (int i = 0; i < kItems; ++i) cv[i] = 0.f;
         }
       } else if (n < nstate) {
-        load_items(p.dout + (row * nstate + n) * length, start, length, vec, cv);  // dL/dh directly
+        load_items(p.dout + (row * nstate + n) * length, start, length, vec, cv);  // dL/dh directly (not kCross)
       } else {
 #pragma unroll
         for (int i = 0; i < kItems; ++i) cv[i] = 0.f;
@@ -175,14 +196,23 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
       ddelta[i] = p.softplus ? ddt * softplus_grad(raw[i]) : ddt;
       dbias_acc += valid ? ddelta[i] : 0.f;
     }
-    store_items(static_cast<T *>(p.du) + row * length, start, length, vec, du);
-    store_items(static_cast<T *>(p.ddelta) + row * length, start, length, vec, ddelta);
+    if constexpr (kCross) {
+      scatter_add_items(static_cast<float *>(p.du) + map_row * length, ix, run, vec, du);
+      scatter_add_items(static_cast<float *>(p.ddelta) + row * length, ix, run, vec, ddelta);
+    } else {
+      store_items(static_cast<T *>(p.du) + row * length, start, length, vec, du);
+      store_items(static_cast<T *>(p.ddelta) + row * length, start, length, vec, ddelta);
+    }
     __syncthreads();
     for (int idx = threadIdx.x; idx < kN * kChunk; idx += kW * kWarpSize) {
       const int n = idx / kChunk, pos = idx % kChunk;
-      const int64_t t = chunk * kChunk + pos;
+      int64_t t = chunk * kChunk + pos;
       if (n >= nstate || t >= length) continue;
       const int slot = (pos / kItems) * (kItems + 1) + pos % kItems;
+      if constexpr (kCross) {
+        t = __ldg(index + t);  // the token this step read
+        if (t < 0 || t >= length) continue;
+      }
       float sb = 0.f, sc = 0.f;
 #pragma unroll
       for (int w = 0; w < kW; ++w) {
@@ -207,12 +237,12 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
   }
 }
 
-template <typename T, int kN, bool kHasC, int kW>
+template <typename T, int kN, bool kHasC, int kW, bool kCross = false>
 void launch_bwd_variant(const ScanParams &p, cudaStream_t stream) {
   constexpr int smem = bwd_smem_floats<kN, kHasC, kW>() * sizeof(float);
   static_assert(smem <= 48 * 1024, "backward scan: shared memory over the default 48 KB");
   const dim3 grid(static_cast<unsigned>(p.batch * (p.dim / kW)));
-  scan_bwd_kernel<T, kN, kHasC, kW><<<grid, kW * kWarpSize, smem, stream>>>(p);
+  scan_bwd_kernel<T, kN, kHasC, kW, kCross><<<grid, kW * kWarpSize, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -233,6 +263,13 @@ void launch_bwd(const ScanParams &p, cudaStream_t stream) {
     if (wide) launch_bwd_variant<T, kN, false, kW>(p, stream);
     else launch_bwd_variant<T, kN, false, 1>(p, stream);
   }
+}
+
+template <typename T, int kN>
+void launch_cross_bwd(const ScanParams &p, cudaStream_t stream) {
+  constexpr int kW = max_bwd_warps<kN>();
+  if ((p.dim / p.groups) % kW == 0) launch_bwd_variant<T, kN, true, kW, true>(p, stream);
+  else launch_bwd_variant<T, kN, true, 1, true>(p, stream);
 }
 
 }  // namespace vssm_scan

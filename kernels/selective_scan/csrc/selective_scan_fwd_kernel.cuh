@@ -8,7 +8,7 @@
 // The cross form (kCross, selective_scan.h) runs the same steps on the sequences of a token map: each lane reads its
 // steps' tokens at their index entries and adds its outputs at the same tokens (atomics: the K sequences of a map,
 // or repeated entries of one, meet there); where a lane's entries run by one up or down (VMamba's row-major
-// directions), with vector loads and float4 atomics. Its states are not kept (inference).
+// directions), with vector loads and float4 atomics. It keeps the chunk states only when asked (training).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
         store_items(p.out + (row * nstate + n) * length, start, length, vec, hs);
       }
     }
-    if (!kCross && lane == 0) {
+    if ((!kCross || p.chunk_states != nullptr) && lane == 0) {
 #pragma unroll
       for (int n = 0; n < kN; ++n)
         if (n < nstate) p.chunk_states[(row * p.n_chunks + chunk) * nstate + n] = carry[n];
