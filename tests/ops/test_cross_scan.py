@@ -433,23 +433,33 @@ def test_cross_form_matches_its_reference_on_gpu(case, dtype):
         assert err < (1e-5 if name == 'out' or dtype == torch.float32 else 1e-2), (name, err)
 
 
+def _eager_and_compiled(case):
+    """The composition, then cross_selective_scan eager, and compiled (fullgraph) for VMamba-T's stage 1 and the
+    per-image maps (compiling every case would take minutes)."""
+    fns = [cross_selective_scan_ref, cross_selective_scan]
+    if case in (GPU_CASES[0], GPU_CASES[2]):
+        torch._dynamo.reset()
+        fns.append(torch.compile(cross_selective_scan, fullgraph=True))
+    return fns
+
+
 @needs_cross_form
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('case', GPU_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-R{c[5]}-N{c[6]}')
 def test_inference_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
-    """Inference (no gradients) runs the cross form, eager and compiled (fullgraph), and matches the composition
-    (fp32, and under bf16 autocast with x in bf16); with the Triton switch off, so the Triton kernel stays out."""
+    """Inference (no gradients) runs the cross form, eager and compiled (fullgraph; for one map and for per-image maps),
+    and matches the composition (fp32, and under bf16 autocast with x in bf16); with the Triton switch off, so the
+    Triton kernel stays out."""
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
     calls = []
     form = cross_scan.cross_form
     monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(1) or form(*args))
     x, index, inverse, *params = _inputs(*case, device='cuda')
-    torch._dynamo.reset()
     outs = []
-    for fn in (cross_selective_scan_ref, cross_selective_scan, torch.compile(cross_selective_scan, fullgraph=True)):
+    for fn in _eager_and_compiled(case):
         with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             outs.append(fn(x.to(dtype), index, *params, inverse=inverse))
-    assert len(calls) == 2
+    assert len(calls) == len(outs) - 1
     rtol, atol = TOLERANCES[dtype]
     for got in outs[1:]:
         assert got.dtype == torch.float32
@@ -460,22 +470,22 @@ def test_inference_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('case', GPU_CASES, ids=lambda c: 'x'.join(map(str, c[:4])) + f'-K{c[4]}-R{c[5]}-N{c[6]}')
 def test_training_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
-    """Training runs the cross form, eager and compiled (fullgraph, forward and backward), and matches the composition
-    in values and every gradient (fp32, and under bf16 autocast with x in bf16); Triton switch off."""
+    """Training runs the cross form, eager and compiled (fullgraph, forward and backward; for one map and for per-image
+    maps), and matches the composition in values and every gradient (fp32, and under bf16 autocast with x in bf16);
+    Triton switch off."""
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
     calls = []
     form = cross_scan.cross_form
     monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(1) or form(*args))
     x, index, inverse, *params = _inputs(*case, device='cuda')
-    torch._dynamo.reset()
     results = []
-    for fn in (cross_selective_scan_ref, cross_selective_scan, torch.compile(cross_selective_scan, fullgraph=True)):
+    for fn in _eager_and_compiled(case):
         leaves = [t.detach().clone().requires_grad_() for t in [x] + params]
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = fn(leaves[0].to(dtype), index, *leaves[1:], inverse=inverse)
         grad_out = torch.randn(out.shape, device='cuda', generator=torch.Generator('cuda').manual_seed(1))
         results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
-    assert len(calls) == 2
+    assert len(calls) == len(results) - 1
     for got in results[1:]:
         for name, g, r in zip(['out', 'x', 'x_proj', 'dt_weight', 'dt_bias', 'A', 'Ds'], got, results[0]):
             err = ((g.float() - r.float()).norm() / r.float().norm()).item()
