@@ -274,6 +274,28 @@ def test_cross_form_dispatch_rules(monkeypatch):
     assert not cross_scan._use_cross_form('auto', x, index, None, 1)
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16], ids=str)
+def test_cross_form_low_rank_gradients_match_autograd(dtype):
+    """The cross form's backward turns the step sizes' gradient into dt_proj's and the low-rank inputs' with two GEMMs
+    (vssm.ops.selective_scan.low_rank_grads): against autograd of delta = dt_weight[k] @ dbl[:, k, :R] in float64,
+    and in bf16 within its rounding."""
+    from vssm.ops.selective_scan import low_rank_grads
+    g = torch.Generator().manual_seed(0)
+    b, k, d, rank, n_state, length = 2, 4, 6, 3, 2, 35
+    dbl = torch.randn(b, k, rank + 2 * n_state, length, generator=g, dtype=torch.float64)
+    weight = torch.randn(k * d, rank, generator=g, dtype=torch.float64).requires_grad_()
+    dts = dbl[:, :, :rank].clone().requires_grad_()
+    ddelta = torch.randn(b, k * d, length, generator=g, dtype=torch.float64)
+    delta = torch.matmul(weight.view(k, d, rank), dts).reshape(b, k * d, length)
+    want = torch.autograd.grad(delta, [weight, dts], ddelta)
+    got = low_rank_grads(ddelta.float(), dbl.to(dtype), weight.detach().to(weight.dtype if dtype == torch.float64
+                                                                            else torch.float32))
+    assert got[0].shape == weight.shape and got[1].shape == dts.shape and got[1].dtype == dtype
+    tol = 1e-6 if dtype == torch.float64 else 2e-2
+    for a, w in zip(got, want):
+        assert ((a.double() - w).norm() / w.norm()).item() < tol
+
+
 @pytest.mark.parametrize('kind', ['directions', 'per-image', 'repeats-and-skips'])
 def test_cross_form_glue_matches_the_composition(kind, monkeypatch):
     """What cross_selective_scan hands the cross form (x_proj and dt_proj on the raster map, the parameters as the
@@ -412,21 +434,20 @@ def test_cross_form_matches_its_reference_on_gpu(case, dtype):
     if kind == 'repeats-and-skips':
         index = torch.randint(0, length, (b, k, length), device='cuda')
     g = torch.Generator('cuda').manual_seed(2)
-    delta = (torch.randn(b, k * d, length, device='cuda', generator=g) - 1).to(dtype)
     dbl = torch.randn(b, k, rank + 2 * n_state, length, device='cuda', generator=g).to(dtype)
-    leaves = (x.to(dtype), delta, A, dbl, Ds, dt_bias.reshape(-1))
+    leaves = (x.to(dtype), dt_w.reshape(k * d, rank), A, dbl, Ds, dt_bias.reshape(-1))
     with torch.no_grad():
-        out, states = torch.ops.vssm_selective_scan.cross_fwd(*leaves[:2], index, *leaves[2:], rank, True, False)
+        out, states = torch.ops.vssm_selective_scan.cross_fwd(leaves[0], index, *leaves[1:], True, False)
     assert states.numel() == 0
     grad_out = torch.randn(b, d, length, device='cuda', generator=g)
     results = []
     for fn in (cross_scan.cross_form, cross_form_ref):
         args = [t.detach().requires_grad_() for t in leaves]
-        got = fn(args[0], index, *args[1:], rank)
+        got = fn(args[0], index, *args[1:])
         results.append([got, *torch.autograd.grad(got, args, grad_out)])
     assert results[0][0].dtype == torch.float32 and results[0][0].shape == (b, d, length)
     assert ((out - results[0][0]).norm() / out.norm()).item() < 1e-5  # the same sums, added in another order
-    for name, got, ref in zip(['out', 'x', 'delta', 'A', 'dbl', 'Ds', 'dt_bias'], *results):
+    for name, got, ref in zip(['out', 'x', 'dt_weight', 'A', 'dbl', 'Ds', 'dt_bias'], *results):
         assert got.dtype == ref.dtype and got.shape == ref.shape, name
         err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         # the gradients of 16-bit inputs are rounded to their dtype by both

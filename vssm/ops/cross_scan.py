@@ -17,10 +17,12 @@ index is a permutation (``inverse`` given, no separate ``merge``) and where it i
 atomics). On CUDA tensors without that kernel, with ``VSSM_CROSS_FORM=1``
 (:func:`~vssm.ops._backend.cross_form_enabled`), the CUDA selective scan's cross form (:func:`cross_form`) does the
 same in one pass over the steps: x_proj and dt_proj on the raster map, then one warp per sequence and
-channel reads its tokens, step sizes, B and C through the index and adds its outputs back at its tokens (atomics, so
+channel reads its tokens, low-rank step inputs, B and C through the index (the step sizes are dt_proj's weight times
+the low-rank inputs, inside the kernel) and adds its outputs back at its tokens (atomics, so
 not under deterministic algorithms either; any index within the map, repeated or skipped tokens included). In
 training it keeps the scan's state at the end of every 256-step chunk, and its backward reads the same tokens and adds
-the gradients of x, the step sizes, B and C back at them. Everything else runs the reference.
+the gradients of x, the step sizes, B and C back at them (two GEMMs turn the step sizes' into dt_proj's and the
+low-rank inputs'). Everything else runs the reference.
 
 Under ``torch.compile`` the kernels are two ``torch.library`` custom ops, ``vssm::cross_scan_fwd`` (out and the
 states) and ``vssm::cross_scan_bwd``, with fake implementations and the forward's autograd (graph nodes; the backward
@@ -76,8 +78,8 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
     return scatter_tokens(y.view(b, k, d, length), index if merge is None else merge, length, inverse)
 
 
-def cross_form(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor, dt_bias: Tensor,
-               n_rank: int) -> Tensor:
+def cross_form(x: Tensor, index: Tensor, dt_weight: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor,
+               dt_bias: Tensor) -> Tensor:
     """The CUDA scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd`` with its backward ``cross_bwd``: the K
     sequences of ``index`` over the map x, each scanned with softplus step sizes, added back onto the tokens they read.
     Where gradients are needed it keeps the states at the chunk ends for the backward (inference keeps none).
@@ -86,23 +88,26 @@ def cross_form(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, 
         x: (B, D, L) CUDA tensor; float32, float16 or bfloat16.
         index: (B or 1, K, L) int64: sequence k reads token index[k, i] at step i and adds its output there (entries
             may repeat or leave tokens out).
-        delta: (B, K * D, L), every token's raw step sizes for every sequence, in token order; x's dtype.
+        dt_weight: (K * D, R) float32, dt_proj's weight: the raw step sizes of sequence k are its rows times the R
+            low-rank step inputs (computed in the kernel, never stored).
         A: (K * D, N) float32; Ds, dt_bias: (K * D,) float32.
-        dbl: (B, K, R + 2N, L), x_proj's output per token in x's dtype: rows R.. are B, rows R + N.. are C.
-        n_rank: R.
+        dbl: (B, K, R + 2N, L), x_proj's output per token in x's dtype: rows 0.. are the low-rank step inputs, rows R..
+            B, rows R + N.. C.
 
     Returns: (B, D, L) float32, the sum of the sequences' outputs at their tokens (atomic adds: the last bits vary
     from run to run; so do the gradients'). :func:`cross_form_ref` is its reference.
     """
-    keep_states = torch.is_grad_enabled() and any(t.requires_grad for t in (x, delta, A, dbl, Ds, dt_bias))
-    return torch.ops.vssm_selective_scan.cross_fwd(x, index, delta, A, dbl, Ds, dt_bias, n_rank, True, keep_states)[0]
+    keep_states = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt_weight, A, dbl, Ds, dt_bias))
+    return torch.ops.vssm_selective_scan.cross_fwd(x, index, dt_weight, A, dbl, Ds, dt_bias, True, keep_states)[0]
 
 
-def cross_form_ref(x: Tensor, index: Tensor, delta: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor, dt_bias: Tensor,
-                   n_rank: int) -> Tensor:
-    """:func:`cross_form` in PyTorch (any device): the inputs gathered by ``index``, scanned, added back."""
+def cross_form_ref(x: Tensor, index: Tensor, dt_weight: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor,
+                   dt_bias: Tensor) -> Tensor:
+    """:func:`cross_form` in PyTorch (any device): the step sizes from the low rank (float32), the inputs gathered by
+    ``index``, scanned, added back."""
     b, d, length = x.shape
-    k, n_state = index.shape[1], A.shape[1]
+    k, n_state, n_rank = index.shape[1], A.shape[1], dt_weight.shape[1]
+    delta = torch.matmul(dt_weight.view(k, d, n_rank), dbl[:, :, :n_rank].to(dt_weight.dtype))  # (B, K, D, L)
     idx = index.expand(b, k, length)[:, :, None]
 
     def gather(t: Tensor) -> Tensor:  # t (B, K, C, L) in token order, read in the sequences' orders
@@ -257,10 +262,10 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
     dtype = _compute_dtype(x)
     x = x.to(dtype).contiguous()
     dbl = _raster_projections(x, x_proj_weight).to(dtype)
-    if not use_kernel:  # the CUDA cross form, with the step sizes of every token from dt_proj on the raster map
-        delta = grouped_matmul(dt_weight, dbl[:, :, :n_rank]).to(dtype).reshape(b, k * d, length)
-        return cross_form(x, index.contiguous(), delta.contiguous(), A.float().contiguous(), dbl.contiguous(),
-                          Ds.float().contiguous(), dt_bias.float().reshape(-1).contiguous(), n_rank)
+    if not use_kernel:  # the CUDA cross form (the step sizes from the low rank inside the kernel)
+        return cross_form(x, index.contiguous(), dt_weight.float().reshape(k * d, n_rank).contiguous(),
+                          A.float().contiguous(), dbl.contiguous(), Ds.float().contiguous(),
+                          dt_bias.float().reshape(-1).contiguous())
     # the parameters as the kernels take them (autograd casts their gradients back): dt_proj in x's (autocast's)
     # dtype as the reference's, the rest float32
     inputs = (x, dbl, index.contiguous(), dt_weight.to(dtype).contiguous(), dt_bias.float().reshape(-1).contiguous(),

@@ -256,42 +256,57 @@ def _register_kernel_ops() -> None:
         _register_cross_form()
 
 
+def low_rank_grads(ddelta: Tensor, dbl: Tensor, dt_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """The gradients of ``dt_weight`` (K * D, R) and of the low-rank step inputs ``dbl[:, :, :R]`` (B, K, R, L) of the
+    cross form's step sizes ``delta[b, k] = dt_weight[k] @ dbl[b, k, :R]``, from the gradient ``ddelta``
+    (B, K * D, L): GEMMs in dbl's dtype (as the composition's dt_proj under autocast), dt_weight's summed in float32."""
+    bt, k, _, length = dbl.shape
+    n_rank = dt_weight.shape[1]
+    ddelta = ddelta.to(dbl.dtype).view(bt, k, -1, length)  # (B, K, D, L)
+    d_weight = torch.matmul(ddelta, dbl[:, :, :n_rank].transpose(2, 3)).sum(0, dtype=torch.float32)  # (K, D, R)
+    d_dts = torch.matmul(dt_weight.to(dbl.dtype).view(k, -1, n_rank).transpose(1, 2), ddelta)  # (B, K, R, L)
+    return d_weight.view(dt_weight.shape).to(dt_weight.dtype), d_dts
+
+
 def _register_cross_form() -> None:
-    """Fake implementations of the cross form's operators and the forward's autograd (its backward is cross_bwd)."""
+    """Fake implementations of the cross form's operators and the forward's autograd: cross_bwd, then the gradients of
+    dt_proj's weight and of the low-rank step inputs from the step sizes' gradient (two GEMMs, in dbl's dtype as the
+    composition's dt_proj under autocast)."""
     lib = _EXT_NAME
 
     @torch.library.register_fake(f'{lib}::cross_fwd')
-    def _cross_fwd_fake(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus, keep_states):
+    def _cross_fwd_fake(x, index, dt_weight, A, dbl, D, delta_bias, delta_softplus, keep_states):
         bt, _, length = x.shape
         n_chunks = (length + KERNEL_CHUNK - 1) // KERNEL_CHUNK
         states_shape = (bt, A.shape[0], n_chunks, A.shape[1]) if keep_states else (0, )
         return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(states_shape, dtype=torch.float32)
 
     @torch.library.register_fake(f'{lib}::cross_bwd')
-    def _cross_bwd_fake(x, index, delta, A, dbl, D, delta_bias, dout, chunk_states, n_rank, delta_softplus):
+    def _cross_bwd_fake(x, index, dt_weight, A, dbl, D, delta_bias, dout, chunk_states, delta_softplus):
         f32 = dict(dtype=torch.float32)
         d = A.shape[0]
-        return (x.new_empty(x.shape, **f32), delta.new_empty(delta.shape, **f32), A.new_empty(A.shape, **f32),
-                dbl.new_empty(dbl.shape, **f32), x.new_empty((d, ) if D is not None else (0, ), **f32),
+        return (x.new_empty(x.shape, **f32), x.new_empty((x.shape[0], d, x.shape[2]), **f32),
+                A.new_empty(A.shape, **f32), dbl.new_empty(dbl.shape, **f32),
+                x.new_empty((d, ) if D is not None else (0, ), **f32),
                 x.new_empty((d, ) if delta_bias is not None else (0, ), **f32))
 
     def setup_context(ctx, inputs, output):
-        x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus, _keep_states = inputs
-        ctx.n_rank, ctx.delta_softplus = n_rank, delta_softplus
+        x, index, dt_weight, A, dbl, D, delta_bias, delta_softplus, _keep_states = inputs
+        ctx.delta_softplus = delta_softplus
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, index, delta, A, dbl, D, delta_bias, output[1])
+        ctx.save_for_backward(x, index, dt_weight, A, dbl, D, delta_bias, output[1])
 
     def backward(ctx, dout, _dchunk_states):
-        x, index, delta, A, dbl, D, delta_bias, chunk_states = ctx.saved_tensors
+        x, index, dt_weight, A, dbl, D, delta_bias, chunk_states = ctx.saved_tensors
         if chunk_states.dim() != 4:
             raise RuntimeError('vssm_selective_scan.cross_fwd ran with keep_states=False, so it has no backward: call '
                                'it with keep_states=True where gradients are needed (vssm.ops.cross_scan.cross_form '
                                'decides this from the inputs).')
         dx, ddelta, dA, ddbl, dD, dbias = torch.ops.vssm_selective_scan.cross_bwd(
-            x, index, delta, A, dbl, D, delta_bias, dout.float().contiguous(), chunk_states, ctx.n_rank,
-            ctx.delta_softplus)
-        return (dx.to(x.dtype), None, ddelta.to(delta.dtype), dA, ddbl.to(dbl.dtype), None if D is None else dD,
-                None if delta_bias is None else dbias, None, None, None)
+            x, index, dt_weight, A, dbl, D, delta_bias, dout.float().contiguous(), chunk_states, ctx.delta_softplus)
+        d_weight, ddbl[:, :, :dt_weight.shape[1]] = low_rank_grads(ddelta, dbl, dt_weight)
+        return (dx.to(x.dtype), None, d_weight, dA, ddbl.to(dbl.dtype),
+                None if D is None else dD, None if delta_bias is None else dbias, None, None)
 
     torch.library.register_autograd(f'{lib}::cross_fwd', backward, setup_context=setup_context)
 

@@ -210,10 +210,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {du, ddelta, dA, dB, dC, dD, dbias};
 }
 
-// The cross form (selective_scan.h): x (Bt, Dx, L); index (Bt or 1, K, L) int64; delta (Bt, K * Dx, L) and dbl
-// (Bt, K, R + 2N, L) in token order, B and C its rows R.. and R + N..; A (K * Dx, N).
-Checked check_cross_inputs(const at::Tensor &x, const at::Tensor &index, const at::Tensor &delta, const at::Tensor &A,
-                           const at::Tensor &dbl, const OptTensor &D, const OptTensor &delta_bias, int64_t n_rank,
+// The cross form (selective_scan.h): x (Bt, Dx, L); index (Bt or 1, K, L) int64; dt_weight (K * Dx, R) float32; dbl
+// (Bt, K, R + 2N, L) in token order: the low-rank step inputs, then B and C; A (K * Dx, N).
+Checked check_cross_inputs(const at::Tensor &x, const at::Tensor &index, const at::Tensor &dt_weight,
+                           const at::Tensor &A, const at::Tensor &dbl, const OptTensor &D, const OptTensor &delta_bias,
                            bool delta_softplus) {
   check_tensor(x, "x", x);
   TORCH_CHECK(x.dim() == 3, "vssm_selective_scan: x must be (Bt, D, L), got ", x.sizes());
@@ -229,9 +229,11 @@ Checked check_cross_inputs(const at::Tensor &x, const at::Tensor &index, const a
   TORCH_CHECK(length < (int64_t{1} << 31), "vssm_selective_scan: the cross form takes sequences below 2^31 steps, got ",
               length);
   const int64_t k = index.size(1);
-  check_tensor(delta, "delta", x);
-  check_shape(delta, "delta", {bt, k * dim, length});
-  TORCH_CHECK(delta.scalar_type() == c.dtype, "vssm_selective_scan: delta must have x's dtype ", c.dtype);
+  check_tensor(dt_weight, "dt_weight", x);
+  TORCH_CHECK(dt_weight.scalar_type() == at::kFloat && dt_weight.dim() == 2 && dt_weight.size(0) == k * dim,
+              "vssm_selective_scan: dt_weight must be float32 (K * D, R) with K * D = ", k * dim, ", got ",
+              dt_weight.scalar_type(), " ", dt_weight.sizes());
+  const int64_t n_rank = dt_weight.size(1);
   const int64_t nstate = check_channel_params(A, D, delta_bias, k * dim, x);
   check_tensor(dbl, "dbl", x);
   check_shape(dbl, "dbl", {bt, k, n_rank + 2 * nstate, length});
@@ -249,9 +251,11 @@ Checked check_cross_inputs(const at::Tensor &x, const at::Tensor &index, const a
   p.softplus = delta_softplus;
   // rows 16-byte aligned (float32 maps and 16-bit or float32 inputs): aligned runs of a lane's entries are moved
   // with vector instructions
-  p.vec = length % 8 == 0 && aligned16(x) && aligned16(delta) && aligned16(dbl);
+  p.vec = length % 8 == 0 && aligned16(x) && aligned16(dbl);
   p.u = x.data_ptr();
-  p.delta = delta.data_ptr();
+  p.delta = dbl.data_ptr();
+  p.dt_weight = dt_weight.data_ptr<float>();
+  p.n_rank = n_rank;
   const int64_t row_bytes = length * static_cast<int64_t>(x.element_size());
   p.B = static_cast<const char *>(dbl.data_ptr()) + n_rank * row_bytes;
   p.C = static_cast<const char *>(dbl.data_ptr()) + (n_rank + nstate) * row_bytes;
@@ -267,10 +271,10 @@ Checked check_cross_inputs(const at::Tensor &x, const at::Tensor &index, const a
 // Returns the (Bt, Dx, L) float32 sum of the sequences' outputs and, when keep_states, the chunk states
 // (Bt, K * Dx, n_chunks, N) for the backward (else an empty tensor).
 std::tuple<at::Tensor, at::Tensor> scan_cross_fwd(const at::Tensor &x, const at::Tensor &index,
-                                                  const at::Tensor &delta, const at::Tensor &A, const at::Tensor &dbl,
-                                                  const OptTensor &D, const OptTensor &delta_bias, int64_t n_rank,
-                                                  bool delta_softplus, bool keep_states) {
-  Checked c = check_cross_inputs(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus);
+                                                  const at::Tensor &dt_weight, const at::Tensor &A,
+                                                  const at::Tensor &dbl, const OptTensor &D,
+                                                  const OptTensor &delta_bias, bool delta_softplus, bool keep_states) {
+  Checked c = check_cross_inputs(x, index, dt_weight, A, dbl, D, delta_bias, delta_softplus);
   const c10::cuda::CUDAGuard guard(x.device());
   ScanParams &p = c.p;
   const auto f32 = x.options().dtype(at::kFloat);
@@ -282,14 +286,15 @@ std::tuple<at::Tensor, at::Tensor> scan_cross_fwd(const at::Tensor &x, const at:
   return {out, chunk_states};
 }
 
-// The gradients of the cross form for dout (Bt, Dx, L) float32, all float32: dx (Bt, Dx, L), ddelta (Bt, K * Dx, L)
-// in token order, dA (K * Dx, N), ddbl (Bt, K, R + 2N, L) in token order (dB and dC; its R rows zero: the step
-// sizes' gradient is ddelta), dD and dbias (K * Dx,) (empty when D or delta_bias is absent).
+// The gradients of the cross form for dout (Bt, Dx, L) float32, all float32: dx (Bt, Dx, L), ddelta (Bt, K * Dx, L),
+// the raw step sizes' gradient in token order (the caller forms dt_weight's and the low-rank inputs' from it with two
+// GEMMs), dA (K * Dx, N), ddbl (Bt, K, R + 2N, L) in token order (dB and dC; its R rows zero), dD and dbias (K * Dx,)
+// (empty when D or delta_bias is absent).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_cross_bwd(
-    const at::Tensor &x, const at::Tensor &index, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &dbl,
-    const OptTensor &D, const OptTensor &delta_bias, const at::Tensor &dout, const at::Tensor &chunk_states,
-    int64_t n_rank, bool delta_softplus) {
-  Checked c = check_cross_inputs(x, index, delta, A, dbl, D, delta_bias, n_rank, delta_softplus);
+    const at::Tensor &x, const at::Tensor &index, const at::Tensor &dt_weight, const at::Tensor &A,
+    const at::Tensor &dbl, const OptTensor &D, const OptTensor &delta_bias, const at::Tensor &dout,
+    const at::Tensor &chunk_states, bool delta_softplus) {
+  Checked c = check_cross_inputs(x, index, dt_weight, A, dbl, D, delta_bias, delta_softplus);
   ScanParams &p = c.p;
   check_tensor(dout, "dout", x);
   TORCH_CHECK(dout.scalar_type() == at::kFloat, "vssm_selective_scan: dout must be float32 (the output's dtype)");
@@ -298,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(chunk_states, "chunk_states", {p.batch, p.dim, p.n_chunks, p.dstate});
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dx = at::zeros(x.sizes(), f32), ddelta = at::zeros(delta.sizes(), f32);
+  at::Tensor dx = at::zeros(x.sizes(), f32), ddelta = at::zeros({p.batch, p.dim, p.length}, f32);
   at::Tensor ddbl = at::zeros(dbl.sizes(), f32);
   at::Tensor dA_rows = at::empty({p.batch, p.dim, p.dstate}, f32);
   at::Tensor dD_rows = p.has_d ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
@@ -307,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.chunk_states = const_cast<float *>(chunk_states.data_ptr<float>());
   p.du = dx.data_ptr();
   p.ddelta = ddelta.data_ptr();
-  p.dB = ddbl.data_ptr<float>() + n_rank * p.length;
+  p.dB = ddbl.data_ptr<float>() + p.n_rank * p.length;
   p.dC = p.dB + p.dstate * p.length;
   p.dbc_stride = p.bc_stride;
   p.dA_rows = dA_rows.data_ptr<float>();
@@ -329,11 +334,10 @@ TORCH_LIBRARY(vssm_selective_scan, m) {
         "bool delta_softplus) -> (Tensor, Tensor)");
   m.def("bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor? C, Tensor? D, Tensor? delta_bias, Tensor dout, "
         "Tensor chunk_states, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("cross_fwd(Tensor x, Tensor index, Tensor delta, Tensor A, Tensor dbl, Tensor? D, Tensor? delta_bias, "
-        "int n_rank, bool delta_softplus, bool keep_states) -> (Tensor, Tensor)");
-  m.def("cross_bwd(Tensor x, Tensor index, Tensor delta, Tensor A, Tensor dbl, Tensor? D, Tensor? delta_bias, "
-        "Tensor dout, Tensor chunk_states, int n_rank, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, "
-        "Tensor, Tensor)");
+  m.def("cross_fwd(Tensor x, Tensor index, Tensor dt_weight, Tensor A, Tensor dbl, Tensor? D, Tensor? delta_bias, "
+        "bool delta_softplus, bool keep_states) -> (Tensor, Tensor)");
+  m.def("cross_bwd(Tensor x, Tensor index, Tensor dt_weight, Tensor A, Tensor dbl, Tensor? D, Tensor? delta_bias, "
+        "Tensor dout, Tensor chunk_states, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vssm_selective_scan, CUDA, m) {

@@ -6,8 +6,9 @@
 //
 // Cross form (output-returning): the K = groups sequences of a token map read in an order given by an index and added
 // back onto it. u is the map x (Bt, D / K, L); index (Bt or 1, K, L) int64, the token sequence k reads at step i;
-// delta (Bt, D, L) and the B/C rows are indexed by token (raster order) and gathered too; B and C are rows of one
-// (Bt, K, bc_stride / L, L) tensor (x_proj's output); out (Bt, D / K, L) fp32, zeroed by the host, receives every
+// x_proj's output (Bt, K, R + 2N, L) is indexed by token (raster order) and gathered too: delta points at its R
+// low-rank step inputs (each channel's raw step size is dt_weight's row (D, R) fp32 times them), B and C at its other
+// rows (bc_stride: the elements of one (b, k) block); out (Bt, D / K, L) fp32, zeroed by the host, receives every
 // sequence's y at its token (atomic adds); chunk_states may be null (inference). Its backward gathers dout the same
 // way and adds every gradient at its token: du (Bt, D / K, L), ddelta (Bt, D, L) and dB/dC (rows of one tensor
 // shaped as x_proj's output) all fp32, zeroed by the host.
@@ -32,6 +33,8 @@ struct ScanParams {
   bool vec;                                      // 16-byte vector loads and stores are safe for every row
   const void *u, *delta, *B, *C;                 // input dtype
   const float *A, *Ds, *delta_bias;              // fp32
+  const float *dt_weight;                        // cross form: (D, n_rank) fp32, the step sizes' low-rank projection
+  int64_t n_rank;
   int64_t bc_stride;                             // elements between the B (or C) rows of consecutive (b, group)
   const int64_t *index;                          // cross form: (Bt or 1, K, L); nullptr otherwise
   int64_t index_batch_stride;                    // K * L, or 0 for one map shared by the batch

@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
   const int64_t map_row = kCross ? b * per_group + d % per_group : row;
 
   const T *u = static_cast<const T *>(p.u) + map_row * length;
-  const T *delta = static_cast<const T *>(p.delta) + row * length;
+  // cross form: the low-rank step inputs of sequence g (rows of x_proj's output), else this row's step sizes
+  const T *delta = static_cast<const T *>(p.delta) + (kCross ? (b * p.groups + g) * p.bc_stride : row * length);
   const float *dout = p.dout + (kHasC ? map_row * length : 0);
   const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * p.bc_stride;
   const T *Cg = kHasC ? static_cast<const T *>(p.C) + (b * p.groups + g) * p.bc_stride : nullptr;
@@ -79,7 +80,11 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
     };
     float uv[kItems], raw[kItems], dt[kItems], dy[kItems];
     load(u, uv);
-    load(delta, raw);
+    if constexpr (kCross) {
+      low_rank_items(delta, length, p.dt_weight + d * p.n_rank, static_cast<int>(p.n_rank), ix, run, vec, raw);
+    } else {
+      load(delta, raw);
+    }
     if constexpr (kHasC) load(dout, dy);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {

@@ -122,6 +122,22 @@ __device__ __forceinline__ void scatter_add_items(float *row, const int (&ix)[kI
     if (ix[i] >= 0) atomicAdd(row + ix[i], v[i]);
 }
 
+// The cross form's raw step sizes at a lane's tokens: sum_r w[r] dts[r, token], dts the R low-rank rows of x_proj's
+// output (token order, rows `length` apart), w the channel's row of dt_proj's weight.
+template <typename T>
+__device__ __forceinline__ void low_rank_items(const T *dts, int64_t length, const float *w, int rank,
+                                               const int (&ix)[kItems], int run, bool vec, float (&v)[kItems]) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) v[i] = 0.f;
+  for (int r = 0; r < rank; ++r) {
+    float t[kItems];
+    gather_items(dts + r * length, ix, run, vec, t);
+    const float wr = __ldg(w + r);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[i] += wr * t[i];
+  }
+}
+
 // 2^x with one MUFU instruction (relative error below 2^-22; flushes denormal results to zero, which for a decay
 // exp(dt * A) only means underflowing to 0 a little earlier).
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -33,7 +33,8 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
   const int64_t map_row = kCross ? b * per_group + d % per_group : row;
 
   const T *u = static_cast<const T *>(p.u) + map_row * length;
-  const T *delta = static_cast<const T *>(p.delta) + row * length;
+  // cross form: the low-rank step inputs of sequence g (rows of x_proj's output), else this row's step sizes
+  const T *delta = static_cast<const T *>(p.delta) + (kCross ? (b * p.groups + g) * p.bc_stride : row * length);
   const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * p.bc_stride;
   const T *Cg = kHasC ? static_cast<const T *>(p.C) + (b * p.groups + g) * p.bc_stride : nullptr;
   const int64_t *index = kCross ? p.index + b * p.index_batch_stride + g * length : nullptr;
@@ -65,7 +66,11 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
     };
     float uv[kItems], dt[kItems];
     load(u, uv);
-    load(delta, dt);
+    if constexpr (kCross) {
+      low_rank_items(delta, length, p.dt_weight + d * p.n_rank, static_cast<int>(p.n_rank), ix, run, vec, dt);
+    } else {
+      load(delta, dt);
+    }
     float a[kItems][kN], bu[kItems][kN];
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
