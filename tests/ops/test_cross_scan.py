@@ -454,6 +454,18 @@ def test_cross_form_matches_its_reference_on_gpu(case, dtype):
         assert err < (1e-5 if name == 'out' or dtype == torch.float32 else 1e-2), (name, err)
 
 
+@needs_cross_form
+@pytest.mark.parametrize('keep_states', [False, True])
+def test_cross_form_passes_opcheck_on_gpu(keep_states):
+    """cross_fwd's schema, fake implementation, autograd registration and AOTAutograd with dynamic shapes (odd map,
+    partial chunk)."""
+    x, index, _, _, dt_w, dt_bias, A, Ds = _inputs(2, 8, 5, 7, 4, 3, 2, True, device='cuda')
+    dbl = torch.randn(2, 4, 3 + 4, 35, device='cuda')
+    args = [x, index, dt_w.reshape(-1, 3), A, dbl, Ds, dt_bias.reshape(-1)]
+    args = [t.requires_grad_(keep_states) if t.is_floating_point() else t for t in args]
+    torch.library.opcheck(torch.ops.vssm_selective_scan.cross_fwd.default, args + [True, keep_states])
+
+
 def _eager_and_compiled(case):
     """The composition, then cross_selective_scan eager, and compiled (fullgraph) for VMamba-T's stage 1 and the
     per-image maps (compiling every case would take minutes)."""
