@@ -466,6 +466,16 @@ def test_cross_form_passes_opcheck_on_gpu(keep_states):
     torch.library.opcheck(torch.ops.vssm_selective_scan.cross_fwd.default, args + [True, keep_states])
 
 
+def _count_cross_form_calls(monkeypatch):
+    """The Triton switch off (its kernel stays out) and a list that grows by one at every call of the cross form (at
+    its trace under torch.compile)."""
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
+    calls = []
+    form = cross_scan.cross_form
+    monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(1) or form(*args))
+    return calls
+
+
 def _eager_and_compiled(case):
     """The composition, then cross_selective_scan eager, and compiled (fullgraph) for VMamba-T's stage 1 and the
     per-image maps (compiling every case would take minutes)."""
@@ -483,10 +493,7 @@ def test_inference_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
     """Inference (no gradients) runs the cross form, eager and compiled (fullgraph; for one map and for per-image maps),
     and matches the composition (fp32, and under bf16 autocast with x in bf16); with the Triton switch off, so the
     Triton kernel stays out."""
-    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
-    calls = []
-    form = cross_scan.cross_form
-    monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(1) or form(*args))
+    calls = _count_cross_form_calls(monkeypatch)
     x, index, inverse, *params = _inputs(*case, device='cuda')
     outs = []
     for fn in _eager_and_compiled(case):
@@ -506,10 +513,7 @@ def test_training_takes_the_cross_form_on_gpu(case, dtype, monkeypatch):
     """Training runs the cross form, eager and compiled (fullgraph, forward and backward; for one map and for per-image
     maps), and matches the composition in values and every gradient (fp32, and under bf16 autocast with x in bf16);
     Triton switch off."""
-    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
-    calls = []
-    form = cross_scan.cross_form
-    monkeypatch.setattr(cross_scan, 'cross_form', lambda *args: calls.append(1) or form(*args))
+    calls = _count_cross_form_calls(monkeypatch)
     x, index, inverse, *params = _inputs(*case, device='cuda')
     results = []
     for fn in _eager_and_compiled(case):
