@@ -16,7 +16,7 @@ index is a permutation (``inverse`` given, no separate ``merge``) and where it i
 (:func:`_pays`: 16-bit inference over per-image maps), unless deterministic algorithms are requested (it adds with
 atomics). On CUDA tensors without that kernel, with ``VSSM_CROSS_FORM=1``
 (:func:`~vssm.ops._backend.cross_form_enabled`), the CUDA selective scan's cross form (:func:`cross_form`) does the
-same in one pass over the steps: x_proj and dt_proj on the raster map, then one warp per sequence and
+same in one pass over the steps: x_proj on the raster map, then one warp per sequence and
 channel reads its tokens, low-rank step inputs, B and C through the index (the step sizes are dt_proj's weight times
 the low-rank inputs, inside the kernel) and adds its outputs back at its tokens (atomics, so
 not under deterministic algorithms either; any index within the map, repeated or skipped tokens included). In
