@@ -12,10 +12,12 @@ bandwidth and speed-up, dense 11x11 speed-up). Rows:
 
 * selective scan (Spatial-Mamba's state form, VMamba's output form): the CUDA kernel, the PyTorch reference
   (log-depth scan) and the reference under ``torch.compile``;
-* cross scan (VMamba's SSM core, :func:`vssm.ops.cross_selective_scan`, four directions with x_proj and the low-rank
-  step sizes): the Triton kernel (``VSSM_TRITON_FUSIONS=1``) and the composition it replaces (gathers, GEMMs, the
-  CUDA scan, the merge); the minimal bytes count x read and the float32 output written (forward), x and the output
-  gradient read and dx written (backward);
+* cross scan (the SSM core of VMamba, four directions, and of Spectral VMamba, eight per-image orders:
+  :func:`vssm.ops.cross_selective_scan` with x_proj and the low-rank step sizes): the Triton kernel
+  (``VSSM_TRITON_FUSIONS=1``; where it does not pay, the composition runs), the CUDA scan's cross form
+  (``VSSM_CROSS_FORM=1``) and the composition they replace (gathers, GEMMs, the CUDA scan, the merge); the minimal
+  bytes count x read and the float32 output written (forward), x and the output gradient read and dx written
+  (backward);
 * state fusion: the fused kernel, three cuDNN depthwise dilated 3x3 convs on replicate ``F.pad`` inputs (the
   upstream training path), and one dense 11x11 ``F.conv2d`` (the upstream eval path's cost);
 * dense 11x11 depthwise conv: the kernel and ``F.conv2d(groups=C)``.
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from vssm.analysis.timing import median_ms
 from vssm.models.vmamba import cross_scan_index
 from vssm.ops import cross_selective_scan, dwconv2d, selective_scan, state_fusion
-from vssm.ops._backend import triton_fusions
+from vssm.ops._backend import cross_form_switch, triton_fusions
 from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
 
@@ -142,11 +144,19 @@ def scan_case(form: str, bt: int, d: int, groups: int, length: int, dtype: torch
                 fwd_bytes, bwd_bytes)
 
 
-def cross_case(bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, device: str = 'cuda') -> Case:
-    """VMamba's SSM core over a (B, D, H, W) map: four directions, x_proj to rank + 2 step inputs, N = 1."""
+def cross_case(bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, device: str = 'cuda',
+               spectral: bool = False) -> Case:
+    """The SSM core of VMamba (four directions over a (B, D, H, W) map) or, with ``spectral``, of Spectral VMamba
+    (K = 8 orders per image, here random permutations): x_proj to rank + 2 step inputs, N = 1."""
     kw = dict(device=device)
-    k, length = 4, h * w
-    index, inverse = cross_scan_index(h, w, torch.device(device))
+    length = h * w
+    if spectral:
+        k = 8
+        index = torch.stack([torch.randperm(length, **kw) for _ in range(bt * k)]).view(bt, k, length)
+        inverse = torch.argsort(index, dim=-1)
+    else:
+        k = 4
+        index, inverse = cross_scan_index(h, w, torch.device(device))
     x = torch.randn(bt, d, length, **kw).to(dtype).requires_grad_()
     params = [torch.randn(k, rank + 2, d, **kw) / d**0.5, torch.randn(k, d, rank, **kw) / rank**0.5,
               torch.rand(k, d, **kw) * 4 - 6, -torch.rand(k * d, 1, **kw) - 0.2, torch.randn(k * d, **kw)]
@@ -185,10 +195,16 @@ def bench_scan(table: Table, form: str, bt: int, d: int, groups: int, length: in
                   time_ms(fwd_bwd(compiled, case.leaves)), case.fwd_bytes, case.bwd_bytes)
 
 
-def bench_cross(table: Table, bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, name: str) -> None:
-    case = cross_case(bt, d, h, w, rank, dtype)
-    for impl, triton in (('triton kernel', True), ('composition (cuda scan)', False)):
-        with triton_fusions(triton):
+# The cross scan's implementations on CUDA tensors: (name, VSSM_TRITON_FUSIONS, VSSM_CROSS_FORM)
+CROSS_IMPLS = (('triton kernel', True, False), ('cuda cross form', False, True), ('composition (cuda scan)', False,
+                                                                                     False))
+
+
+def bench_cross(table: Table, bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, name: str,
+                spectral: bool = False) -> None:
+    case = cross_case(bt, d, h, w, rank, dtype, spectral=spectral)
+    for impl, triton, form in CROSS_IMPLS:
+        with triton_fusions(triton), cross_form_switch(form):
             def fn():
                 return case.run('auto')
             with torch.no_grad():
@@ -356,6 +372,11 @@ def main() -> None:
                            False)
             if 'cross' in ops:  # VMamba-T: dt rank = ceil(C / 16) of the block width C = D (ssm_ratio 1)
                 bench_cross(table, bt, d_vm, h, w, -(-d_vm // 16), dtype, f'VM-T s{i + 1} {bt}x{d_vm}x{h}x{w}')
+        if 'cross' in ops:  # Spectral VMamba-T: 14x14 tokens at stage 1, C = 256 * 2^i, D = 2C, rank C / 16
+            for i, side in enumerate((14, 7, 4)[:2 if args.quick else 3]):
+                c = 256 * 2**i
+                bench_cross(table, bt, 2 * c, side, side, c // 16, dtype,
+                            f'SV-T s{i + 1} {bt}x8x{2 * c}x{side * side}', spectral=True)
             if 'fusion' in ops:
                 bench_fusion(table, bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')
         if 'fusion' in ops:

@@ -16,13 +16,14 @@ index is a permutation (``inverse`` given, no separate ``merge``) and where it i
 (:func:`_pays`: 16-bit inference over per-image maps), unless deterministic algorithms are requested (it adds with
 atomics). On CUDA tensors without that kernel, with ``VSSM_CROSS_FORM=1``
 (:func:`~vssm.ops._backend.cross_form_enabled`), the CUDA selective scan's cross form (:func:`cross_form`) does the
-same in one pass over the steps: x_proj on the raster map, then one warp per sequence and
-channel reads its tokens, low-rank step inputs, B and C through the index (the step sizes are dt_proj's weight times
-the low-rank inputs, inside the kernel) and adds its outputs back at its tokens (atomics, so
-not under deterministic algorithms either; any index within the map, repeated or skipped tokens included). In
-training it keeps the scan's state at the end of every 256-step chunk, and its backward reads the same tokens and adds
-the gradients of x, the step sizes, B and C back at them (two GEMMs turn the step sizes' into dt_proj's and the
-low-rank inputs'). Everything else runs the reference.
+same in one pass over the steps: x_proj on the raster map, its R + 2N output rows gathered into the sequences' step
+orders (:func:`step_projections`), then one warp per sequence and channel reads its tokens through the index and the
+low-rank step inputs, B and C in step order (the step sizes are dt_proj's weight times the low-rank inputs, inside the
+kernel) and adds its outputs back at its tokens (atomics, so not under deterministic algorithms either; any index
+within the map, repeated or skipped tokens included). In training it keeps the scan's state at the end of every
+256-step chunk, and its backward reads the same tokens, adds x's gradient back at them and writes the step sizes', B's
+and C's in step order (two GEMMs turn the step sizes' into dt_proj's and the low-rank inputs'; the gather's backward
+adds x_proj's output gradient back at the tokens). Everything else runs the reference.
 
 Under ``torch.compile`` the kernels are two ``torch.library`` custom ops, ``vssm::cross_scan_fwd`` (out and the
 states) and ``vssm::cross_scan_bwd``, with fake implementations and the forward's autograd (graph nodes; the backward
@@ -50,7 +51,8 @@ from .grouped_matmul import grouped_matmul
 from .selective_scan import KERNEL_DTYPES, KERNEL_MAX_STATE, cross_form_available, selective_scan
 from .token_maps import gather_tokens, scatter_tokens
 
-__all__ = ['cross_selective_scan', 'cross_selective_scan_ref', 'cross_form', 'cross_form_ref', 'kernel_available']
+__all__ = ['cross_selective_scan', 'cross_selective_scan_ref', 'cross_form', 'cross_form_ref', 'step_projections',
+           'kernel_available']
 
 _KERNEL = try_import_extension(f'{__package__}._triton_cross_scan')  # None without Triton (CPU-only torch installs)
 
@@ -78,6 +80,12 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
     return scatter_tokens(y.view(b, k, d, length), index if merge is None else merge, length, inverse)
 
 
+def step_projections(t: Tensor, index: Tensor) -> Tensor:
+    """``t`` (B, K, C, L) in token order read in the sequences' step orders: ``out[b, k, :, i] = t[b, k, :,
+    index[b, k, i]]`` (``index`` (B or 1, K, L)); its gradient is added back at the tokens."""
+    return t.gather(3, index[:, :, None].expand(t.shape))
+
+
 def cross_form(x: Tensor, index: Tensor, dt_weight: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor,
                dt_bias: Tensor) -> Tensor:
     """The CUDA scan's cross form, ``torch.ops.vssm_selective_scan.cross_fwd`` with its backward ``cross_bwd``: the K
@@ -91,8 +99,9 @@ def cross_form(x: Tensor, index: Tensor, dt_weight: Tensor, A: Tensor, dbl: Tens
         dt_weight: (K * D, R) float32, dt_proj's weight: the raw step sizes of sequence k are its rows times the R
             low-rank step inputs (computed in the kernel, never stored).
         A: (K * D, N) float32; Ds, dt_bias: (K * D,) float32.
-        dbl: (B, K, R + 2N, L), x_proj's output per token in x's dtype: rows 0.. are the low-rank step inputs, rows R..
-            B, rows R + N.. C.
+        dbl: (B, K, R + 2N, L), x_proj's output in x's dtype in each sequence's step order (``dbl[b, k, :, i]`` is
+            the projection of token ``index[b, k, i]``): rows 0.. are the low-rank step inputs, rows R.. B, rows
+            R + N.. C. Gathered by the caller (:func:`step_projections`), so the kernels read it coalesced.
 
     Returns: (B, D, L) float32, the sum of the sequences' outputs at their tokens (atomic adds: the last bits vary
     from run to run; so do the gradients'). :func:`cross_form_ref` is its reference.
@@ -103,21 +112,15 @@ def cross_form(x: Tensor, index: Tensor, dt_weight: Tensor, A: Tensor, dbl: Tens
 
 def cross_form_ref(x: Tensor, index: Tensor, dt_weight: Tensor, A: Tensor, dbl: Tensor, Ds: Tensor,
                    dt_bias: Tensor) -> Tensor:
-    """:func:`cross_form` in PyTorch (any device): the step sizes from the low rank (float32), the inputs gathered by
-    ``index``, scanned, added back."""
+    """:func:`cross_form` in PyTorch (any device): the tokens gathered by ``index``, the step sizes from the low rank
+    (float32), scanned, added back."""
     b, d, length = x.shape
     k, n_state, n_rank = index.shape[1], A.shape[1], dt_weight.shape[1]
-    delta = torch.matmul(dt_weight.view(k, d, n_rank), dbl[:, :, :n_rank].to(dt_weight.dtype))  # (B, K, D, L)
-    idx = index.expand(b, k, length)[:, :, None]
-
-    def gather(t: Tensor) -> Tensor:  # t (B, K, C, L) in token order, read in the sequences' orders
-        return t.gather(3, idx.expand(t.shape))
-
-    xs = gather(x[:, None].expand(b, k, d, length))
-    dts = gather(delta.view(b, k, d, length))
-    bcs = gather(dbl[:, :, n_rank:])
-    y = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), A, bcs[:, :, :n_state],
-                       bcs[:, :, n_state:], Ds, dt_bias, True, backend='torch')
+    xs = step_projections(x[:, None].expand(b, k, d, length), index)
+    dts = torch.matmul(dt_weight.view(k, d, n_rank), dbl[:, :, :n_rank].to(dt_weight.dtype))  # (B, K, D, L)
+    bs, cs = dbl[:, :, n_rank:n_rank + n_state], dbl[:, :, n_rank + n_state:]
+    y = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), A, bs, cs, Ds, dt_bias, True,
+                       backend='torch')
     return scatter_tokens(y.view(b, k, d, length), index, length)
 
 
@@ -263,8 +266,9 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
     x = x.to(dtype).contiguous()
     dbl = _raster_projections(x, x_proj_weight).to(dtype)
     if not use_kernel:  # the CUDA cross form (the step sizes from the low rank inside the kernel)
-        return cross_form(x, index.contiguous(), dt_weight.float().reshape(k * d, n_rank).contiguous(),
-                          A.float().contiguous(), dbl.contiguous(), Ds.float().contiguous(),
+        index = index.contiguous()
+        return cross_form(x, index, dt_weight.float().reshape(k * d, n_rank).contiguous(), A.float().contiguous(),
+                          step_projections(dbl, index).contiguous(), Ds.float().contiguous(),
                           dt_bias.float().reshape(-1).contiguous())
     # the parameters as the kernels take them (autograd casts their gradients back): dt_proj in x's (autocast's)
     # dtype as the reference's, the rest float32

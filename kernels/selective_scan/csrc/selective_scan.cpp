@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // The cross form (selective_scan.h): x (Bt, Dx, L); index (Bt or 1, K, L) int64; dt_weight (K * Dx, R) float32; dbl
-// (Bt, K, R + 2N, L) in token order: the low-rank step inputs, then B and C; A (K * Dx, N).
+// (Bt, K, R + 2N, L) in each sequence's step order: the low-rank step inputs, then B and C; A (K * Dx, N).
 Checked check_cross_inputs(const at::Tensor &x, const at::Tensor &index, const at::Tensor &dt_weight,
                            const at::Tensor &A, const at::Tensor &dbl, const OptTensor &D, const OptTensor &delta_bias,
                            bool delta_softplus) {
@@ -287,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor> scan_cross_fwd(const at::Tensor &x, const at:
 }
 
 // The gradients of the cross form for dout (Bt, Dx, L) float32, all float32: dx (Bt, Dx, L), ddelta (Bt, K * Dx, L),
-// the raw step sizes' gradient in token order (the caller forms dt_weight's and the low-rank inputs' from it with two
-// GEMMs), dA (K * Dx, N), ddbl (Bt, K, R + 2N, L) in token order (dB and dC; its R rows zero), dD and dbias (K * Dx,)
+// the raw step sizes' gradient in step order (the caller forms dt_weight's and the low-rank inputs' from it with two
+// GEMMs), dA (K * Dx, N), ddbl (Bt, K, R + 2N, L) in step order (dB and dC; its R rows zero), dD and dbias (K * Dx,)
 // (empty when D or delta_bias is absent).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_cross_bwd(
     const at::Tensor &x, const at::Tensor &index, const at::Tensor &dt_weight, const at::Tensor &A,
@@ -303,7 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(chunk_states, "chunk_states", {p.batch, p.dim, p.n_chunks, p.dstate});
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dx = at::zeros(x.sizes(), f32), ddelta = at::zeros({p.batch, p.dim, p.length}, f32);
+  // dx and dB/dC receive atomic adds; every step's ddelta is stored once
+  at::Tensor dx = at::zeros(x.sizes(), f32), ddelta = at::empty({p.batch, p.dim, p.length}, f32);
   at::Tensor ddbl = at::zeros(dbl.sizes(), f32);
   at::Tensor dA_rows = at::empty({p.batch, p.dim, p.dstate}, f32);
   at::Tensor dD_rows = p.has_d ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);

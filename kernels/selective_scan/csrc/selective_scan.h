@@ -6,12 +6,13 @@
 //
 // Cross form (output-returning): the K = groups sequences of a token map read in an order given by an index and added
 // back onto it. u is the map x (Bt, D / K, L); index (Bt or 1, K, L) int64, the token sequence k reads at step i;
-// x_proj's output (Bt, K, R + 2N, L) is indexed by token (raster order) and gathered too: delta points at its R
-// low-rank step inputs (each channel's raw step size is dt_weight's row (D, R) fp32 times them), B and C at its other
-// rows (bc_stride: the elements of one (b, k) block); out (Bt, D / K, L) fp32, zeroed by the host, receives every
-// sequence's y at its token (atomic adds); chunk_states may be null (inference). Its backward gathers dout the same
-// way and adds every gradient at its token: du (Bt, D / K, L), ddelta (Bt, D, L) and dB/dC (rows of one tensor
-// shaped as x_proj's output) all fp32, zeroed by the host.
+// x_proj's output (Bt, K, R + 2N, L) comes in each sequence's step order (gathered by the caller: R + 2N rows instead
+// of D, and every kernel read of it coalesced): delta points at its R low-rank step inputs (each channel's raw step
+// size is dt_weight's row (D, R) fp32 times them), B and C at its other rows (bc_stride: the elements of one (b, k)
+// block); out (Bt, D / K, L) fp32, zeroed by the host, receives every sequence's y at its token (atomic adds);
+// chunk_states may be null (inference). Its backward gathers dout through the index and adds du (Bt, D / K, L) at the
+// tokens; ddelta (Bt, D, L) and dB/dC (rows of one tensor shaped as x_proj's output) are in step order; all fp32,
+// du and dB/dC zeroed by the host.
 #pragma once
 
 #include <cstdint>

@@ -5,8 +5,8 @@
 // group: the block sums its kW warps in shared memory and adds the sum to global memory with one atomic per step.
 //
 // The cross form (kCross, selective_scan.h) reads its steps' tokens, dout included, through the index as the forward
-// does and adds du, ddelta, dB and dC at those tokens (atomics: the K sequences of a map, or repeated entries of one,
-// meet there).
+// does and adds du at those tokens (atomics: the K sequences of a map, or repeated entries of one, meet there); the
+// raw step sizes' gradient, dB and dC are in step order, as the low-rank inputs, B and C it reads.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
   const int64_t map_row = kCross ? b * per_group + d % per_group : row;
 
   const T *u = static_cast<const T *>(p.u) + map_row * length;
-  // cross form: the low-rank step inputs of sequence g (rows of x_proj's output), else this row's step sizes
+  // cross form: the low-rank step inputs of sequence g (rows of x_proj's output in step order), else this row's step
+  // sizes
   const T *delta = static_cast<const T *>(p.delta) + (kCross ? (b * p.groups + g) * p.bc_stride : row * length);
   const float *dout = p.dout + (kHasC ? map_row * length : 0);
   const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * p.bc_stride;
@@ -65,27 +66,16 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
 
   for (int64_t chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
     const int64_t start = chunk * kChunk + lane * kItems;
-    int ix[kItems];
-    int run = 0;
-    if constexpr (kCross) {
-      load_index(index, start, length, ix);
-      run = index_run(ix);
-    }
-    auto load = [&](const auto *src, float (&v)[kItems]) {
-      if constexpr (kCross) {
-        gather_items(src, ix, run, vec, v);
-      } else {
-        load_items(src, start, length, vec, v);
-      }
-    };
+    int ix[kItems], run;
+    lane_tokens<kCross>(index, start, length, ix, run);
     float uv[kItems], raw[kItems], dt[kItems], dy[kItems];
-    load(u, uv);
+    load_steps<kCross>(u, start, length, ix, run, vec, uv);
     if constexpr (kCross) {
-      low_rank_items(delta, length, p.dt_weight + d * p.n_rank, static_cast<int>(p.n_rank), ix, run, vec, raw);
+      low_rank_items(delta, start, length, p.dt_weight + d * p.n_rank, static_cast<int>(p.n_rank), vec, raw);
     } else {
-      load(delta, raw);
+      load_items(delta, start, length, vec, raw);
     }
-    if constexpr (kHasC) load(dout, dy);
+    if constexpr (kHasC) load_steps<kCross>(dout, start, length, ix, run, vec, dy);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       raw[i] += bias;
@@ -96,7 +86,7 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
       if (n < nstate) {
-        load(Bg + n * length, bv[n]);
+        load_items(Bg + n * length, start, length, vec, bv[n]);
       } else {
 #pragma unroll
         for (int i = 0; i < kItems; ++i) bv[n][i] = 0.f;
@@ -104,7 +94,7 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
       float cv[kItems];
       if constexpr (kHasC) {
         if (n < nstate) {
-          load(Cg + n * length, cv);
+          load_items(Cg + n * length, start, length, vec, cv);
         } else {
 #pragma unroll
           for (int i = 0; i < kItems; ++i) cv[i] = 0.f;
@@ -203,7 +193,7 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
     }
     if constexpr (kCross) {
       scatter_add_items(static_cast<float *>(p.du) + map_row * length, ix, run, vec, du);
-      scatter_add_items(static_cast<float *>(p.ddelta) + row * length, ix, run, vec, ddelta);
+      store_items(static_cast<float *>(p.ddelta) + row * length, start, length, vec, ddelta);
     } else {
       store_items(static_cast<T *>(p.du) + row * length, start, length, vec, du);
       store_items(static_cast<T *>(p.ddelta) + row * length, start, length, vec, ddelta);
@@ -211,13 +201,9 @@ __global__ void __launch_bounds__(kW *kWarpSize) scan_bwd_kernel(const ScanParam
     __syncthreads();
     for (int idx = threadIdx.x; idx < kN * kChunk; idx += kW * kWarpSize) {
       const int n = idx / kChunk, pos = idx % kChunk;
-      int64_t t = chunk * kChunk + pos;
+      const int64_t t = chunk * kChunk + pos;
       if (n >= nstate || t >= length) continue;
       const int slot = (pos / kItems) * (kItems + 1) + pos % kItems;
-      if constexpr (kCross) {
-        t = __ldg(index + t);  // the token this step read
-        if (t < 0 || t >= length) continue;
-      }
       float sb = 0.f, sc = 0.f;
 #pragma unroll
       for (int w = 0; w < kW; ++w) {

@@ -122,16 +122,38 @@ __device__ __forceinline__ void scatter_add_items(float *row, const int (&ix)[kI
     if (ix[i] >= 0) atomicAdd(row + ix[i], v[i]);
 }
 
-// The cross form's raw step sizes at a lane's tokens: sum_r w[r] dts[r, token], dts the R low-rank rows of x_proj's
-// output (token order, rows `length` apart), w the channel's row of dt_proj's weight.
+// The entries of an index row a lane's steps read (cross form), and how they run (index_run); none otherwise.
+template <bool kCross>
+__device__ __forceinline__ void lane_tokens(const int64_t *index, int64_t start, int64_t length, int (&ix)[kItems],
+                                            int &run) {
+  run = 0;
+  if constexpr (kCross) {
+    load_index(index, start, length, ix);
+    run = index_run(ix);
+  }
+}
+
+// A lane's steps of a map row: its tokens through the index in the cross form, else kItems consecutive elements.
+template <bool kCross, typename E>
+__device__ __forceinline__ void load_steps(const E *row, int64_t start, int64_t length, const int (&ix)[kItems],
+                                           int run, bool vec, float (&v)[kItems]) {
+  if constexpr (kCross) {
+    gather_items(row, ix, run, vec, v);
+  } else {
+    load_items(row, start, length, vec, v);
+  }
+}
+
+// The cross form's raw step sizes of a lane's steps: sum_r w[r] dts[r, step], dts the R low-rank rows of x_proj's
+// output in the sequence's step order (rows `length` apart), w the channel's row of dt_proj's weight.
 template <typename T>
-__device__ __forceinline__ void low_rank_items(const T *dts, int64_t length, const float *w, int rank,
-                                               const int (&ix)[kItems], int run, bool vec, float (&v)[kItems]) {
+__device__ __forceinline__ void low_rank_items(const T *dts, int64_t start, int64_t length, const float *w, int rank,
+                                               bool vec, float (&v)[kItems]) {
 #pragma unroll
   for (int i = 0; i < kItems; ++i) v[i] = 0.f;
   for (int r = 0; r < rank; ++r) {
     float t[kItems];
-    gather_items(dts + r * length, ix, run, vec, t);
+    load_items(dts + r * length, start, length, vec, t);
     const float wr = __ldg(w + r);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) v[i] += wr * t[i];

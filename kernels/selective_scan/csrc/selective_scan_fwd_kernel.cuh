@@ -8,7 +8,8 @@
 // The cross form (kCross, selective_scan.h) runs the same steps on the sequences of a token map: each lane reads its
 // steps' tokens at their index entries and adds its outputs at the same tokens (atomics: the K sequences of a map,
 // or repeated entries of one, meet there); where a lane's entries run by one up or down (VMamba's row-major
-// directions), with vector loads and float4 atomics. It keeps the chunk states only when asked (training).
+// directions), with vector loads and float4 atomics. The step sizes' low-rank inputs, B and C come in step order
+// (read as the plain scan reads them, coalesced). It keeps the chunk states only when asked (training).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -33,7 +34,8 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
   const int64_t map_row = kCross ? b * per_group + d % per_group : row;
 
   const T *u = static_cast<const T *>(p.u) + map_row * length;
-  // cross form: the low-rank step inputs of sequence g (rows of x_proj's output), else this row's step sizes
+  // cross form: the low-rank step inputs of sequence g (rows of x_proj's output in step order), else this row's step
+  // sizes
   const T *delta = static_cast<const T *>(p.delta) + (kCross ? (b * p.groups + g) * p.bc_stride : row * length);
   const T *Bg = static_cast<const T *>(p.B) + (b * p.groups + g) * p.bc_stride;
   const T *Cg = kHasC ? static_cast<const T *>(p.C) + (b * p.groups + g) * p.bc_stride : nullptr;
@@ -51,32 +53,21 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
 
   for (int64_t chunk = 0; chunk < p.n_chunks; ++chunk) {
     const int64_t start = chunk * kChunk + lane * kItems;
-    int ix[kItems];
-    int run = 0;
-    if constexpr (kCross) {
-      load_index(index, start, length, ix);
-      run = index_run(ix);
-    }
-    auto load = [&](const T *src, float (&v)[kItems]) {
-      if constexpr (kCross) {
-        gather_items(src, ix, run, vec, v);
-      } else {
-        load_items(src, start, length, vec, v);
-      }
-    };
+    int ix[kItems], run;
+    lane_tokens<kCross>(index, start, length, ix, run);
     float uv[kItems], dt[kItems];
-    load(u, uv);
+    load_steps<kCross>(u, start, length, ix, run, vec, uv);
     if constexpr (kCross) {
-      low_rank_items(delta, length, p.dt_weight + d * p.n_rank, static_cast<int>(p.n_rank), ix, run, vec, dt);
+      low_rank_items(delta, start, length, p.dt_weight + d * p.n_rank, static_cast<int>(p.n_rank), vec, dt);
     } else {
-      load(delta, dt);
+      load_items(delta, start, length, vec, dt);
     }
     float a[kItems][kN], bu[kItems][kN];
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
       float bv[kItems];
       if (n < nstate) {
-        load(Bg + n * length, bv);
+        load_items(Bg + n * length, start, length, vec, bv);
       } else {
 #pragma unroll
         for (int i = 0; i < kItems; ++i) bv[i] = 0.f;
@@ -121,7 +112,7 @@ __global__ void __launch_bounds__(kFwdWarps *kWarpSize) scan_fwd_kernel(const Sc
       for (int n = 0; n < kN; ++n) {
         float cv[kItems];
         if (n < nstate) {
-          load(Cg + n * length, cv);
+          load_items(Cg + n * length, start, length, vec, cv);
         } else {
 #pragma unroll
           for (int i = 0; i < kItems; ++i) cv[i] = 0.f;
