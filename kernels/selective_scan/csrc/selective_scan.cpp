@@ -162,6 +162,33 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd(const at::Tensor &u, const at::Tenso
   return {out, chunk_states};
 }
 
+// The gradients of A, D and delta_bias: the kernels write one per (batch, channel) row, summed over the batch here.
+struct RowGradients {
+  at::Tensor dA, dD, dbias;
+  RowGradients(ScanParams &p, const at::TensorOptions &f32)
+      : dA(at::empty({p.batch, p.dim, p.dstate}, f32)),
+        dD(p.has_d ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32)),
+        dbias(p.has_bias ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32)) {
+    p.dA_rows = dA.data_ptr<float>();
+    p.dD_rows = p.has_d ? dD.data_ptr<float>() : nullptr;
+    p.dbias_rows = p.has_bias ? dbias.data_ptr<float>() : nullptr;
+  }
+  // The backward pass over these rows, or zeros where there is nothing to scan (empty rows).
+  void run(const Checked &c, Pass pass) {
+    const ScanParams &p = c.p;
+    if (p.batch * p.dim > 0 && p.length > 0) {
+      dispatch(c, pass);
+    } else {
+      dA.zero_();
+      dD.zero_();
+      dbias.zero_();
+    }
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> sums(const ScanParams &p) const {
+    return {dA.sum(0), p.has_d ? dD.sum(0) : dD, p.has_bias ? dbias.sum(0) : dbias};
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &B, const OptTensor &C,
     const OptTensor &D, const OptTensor &delta_bias, const at::Tensor &dout, const at::Tensor &chunk_states,
@@ -182,31 +209,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
   at::Tensor dB = at::zeros(B.sizes(), f32);
   at::Tensor dC = p.has_c ? at::zeros(B.sizes(), f32) : at::empty({0}, f32);
-  at::Tensor dA_rows = at::empty({p.batch, p.dim, p.dstate}, f32);
-  at::Tensor dD_rows = p.has_d ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
-  at::Tensor dbias_rows = p.has_bias ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
+  RowGradients rows(p, f32);
   p.dout = dout.data_ptr<float>();
   p.chunk_states = const_cast<float *>(chunk_states.data_ptr<float>());
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
   p.dB = dB.data_ptr<float>();
   p.dC = p.has_c ? dC.data_ptr<float>() : nullptr;
-  p.dA_rows = dA_rows.data_ptr<float>();
-  p.dD_rows = p.has_d ? dD_rows.data_ptr<float>() : nullptr;
-  p.dbias_rows = p.has_bias ? dbias_rows.data_ptr<float>() : nullptr;
   p.vec = p.vec && aligned16(dout) && aligned16(du) && aligned16(ddelta);
-  if (p.batch * p.dim > 0 && p.length > 0) {
-    dispatch(c, Pass::kBackward);
-  } else {
-    du.zero_();
-    ddelta.zero_();
-    dA_rows.zero_();
-    dD_rows.zero_();
-    dbias_rows.zero_();
-  }
-  at::Tensor dA = dA_rows.sum(0);
-  at::Tensor dD = p.has_d ? dD_rows.sum(0) : dD_rows;
-  at::Tensor dbias = p.has_bias ? dbias_rows.sum(0) : dbias_rows;
+  rows.run(c, Pass::kBackward);
+  const auto [dA, dD, dbias] = rows.sums(p);
   return {du, ddelta, dA, dB, dC, dD, dbias};
 }
 
@@ -306,9 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // dx and dB/dC receive atomic adds; every step's ddelta is stored once
   at::Tensor dx = at::zeros(x.sizes(), f32), ddelta = at::empty({p.batch, p.dim, p.length}, f32);
   at::Tensor ddbl = at::zeros(dbl.sizes(), f32);
-  at::Tensor dA_rows = at::empty({p.batch, p.dim, p.dstate}, f32);
-  at::Tensor dD_rows = p.has_d ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
-  at::Tensor dbias_rows = p.has_bias ? at::empty({p.batch, p.dim}, f32) : at::empty({0}, f32);
+  RowGradients rows(p, f32);
   p.dout = dout.data_ptr<float>();
   p.chunk_states = const_cast<float *>(chunk_states.data_ptr<float>());
   p.du = dx.data_ptr();
@@ -316,14 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.dB = ddbl.data_ptr<float>() + p.n_rank * p.length;
   p.dC = p.dB + p.dstate * p.length;
   p.dbc_stride = p.bc_stride;
-  p.dA_rows = dA_rows.data_ptr<float>();
-  p.dD_rows = p.has_d ? dD_rows.data_ptr<float>() : nullptr;
-  p.dbias_rows = p.has_bias ? dbias_rows.data_ptr<float>() : nullptr;
   p.vec = p.vec && aligned16(dout);
-  if (p.batch * p.dim > 0 && p.length > 0) dispatch(c, Pass::kCrossBackward);
-  at::Tensor dA = dA_rows.sum(0);
-  at::Tensor dD = p.has_d ? dD_rows.sum(0) : dD_rows;
-  at::Tensor dbias = p.has_bias ? dbias_rows.sum(0) : dbias_rows;
+  rows.run(c, Pass::kCrossBackward);
+  const auto [dA, dD, dbias] = rows.sums(p);
   return {dx, ddelta, dA, ddbl, dD, dbias};
 }
 
