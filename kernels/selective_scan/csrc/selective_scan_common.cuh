@@ -145,29 +145,13 @@ __device__ __forceinline__ void load_steps(const E *row, int64_t start, int64_t 
 }
 
 // The cross form's raw step sizes of a lane's steps: sum_r w[r] dts[r, step], dts the R low-rank rows of x_proj's
-// output in the sequence's step order (rows `length` apart), w the channel's row of dt_proj's weight. kRows rows are
-// loaded before any is used, so their loads are in flight together (one row at a time waits out every load's latency
-// in turn: 20 ms instead of 3 for Spectral VMamba-T's last stage, R = 64); the sum runs over r in order either way.
+// output in the sequence's step order (rows `length` apart), w the channel's row of dt_proj's weight.
 template <typename T>
 __device__ __forceinline__ void low_rank_items(const T *dts, int64_t start, int64_t length, const float *w, int rank,
                                                bool vec, float (&v)[kItems]) {
-  constexpr int kRows = 4;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) v[i] = 0.f;
-  int r = 0;
-  for (; r + kRows <= rank; r += kRows) {
-    float t[kRows][kItems], wr[kRows];
-#pragma unroll
-    for (int q = 0; q < kRows; ++q) {
-      load_items(dts + (r + q) * length, start, length, vec, t[q]);
-      wr[q] = __ldg(w + r + q);
-    }
-#pragma unroll
-    for (int q = 0; q < kRows; ++q)
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) v[i] += wr[q] * t[q][i];
-  }
-  for (; r < rank; ++r) {
+  for (int r = 0; r < rank; ++r) {
     float t[kItems];
     load_items(dts + r * length, start, length, vec, t);
     const float wr = __ldg(w + r);
