@@ -104,8 +104,8 @@ def triton_fusions_enabled() -> bool:
 def cross_form_enabled() -> bool:
     """Whether ``cross_selective_scan`` may take the CUDA selective scan's cross form
     (:func:`vssm.ops.cross_scan.cross_form`): ``VSSM_CROSS_FORM=1`` in the environment (read per call). Off by
-    default: it saves memory (VMamba-T's training peak 0.72x on an H100) but is slower than the composition
-    (kernels/README.md); ``0`` keeps the composition."""
+    default: it saves memory (VMamba-T's training peak 0.73x on an H100) but is slower than the composition
+    except at long sequences with a small rank (kernels/README.md); ``0`` keeps the composition."""
     return os.environ.get('VSSM_CROSS_FORM', '0') == '1'
 
 
