@@ -1,5 +1,7 @@
-"""tools/analysis_tools/bench_ops.py's bandwidth fractions, tables and target verdicts (the timing needs a GPU)."""
+"""tools/analysis_tools/bench_ops.py's bandwidth fractions, tables, target verdicts and cross-scan cases (the timing
+needs a GPU)."""
 import pytest
+import torch
 from conftest import load_tool
 
 bench_ops = load_tool('tools/analysis_tools/bench_ops.py')
@@ -68,7 +70,6 @@ def test_markdown_tables():
 def test_cross_case_runs_the_op_on_any_device():
     """The cross-scan case (its timing needs a GPU): the op on its inputs, gradients for x and the parameters, and
     the minimal bytes (x read and a float32 output written; x, the output gradient read and dx written)."""
-    import torch
     case = bench_ops.cross_case(2, 8, 3, 5, 2, torch.float32, device='cpu')
     out = case.run('auto')
     assert out.shape == (2, 8, 15) and out.dtype == torch.float32
@@ -76,3 +77,15 @@ def test_cross_case_runs_the_op_on_any_device():
     assert len(grads) == 6 and all(torch.isfinite(g).all() for g in grads)
     el = 2 * 8 * 15
     assert (case.fwd_bytes, case.bwd_bytes) == (el * 8, el * 12)
+
+
+@pytest.mark.parametrize('spectral', [False, True])
+def test_cross_cases_run_on_the_reference(spectral):
+    """The cross-scan rows' inputs (VMamba's four directions, Spectral VMamba's eight per-image orders) on the CPU
+    reference: the output map and a gradient for every leaf."""
+    case = bench_ops.cross_case(2, 8, 3, 5, 2, torch.float32, device='cpu', spectral=spectral)
+    assert case.leaves[1].shape[0] == (8 if spectral else 4)  # x_proj's weight: one per sequence
+    out = case.run('torch')
+    assert out.shape == (2, 8, 15) and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.sum(), case.leaves)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
