@@ -117,17 +117,19 @@ def background_launches(request: pytest.FixtureRequest,
                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[BackgroundLaunches]]:
     """The pipelines of the selected tests marked ``@pytest.mark.launches(pipeline=...)``, started in a background
     thread when the session starts (tests/launches.py):
-    ``pipeline(launches, run_dir, demo_root, **test_parameters)``, with a temporary folder of its own. None when no
-    such test was selected."""
+    ``pipeline(launches, run_dir, demo_root, **test_parameters)``, with a temporary folder of its own. ``demo_root``
+    is the session's demo data, or None for the pipelines marked ``launches(pipeline=..., demo_data=False)`` (the
+    data is made only when a selected pipeline reads it). None when no such test was selected."""
     items = [item for item in request.session.items if item.get_closest_marker('launches')]
     if not items:
         yield None
         return
-    demo_root = request.getfixturevalue('demo_data')
     launches = BackgroundLaunches(REPO_ROOT)
     for item in items:
-        pipeline = item.get_closest_marker('launches').kwargs['pipeline']
+        marker = item.get_closest_marker('launches')
+        demo_root = request.getfixturevalue('demo_data') if marker.kwargs.get('demo_data', True) else None
         run_dir = tmp_path_factory.mktemp(re.sub(r'\W+', '-', item.name)[:60])
-        launches.submit(item.nodeid, pipeline, run_dir, demo_root, **item.callspec.params)
+        params = item.callspec.params if hasattr(item, 'callspec') else {}
+        launches.submit(item.nodeid, marker.kwargs['pipeline'], run_dir, demo_root, **params)
     yield launches
     launches.close()

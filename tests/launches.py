@@ -5,7 +5,12 @@ A test that launches tools spends most of its time in other processes: each laun
 torch and the OpenMMLab libraries (about 13 s of CPU per launch of 2 processes), and the in-process tests use one
 intra-op thread. Started together at the beginning of the session (``background_launches`` in conftest.py), the two
 keep both cores busy. A test marked ``@pytest.mark.launches(pipeline=...)`` gets its pipeline started in the background;
-the test itself waits for it with :meth:`BackgroundLaunches.result`, which raises what the pipeline raised.
+the test itself waits for it with :meth:`BackgroundLaunches.result`, which raises what the pipeline raised. The
+quick suite's tests of the tools' command lines run this way too (a tool's interpreter starts in 7-10 s).
+
+A pipeline runs in a thread of the pytest process while the other tests run: besides starting commands, it may write
+files, but must not draw from torch's global random generator, which the tests in the process seed and use (it builds
+models on the meta device and saves tensors of constants).
 """
 import os
 import signal
@@ -15,7 +20,7 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 LAUNCH_TIMEOUT = 900  # seconds per command; a full-size T model's run takes a few minutes on 2 cores
 
@@ -47,24 +52,40 @@ class BackgroundLaunches:
         """Wait for the pipeline queued under ``key``; return its result or raise its exception."""
         return self._futures[key].result()
 
-    def run(self, args: List[str], log: Path) -> str:
-        """Run a command from ``cwd``; keep its output in ``log`` and fail with its tail. The command gets a process
-        group of its own, so that stopping it also stops the processes it started (torchrun's workers)."""
-        env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()))
+    def run(self, args: List[str], log: Path, env: Optional[Dict[str, str]] = None) -> str:
+        """Run a command from ``cwd``; keep its output in ``log`` and fail with its tail. ``env``: the command's
+        environment (default: this process's, with ``PYTHON`` and a free ``PORT``)."""
+        returncode, out, _ = self._communicate(args, self.cwd, env, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT)
+        log.write_text(out)
+        assert returncode == 0, f'{" ".join(map(str, args))} failed (rc {returncode}):\n{out[-4000:]}'
+        return out
+
+    def call(self, args: List[str], cwd: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
+             timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+        """Run a command (from ``cwd``, by default this object's) and return its exit status, stdout and stderr
+        apart, whatever the status: for the tests of a tool's errors. ``env`` as for :meth:`run`."""
+        returncode, out, err = self._communicate(args, cwd or self.cwd, env, stderr=subprocess.PIPE, timeout=timeout)
+        return subprocess.CompletedProcess(args, returncode, out, err)
+
+    def _communicate(self, args: List[str], cwd: Path, env: Optional[Dict[str, str]], stderr: int,
+                     timeout: int) -> Tuple[int, str, Optional[str]]:
+        """Start the command in a process group of its own, so that stopping it also stops the processes it started
+        (torchrun's workers); wait for it and return its exit status, stdout and stderr (None when merged)."""
+        if env is None:
+            env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()))
         with self._lock:
             if self._closed:
                 raise RuntimeError('the session ended before this command started')
-            process = self._process = subprocess.Popen(args, cwd=self.cwd, env=env, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            process = self._process = subprocess.Popen([str(a) for a in args], cwd=cwd, env=env,
+                                                       stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                                       start_new_session=True)
         try:
-            out = process.communicate(timeout=LAUNCH_TIMEOUT)[0]
+            out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self._stop(process)
-            out = process.communicate()[0]
-            raise AssertionError(f'{" ".join(args)} ran past {LAUNCH_TIMEOUT} s:\n{out[-4000:]}')
-        log.write_text(out)
-        assert process.returncode == 0, f'{" ".join(args)} failed (rc {process.returncode}):\n{out[-4000:]}'
-        return out
+            out, err = process.communicate()
+            raise AssertionError(f'{" ".join(map(str, args))} ran past {timeout} s:\n{(out + (err or ""))[-4000:]}')
+        return process.returncode, out, err
 
     @staticmethod
     def _stop(process: subprocess.Popen) -> None:

@@ -5,11 +5,13 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import torch
+from launches import BackgroundLaunches
 from mmengine.config import Config
-from tiny_runs import REPO_ROOT, config, tool_env
+from tiny_runs import config, tool_env
 
 import vssm  # noqa: F401  (registers the checkpoint check in mmengine's loader)
 from vssm.engine.checkpoint import check_checkpoint_for_config, check_state_fits, suggest_configs
@@ -159,34 +161,54 @@ def test_state_mismatch_is_summarised_in_a_few_keys():
                      revise_keys=[(r'^module\.', '')])  # a wrapped model's keys fit
 
 
-def _tool(tmp_path: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=tool_env(), capture_output=True,
-                          text=True, timeout=300)
+def _tool(launches: BackgroundLaunches, *args) -> subprocess.CompletedProcess:
+    return launches.call([sys.executable, *map(str, args)], env=tool_env(), timeout=300)
 
 
-def test_tools_test_rejects_another_family_before_the_runner(tmp_path):
-    path = _save(tmp_path / 'det.pth', _whole(DET_HEAD))
-    result = _tool(tmp_path, 'tools/test.py', 'detection/configs/vmamba/mask-rcnn_vmamba-t_fpn_1x_coco.py', path)
+def _state_of_another_family() -> dict:
+    with torch.random.fork_rng():  # the tests' random streams stay as they were
+        return _whole(DET_HEAD)
+
+
+# A Spatial-Mamba detector's weights, made at import, in the main thread: the pipeline that saves them runs in the
+# background, where drawing from torch's global generator would change the other tests' random streams.
+ANOTHER_FAMILY = _state_of_another_family()
+
+
+def _test_another_family(launches: BackgroundLaunches, run_dir: Path, demo_root: None) -> subprocess.CompletedProcess:
+    path = _save(run_dir / 'det.pth', ANOTHER_FAMILY)
+    return _tool(launches, 'tools/test.py', 'detection/configs/vmamba/mask-rcnn_vmamba-t_fpn_1x_coco.py', path)
+
+
+@pytest.mark.launches(pipeline=_test_another_family, demo_data=False)
+def test_tools_test_rejects_another_family_before_the_runner(background_launches, request):
+    result = background_launches.result(request.node.nodeid)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and 'Traceback' not in output
     assert "[vssm] error: checkpoint" in result.stderr and "the config builds VMamba arch='tiny'" in result.stderr
     assert 'System environment' not in output and len(output) < 1500  # no Runner logs, no key lists
 
 
-# One tool in the quick suite; the others start an interpreter each (7-8 s), under slow.
-@pytest.mark.parametrize('tool', ['train', *(pytest.param(t, marks=pytest.mark.slow)
-                                             for t in ('test', 'converter', 'publish'))])
-def test_truncated_checkpoints_fail_in_one_line_in_every_tool(tmp_path, tool):
-    good = _save(tmp_path / 'good.pth', CLS_HEAD)
-    bad = tmp_path / 'iter_4.pth'
+def _run_on_a_truncated_file(launches: BackgroundLaunches, run_dir: Path, demo_root: None,
+                             tool: str) -> Tuple[Path, subprocess.CompletedProcess]:
+    good = _save(run_dir / 'good.pth', CLS_HEAD)
+    bad = run_dir / 'iter_4.pth'
     bad.write_bytes(good.read_bytes()[:300])
     args = {
-        'train': ['tools/train.py', config('classification'), '--resume', bad, '--work-dir', tmp_path],
+        'train': ['tools/train.py', config('classification'), '--resume', bad, '--work-dir', run_dir],
         'test': ['tools/test.py', config('classification'), bad],
-        'converter': ['tools/model_converters/vmamba_to_vssm.py', bad, tmp_path / 'out.pth'],
-        'publish': ['tools/model_converters/publish_model.py', bad, tmp_path / 'out.pth'],
+        'converter': ['tools/model_converters/vmamba_to_vssm.py', bad, run_dir / 'out.pth'],
+        'publish': ['tools/model_converters/publish_model.py', bad, run_dir / 'out.pth'],
     }[tool]
-    result = _tool(tmp_path, *args)
+    return bad, _tool(launches, *args)
+
+
+# One tool in the quick suite; the others start an interpreter each (7-8 s), under slow.
+@pytest.mark.launches(pipeline=_run_on_a_truncated_file, demo_data=False)
+@pytest.mark.parametrize('tool', ['train', *(pytest.param(t, marks=pytest.mark.slow)
+                                             for t in ('test', 'converter', 'publish'))])
+def test_truncated_checkpoints_fail_in_one_line_in_every_tool(background_launches, request, tool):
+    bad, result = background_launches.result(request.node.nodeid)
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
     assert f"'{bad}' is truncated or corrupt" in result.stderr
     assert len(result.stdout + result.stderr) < 1000

@@ -9,14 +9,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import cv2
 import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
-from launches import free_port
+from launches import BackgroundLaunches, free_port
 from mmengine.config import Config
 
 from vssm.engine.launch import prepare_for_device
@@ -61,20 +61,22 @@ randomness = dict(seed=0)
 """
 
 
+def _env() -> Dict[str, str]:
+    """A tool's environment: this interpreter, the repository on PYTHONPATH, a free rendezvous port."""
+    return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO_ROOT), PORT=str(free_port()))
+
+
 def _run(args: List[str], log: Path) -> str:
     """Run a tool from the repo root; keep its output in ``log`` and fail with its tail."""
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO_ROOT), PORT=str(free_port()))
-    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     out = result.stdout + result.stderr
     log.write_text(out)
     assert result.returncode == 0, f'{" ".join(args)} failed (rc {result.returncode}):\n{out[-4000:]}'
     return out
 
 
-@pytest.fixture(scope='module')
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The config file, next to an image folder of 2 classes x 4 images (32x32)."""
-    root = tmp_path_factory.mktemp('launchers')
+def _write_config(root: Path) -> Path:
+    """The config file, written into ``root`` next to an image folder of 2 classes x 4 images (32x32)."""
     rng = np.random.default_rng(0)
     for label, name in enumerate(('dark', 'bright')):
         (root / 'data' / name).mkdir(parents=True)
@@ -84,6 +86,11 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = root / 'resnet18_tiny.py'
     path.write_text(CONFIG.format(data_root=str(root / 'data')))
     return path
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_config(tmp_path_factory.mktemp('launchers'))
 
 
 @pytest.fixture(scope='module')
@@ -134,8 +141,19 @@ def test_train_resume_continues_from_the_latest_checkpoint(config: Path, single_
     assert (single_run / 'iter_3.pth').is_file()
 
 
-def test_safe_globals_load_a_runner_checkpoint_with_weights_only(single_run: Path) -> None:
-    path = single_run / 'iter_2.pth'
+def _train_without_launcher(launches: BackgroundLaunches, run_dir: Path, demo_root: None) -> Path:
+    """``tools/train.py`` without a launcher on a config of its own: 2 iterations; returns the work dir."""
+    config = _write_config(run_dir)
+    work_dir = run_dir / 'single'
+    launches.run([sys.executable, 'tools/train.py', str(config), '--work-dir', str(work_dir)], run_dir / 'single.log',
+                 env=_env())
+    return work_dir
+
+
+@pytest.mark.launches(pipeline=_train_without_launcher, demo_data=False)
+def test_safe_globals_load_a_runner_checkpoint_with_weights_only(background_launches: BackgroundLaunches,
+                                                                 request: pytest.FixtureRequest) -> None:
+    path = background_launches.result(request.node.nodeid) / 'iter_2.pth'
     register_safe_globals()
     checkpoint = torch.load(path, weights_only=True)
     assert {'meta', 'state_dict', 'message_hub', 'optimizer', 'param_schedulers'} <= set(checkpoint)
@@ -144,11 +162,20 @@ def test_safe_globals_load_a_runner_checkpoint_with_weights_only(single_run: Pat
     assert math.isfinite(loss.mean()) and len(loss.data[0]) == 2
 
 
-def test_tta_without_tta_keys_names_both(config: Path, tmp_path: Path) -> None:
-    bare = tmp_path / 'no_tta.py'
-    bare.write_text(config.read_text().replace('tta_model =', '_tta_model =').replace('tta_pipeline =', '_tta_p ='))
-    result = subprocess.run([sys.executable, 'tools/test.py', str(bare), str(bare), '--tta'], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
+def _test_without_tta_keys(launches: BackgroundLaunches, run_dir: Path,
+                           demo_root: None) -> subprocess.CompletedProcess:
+    """``tools/test.py --tta`` on the config without its ``tta_model`` and ``tta_pipeline``."""
+    bare = run_dir / 'no_tta.py'
+    bare.write_text(_write_config(run_dir).read_text().replace('tta_model =', '_tta_model =')
+                    .replace('tta_pipeline =', '_tta_p ='))
+    return launches.call([sys.executable, 'tools/test.py', str(bare), str(bare), '--tta'], env=dict(os.environ),
+                         timeout=120)
+
+
+@pytest.mark.launches(pipeline=_test_without_tta_keys, demo_data=False)
+def test_tta_without_tta_keys_names_both(background_launches: BackgroundLaunches,
+                                         request: pytest.FixtureRequest) -> None:
+    result = background_launches.result(request.node.nodeid)
     assert result.returncode != 0
     assert 'tta_model' in result.stderr and 'tta_pipeline' in result.stderr
 
