@@ -89,3 +89,12 @@ def test_cross_cases_run_on_the_reference(spectral):
     assert out.shape == (2, 8, 15) and torch.isfinite(out).all()
     grads = torch.autograd.grad(out.sum(), case.leaves)
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_channel_reduction_norm_matches_the_layer_norm_reference():
+    """The LayerNorm2d candidate of the norm rows against vssm's reference, float64 statistics on a CPU map."""
+    from vssm.ops.layer_norm import layer_norm_2d_ref
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64) * 3 + 1
+    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    got = bench_ops.channel_reduction_norm(x, weight, bias, 1e-5, torch.float64)
+    torch.testing.assert_close(got, layer_norm_2d_ref(x, weight, bias, 1e-5), rtol=1e-12, atol=1e-12)

@@ -1,6 +1,6 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
-    python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan cross fusion dwconv]
+    python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan cross fusion dwconv norm]
         [--quick]
         [--json out.json] [--markdown out.md]
 
@@ -20,7 +20,11 @@ bandwidth and speed-up, dense 11x11 speed-up). Rows:
   (backward);
 * state fusion: the fused kernel, three cuDNN depthwise dilated 3x3 convs on replicate ``F.pad`` inputs (the
   upstream training path), and one dense 11x11 ``F.conv2d`` (the upstream eval path's cost);
-* dense 11x11 depthwise conv: the kernel and ``F.conv2d(groups=C)``.
+* dense 11x11 depthwise conv: the kernel and ``F.conv2d(groups=C)``;
+* LayerNorm2d at VMamba-T's stage maps under bf16 autocast, bf16 out (bf16 maps: the blocks' norms; float32: the
+  out_norm on the scan's output): the reference (``F.layer_norm`` on the permuted map, float32 under autocast), the
+  Triton kernel on every shape, ``F.layer_norm`` in the map's own dtype (no float32 copy) and the channel reduction
+  (:func:`channel_reduction_norm`).
 TF32 is enabled for the cuDNN baselines (as in training).
 """
 import argparse
@@ -256,8 +260,55 @@ def bench_dense(table: Table, bt: int, d: int, h: int, w: int, k: int, dtype: to
                   3 * el * s)
 
 
+def channel_reduction_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over dim 1 of a (B, C, H, W) map written as a reduction over the channels (float32 statistics, no
+    permuted copy), then one scale-and-shift: a candidate for the reference of ``layer_norm_2d``."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    var, mean = torch.var_mean(xf, dim=1, keepdim=True, correction=0)
+    return torch.addcmul(bias.to(acc)[:, None, None], (xf - mean) * torch.rsqrt(var + eps),
+                         weight.to(acc)[:, None, None]).to(out_dtype)
+
+
+def bench_norm(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype, name: str) -> None:
+    """A LayerNorm2d as the models run it under bf16 autocast, output bf16 (the projection's input): bf16 maps are
+    the blocks' norms, float32 ones VMamba's out_norm on the scan's output."""
+    from vssm.ops import layer_norm as ln
+    x = torch.randn(bt, c, h, w, device='cuda').to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(c, device='cuda')).requires_grad_()
+    bias = (0.1 * torch.randn(c, device='cuda')).requires_grad_()
+    bf16 = torch.bfloat16
+
+    def native_dtype():  # F.layer_norm on x's own dtype (autocast would first cast a bf16 map to float32)
+        with torch.autocast('cuda', enabled=False):
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (c, ), weight, bias, 1e-5).permute(0, 3, 1, 2)
+        return y.to(bf16)
+
+    impls = {'reference': lambda: ln.layer_norm_2d(x, weight, bias, 1e-5, bf16, backend='torch'),
+             'triton kernel': lambda: ln._LayerNorm2d.apply(x.contiguous(), weight, bias, 1e-5, bf16),
+             'native dtype': native_dtype,
+             'channel reduction': lambda: channel_reduction_norm(x, weight, bias, 1e-5, bf16)}
+    el, s = x.numel(), x.element_size()
+    for impl, run in impls.items():
+        if impl == 'triton kernel' and ln._KERNEL is None:
+            continue
+
+        def fn(run=run):
+            with torch.autocast('cuda', bf16):
+                return run()
+        try:
+            with torch.no_grad():
+                fwd = time_ms(fn)
+            table.add('layer-norm-2d', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, [x, weight, bias])),
+                      el * (s + 2), el * (2 + 2 * s))
+        except RuntimeError as e:  # an implementation this torch build does not have (e.g. mixed dtypes)
+            print(f'layer-norm-2d  {name:28s} {DTYPE_NAME[dtype]:5s} {impl:22s} failed: {str(e).splitlines()[0]}')
+
+
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-OPS = ('scan', 'cross', 'fusion', 'dwconv')  # --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv
+# --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv, LayerNorm2d
+OPS = ('scan', 'cross', 'fusion', 'dwconv', 'norm')
 
 
 def _pct(v: Optional[float]) -> str:
@@ -342,7 +393,8 @@ def main() -> None:
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile baseline')
     parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
     parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
-                        help='which rows: selective scans, cross scan, state fusion, dense 11x11 depthwise conv')
+                        help='which rows: selective scans, cross scan, state fusion, dense 11x11 depthwise conv, '
+                        'LayerNorm2d')
     parser.add_argument('--json', help='also write the rows here')
     parser.add_argument('--markdown', help="also write the rows and the targets' verdicts here as Markdown tables "
                         '(those of kernels/README.md)')
@@ -379,6 +431,8 @@ def main() -> None:
                             f'SV-T s{i + 1} {bt}x8x{2 * c}x{side * side}', spectral=True)
             if 'fusion' in ops:
                 bench_fusion(table, bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')
+            if 'norm' in ops:
+                bench_norm(table, bt, d_vm, h, w, dtype, f'VM-T s{i + 1} {bt}x{d_vm}x{h}x{w}')
         if 'fusion' in ops:
             bench_fusion(table, 2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')
         if 'scan' in ops:
