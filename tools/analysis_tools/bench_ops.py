@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vssm.analysis.timing import median_ms
 from vssm.models.vmamba import cross_scan_index
-from vssm.ops import cross_selective_scan, dwconv2d, selective_scan, state_fusion
+from vssm.ops import cross_selective_scan, dwconv2d, inverse_permutation, selective_scan, state_fusion
 from vssm.ops._backend import cross_form_switch, triton_fusions
 from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
@@ -157,7 +157,7 @@ def cross_case(bt: int, d: int, h: int, w: int, rank: int, dtype: torch.dtype, d
     if spectral:
         k = 8
         index = torch.stack([torch.randperm(length, **kw) for _ in range(bt * k)]).view(bt, k, length)
-        inverse = torch.argsort(index, dim=-1)
+        inverse = inverse_permutation(index)
     else:
         k = 4
         index, inverse = cross_scan_index(h, w, torch.device(device))
