@@ -20,9 +20,14 @@ def _kernels_on(monkeypatch):
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '1')
     monkeypatch.setattr(layer_norm, 'KERNEL_MAX_CHANNELS', 1 << 30)
     monkeypatch.setattr(layer_norm, 'KERNEL_MIN_PIXELS', 0)
-# (B, C, H, W): one tile of channels (C <= 256) and the chunked path (C > 256, not a multiple of the chunk), odd sides
-SHAPES = [(2, 5, 3, 7), (3, 96, 9, 11), (2, 300, 5, 3), (1, 768, 7, 7), (2, 520, 1, 33)]
+# (B, C, H, W): one tile of channels, the chunked backward (C > 1024) and the chunked forward too (C > 2048, not a
+# multiple of the chunk), odd sides and maps narrower than a pixel block
+SHAPES = [(2, 5, 3, 7), (3, 96, 9, 11), (2, 300, 5, 3), (1, 768, 7, 7), (2, 520, 1, 33), (2, 1300, 4, 5),
+          (2, 2100, 3, 3)]
 INTERPRETER_SHAPES = [(2, 5, 3, 7), (2, 96, 3, 5), (1, 300, 2, 3)]  # the interpreter is slow: small maps
+# (forward, backward) single-tile limits in the interpreter: the models' and small ones, so that the chunked paths run
+# on small maps too
+INTERPRETER_LIMITS = [(2048, 1024), (64, 32)]
 
 
 def _float64_reference(x, weight, bias, eps, dy):
@@ -37,11 +42,13 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
     """The kernels themselves, run by Triton's interpreter on CPU tensors (a fresh process: the interpreter is chosen
     when Triton is imported)."""
     script = textwrap.dedent(f'''
+        import itertools
         import torch
         import torch.nn.functional as F
         from vssm.ops import _triton_layer_norm as kernel
         torch.manual_seed(0)
-        for b, c, h, w in {INTERPRETER_SHAPES!r}:
+        for (kernel.SINGLE_MAX_C, kernel.SINGLE_MAX_C_BWD), (b, c, h, w) in itertools.product(
+                {INTERPRETER_LIMITS!r}, {INTERPRETER_SHAPES!r}):
             x = torch.randn(b, c, h * w) * 3 + 5
             weight, bias, dy = torch.randn(c), torch.randn(c), torch.randn(b, c, h * w)
             y, mean, rstd = kernel.forward(x, weight, bias, 1e-5, torch.float32)
@@ -51,7 +58,7 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
             grads = torch.autograd.grad(ref, (xd, wd, bd), dy.double())
             for name, got, want in zip(['y', 'dx', 'dw', 'db'], (y, dx, dw, db), (ref.detach(), *grads)):
                 err = ((got.double() - want).norm() / want.norm()).item()
-                assert err < 1e-5, (b, c, h, w, name, err)
+                assert err < 1e-5, (kernel.SINGLE_MAX_C, b, c, h, w, name, err)
         print('ok')
         ''')
     run_in_interpreter(script, ops_only=True)

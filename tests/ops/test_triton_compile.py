@@ -10,8 +10,11 @@ from vssm.ops.layer_norm import kernel_available
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason='needs Triton')
 
-# channel counts: one tile in registers (<= 256) and the chunked path
-CHANNELS = [96, 520]
+# channel counts: one tile in registers and the chunked paths (observe_gate above 256 channels; layer_norm_2d's
+# backward above 1024, its forward above 2048)
+CHANNELS = [96, 520, 2100]
+SINGLE_TILE = {'_ln2d_fwd_kernel': lambda c: c <= 2048, '_ln2d_bwd_kernel': lambda c: c <= 1024,
+               '_observe_gate_fwd': lambda c: c <= 256, '_observe_gate_bwd': lambda c: c <= 256}
 
 
 def _layer_norm_launches(channels, dtype):
@@ -45,7 +48,7 @@ def test_kernels_compile_for_sm90(launches, channels, dtype):
     recorded = launches(channels, dtype)
     assert len(recorded) == 2  # forward and backward
     for kernel, args, kwargs in recorded:
-        assert kwargs['SINGLE'] == (channels <= 256)
+        assert kwargs['SINGLE'] == SINGLE_TILE[kernel.fn.__name__](channels)
         compiled = compile_launch(kernel, args, kwargs)
         assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0
 
