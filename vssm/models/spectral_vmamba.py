@@ -321,8 +321,10 @@ class SpectralVMamba(StagedBackbone):
 
     # --- the RFN -------------------------------------------------------------------------------------------------
     def _trunk(self, x: Tensor) -> Tensor:
+        """The ResNet-18 to layer3 on channels-last maps (cuDNN's and oneDNN's convolutions run NHWC natively; an
+        NCHW map is transposed around each convolution). :meth:`rfn` makes its result contiguous again."""
         r = self.model_patchification
-        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x.contiguous(memory_format=torch.channels_last)))))
         return r.layer3(r.layer2(r.layer1(x)))
 
     def rfn(self, x: Tensor) -> Tensor:
@@ -337,13 +339,14 @@ class SpectralVMamba(StagedBackbone):
         if x.shape[-1] == x.shape[-2]:  # square: one trunk call over the 4 rotations
             b = x.shape[0]
             maps = self._trunk(torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)]))
-            return torch.stack([torch.rot90(maps[k * b:(k + 1) * b], -k, dims=(2, 3)) for k in range(4)]).amax(0)
+            return torch.stack([torch.rot90(maps[k * b:(k + 1) * b], -k, dims=(2, 3)) for k in range(4)]).amax(0) \
+                .contiguous()
         upright = self._trunk(torch.cat([x, torch.rot90(x, 2, dims=(2, 3))]))  # 0 and 180 degrees
         turned = self._trunk(torch.cat([torch.rot90(x, 1, dims=(2, 3)), torch.rot90(x, 3, dims=(2, 3))]))
         b = x.shape[0]
         back = [upright[:b], torch.rot90(upright[b:], -2, dims=(2, 3)), torch.rot90(turned[:b], -1, dims=(2, 3)),
                 torch.rot90(turned[b:], -3, dims=(2, 3))]
-        return torch.stack(back).amax(0)
+        return torch.stack(back).amax(0).contiguous()
 
     # --- forward -----------------------------------------------------------------------------------------------------
     def _forward(self, x: Tensor) -> Tuple[Tensor, ...]:
