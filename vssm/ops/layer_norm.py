@@ -57,18 +57,21 @@ class _LayerNorm2d(torch.autograd.Function):
         return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype), None, None
 
 
-# Where the kernel is faster than the reference, forward and backward (the per-shape table in kernels/README.md, one
-# H100): maps of up to 192 channels and at least 1024 pixels per image (stage 1 of the T models at 224x224). Wider or
-# smaller maps run the reference, which is faster there (the kernel's chunked path, its register-heavy backward).
+# Where the kernel is faster than the reference (kernels/README.md, one H100): the forward on every map (one read and
+# one write in the map's layout, where the reference permutes and copies); forward and backward together (training)
+# on maps of up to 192 channels and at least 1024 pixels per image (stage 1 of the T models at 224x224). On wider or
+# smaller maps the backward is launch-bound and the reference's is faster.
 KERNEL_MAX_CHANNELS = 192
 KERNEL_MIN_PIXELS = 1024
 
 
-def _pays(x: Tensor) -> bool:
+def _pays(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
+        return True
     return x.shape[1] <= KERNEL_MAX_CHANNELS and x.shape[2] * x.shape[3] >= KERNEL_MIN_PIXELS
 
 
-def _use_kernel(backend: str, x: Tensor) -> bool:
+def _use_kernel(backend: str, x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # under torch.compile inductor fuses the reference with its neighbours itself
@@ -80,8 +83,8 @@ def _use_kernel(backend: str, x: Tensor) -> bool:
                                "use backend='auto' or 'torch'.")
         if not x.is_cuda:
             raise ValueError(f"layer_norm_2d: backend 'cuda' needs CUDA tensors, got {x.device}.")
-        return _pays(x)
-    return _KERNEL is not None and x.is_cuda and _pays(x)
+        return _pays(x, weight, bias)
+    return _KERNEL is not None and x.is_cuda and _pays(x, weight, bias)
 
 
 def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None,
@@ -94,8 +97,9 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
         eps: added to the variance.
         out_dtype: the output's dtype (default: float32 under autocast, else x's dtype, as ``F.layer_norm``).
         backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` and ``'cuda'`` run the Triton kernel on CUDA tensors
-            when ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) and the map is one
-            where it is faster (``KERNEL_MAX_CHANNELS``, ``KERNEL_MIN_PIXELS``), the reference otherwise.
+            when ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`): without gradients on
+            every map, with gradients where its backward is faster too (``KERNEL_MAX_CHANNELS``,
+            ``KERNEL_MIN_PIXELS``); the reference otherwise.
 
     Returns:
         (B, C, H, W): contiguous from the kernel, a channels-last view from the reference.
@@ -103,7 +107,7 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
     if x.dim() != 4 or weight.shape != (x.shape[1], ) or bias is None or bias.shape != weight.shape:
         raise ValueError(f'layer_norm_2d: expected x (B, C, H, W) and weight, bias (C,), got {tuple(x.shape)}, '
                          f'{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}.')
-    if not _use_kernel(backend, x):
+    if not _use_kernel(backend, x, weight, bias):
         return layer_norm_2d_ref(x, weight, bias, eps, out_dtype)
     return _LayerNorm2d.apply(x.contiguous(), weight, bias, float(eps), out_dtype or _default_dtype(x))
 
