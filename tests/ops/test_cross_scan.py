@@ -586,6 +586,7 @@ def test_triton_fusions_context_sets_and_restores_the_switch(monkeypatch):
         assert not triton_fusions_enabled()
     assert triton_fusions_enabled()  # the fixture's value is back
     monkeypatch.delenv('VSSM_TRITON_FUSIONS')
-    with triton_fusions():
-        assert triton_fusions_enabled()
-    assert not triton_fusions_enabled()
+    assert triton_fusions_enabled()  # on by default
+    with triton_fusions(False):
+        assert not triton_fusions_enabled()
+    assert triton_fusions_enabled()

@@ -107,6 +107,7 @@ from vssm.analysis.timing import (
     timed_span,
     write_results,
 )
+from vssm.ops._backend import triton_fusions_enabled
 
 CLS_MODES = ('infer-fp32', 'infer-bf16', 'train-bf16', 'train-fp32')
 SAVED_MODES = ('saved-bf16', 'saved-fp32')
@@ -438,7 +439,7 @@ class Benchmark:
             det_train_batch=args.det_train_batch, seg_train_batch=args.seg_train_batch,
             order_size=list(args.order_size), order_batches=list(args.order_batches), modes=list(args.modes),
             backends=list(args.backends), reference='swin of the same size', recompute=not args.no_recompute,
-            compile=args.compile, inference_graphs=args.inference_graphs,
+            compile=args.compile, inference_graphs=args.inference_graphs, triton_fusions=triton_fusions_enabled(),
             command=' '.join(['python tools/analysis_tools/benchmark.py'] + list(args.argv)),
             date=time.strftime('%Y-%m-%d %H:%M'))
 
@@ -715,7 +716,8 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
         f"Device: {meta['device']}; torch {meta['torch']} (CUDA {meta['cuda']}); TF32 "
         f"{'on' if meta['tf32'] else 'off'} (fp32 matmuls and cuDNN convolutions); cuDNN benchmark "
         f"{'on' if meta['cudnn_benchmark'] else 'off'}; memory-saving recomputation "
-        f"{'on' if meta.get('recompute', True) else 'off'}; {meta['date']}.",
+        f"{'on' if meta.get('recompute', True) else 'off'}; Triton fusions "
+        f"{'on' if meta.get('triton_fusions', True) else 'off'}; {meta['date']}.",
         '',
         f"Classification: batch {meta['batch']} at {meta['size']}x{meta['size']}, {meta['warmup']} warm-up + "
         f"{meta['iters']} timed iterations; ops_backend='torch' rows (the pure-PyTorch reference ops): batch "

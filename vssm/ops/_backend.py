@@ -95,10 +95,11 @@ def plain_autograd_enabled() -> bool:
 
 
 def triton_fusions_enabled() -> bool:
-    """Whether the Triton kernels (``layer_norm_2d``, ``observe_gate``, ``cross_selective_scan``) may run: only with
-    ``VSSM_TRITON_FUSIONS=1`` in the environment (read per call), off by default until the models' eager rows with
-    them are measured again; otherwise their ops take the reference under every backend."""
-    return os.environ.get('VSSM_TRITON_FUSIONS', '0') == '1'
+    """Whether the Triton kernels (``layer_norm_2d``, ``observe_gate``, ``cross_selective_scan``) may run, each where
+    its dispatch finds it faster: on by default (the three T models' eager rows with and without them,
+    docs/benchmarks.md); ``VSSM_TRITON_FUSIONS=0`` in the environment (read per call) makes their ops take the
+    reference under every backend."""
+    return os.environ.get('VSSM_TRITON_FUSIONS', '1') != '0'
 
 
 def cross_form_enabled() -> bool:

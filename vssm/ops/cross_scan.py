@@ -10,10 +10,11 @@ The reference is this composition (the scan on its own dispatch: the CUDA kernel
 kernel (:mod:`vssm.ops._triton_cross_scan`) writes none of them: x_proj runs as one GEMM on the raster map (it is per
 token, so the order of the tokens does not matter), and one kernel reads the tokens and their projections through the
 index, computes the step sizes from the low rank, scans and adds the K sequences back onto the map. Its backward
-saves x, the projections (B, K, R + 2N, L) and the states entering each tile of steps. It runs with
-``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the
-index is a permutation (``inverse`` given, no separate ``merge``) and where it is faster than the composition
-(:func:`_pays`: 16-bit inference over per-image maps), unless deterministic algorithms are requested (it adds with
+saves x, the projections (B, K, R + 2N, L) and the states entering each tile of steps. It runs
+with the Triton fusions on (the default; ``VSSM_TRITON_FUSIONS=0`` turns them off,
+:func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors where every row of the index is a permutation
+(``inverse`` given, no separate ``merge``) and where it is faster than the composition (:func:`_pays`: 16-bit inference
+over per-image maps), unless deterministic algorithms are requested (it adds with
 atomics). On CUDA tensors without that kernel, with ``VSSM_CROSS_FORM=1``
 (:func:`~vssm.ops._backend.cross_form_enabled`), the CUDA selective scan's cross form (:func:`cross_form`) does the
 same in one pass over the steps: x_proj on the raster map, its R + 2N output rows gathered into the sequences' step

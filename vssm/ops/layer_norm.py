@@ -97,7 +97,7 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
         eps: added to the variance.
         out_dtype: the output's dtype (default: float32 under autocast, else x's dtype, as ``F.layer_norm``).
         backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` and ``'cuda'`` run the Triton kernel on CUDA tensors
-            when ``VSSM_TRITON_FUSIONS=1`` (:func:`~vssm.ops._backend.triton_fusions_enabled`): without gradients on
+            unless ``VSSM_TRITON_FUSIONS=0`` (:func:`~vssm.ops._backend.triton_fusions_enabled`): without gradients on
             every map, with gradients where its backward is faster too (``KERNEL_MAX_CHANNELS``,
             ``KERNEL_MIN_PIXELS``); the reference otherwise.
 

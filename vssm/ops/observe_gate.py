@@ -6,8 +6,8 @@
 The reference is the plain composition (an ``addcmul``, a transpose to channels-last with a cast to z's dtype, the
 norm, the gate): five passes over (B, D, L) maps, some in float32. The Triton kernel reads fused, u and z once and
 writes out once (in z's dtype), and its backward recomputes y, the norm and the gate from the inputs it saves (fused,
-C, u, z; the (B, L) statistics), so nothing of the norm or the gate is kept for the backward. It runs with
-``VSSM_TRITON_FUSIONS=1`` (see :func:`~vssm.ops._backend.triton_fusions_enabled`) on CUDA tensors.
+C, u, z; the (B, L) statistics), so nothing of the norm or the gate is kept for the backward. It runs
+on CUDA tensors unless ``VSSM_TRITON_FUSIONS=0`` (see :func:`~vssm.ops._backend.triton_fusions_enabled`).
 
 Shape legend: B batch, D channels, H/W height/width, L = H*W; one state per channel (N = 1) and one group of C.
 """

@@ -14,9 +14,9 @@ from .recompute import recomputed_linear
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel axis of a (B, C, H, W) map (:func:`vssm.ops.layer_norm_2d`).
 
-    ``backend`` picks the op's implementation (the backbones set their ``ops_backend``). Under ``'auto'`` the Triton
-    kernel runs only with ``VSSM_TRITON_FUSIONS=1`` until every family's kernel-vs-reference GPU test passes with it
-    (Spectral VMamba's does not yet: its stage-1 gradients differ, see kernels/README.md)."""
+    ``backend`` picks the op's implementation (the backbones set their ``ops_backend``): under ``'auto'`` and
+    ``'cuda'`` the Triton kernel on CUDA tensors where it is faster (:func:`vssm.ops.layer_norm_2d`), unless
+    ``VSSM_TRITON_FUSIONS=0``."""
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, backend: str = 'auto') -> None:
         super().__init__(normalized_shape, eps=eps)
