@@ -98,3 +98,21 @@ def test_channel_reduction_norm_matches_the_layer_norm_reference():
     weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     got = bench_ops.channel_reduction_norm(x, weight, bias, 1e-5, torch.float64)
     torch.testing.assert_close(got, layer_norm_2d_ref(x, weight, bias, 1e-5), rtol=1e-12, atol=1e-12)
+
+
+def test_plan_covers_every_stage_of_each_op():
+    """Each op's cases at the four stage maps (two with --quick), Spectral VMamba's and the detection shapes, per
+    dtype; the LayerNorm2d and projection rows at VMamba-T's widths."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    names = {op: [args for bench, args in bench_ops.plan({op}, [bf16], 128)] for op in bench_ops.OPS}
+    assert [a[-1] for a in names['norm']] == [f'VM-T s{i + 1} 128x{96 * 2**i}x{56 >> i}x{56 >> i}' for i in range(4)]
+    assert [a[1] for a in names['norm']] == [96, 192, 384, 768]
+    assert len(names['fusion']) == 4 + 1 and names['fusion'][-1][-1] == 'SM-T det s1 2x128x200x336'
+    assert len(names['cross']) == 4 + 3 + 1 and sum(a[-1] is True for a in names['cross']) == 3  # Spectral rows
+    assert len(names['scan']) == 2 * 4 + 1 and len(names['dwconv']) == 1
+    linear = names['linear']
+    assert len(linear) == 3 * 4
+    assert [a[1:3] for a in linear[:3]] == [(96, 96), (96, 384), (384, 96)] and linear[2][-1] is True
+    assert len(bench_ops.plan({'norm'}, [fp32, bf16], 128, quick=True)) == 2 * 2
+    both = bench_ops.plan({'norm', 'fusion'}, [bf16], 8)
+    assert [bench.__name__ for bench, _ in both].count('bench_norm') == 4

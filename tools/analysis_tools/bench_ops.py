@@ -1,6 +1,7 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
-    python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128] [--ops scan cross fusion dwconv norm]
+    python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128]
+        [--ops scan cross fusion dwconv norm linear]
         [--quick]
         [--json out.json] [--markdown out.md]
 
@@ -24,13 +25,16 @@ bandwidth and speed-up, dense 11x11 speed-up). Rows:
 * LayerNorm2d at VMamba-T's stage maps under bf16 autocast, bf16 out (bf16 maps: the blocks' norms; float32: the
   out_norm on the scan's output): the reference (``F.layer_norm`` on the permuted map, float32 under autocast), the
   Triton kernel on every shape, ``F.layer_norm`` in the map's own dtype (no float32 copy) and the channel reduction
-  (:func:`channel_reduction_norm`).
+  (:func:`channel_reduction_norm`);
+* 1x1 projections (``Linear2d``: VMamba-T's in_proj, fc1, and fc2 with the residual added) under bf16 autocast:
+  ``F.conv2d`` as the models run them, a batched GEMM on the (B, C, L) map, and for fc2 the GEMM with the residual
+  as its C operand (``torch.baddbmm``).
 TF32 is enabled for the cuDNN baselines (as in training).
 """
 import argparse
 import json
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -306,9 +310,46 @@ def bench_norm(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype
             print(f'layer-norm-2d  {name:28s} {DTYPE_NAME[dtype]:5s} {impl:22s} failed: {str(e).splitlines()[0]}')
 
 
+def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype, name: str,
+                   residual: bool = False) -> None:
+    """A ``Linear2d`` (1x1 conv of a (B, C, H, W) map, weight (out, in)) as the models run it under bf16 autocast,
+    float32 weight: ``F.conv2d`` (cuDNN, NHWC kernels with transposes around them for NCHW maps), the same product as
+    a batched GEMM on the (B, C, L) map (``torch.matmul``, no transpose), and with ``residual`` (fc2, out_proj: the
+    block's residual added) the GEMM with the residual as its C operand (``torch.baddbmm``, beta = 1)."""
+    x = torch.randn(bt, c_in, h, w, device='cuda').to(dtype).requires_grad_()
+    weight = (torch.randn(c_out, c_in, device='cuda') / c_in**0.5).requires_grad_()
+    res = torch.randn(bt, c_out, h, w, device='cuda').to(dtype) if residual else None
+    bf16 = torch.bfloat16
+
+    def conv():
+        out = F.conv2d(x, weight[:, :, None, None])
+        return out if res is None else res + out
+
+    def matmul():
+        out = torch.matmul(weight, x.flatten(2)).view(bt, c_out, h, w)
+        return out if res is None else res + out
+
+    impls = {'F.conv2d': conv, 'matmul': matmul}
+    if residual:
+        # the weight cast before the expand (a cast of the expanded view would copy it B times)
+        impls['baddbmm'] = lambda: torch.baddbmm(res.flatten(2), weight.to(bf16).expand(bt, -1, -1),
+                                                 x.flatten(2)).view(bt, c_out, h, w)
+    s = 2  # bf16 activations under autocast
+    fwd_bytes = bt * h * w * (c_in + c_out * (2 if residual else 1)) * s + weight.numel() * 4
+    bwd_bytes = bt * h * w * (2 * c_in + c_out) * s + 2 * weight.numel() * 4  # dy, x read; dx written
+    for impl, run in impls.items():
+        def fn(run=run):
+            with torch.autocast('cuda', bf16):
+                return run()
+        with torch.no_grad():
+            fwd = time_ms(fn)
+        table.add('linear2d', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, [x, weight])), fwd_bytes,
+                  bwd_bytes)
+
+
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-# --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv, LayerNorm2d
-OPS = ('scan', 'cross', 'fusion', 'dwconv', 'norm')
+# --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv, LayerNorm2d, 1x1 projections
+OPS = ('scan', 'cross', 'fusion', 'dwconv', 'norm', 'linear')
 
 
 def _pct(v: Optional[float]) -> str:
@@ -386,6 +427,47 @@ def targets_markdown(rows: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
+def plan(ops: Set[str], dtypes: List[torch.dtype], bt: int, quick: bool = False,
+         no_compile: bool = False) -> List[Tuple[Callable, tuple]]:
+    """The cases to run, in order, as (bench function, its arguments after the table): per dtype, the stage shapes
+    of Spatial-Mamba-T and VMamba-T (stages 1-4, 1-2 with ``quick``), Spectral VMamba-T's, then the detection shapes."""
+    stages = [(56, 56), (28, 28)] if quick else [(56, 56), (28, 28), (14, 14), (7, 7)]
+    cases = []
+    for dtype in dtypes:
+        for i, (h, w) in enumerate(stages):
+            d_sm, d_vm = 128 * 2**i, 96 * 2**i  # Spatial-Mamba-T and VMamba-T inner widths
+            vm = f'VM-T s{i + 1} {bt}x{d_vm}x{h}x{w}'
+            if 'scan' in ops:
+                cases.append((bench_scan, ('state', bt, d_sm, 1, h * w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h * w}',
+                                           not no_compile and i == 0)))
+                cases.append((bench_scan, ('output', bt, 4 * d_vm, 4, h * w, dtype,
+                                           f'VM-T s{i + 1} {bt}x4x{d_vm}x{h * w}', False)))
+            if 'cross' in ops:  # VMamba-T: dt rank = ceil(C / 16) of the block width C = D (ssm_ratio 1)
+                cases.append((bench_cross, (bt, d_vm, h, w, -(-d_vm // 16), dtype, vm)))
+            if 'fusion' in ops:
+                cases.append((bench_fusion, (bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')))
+            if 'norm' in ops:
+                cases.append((bench_norm, (bt, d_vm, h, w, dtype, vm)))
+            if 'linear' in ops:  # VMamba-T's in_proj (C -> C), fc1 (C -> 4C), fc2 (4C -> C, plus the residual)
+                cases.append((bench_linear2d, (bt, d_vm, d_vm, h, w, dtype, f'{vm} in_proj')))
+                cases.append((bench_linear2d, (bt, d_vm, 4 * d_vm, h, w, dtype, f'{vm} fc1')))
+                cases.append((bench_linear2d, (bt, 4 * d_vm, d_vm, h, w, dtype, f'{vm} fc2+res', True)))
+        if 'cross' in ops:  # Spectral VMamba-T: 14x14 tokens at stage 1, C = 256 * 2^i, D = 2C, rank C / 16
+            for i, side in enumerate((14, 7, 4)[:2 if quick else 3]):
+                c = 256 * 2**i
+                cases.append((bench_cross, (bt, 2 * c, side, side, c // 16, dtype,
+                                            f'SV-T s{i + 1} {bt}x8x{2 * c}x{side * side}', True)))
+        if 'fusion' in ops:
+            cases.append((bench_fusion, (2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')))
+        if 'scan' in ops:
+            cases.append((bench_scan, ('state', 2, 128, 1, 200 * 336, dtype, 'SM-T det s1 2x128x67200', False)))
+        if 'cross' in ops:
+            cases.append((bench_cross, (2, 96, 200, 336, 6, dtype, 'VM-T det s1 2x96x200x336')))
+        if 'dwconv' in ops:
+            cases.append((bench_dense, (bt, 128, 56, 56, 11, dtype, f'{bt}x128x56x56')))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--dtypes', nargs='+', default=['fp32', 'bf16'], choices=list(DTYPES))
@@ -394,7 +476,7 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
     parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
                         help='which rows: selective scans, cross scan, state fusion, dense 11x11 depthwise conv, '
-                        'LayerNorm2d')
+                        'LayerNorm2d, 1x1 projections (Linear2d)')
     parser.add_argument('--json', help='also write the rows here')
     parser.add_argument('--markdown', help="also write the rows and the targets' verdicts here as Markdown tables "
                         '(those of kernels/README.md)')
@@ -411,36 +493,8 @@ def main() -> None:
     print(f'device: {torch.cuda.get_device_name()}, torch {torch.__version__}, '
           f'device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write)\n')
     table = Table(copy_bw)
-    bt = args.batch
-    stages = [(56, 56), (28, 28)] if args.quick else [(56, 56), (28, 28), (14, 14), (7, 7)]
-    for dname in args.dtypes:
-        dtype = DTYPES[dname]
-        for i, (h, w) in enumerate(stages):
-            d_sm, d_vm = 128 * 2**i, 96 * 2**i  # Spatial-Mamba-T and VMamba-T inner widths
-            if 'scan' in ops:
-                bench_scan(table, 'state', bt, d_sm, 1, h * w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h * w}',
-                           not args.no_compile and i == 0)
-                bench_scan(table, 'output', bt, 4 * d_vm, 4, h * w, dtype, f'VM-T s{i + 1} {bt}x4x{d_vm}x{h * w}',
-                           False)
-            if 'cross' in ops:  # VMamba-T: dt rank = ceil(C / 16) of the block width C = D (ssm_ratio 1)
-                bench_cross(table, bt, d_vm, h, w, -(-d_vm // 16), dtype, f'VM-T s{i + 1} {bt}x{d_vm}x{h}x{w}')
-        if 'cross' in ops:  # Spectral VMamba-T: 14x14 tokens at stage 1, C = 256 * 2^i, D = 2C, rank C / 16
-            for i, side in enumerate((14, 7, 4)[:2 if args.quick else 3]):
-                c = 256 * 2**i
-                bench_cross(table, bt, 2 * c, side, side, c // 16, dtype,
-                            f'SV-T s{i + 1} {bt}x8x{2 * c}x{side * side}', spectral=True)
-            if 'fusion' in ops:
-                bench_fusion(table, bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')
-            if 'norm' in ops:
-                bench_norm(table, bt, d_vm, h, w, dtype, f'VM-T s{i + 1} {bt}x{d_vm}x{h}x{w}')
-        if 'fusion' in ops:
-            bench_fusion(table, 2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')
-        if 'scan' in ops:
-            bench_scan(table, 'state', 2, 128, 1, 200 * 336, dtype, 'SM-T det s1 2x128x67200', False)
-        if 'cross' in ops:
-            bench_cross(table, 2, 96, 200, 336, 6, dtype, 'VM-T det s1 2x96x200x336')
-        if 'dwconv' in ops:
-            bench_dense(table, bt, 128, 56, 56, 11, dtype, f'{bt}x128x56x56')
+    for bench, bench_args in plan(ops, [DTYPES[d] for d in args.dtypes], args.batch, args.quick, args.no_compile):
+        bench(table, *bench_args)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=copy_bw, rows=table.rows), f, indent=1)
