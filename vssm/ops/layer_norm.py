@@ -66,6 +66,9 @@ KERNEL_MIN_PIXELS = 1024
 
 
 def _pays(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    # The models' norms before a projection (``normed_linear``) run their forward inside an autograd.Function, without
+    # gradients: the kernel on every map; the backward's recomputation of the norm has gradients and takes the
+    # reference where the kernel's backward does not pay (the two forwards agree to float32 rounding).
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
         return True
     return x.shape[1] <= KERNEL_MAX_CHANNELS and x.shape[2] * x.shape[3] >= KERNEL_MIN_PIXELS
