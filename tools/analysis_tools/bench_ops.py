@@ -314,7 +314,8 @@ def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int,
                    residual: bool = False) -> None:
     """A ``Linear2d`` (1x1 conv of a (B, C, H, W) map, weight (out, in)) as the models run it under bf16 autocast,
     float32 weight: ``F.conv2d`` (cuDNN, NHWC kernels with transposes around them for NCHW maps), the same product as
-    a batched GEMM on the (B, C, L) map (``torch.matmul``, no transpose), and with ``residual`` (fc2, out_proj: the
+    a batched GEMM on the (B, C, L) map (``torch.matmul`` on the float32 weight, and ``torch.bmm`` on the weight cast
+    once and expanded), and with ``residual`` (fc2, out_proj: the
     block's residual added) the GEMM with the residual as its C operand (``torch.baddbmm``, beta = 1)."""
     x = torch.randn(bt, c_in, h, w, device='cuda').to(dtype).requires_grad_()
     weight = (torch.randn(c_out, c_in, device='cuda') / c_in**0.5).requires_grad_()
@@ -329,7 +330,11 @@ def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int,
         out = torch.matmul(weight, x.flatten(2)).view(bt, c_out, h, w)
         return out if res is None else res + out
 
-    impls = {'F.conv2d': conv, 'matmul': matmul}
+    def bmm():  # the weight cast once, then expanded (stride 0: no copy per image)
+        out = torch.bmm(weight.to(bf16).expand(bt, -1, -1), x.flatten(2).to(bf16)).view(bt, c_out, h, w)
+        return out if res is None else res + out
+
+    impls = {'F.conv2d': conv, 'matmul': matmul, 'bmm': bmm}
     if residual:
         # the weight cast before the expand (a cast of the expanded view would copy it B times)
         impls['baddbmm'] = lambda: torch.baddbmm(res.flatten(2), weight.to(bf16).expand(bt, -1, -1),
