@@ -315,8 +315,8 @@ def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int,
     """A ``Linear2d`` (1x1 conv of a (B, C, H, W) map, weight (out, in)) as the models run it under bf16 autocast,
     float32 weight: ``F.conv2d`` (cuDNN, NHWC kernels with transposes around them for NCHW maps), the same product as
     a batched GEMM on the (B, C, L) map (``torch.matmul`` on the float32 weight, and ``torch.bmm`` on the weight cast
-    once and expanded), and with ``residual`` (fc2, out_proj: the
-    block's residual added) the GEMM with the residual as its C operand (``torch.baddbmm``, beta = 1)."""
+    once and expanded), and with ``residual`` (fc2, out_proj: the block's residual added) the GEMM with the residual as
+    its C operand (``torch.baddbmm``, beta = 1)."""
     x = torch.randn(bt, c_in, h, w, device='cuda').to(dtype).requires_grad_()
     weight = (torch.randn(c_out, c_in, device='cuda') / c_in**0.5).requires_grad_()
     res = torch.randn(bt, c_out, h, w, device='cuda').to(dtype) if residual else None

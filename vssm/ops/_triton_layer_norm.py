@@ -9,22 +9,21 @@ channels merged with Chan's formula (two reads of x). Statistics are float32 wha
 
 The backward gives dx per pixel and the weight and bias gradients as per-program partial sums: each program walks
 several pixel blocks of one image (``_split``), so the partial-sum buffer has a few rows per image, summed on the
-host side. Up to ``SINGLE_MAX_C_BWD`` channels x and dy are read once; wider maps read them twice per chunk (the row
-sums first).
+host side. Up to ``SINGLE_MAX_C_BWD`` channels x and dy are read once; wider maps read them twice, chunk by chunk
+(the row sums first, then dx and the partial sums).
 """
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import chan_merge
+from ._triton_common import NUM_WARPS, chan_merge
 
 SINGLE_MAX_C = 2048  # forward: channels held in registers in one tile (padded to a power of two)
 SINGLE_MAX_C_BWD = 1024  # backward: x and dy both in registers
 TILE_ELEMENTS = 8192  # forward tile (channels x pixels); the backward's two tiles take half each
 MIN_BLOCK_L, MAX_BLOCK_L = 4, 64
 CHUNK_C = 128  # channels per chunk above the single-tile limit
-NUM_WARPS = 8
 BWD_PROGRAMS = 1024  # about this many backward programs (a few per SM), each walking pixel blocks of one image
 
 
