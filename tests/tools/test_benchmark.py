@@ -274,3 +274,18 @@ def test_task_training_modes_run_train_step(benchmark, monkeypatch, tmp_path):
     assert all(r['images_per_s'] > 0 for r in rows)
     text = (tmp_path / 'rows.md').read_text()
     assert 'Mask R-CNN training step, fp16' in text and 'UPerNet training step, bf16' in text
+
+
+def test_inference_graphs_leave_the_peers_eager(benchmark, monkeypatch):
+    """--inference-graphs adds graph rows for our models only; a peer (no such switch on its backbone) keeps its
+    eager latency rows."""
+    def build(spec, task, backend):
+        model = nn.Module()
+        model.backbone = nn.Identity()  # like mmdet's SwinTransformer: no inference_graphs attribute
+        return model
+
+    monkeypatch.setattr(benchmark, 'build_task_model', build)
+    monkeypatch.setattr(benchmark, 'task_latency', lambda *args: (2.0, None))
+    rows = benchmark.main(['--latency-models', 'swin-t', '--modes', 'seg-latency', '--inference-graphs'] + TINY)
+    assert [(r['backend'], r['dtype'], r['status']) for r in rows] == [('-', 'fp32', 'ok'), ('-', 'bf16', 'ok')]
+    assert all(r['ms_per_image'] == 2.0 for r in rows)

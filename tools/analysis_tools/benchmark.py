@@ -527,7 +527,8 @@ class Benchmark:
 
         def build(graphs: bool) -> torch.nn.Module:
             model = build_task_model(spec, task, backend)
-            model.backbone.inference_graphs.enabled = graphs
+            if graphs:  # only our backbones have the switch (the peers' rows are eager)
+                model.backbone.inference_graphs.enabled = True
             return model
 
         with_graphs = self.args.inference_graphs and spec.supports_inference_graphs
