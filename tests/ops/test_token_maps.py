@@ -1,12 +1,15 @@
 """vssm.ops.gather_tokens / scatter_tokens: values by their definition, and hand-written backwards equal to plain
 autograd in float64 on every kind of index map (permutations, repeated and skipped positions, sequences shorter or
-longer than the token count, one index shared by the batch), gradcheck, opcheck, torch.compile, saved tensors."""
+longer than the token count, one index shared by the batch), gradcheck, opcheck, torch.compile, saved tensors; the
+Triton kernel that adds the sequences back over permutations against the plain gather and sum (Triton's interpreter
+on the CPU, and on a GPU)."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ops.triton_interpreter import run_in_interpreter
 
-from vssm.ops import gather_tokens, inverse_permutation, plain_autograd, scatter_tokens
+from vssm.ops import gather_tokens, inverse_permutation, plain_autograd, scatter_tokens, token_maps
 
 
 def _index(kind: str, batch: int, k: int, length: int, steps: int, gen: torch.Generator) -> torch.Tensor:
@@ -86,11 +89,11 @@ def test_opcheck():
     perm = _index('permutation', 2, 3, 6, 6, gen)
     repeats = _index('repeats', 1, 3, 6, 4, gen)
     x = torch.randn(2, 4, 6)
-    torch.library.opcheck(torch.ops.vssm.gather_tokens.default, (x, perm, inverse_permutation(perm)))
-    torch.library.opcheck(torch.ops.vssm.gather_tokens.default, (x, repeats, None))
+    torch.library.opcheck(torch.ops.vssm.gather_tokens.default, (x, perm, inverse_permutation(perm), 'auto'))
+    torch.library.opcheck(torch.ops.vssm.gather_tokens.default, (x, repeats, None, 'auto'))
     torch.library.opcheck(torch.ops.vssm.scatter_tokens.default, (torch.randn(2, 3, 4, 6), perm, 6,
-                                                                  inverse_permutation(perm)))
-    torch.library.opcheck(torch.ops.vssm.scatter_tokens.default, (torch.randn(2, 3, 4, 4), repeats, 6, None))
+                                                                  inverse_permutation(perm), 'auto'))
+    torch.library.opcheck(torch.ops.vssm.scatter_tokens.default, (torch.randn(2, 3, 4, 4), repeats, 6, None, 'torch'))
 
 
 def test_saves_only_the_index_maps_and_compiles_fullgraph():
@@ -128,3 +131,76 @@ def test_traces_to_plain_ops_and_rejects_bad_index_maps():
         gather_tokens(x, index, index[:, :1])
     with pytest.raises(ValueError, match='does not match'):
         scatter_tokens(torch.randn(2, 3, 3, 6), index, 6)
+
+
+# (batch, K, D, H, W, batch-wide index): channels and tokens that fill no tile (the kernel's tiles: 16 x 128 and, in
+# the interpreter, 4 x 8 too), one index for the batch and one per image, VMamba's 4 and Spectral VMamba's 8 sequences
+MERGE_SHAPES = [(2, 4, 5, 3, 7, True), (3, 8, 20, 13, 11, False), (1, 3, 17, 1, 130, False)]
+
+
+def _merge_case(batch, k, d, height, width, shared, dtype, device='cpu', seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    length = height * width
+    index = _index('permutation', 1 if shared else batch, k, length, length, gen)
+    y = torch.randn(batch, k, d, length, generator=gen).to(device, dtype)
+    return y, index.to(device), inverse_permutation(index).to(device)
+
+
+def test_merge_kernel_matches_the_gather_and_sum_in_the_triton_interpreter():
+    """The kernel run by Triton's interpreter on CPU tensors (a fresh process), with the module's tiles and small
+    ones: float32 to the last bits, 16-bit types within one rounding."""
+    script = f"""
+import torch
+from vssm.ops import _triton_token_maps as kernel
+from vssm.ops.token_maps import inverse_permutation
+
+for blocks in ((kernel.BLOCK_D, kernel.BLOCK_L), (4, 8)):
+    kernel.BLOCK_D, kernel.BLOCK_L = blocks
+    for batch, k, d, height, width, shared in {MERGE_SHAPES!r}:
+        gen = torch.Generator().manual_seed(0)
+        length = height * width
+        rows = 1 if shared else batch
+        index = torch.stack([torch.stack([torch.randperm(length, generator=gen) for _ in range(k)])
+                             for _ in range(rows)])
+        inverse = inverse_permutation(index)
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)):
+            y = torch.randn(batch, k, d, length, generator=gen).to(dtype)
+            got = kernel.merge(y, inverse)
+            expected = y.float().gather(3, inverse[:, :, None].expand(batch, k, d, length)).sum(1)
+            assert got.dtype == dtype and got.shape == (batch, d, length)
+            torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+print('ok')
+"""
+    run_in_interpreter(script, ops_only=True)
+
+
+def test_the_kernel_runs_only_on_cuda_tensors_of_its_dtypes_and_backends(monkeypatch):
+    y = torch.randn(1, 2, 3, 4)
+    monkeypatch.setattr(token_maps, '_KERNEL', object())  # as if Triton were importable
+    assert not token_maps._merge_kernel_runs(y, 'auto')  # CPU tensor
+    cuda_like = torch.empty(1, 2, 3, 4, device='meta')
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda t: t.device.type == 'meta'))
+    assert token_maps._merge_kernel_runs(cuda_like, 'auto') and token_maps._merge_kernel_runs(cuda_like, 'cuda')
+    assert not token_maps._merge_kernel_runs(cuda_like, 'torch')
+    assert not token_maps._merge_kernel_runs(cuda_like.double(), 'auto')
+    monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
+    assert not token_maps._merge_kernel_runs(cuda_like, 'auto')
+    with pytest.raises(ValueError, match='backend'):
+        scatter_tokens(y, torch.zeros(1, 2, 4, dtype=torch.long), 4, backend='triton')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or token_maps._KERNEL is None, reason='needs a GPU and Triton')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize('shape', MERGE_SHAPES + [(4, 4, 96, 56, 56, True)])
+def test_merge_kernel_matches_the_reference_on_gpu(shape, dtype):
+    """scatter_tokens with inverse permutations, and gather_tokens' backward (the same merge), kernel against
+    ``backend='torch'``: values and gradients."""
+    y, index, inverse = _merge_case(*shape, dtype, 'cuda')
+    length = index.shape[2]
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    got = scatter_tokens(y, index, length, inverse)
+    torch.testing.assert_close(got, scatter_tokens(y, index, length, inverse, backend='torch'), **tol)
+    x = torch.randn(y.shape[0], y.shape[2], length, device='cuda', dtype=dtype, requires_grad=True)
+    grads = [torch.autograd.grad((gather_tokens(x, index, inverse, backend=backend) * y).sum(), x)[0]
+             for backend in ('auto', 'torch')]
+    torch.testing.assert_close(*grads, **tol)

@@ -70,7 +70,7 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
     :func:`cross_selective_scan`."""
     b, d, length = x.shape
     k, n_rank, n_state = index.shape[1], dt_weight.shape[2], A.shape[1]
-    xs = gather_tokens(x, index, inverse if merge is None else None)  # (B, K, D, L)
+    xs = gather_tokens(x, index, inverse if merge is None else None, backend=backend)  # (B, K, D, L)
     # One GEMM per sequence with the weight broadcast over the batch (grouped_matmul: its backward keeps views of xs,
     # which the scan saves too).
     x_dbl = grouped_matmul(x_proj_weight, xs)  # (B, K, R + 2N, L)
@@ -78,7 +78,8 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
     dts = grouped_matmul(dt_weight, dts)  # (B, K, D, L)
     y = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), A, Bs, Cs, Ds,
                        dt_bias.reshape(-1), delta_softplus=True, backend=backend)  # (B, K * D, L) float32
-    return scatter_tokens(y.view(b, k, d, length), index if merge is None else merge, length, inverse)
+    return scatter_tokens(y.view(b, k, d, length), index if merge is None else merge, length, inverse,
+                          backend=backend)
 
 
 def step_projections(t: Tensor, index: Tensor) -> Tensor:

@@ -16,7 +16,10 @@ a position read twice gets both gradients, a position never read gets zero. Each
 0..L-1 (M = L) and ``inverse[b, k, index[b, k, i]] = i`` (:func:`inverse_permutation`). Given it, ``scatter_tokens``
 (and so ``gather_tokens``' backward) is one gather and a sum over k, deterministic on every device; without it, a
 scatter-add per sequence, which is deterministic while no row repeats a position and uses atomic adds on CUDA when one
-does. Pass ``inverse`` only for index maps that are permutations by construction.
+does. Pass ``inverse`` only for index maps that are permutations by construction. On CUDA tensors the gather and the
+sum are one Triton kernel (:mod:`vssm.ops._triton_token_maps`: no (B, K, D, L) copy in raster order; same values,
+deterministic) under the backends ``'auto'`` and ``'cuda'`` with the Triton fusions on (the default;
+``VSSM_TRITON_FUSIONS=0`` turns them off); ``backend='torch'`` keeps the plain gather and sum.
 
 Under ``torch.compile`` both are ``torch.library`` custom ops with fake and autograd registrations (graph nodes); in
 eager mode the same functions run as ``torch.autograd.Function``s, whose dispatch costs the host a fraction of a
@@ -31,9 +34,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import exporting, plain_autograd_enabled
+from ._backend import (
+    check_backend_name,
+    exporting,
+    plain_autograd_enabled,
+    triton_fusions_enabled,
+    try_import_extension,
+)
 
 __all__ = ['gather_tokens', 'scatter_tokens', 'inverse_permutation']
+
+_KERNEL = try_import_extension(f'{__package__}._triton_token_maps')  # None without Triton (CPU-only torch installs)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _expand_index(index: Tensor, batch: int, channels: int) -> Tensor:
@@ -48,10 +60,19 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return x[:, None].expand(b, k, d, length).gather(3, _expand_index(index, b, d))
 
 
-def _scatter(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor]) -> Tensor:
-    """Plain scatter-add: (B, K, D, M) -> (B, D, L); a gather and a sum over K with the inverse permutations."""
+def _merge_kernel_runs(y: Tensor, backend: str) -> bool:
+    """Whether the Triton kernel adds the sequences back (given the inverse permutations; module docstring)."""
+    return (backend != 'torch' and _KERNEL is not None and y.is_cuda and y.dtype in _KERNEL_DTYPES
+            and triton_fusions_enabled())
+
+
+def _scatter(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor], backend: str = 'torch') -> Tensor:
+    """Scatter-add: (B, K, D, M) -> (B, D, L); with the inverse permutations a gather and a sum over K (one Triton
+    kernel on CUDA tensors unless ``backend`` is ``'torch'``)."""
     b, k, d, _ = y.shape
     if inverse is not None:
+        if _merge_kernel_runs(y, backend):
+            return _KERNEL.merge(y.contiguous(), inverse.contiguous())
         return y.gather(3, _expand_index(inverse, b, d)).sum(1)
     out = y.new_zeros(b, d, length)
     for i in range(k):  # one sequence at a time: no two adds to one address in a launch unless a row repeats
@@ -60,44 +81,45 @@ def _scatter(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor]) -
 
 
 @torch.library.custom_op('vssm::gather_tokens', mutates_args=())
-def _gather_op(x: Tensor, index: Tensor, inverse: Optional[Tensor]) -> Tensor:
+def _gather_op(x: Tensor, index: Tensor, inverse: Optional[Tensor], backend: str) -> Tensor:
     return _gather(x, index)
 
 
 @torch.library.custom_op('vssm::scatter_tokens', mutates_args=())
-def _scatter_op(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor]) -> Tensor:
-    return _scatter(y, index, length, inverse)
+def _scatter_op(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor], backend: str) -> Tensor:
+    return _scatter(y, index, length, inverse, backend)
 
 
 @_gather_op.register_fake
-def _(x, index, inverse):
+def _(x, index, inverse, backend):
     return x.new_empty(x.shape[0], index.shape[1], x.shape[1], index.shape[2])
 
 
 @_scatter_op.register_fake
-def _(y, index, length, inverse):
+def _(y, index, length, inverse, backend):
     return y.new_empty(y.shape[0], y.shape[2], length)
 
 
 def _setup_gather(ctx, inputs, output):
-    x, index, inverse = inputs
-    ctx.length = x.shape[2]
+    x, index, inverse, backend = inputs
+    ctx.length, ctx.backend = x.shape[2], backend
     ctx.save_for_backward(index, inverse)
 
 
 def _backward_gather(ctx, grad):
     index, inverse = ctx.saved_tensors
-    return _scatter_op(grad.contiguous(), index, ctx.length, inverse), None, None
+    return _scatter_op(grad.contiguous(), index, ctx.length, inverse, ctx.backend), None, None, None
 
 
 def _setup_scatter(ctx, inputs, output):
-    _, index, _, inverse = inputs
+    _, index, _, inverse, backend = inputs
+    ctx.backend = backend
     ctx.save_for_backward(index, inverse)
 
 
 def _backward_scatter(ctx, grad):
     index, inverse = ctx.saved_tensors
-    return _gather_op(grad.contiguous(), index, inverse), None, None, None
+    return _gather_op(grad.contiguous(), index, inverse, ctx.backend), None, None, None, None
 
 
 _gather_op.register_autograd(_backward_gather, setup_context=_setup_gather)
@@ -108,28 +130,28 @@ class _GatherTokens(torch.autograd.Function):
     """Eager form of ``vssm::gather_tokens``: the same forward, setup and backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Optional[Tensor]) -> Tensor:
-        _setup_gather(ctx, (x, index, inverse), None)
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Optional[Tensor], backend: str) -> Tensor:
+        _setup_gather(ctx, (x, index, inverse, backend), None)
         return _gather(x, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         index, inverse = ctx.saved_tensors
-        return _ScatterTokens.apply(grad.contiguous(), index, ctx.length, inverse), None, None
+        return _ScatterTokens.apply(grad.contiguous(), index, ctx.length, inverse, ctx.backend), None, None, None
 
 
 class _ScatterTokens(torch.autograd.Function):
     """Eager form of ``vssm::scatter_tokens``."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor]) -> Tensor:
-        _setup_scatter(ctx, (y, index, length, inverse), None)
-        return _scatter(y, index, length, inverse)
+    def forward(ctx, y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor], backend: str) -> Tensor:
+        _setup_scatter(ctx, (y, index, length, inverse, backend), None)
+        return _scatter(y, index, length, inverse, backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         index, inverse = ctx.saved_tensors
-        return _GatherTokens.apply(grad.contiguous(), index, inverse), None, None, None
+        return _GatherTokens.apply(grad.contiguous(), index, inverse, ctx.backend), None, None, None, None
 
 
 def _check(name: str, index: Tensor, inverse: Optional[Tensor], batch: int, length: Optional[int]) -> None:
@@ -141,7 +163,7 @@ def _check(name: str, index: Tensor, inverse: Optional[Tensor], batch: int, leng
                          f'permutations of the rows of index), got {inverse.dtype} {tuple(inverse.shape)}.')
 
 
-def gather_tokens(x: Tensor, index: Tensor, inverse: Optional[Tensor] = None) -> Tensor:
+def gather_tokens(x: Tensor, index: Tensor, inverse: Optional[Tensor] = None, *, backend: str = 'auto') -> Tensor:
     """Tokens in K orders: ``out[b, k, :, i] = x[b, :, index[b, k, i]]``.
 
     Args:
@@ -149,22 +171,25 @@ def gather_tokens(x: Tensor, index: Tensor, inverse: Optional[Tensor] = None) ->
         index: (B or 1, K, M) int64 raster positions in [0, L).
         inverse: (B or 1, K, L) inverse permutations of the rows of ``index``, only where they are permutations
             (makes the backward a gather; see the module docstring).
+        backend: one of :data:`~vssm.ops.BACKENDS`, for the backward (:func:`scatter_tokens`).
 
     Returns:
         (B, K, D, M), x's dtype.
     """
     x = x.flatten(2)
+    check_backend_name(backend)
     if exporting():
         return _gather(x, index)
     _check('gather_tokens', index, inverse, x.shape[0], x.shape[2] if inverse is not None else None)
     if plain_autograd_enabled():
         return _gather(x, index)
     if torch.compiler.is_compiling():
-        return _gather_op(x, index, inverse)
-    return _GatherTokens.apply(x, index, inverse)
+        return _gather_op(x, index, inverse, backend)
+    return _GatherTokens.apply(x, index, inverse, backend)
 
 
-def scatter_tokens(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor] = None) -> Tensor:
+def scatter_tokens(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor] = None, *,
+                   backend: str = 'auto') -> Tensor:
     """K sequences added back onto the tokens: the adjoint of :func:`gather_tokens` for the same ``index``.
 
     Args:
@@ -172,10 +197,13 @@ def scatter_tokens(y: Tensor, index: Tensor, length: int, inverse: Optional[Tens
         index: (B or 1, K, M) int64 raster positions in [0, length): where step i of sequence k goes.
         length: L, the number of tokens.
         inverse: as in :func:`gather_tokens`.
+        backend: one of :data:`~vssm.ops.BACKENDS`: ``'auto'`` and ``'cuda'`` add the sequences back with the Triton
+            kernel on CUDA tensors when ``inverse`` is given (module docstring), ``'torch'`` with the plain ops.
 
     Returns:
         (B, D, L), y's dtype.
     """
+    check_backend_name(backend)
     if exporting():
         return _scatter(y, index, length, None)
     _check('scatter_tokens', index, inverse, y.shape[0], length if inverse is not None else None)
@@ -185,8 +213,8 @@ def scatter_tokens(y: Tensor, index: Tensor, length: int, inverse: Optional[Tens
     if plain_autograd_enabled():
         return _scatter(y, index, length, None)
     if torch.compiler.is_compiling():
-        return _scatter_op(y, index, length, inverse)
-    return _ScatterTokens.apply(y, index, length, inverse)
+        return _scatter_op(y, index, length, inverse, backend)
+    return _ScatterTokens.apply(y, index, length, inverse, backend)
 
 
 def inverse_permutation(index: Tensor) -> Tensor:

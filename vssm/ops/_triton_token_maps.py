@@ -1,0 +1,48 @@
+"""Triton kernel of :func:`vssm.ops.scatter_tokens` over permutations: the K sequences added back onto the tokens.
+
+With the inverse permutations given, sequence k's output for token p sits at step ``inverse[b, k, p]``, so::
+
+    out[b, d, p] = sum over k of y[b, k, d, inverse[b, k, p]]
+
+The reference gathers the (B, K, D, L) map into raster order (a second (B, K, D, L) map) and sums it over K; here a
+program reads, for a tile of channels and consecutive tokens of one image, the K sequences' values at their steps and
+writes the sum: one read of y, one write of the (B, D, L) map. The sum runs in float32 in the order k = 0, 1, ... and
+is rounded once to y's dtype (as the reference's sum over K does); no atomics, so the result does not vary from run
+to run.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_D = 16  # channels per program
+BLOCK_L = 128  # consecutive tokens per program (the stores are contiguous runs of this length)
+NUM_WARPS = 4
+
+
+@triton.jit
+def _merge_kernel(y_ptr, inv_ptr, out_ptr, n_d, length, inv_batch_stride, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_L: tl.constexpr):
+    pid_l, pid_d, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_l = offs_l < length
+    mask = (offs_d < n_d)[:, None] & mask_l[None, :]
+    rows = offs_d[:, None].to(tl.int64) * length  # offset of each channel's row within one sequence's map
+    acc = tl.zeros([BLOCK_D, BLOCK_L], tl.float32)
+    for k in tl.static_range(K):
+        step = tl.load(inv_ptr + batch * inv_batch_stride + k * length + offs_l, mask=mask_l, other=0)
+        seq = y_ptr + (batch * K + k) * n_d * length  # (D, L) map of sequence k
+        acc += tl.load(seq + rows + step[None, :], mask=mask, other=0.).to(tl.float32)
+    tl.store(out_ptr + batch * n_d * length + rows + offs_l[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def merge(y: Tensor, inverse: Tensor) -> Tensor:
+    """y (B, K, D, L) contiguous, inverse (B or 1, K, L) int64 contiguous -> (B, D, L) in y's dtype."""
+    b, k, d, length = y.shape
+    out = torch.empty(b, d, length, dtype=y.dtype, device=y.device)
+    inv_batch_stride = k * length if inverse.shape[0] > 1 else 0
+    grid = (triton.cdiv(length, BLOCK_L), triton.cdiv(d, BLOCK_D), b)
+    _merge_kernel[grid](y, inverse, out, d, length, inv_batch_stride, K=k, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L,
+                        num_warps=NUM_WARPS)
+    return out
