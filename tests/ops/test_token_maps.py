@@ -133,8 +133,9 @@ def test_traces_to_plain_ops_and_rejects_bad_index_maps():
         scatter_tokens(torch.randn(2, 3, 3, 6), index, 6)
 
 
-# (batch, K, D, H, W, batch-wide index): channels and tokens that fill no tile (the kernel's tiles: 16 x 128 and, in
-# the interpreter, 4 x 8 too), one index for the batch and one per image, VMamba's 4 and Spectral VMamba's 8 sequences
+# (batch, K, D, H, W, batch-wide index): channels and tokens that fill no tile (the kernel's tiles by token count and,
+# in the interpreter, 4 x 8 too), one index for the batch and one per image, VMamba's 4 and Spectral VMamba's 8
+# sequences
 MERGE_SHAPES = [(2, 4, 5, 3, 7, True), (3, 8, 20, 13, 11, False), (1, 3, 17, 1, 130, False)]
 
 
@@ -146,16 +147,21 @@ def _merge_case(batch, k, d, height, width, shared, dtype, device='cpu', seed=0)
     return y, index.to(device), inverse_permutation(index).to(device)
 
 
+@pytest.mark.skipif(token_maps._KERNEL is None or torch.cuda.is_available(),
+                    reason='needs Triton; with a GPU the GPU test below runs the kernel')
 def test_merge_kernel_matches_the_gather_and_sum_in_the_triton_interpreter():
     """The kernel run by Triton's interpreter on CPU tensors (a fresh process), with the module's tiles and small
     ones: float32 to the last bits, 16-bit types within one rounding."""
+    from vssm.ops import _triton_token_maps as kernel
+    assert [kernel.tiles(n) for n in (49, 196, 3136, 5)] == [(16, 64), (8, 256), (8, 256), (64, 16)]
     script = f"""
 import torch
 from vssm.ops import _triton_token_maps as kernel
 from vssm.ops.token_maps import inverse_permutation
 
-for blocks in ((kernel.BLOCK_D, kernel.BLOCK_L), (4, 8)):
-    kernel.BLOCK_D, kernel.BLOCK_L = blocks
+tiles = kernel.tiles
+for small in (False, True):
+    kernel.tiles = (lambda length: (4, 8)) if small else tiles
     for batch, k, d, height, width, shared in {MERGE_SHAPES!r}:
         gen = torch.Generator().manual_seed(0)
         length = height * width
