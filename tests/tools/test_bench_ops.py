@@ -114,5 +114,17 @@ def test_plan_covers_every_stage_of_each_op():
     assert len(linear) == 3 * 4
     assert [a[1:3] for a in linear[:3]] == [(96, 96), (96, 384), (384, 96)] and linear[2][-1] is True
     assert len(bench_ops.plan({'norm'}, [fp32, bf16], 128, quick=True)) == 2 * 2
+    assert [a[-2:] for a in names['merge']][-1] == ('SV-T s1 128x8x512x14x14', True) and len(names['merge']) == 4 + 1
     both = bench_ops.plan({'norm', 'fusion'}, [bf16], 8)
     assert [bench.__name__ for bench, _ in both].count('bench_norm') == 4
+
+
+@pytest.mark.parametrize('spectral', [False, True])
+def test_merge_cases_run_on_the_reference(spectral):
+    """The token-merge case on a CPU (the plain gather and sum): the map's shape and the minimal bytes."""
+    case = bench_ops.merge_case(2, 3, 5, 7, torch.float32, device='cpu', spectral=spectral)
+    out = case.run('torch')
+    k = 8 if spectral else 4
+    assert out.shape == (2, 3, 35) and case.fwd_bytes == 2 * k * 3 * 35 * 4 * (1 + 1 / k)
+    out.sum().backward()
+    torch.testing.assert_close(case.leaves[0].grad, torch.ones(2, k, 3, 35))

@@ -1,7 +1,7 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
     python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128]
-        [--ops scan cross fusion dwconv norm linear]
+        [--ops scan cross fusion dwconv norm linear merge]
         [--quick]
         [--json out.json] [--markdown out.md]
 
@@ -28,12 +28,16 @@ bandwidth and speed-up, dense 11x11 speed-up). Rows:
   (:func:`channel_reduction_norm`);
 * 1x1 projections (``Linear2d``: VMamba-T's in_proj, fc1, and fc2 with the residual added) under bf16 autocast:
   ``F.conv2d`` as the models run them, a batched GEMM on the (B, C, L) map, and for fc2 the GEMM with the residual
-  as its C operand (``torch.baddbmm``).
+  as its C operand (``torch.baddbmm``);
+* token merge (:func:`vssm.ops.scatter_tokens` over permutations: the K scanned sequences added back onto the
+  tokens, VMamba-T's four directions per stage and Spectral VMamba-T's eight per-image orders at stage 1): the Triton
+  kernel and the gather into raster order plus the sum over K (``backend='torch'``); the backward is a gather in both.
 TF32 is enabled for the cuDNN baselines (as in training).
 """
 import argparse
 import json
 import time
+from functools import partial
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import torch
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 
 from vssm.analysis.timing import median_ms
 from vssm.models.vmamba import cross_scan_index
-from vssm.ops import cross_selective_scan, dwconv2d, inverse_permutation, selective_scan, state_fusion
+from vssm.ops import cross_selective_scan, dwconv2d, inverse_permutation, scatter_tokens, selective_scan, state_fusion
 from vssm.ops._backend import cross_form_switch, triton_fusions
 from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
@@ -286,7 +290,8 @@ def bench_norm(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype
 
     def native_dtype():  # F.layer_norm on x's own dtype (autocast would first cast a bf16 map to float32)
         with torch.autocast('cuda', enabled=False):
-            y = F.layer_norm(x.permute(0, 2, 3, 1), (c, ), weight, bias, 1e-5).permute(0, 3, 1, 2)
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (c, ), weight.to(x.dtype), bias.to(x.dtype),
+                             1e-5).permute(0, 3, 1, 2)
         return y.to(bf16)
 
     impls = {'reference': lambda: ln.layer_norm_2d(x, weight, bias, 1e-5, bf16, backend='torch'),
@@ -352,9 +357,38 @@ def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int,
                   bwd_bytes)
 
 
+def merge_case(bt: int, d: int, h: int, w: int, dtype: torch.dtype, device: str = 'cuda',
+               spectral: bool = False) -> Case:
+    """The K scanned sequences (B, K, D, L) added back onto the raster tokens: VMamba's four directions (one map for
+    the batch) or Spectral VMamba's eight per-image orders (random permutations)."""
+    length = h * w
+    if spectral:
+        k = 8
+        index = torch.stack([torch.randperm(length, device=device) for _ in range(bt * k)]).view(bt, k, length)
+        inverse = inverse_permutation(index)
+    else:
+        k = 4
+        index, inverse = cross_scan_index(h, w, torch.device(device))
+    y = torch.randn(bt, k, d, length, device=device).to(dtype).requires_grad_()
+    el, s = y.numel(), y.element_size()
+    return Case(lambda backend: scatter_tokens(y, index, length, inverse, backend=backend), [y],
+                el * s * (1 + 1 / k), el * s * (1 + 1 / k))
+
+
+def bench_merge(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dtype, name: str,
+                spectral: bool = False) -> None:
+    case = merge_case(bt, d, h, w, dtype, spectral=spectral)
+    for impl, backend in (('gather + sum', 'torch'), ('triton kernel', 'auto')):
+        fn = partial(case.run, backend)
+        with torch.no_grad():
+            fwd = time_ms(fn)
+        table.add('token-merge', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, case.leaves)),
+                  case.fwd_bytes, case.bwd_bytes)
+
+
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-# --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv, LayerNorm2d, 1x1 projections
-OPS = ('scan', 'cross', 'fusion', 'dwconv', 'norm', 'linear')
+# --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv, LayerNorm2d, 1x1 projections, token merge
+OPS = ('scan', 'cross', 'fusion', 'dwconv', 'norm', 'linear', 'merge')
 
 
 def _pct(v: Optional[float]) -> str:
@@ -457,11 +491,15 @@ def plan(ops: Set[str], dtypes: List[torch.dtype], bt: int, quick: bool = False,
                 cases.append((bench_linear2d, (bt, d_vm, d_vm, h, w, dtype, f'{vm} in_proj')))
                 cases.append((bench_linear2d, (bt, d_vm, 4 * d_vm, h, w, dtype, f'{vm} fc1')))
                 cases.append((bench_linear2d, (bt, 4 * d_vm, d_vm, h, w, dtype, f'{vm} fc2+res', True)))
+            if 'merge' in ops:
+                cases.append((bench_merge, (bt, d_vm, h, w, dtype, f'VM-T s{i + 1} {bt}x4x{d_vm}x{h}x{w}')))
         if 'cross' in ops:  # Spectral VMamba-T: 14x14 tokens at stage 1, C = 256 * 2^i, D = 2C, rank C / 16
             for i, side in enumerate((14, 7, 4)[:2 if quick else 3]):
                 c = 256 * 2**i
                 cases.append((bench_cross, (bt, 2 * c, side, side, c // 16, dtype,
                                             f'SV-T s{i + 1} {bt}x8x{2 * c}x{side * side}', True)))
+        if 'merge' in ops:  # Spectral VMamba-T stage 1: D = 512 over 14x14 tokens
+            cases.append((bench_merge, (bt, 512, 14, 14, dtype, f'SV-T s1 {bt}x8x512x14x14', True)))
         if 'fusion' in ops:
             cases.append((bench_fusion, (2, 128, 200, 336, dtype, 'SM-T det s1 2x128x200x336')))
         if 'scan' in ops:
@@ -481,7 +519,7 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
     parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
                         help='which rows: selective scans, cross scan, state fusion, dense 11x11 depthwise conv, '
-                        'LayerNorm2d, 1x1 projections (Linear2d)')
+                        'LayerNorm2d, 1x1 projections (Linear2d), token merge (scatter_tokens)')
     parser.add_argument('--json', help='also write the rows here')
     parser.add_argument('--markdown', help="also write the rows and the targets' verdicts here as Markdown tables "
                         '(those of kernels/README.md)')
