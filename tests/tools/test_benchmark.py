@@ -157,7 +157,8 @@ def test_vmamba_and_swin_rows_json_and_markdown(benchmark, tmp_path):
 
 def test_no_recompute_turns_the_recomputations_off_and_says_so(benchmark, tmp_path, monkeypatch):
     from vssm.models.layers import recompute
-    monkeypatch.setattr(recompute, '_ENABLED', True)  # restored after the test
+    from vssm.ops import _backend
+    monkeypatch.setattr(_backend, '_RECOMPUTE', True)  # restored after the test
     json_path = tmp_path / 'bench.json'
     benchmark.main(['--models', 'swin-t', '--modes', 'infer-fp32', '--no-recompute', '--json', str(json_path)] + TINY)
     assert json.loads(json_path.read_text())['meta']['recompute'] is False

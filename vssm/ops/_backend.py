@@ -94,6 +94,22 @@ def plain_autograd_enabled() -> bool:
     return _PLAIN_AUTOGRAD
 
 
+_RECOMPUTE = os.environ.get('VSSM_RECOMPUTE', '1') != '0'
+
+
+def set_recompute(enabled: bool) -> None:
+    """Turn the memory-saving recomputations off or on for the whole process (the models' recomputed projections and
+    checkpointed state fusion, the ops' recomputed step sizes); the results are the same either way.
+    ``VSSM_RECOMPUTE=0`` in the environment starts with them off."""
+    global _RECOMPUTE
+    _RECOMPUTE = bool(enabled)
+
+
+def recompute_enabled() -> bool:
+    """Whether :func:`set_recompute` left the recomputations on (the default)."""
+    return _RECOMPUTE
+
+
 def triton_fusions_enabled() -> bool:
     """Whether the Triton kernels (``layer_norm_2d``, ``observe_gate``, ``cross_selective_scan``) may run, each where
     its dispatch finds it faster: on by default (the three T models' eager rows with and without them,

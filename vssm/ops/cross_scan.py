@@ -6,7 +6,9 @@
     out        = scatter_tokens(y, merge)                    (B, D, L) float32: each sequence added back onto its tokens
 
 The reference is this composition (the scan on its own dispatch: the CUDA kernel or the PyTorch reference): it writes
-(B, K, D, L) maps three times (the gathered tokens, the step sizes, the scan's output) and reads them back. The Triton
+(B, K, D, L) maps three times (the gathered tokens, the step sizes, the scan's output) and reads them back. In training
+it saves the gathered tokens and the rank-R step inputs, not the step sizes: :func:`~vssm.ops.selective_scan_low_rank`
+recomputes them in the backward (one GEMM of rank R). The Triton
 kernel (:mod:`vssm.ops._triton_cross_scan`) writes none of them: x_proj runs as one GEMM on the raster map (it is per
 token, so the order of the tokens does not matter), and one kernel reads the tokens and their projections through the
 index, computes the step sizes from the low rank, scans and adds the K sequences back onto the map. Its backward
@@ -49,7 +51,13 @@ from ._backend import (
     try_import_extension,
 )
 from .grouped_matmul import grouped_matmul
-from .selective_scan import KERNEL_DTYPES, KERNEL_MAX_STATE, cross_form_available, selective_scan
+from .selective_scan import (
+    KERNEL_DTYPES,
+    KERNEL_MAX_STATE,
+    cross_form_available,
+    selective_scan,
+    selective_scan_low_rank,
+)
 from .token_maps import gather_tokens, scatter_tokens
 
 __all__ = ['cross_selective_scan', 'cross_selective_scan_ref', 'cross_form', 'cross_form_ref', 'step_projections',
@@ -75,9 +83,9 @@ def cross_selective_scan_ref(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt
     # which the scan saves too).
     x_dbl = grouped_matmul(x_proj_weight, xs)  # (B, K, R + 2N, L)
     dts, Bs, Cs = torch.split(x_dbl, [n_rank, n_state, n_state], dim=2)
-    dts = grouped_matmul(dt_weight, dts)  # (B, K, D, L)
-    y = selective_scan(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), A, Bs, Cs, Ds,
-                       dt_bias.reshape(-1), delta_softplus=True, backend=backend)  # (B, K * D, L) float32
+    # the step sizes dt_proj(dts) (B, K, D, L), recomputed in the backward from the rank-R dts instead of saved
+    y = selective_scan_low_rank(xs.reshape(b, k * d, length), dts, dt_weight, A, Bs, Cs, Ds, dt_bias.reshape(-1),
+                                delta_softplus=True, backend=backend)  # (B, K * D, L) float32
     return scatter_tokens(y.view(b, k, d, length), index if merge is None else merge, length, inverse,
                           backend=backend)
 

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import plain_autograd_enabled, resolve_backend, try_import_extension
+from ._backend import exporting, plain_autograd_enabled, recompute_enabled, resolve_backend, try_import_extension
+from .grouped_matmul import gemm_dtype, grouped_gemm, grouped_gemm_backward, grouped_matmul
 
-__all__ = ['selective_scan', 'selective_scan_ref', 'kernel_available', 'cross_form_available', 'KERNEL_DTYPES',
-           'KERNEL_MAX_STATE']
+__all__ = ['selective_scan', 'selective_scan_ref', 'selective_scan_low_rank', 'kernel_available',
+           'cross_form_available', 'KERNEL_DTYPES', 'KERNEL_MAX_STATE']
 
 _EXT_NAME = 'vssm_selective_scan'
 _EXT = try_import_extension(_EXT_NAME)
@@ -115,6 +116,48 @@ def _reference_forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> Tens
     return y.reshape(bt, d, length)
 
 
+def _reference_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, gout) -> Tuple[Optional[Tensor], ...]:
+    """The reference's hand-written backward: the gradients of (u, delta, A, B, C, D, delta_bias), each in its input's
+    dtype and shape (None for inputs that are None)."""
+    bt, d, length = u.shape
+    g, n = B.shape[1], B.shape[2]
+    with torch.no_grad():
+        u5, dt_raw, dt, A4, B5, C5 = _grouped(u, delta, A, B, C, delta_bias, delta_softplus)
+        a, h = _states(u5, dt, A4, B5)
+        gout = gout.to(u5.dtype)
+        grad_u = grad_C = grad_D = None
+        if C5 is None:
+            gh = gout.reshape(bt, g, d // g, n, length)
+        else:
+            gy = gout.reshape(bt, g, d // g, 1, length)
+            gh = gy * C5
+            grad_C = (gy * h).sum(2)  # (Bt, G, N, L)
+            if D is not None:
+                grad_D = (gy * u5).sum((0, 4)).reshape(d)
+                grad_u = gy * D.to(gy.dtype).reshape(1, g, d // g, 1, 1)
+        # Adjoint recurrence, run backwards: g_t = gh_t + a_{t+1} g_{t+1}.
+        a_next = F.pad(a[..., 1:], (0, 1))
+        gs = linear_scan(a_next.flip(-1), gh.flip(-1)).flip(-1)
+        h_prev = F.pad(h[..., :-1], (1, 0))
+        g_logdecay = gs * h_prev * a  # gradient w.r.t. dt * A
+        gsB = gs * B5
+        grad_dt = (g_logdecay * A4).sum(3, keepdim=True) + (gsB * u5).sum(3, keepdim=True)
+        grad_A = (g_logdecay * dt).sum((0, 4)).reshape(d, n)
+        grad_B = (gs * dt * u5).sum(2)  # (Bt, G, N, L)
+        grad_u_scan = (gsB * dt).sum(3, keepdim=True)
+        grad_u = grad_u_scan if grad_u is None else grad_u + grad_u_scan
+        if delta_softplus:
+            grad_dt = grad_dt * torch.where(dt_raw <= 20, torch.sigmoid(dt_raw), torch.ones_like(dt_raw))
+        grad_delta = grad_dt.reshape(bt, d, length)
+        grad_bias = None if delta_bias is None else grad_delta.sum((0, 2))
+
+    def cast(grad, like):
+        return None if grad is None or like is None else grad.reshape(like.shape).to(like.dtype)
+
+    return (cast(grad_u, u), cast(grad_delta, delta), cast(grad_A, A), cast(grad_B, B), cast(grad_C, C),
+            cast(grad_D, D), cast(grad_bias, delta_bias))
+
+
 class _SelectiveScanRef(torch.autograd.Function):
     """The reference scan as one autograd node (one node also lets FLOP counters see it)."""
 
@@ -128,44 +171,7 @@ class _SelectiveScanRef(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
-        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        bt, d, length = u.shape
-        g, n = B.shape[1], B.shape[2]
-        with torch.no_grad():
-            u5, dt_raw, dt, A4, B5, C5 = _grouped(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
-            a, h = _states(u5, dt, A4, B5)
-            gout = gout.to(u5.dtype)
-            grad_u = grad_C = grad_D = None
-            if C5 is None:
-                gh = gout.reshape(bt, g, d // g, n, length)
-            else:
-                gy = gout.reshape(bt, g, d // g, 1, length)
-                gh = gy * C5
-                grad_C = (gy * h).sum(2)  # (Bt, G, N, L)
-                if D is not None:
-                    grad_D = (gy * u5).sum((0, 4)).reshape(d)
-                    grad_u = gy * D.to(gy.dtype).reshape(1, g, d // g, 1, 1)
-            # Adjoint recurrence, run backwards: g_t = gh_t + a_{t+1} g_{t+1}.
-            a_next = F.pad(a[..., 1:], (0, 1))
-            gs = linear_scan(a_next.flip(-1), gh.flip(-1)).flip(-1)
-            h_prev = F.pad(h[..., :-1], (1, 0))
-            g_logdecay = gs * h_prev * a  # gradient w.r.t. dt * A
-            gsB = gs * B5
-            grad_dt = (g_logdecay * A4).sum(3, keepdim=True) + (gsB * u5).sum(3, keepdim=True)
-            grad_A = (g_logdecay * dt).sum((0, 4)).reshape(d, n)
-            grad_B = (gs * dt * u5).sum(2)  # (Bt, G, N, L)
-            grad_u_scan = (gsB * dt).sum(3, keepdim=True)
-            grad_u = grad_u_scan if grad_u is None else grad_u + grad_u_scan
-            if ctx.delta_softplus:
-                grad_dt = grad_dt * torch.where(dt_raw <= 20, torch.sigmoid(dt_raw), torch.ones_like(dt_raw))
-            grad_delta = grad_dt.reshape(bt, d, length)
-            grad_bias = None if delta_bias is None else grad_delta.sum((0, 2))
-
-        def cast(grad, like):
-            return None if grad is None or like is None else grad.reshape(like.shape).to(like.dtype)
-
-        return (cast(grad_u, u), cast(grad_delta, delta), cast(grad_A, A), cast(grad_B, B),
-                cast(grad_C, C), cast(grad_D, D), cast(grad_bias, delta_bias), None)
+        return (*_reference_backward(*ctx.saved_tensors, ctx.delta_softplus, gout), None)
 
 
 def _normalize_groups(name: str, x: Optional[Tensor]) -> Optional[Tensor]:
@@ -327,6 +333,61 @@ def _kernel_limits(u: Tensor, A: Tensor) -> Optional[str]:
 def _selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor], D: Optional[Tensor],
                          delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
     """The kernel path: contiguous inputs, delta/B/C in u's dtype, A/D/delta_bias in float32."""
+    delta, A, B, C, D, delta_bias = _kernel_inputs(u, delta, A, B, C, D, delta_bias)
+    out, _ = torch.ops.vssm_selective_scan.fwd(u.contiguous(), delta, A, B, C, D, delta_bias, delta_softplus)
+    return out
+
+
+def _kernel_fwd(*args):
+    """``vssm_selective_scan::fwd``: (out, the states at the chunk ends)."""
+    return torch.ops.vssm_selective_scan.fwd(*args)
+
+
+def _kernel_bwd(*args):
+    """``vssm_selective_scan::bwd``: the gradients of (u, delta, A, B, C, D, delta_bias), B's and C's in float32."""
+    return torch.ops.vssm_selective_scan.bwd(*args)
+
+
+class _LowRankStepScan(torch.autograd.Function):
+    """The output-form scan of K groups whose raw step sizes are a low-rank product, ``delta[:, k] = dt_weight[k] @
+    dts[:, k]``, saving the rank-R inputs ``dts`` instead of the (Bt, K * D, L) step sizes: the backward recomputes
+    them (one GEMM of rank R, the forward's, so the same values) before the scan's backward. Scan on the kernel
+    (``use_kernel``) or the reference; the inputs as the kernel takes them (:func:`_kernel_inputs`)."""
+
+    @staticmethod
+    def forward(ctx, use_kernel, u, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus):
+        delta = grouped_gemm(dt_weight, dts).view(u.shape)
+        if use_kernel:
+            out, states = _kernel_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        else:
+            with torch.no_grad():
+                out, states = _reference_forward(u, delta, A, B, C, D, delta_bias, delta_softplus), None
+        ctx.use_kernel, ctx.delta_softplus = use_kernel, delta_softplus
+        ctx.save_for_backward(u, dts, dt_weight, A, B, C, D, delta_bias, states)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        u, dts, dt_weight, A, B, C, D, delta_bias, states = ctx.saved_tensors
+        delta = grouped_gemm(dt_weight, dts).view(u.shape)
+        if ctx.use_kernel:
+            du, ddelta, dA, dB, dC, dD, dbias = _kernel_bwd(u, delta, A, B, C, D, delta_bias,
+                                                            gout.float().contiguous(), states, ctx.delta_softplus)
+            dB, dC = dB.to(B.dtype), dC.to(C.dtype)
+        else:
+            du, ddelta, dA, dB, dC, dD, dbias = _reference_backward(u, delta, A, B, C, D, delta_bias,
+                                                                    ctx.delta_softplus, gout)
+        bt, k, _, length = dts.shape
+        ddelta = ddelta.to(dts.dtype).view(bt, k, -1, length)  # (Bt, K, D, L)
+        need_dts, need_weight = ctx.needs_input_grad[2:4]
+        d_weight, d_dts = grouped_gemm_backward(dt_weight, dts, ddelta, need_weight, need_dts)
+        return None, du, d_dts, d_weight, dA, dB, dC, dD, dbias, None
+
+
+def _kernel_inputs(u: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """delta, B, C in u's dtype and A, D, delta_bias in float32, all contiguous (the kernel's inputs; order: delta, A,
+    B, C, D, delta_bias)."""
+    delta, A, B, C, D, delta_bias = tensors
 
     def same_dtype(x):
         return None if x is None else x.to(u.dtype).contiguous()
@@ -334,9 +395,51 @@ def _selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Opti
     def fp32(x):
         return None if x is None else x.float().contiguous()
 
-    out, _ = torch.ops.vssm_selective_scan.fwd(u.contiguous(), same_dtype(delta), fp32(A), same_dtype(B),
-                                               same_dtype(C), fp32(D), fp32(delta_bias), delta_softplus)
-    return out
+    return same_dtype(delta), fp32(A), same_dtype(B), same_dtype(C), fp32(D), fp32(delta_bias)
+
+
+def selective_scan_low_rank(u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                            delta_softplus: bool = True, *, backend: str = 'auto') -> Tensor:
+    """:func:`selective_scan` (output form) of K groups with the raw step sizes ``delta[:, k] = dt_weight[k] @
+    dts[:, k]`` (:func:`~vssm.ops.grouped_matmul`, in its dtype: autocast's where it is on): the same values and
+    gradients as that composition, but in training it saves the rank-R ``dts`` instead of the (Bt, K * D, L) step
+    sizes and recomputes them in the backward (VMamba's dt_proj: R = C / 16, so the step sizes are 16x ... 32x the
+    bytes of their low-rank inputs). Without gradients, under ``torch.compile`` (whose partitioner chooses what to
+    save), in :func:`~vssm.ops.plain_autograd` mode, under tracing and with the recomputations off
+    (:func:`~vssm.ops._backend.set_recompute`) it is the composition itself.
+
+    Args:
+        u: (Bt, K * D, L); dts: (Bt, K, R, L); dt_weight: (K, D, R); B, C: (Bt, K, N, L); the rest as in
+            :func:`selective_scan`.
+    """
+    if (dts.dim() != 4 or dt_weight.dim() != 3 or dts.shape[:2] != (u.shape[0], dt_weight.shape[0])
+            or dts.shape[2] != dt_weight.shape[2] or dts.shape[3] != u.shape[2]
+            or dt_weight.shape[0] * dt_weight.shape[1] != u.shape[1]):
+        raise ValueError(f'selective_scan_low_rank: expected u (Bt, K * D, L), dts (Bt, K, R, L) and dt_weight '
+                         f'(K, D, R); got u {tuple(u.shape)}, dts {tuple(dts.shape)}, dt_weight '
+                         f'{tuple(dt_weight.shape)}.')
+
+    def composition() -> Tensor:
+        delta = grouped_matmul(dt_weight, dts).reshape(u.shape)
+        return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend=backend)
+
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (u, dts, dt_weight, A, B, C, D, delta_bias))
+    if (not needs_grad or not recompute_enabled() or plain_autograd_enabled() or torch.compiler.is_compiling()
+            or exporting() or torch.jit.is_tracing()):
+        return composition()
+    B, C = _normalize_groups('B', B), _normalize_groups('C', C)
+    _check_inputs(u, u, A, B, C, D, delta_bias)
+    dtype = gemm_dtype(dts)
+    use_kernel = resolve_backend(backend, _EXT, _EXT_NAME, 'selective_scan', u) == 'cuda'
+    if use_kernel and (_kernel_limits(u, A) is not None or dtype != u.dtype):
+        return composition()  # what it does with such inputs (falls back, or raises for backend='cuda')
+    if use_kernel:
+        u = u.contiguous()
+        _, A, B, C, D, delta_bias = _kernel_inputs(u, None, A, B, C, D, delta_bias)
+    return _LowRankStepScan.apply(use_kernel, u, dts.to(dtype), dt_weight.to(dtype), A, B, C, D, delta_bias,
+                                  delta_softplus)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Optional[Tensor] = None,

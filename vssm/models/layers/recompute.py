@@ -15,31 +15,16 @@ compositions, to measure what the recomputation costs in time and saves in memor
 --no-recompute``). :func:`vssm.ops.plain_autograd` makes every function here the plain composition, differentiated by
 autograd (to check the hand-written backwards).
 """
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops._backend import plain_autograd_enabled
+from ...ops._backend import plain_autograd_enabled, recompute_enabled, set_recompute
 from ...ops.grouped_matmul import grouped_matmul
 
 __all__ = ['recomputed_linear', 'gelu_linear', 'grouped_matmul', 'set_recompute', 'recompute_enabled']
-
-_ENABLED = os.environ.get('VSSM_RECOMPUTE', '1') != '0'
-
-
-def set_recompute(enabled: bool) -> None:
-    """Turn the memory-saving recomputations of this module (and Spatial-Mamba's checkpointed state fusion) on or
-    off for the whole process; the results are the same either way."""
-    global _ENABLED
-    _ENABLED = bool(enabled)
-
-
-def recompute_enabled() -> bool:
-    return _ENABLED
-
 
 class _RecomputedLinear(torch.autograd.Function):
     """out = linear(f(*inputs)) (channels last) or a 1x1 conv of it (channels first, weight (out, in)), saving
@@ -105,7 +90,8 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
     """
     # The plain ops: without autograd nothing is saved; under torch.compile the partitioner of AOTAutograd chooses
     # what to save and what to recompute for the whole graph (and cannot trace the recomputing backward).
-    if not _ENABLED or not torch.is_grad_enabled() or plain_autograd_enabled() or torch.compiler.is_compiling():
+    if (not recompute_enabled() or not torch.is_grad_enabled() or plain_autograd_enabled()
+            or torch.compiler.is_compiling()):
         return fc(f(*inputs))
     return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias, *inputs)
 
