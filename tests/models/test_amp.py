@@ -190,8 +190,8 @@ def _batches(cfg, task: str) -> Callable[[int], dict]:
 # --- the scan's dtypes -------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _scan_output_dtypes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Dict[str, int]]:
-    """Count the output dtypes of the scans the backbones call: Spatial-Mamba's selective scan, VMamba's (and Spectral
-    VMamba's) cross_selective_scan."""
+    """Count the output dtypes of the scans the backbones call: Spatial-Mamba's ``selective_scan_low_rank``,
+    VMamba's (and Spectral VMamba's) ``cross_selective_scan``."""
     from vssm.models import spatial_mamba, vmamba
     seen: Dict[str, int] = {}
 
@@ -205,7 +205,7 @@ def _scan_output_dtypes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Dict[str, i
 
         return scan
 
-    for module, name in ((spatial_mamba, 'selective_scan'), (vmamba, 'cross_selective_scan')):
+    for module, name in ((spatial_mamba, 'selective_scan_low_rank'), (vmamba, 'cross_selective_scan')):
         monkeypatch.setattr(module, name, recording(getattr(module, name)))
     yield seen
 

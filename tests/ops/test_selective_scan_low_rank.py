@@ -49,22 +49,27 @@ def _values_and_grads(fn, inputs, dbl, weight):
     return out.detach(), dict(zip([*leaves, 'dbl'], grads))
 
 
-def _check_against_composition(shape, seed, fn=selective_scan_low_rank, rtol=1e-10):
+def _check_against_composition(shape, seed, fn=selective_scan_low_rank, rtol=1e-10, form='output'):
+    """``form='state'``: no C and no D (Spatial-Mamba's scan, K = 1 there), the states (Bt, K * D, N, L) returned."""
     inputs, dbl = _inputs(*shape, seed=seed)
-    weight = torch.randn(inputs['u'].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    out, grads = _values_and_grads(lambda **kw: fn(**kw, backend='torch'), inputs, dbl, weight)
+    state = dict(C=None, D=None) if form == 'state' else {}
+    bt, kd, length = inputs['u'].shape
+    out_shape = (bt, kd, shape[4], length) if form == 'state' else (bt, kd, length)
+    weight = torch.randn(out_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    out, grads = _values_and_grads(lambda **kw: fn(**{**kw, **state}, backend='torch'), inputs, dbl, weight)
     with plain_autograd():
-        ref_out, ref_grads = _values_and_grads(_composition, inputs, dbl, weight)
+        ref_out, ref_grads = _values_and_grads(lambda **kw: _composition(**{**kw, **state}), inputs, dbl, weight)
     torch.testing.assert_close(out, ref_out, rtol=rtol, atol=rtol)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=rtol, atol=rtol, msg=name)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(bt=st.integers(1, 3), k=st.integers(1, 4), d=st.integers(1, 5), n_rank=st.integers(1, 4),
-       n_state=st.integers(1, 3), length=st.integers(1, 17), seed=st.integers(0, 2**31 - 1))
-def test_values_and_gradients_equal_the_composition_in_float64(bt, k, d, n_rank, n_state, length, seed):
-    _check_against_composition((bt, k, d, n_rank, n_state, length), seed)
+       n_state=st.integers(1, 3), length=st.integers(1, 17), form=st.sampled_from(['output', 'state']),
+       seed=st.integers(0, 2**31 - 1))
+def test_values_and_gradients_equal_the_composition_in_float64(bt, k, d, n_rank, n_state, length, form, seed):
+    _check_against_composition((bt, k, d, n_rank, n_state, length), seed, form=form)
 
 
 def test_the_kernel_branch_with_the_cuda_ops_stubbed_by_the_reference(monkeypatch):
@@ -78,7 +83,8 @@ def test_the_kernel_branch_with_the_cuda_ops_stubbed_by_the_reference(monkeypatc
     def bwd(u, delta, A, B, C, D, bias, gout, chunk_states, softplus):
         assert chunk_states is states and gout.dtype == torch.float32
         grads = scan_module._reference_backward(u, delta, A, B, C, D, bias, softplus, gout)
-        return tuple(g.float() if i in (3, 4) else g for i, g in enumerate(grads))  # B's, C's: float32
+        # as the kernel: B's and C's in float32, empty tensors for the inputs that are None
+        return tuple(u.new_empty(0) if g is None else g.float() if i in (3, 4) else g for i, g in enumerate(grads))
 
     monkeypatch.setattr(scan_module, 'resolve_backend', lambda backend, *args: 'cuda')
     monkeypatch.setattr(scan_module, '_kernel_fwd', fwd)
@@ -86,6 +92,7 @@ def test_the_kernel_branch_with_the_cuda_ops_stubbed_by_the_reference(monkeypatc
     monkeypatch.setattr(scan_module, 'KERNEL_DTYPES', scan_module.KERNEL_DTYPES + (torch.float64, ))
     # the kernel's inputs hold A, D and delta_bias in float32 (the composition's float64): agreement to their rounding
     _check_against_composition((2, 4, 3, 2, 1, 11), seed=3, rtol=1e-6)
+    _check_against_composition((2, 1, 5, 3, 2, 9), seed=4, rtol=1e-6, form='state')
 
 
 def test_saves_the_low_rank_inputs_not_the_step_sizes():
@@ -132,18 +139,25 @@ def test_errors():
 @pytest.mark.skipif(not torch.cuda.is_available() or not scan_module.kernel_available(),
                     reason='needs a GPU and the scan kernel')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
-def test_kernel_matches_the_composition_on_gpu(dtype):
+@pytest.mark.parametrize('form', ['output', 'state'])
+def test_kernel_matches_the_composition_on_gpu(dtype, form):
     """The CUDA kernel through both paths (bf16: under autocast, as the models run it): the same values, the same
-    gradients (the recomputed step sizes are the forward's GEMM again)."""
-    inputs, dbl = _inputs(2, 4, 96, 6, 1, 3136 // 4, dtype=torch.float32, device='cuda')
+    gradients (the recomputed step sizes are the forward's GEMM again). Output form: VMamba-T's stage 1 sequences
+    (K = 4, 3136 / 4 steps); state form: Spatial-Mamba's (K = 1, no C and no D)."""
+    k, state = (4, {}) if form == 'output' else (1, dict(C=None, D=None))
+    inputs, dbl = _inputs(2, k, 96, 6, 1, 3136 // 4, dtype=torch.float32, device='cuda')
     inputs = {name: t.to(dtype) if name in ('u', ) else t for name, t in inputs.items()}
-    weight = torch.randn(inputs['u'].shape, device='cuda')
+    bt, kd, length = inputs['u'].shape
+    weight = torch.randn((bt, kd, length) if form == 'output' else (bt, kd, 1, length), device='cuda')
+
+    def run(**kw):
+        return selective_scan_low_rank(**{**kw, **state}, backend='cuda')
+
     with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        out, grads = _values_and_grads(lambda **kw: selective_scan_low_rank(**kw, backend='cuda'), inputs, dbl, weight)
+        out, grads = _values_and_grads(run, inputs, dbl, weight)
         set_recompute(False)
         try:
-            ref_out, ref_grads = _values_and_grads(lambda **kw: selective_scan_low_rank(**kw, backend='cuda'), inputs,
-                                                   dbl, weight)
+            ref_out, ref_grads = _values_and_grads(run, inputs, dbl, weight)
         finally:
             set_recompute(True)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)

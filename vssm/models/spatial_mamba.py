@@ -28,11 +28,10 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import observe_gate, selective_scan, state_fusion
+from ..ops import observe_gate, selective_scan_low_rank, state_fusion
 from .layers import (
     StagedBackbone,
     gelu_linear,
-    grouped_matmul,
     init_A_logs,
     init_Ds,
     init_dt_bias,
@@ -180,11 +179,12 @@ class StructureAwareSSM(nn.Module):
         # kept a transposed copy (0.65 GiB for the T model at batch 128).
         x_dbl = F.conv1d(u, self.x_proj_weight[:, :, None])
         dt_raw, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        # (B, D, L), contiguous for the scan; an einsum's backward was 2.7x slower (docs/benchmarks.md)
-        delta = grouped_matmul(self.dt_projs_weight[None], dt_raw[:, None])[:, 0]
+        # the step sizes dt_proj(dt_raw) (B, D, L) as one batched GEMM (an einsum's backward was 2.7x slower,
+        # docs/benchmarks.md), recomputed in the scan's backward instead of saved
         A = -torch.exp(self.A_logs.float())  # (D, N)
-        states = selective_scan(u, delta, A, B, delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
-                                backend=self.backend)  # (B, D, 1, L), float32
+        states = selective_scan_low_rank(u, dt_raw[:, None], self.dt_projs_weight[None], A, B,
+                                         delta_bias=self.dt_projs_bias.float(), delta_softplus=True,
+                                         backend=self.backend)  # (B, D, 1, L), float32
         if recompute_enabled() and torch.is_grad_enabled() and states.requires_grad:
             # Nothing between the scan and out_proj is kept for the backward but the inputs: the fusion (one fast
             # kernel), the observation, the norm and the gate run again there (autograd would keep the fused states,

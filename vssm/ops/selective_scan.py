@@ -349,7 +349,7 @@ def _kernel_bwd(*args):
 
 
 class _LowRankStepScan(torch.autograd.Function):
-    """The output-form scan of K groups whose raw step sizes are a low-rank product, ``delta[:, k] = dt_weight[k] @
+    """The scan (either form) of K groups whose raw step sizes are a low-rank product, ``delta[:, k] = dt_weight[k] @
     dts[:, k]``, saving the rank-R inputs ``dts`` instead of the (Bt, K * D, L) step sizes: the backward recomputes
     them (one GEMM of rank R, the forward's, so the same values) before the scan's backward. Scan on the kernel
     (``use_kernel``) or the reference; the inputs as the kernel takes them (:func:`_kernel_inputs`)."""
@@ -373,7 +373,9 @@ class _LowRankStepScan(torch.autograd.Function):
         if ctx.use_kernel:
             du, ddelta, dA, dB, dC, dD, dbias = _kernel_bwd(u, delta, A, B, C, D, delta_bias,
                                                             gout.float().contiguous(), states, ctx.delta_softplus)
-            dB, dC = dB.to(B.dtype), dC.to(C.dtype)
+            # the kernel gives B's and C's in float32, and empty tensors for the inputs that are None
+            dB, dC = dB.to(B.dtype), None if C is None else dC.to(C.dtype)
+            dD, dbias = None if D is None else dD, None if delta_bias is None else dbias
         else:
             du, ddelta, dA, dB, dC, dD, dbias = _reference_backward(u, delta, A, B, C, D, delta_bias,
                                                                     ctx.delta_softplus, gout)
@@ -398,20 +400,20 @@ def _kernel_inputs(u: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tens
     return same_dtype(delta), fp32(A), same_dtype(B), same_dtype(C), fp32(D), fp32(delta_bias)
 
 
-def selective_scan_low_rank(u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                            D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                            delta_softplus: bool = True, *, backend: str = 'auto') -> Tensor:
-    """:func:`selective_scan` (output form) of K groups with the raw step sizes ``delta[:, k] = dt_weight[k] @
+def selective_scan_low_rank(u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor,
+                            C: Optional[Tensor] = None, D: Optional[Tensor] = None,
+                            delta_bias: Optional[Tensor] = None, delta_softplus: bool = True, *,
+                            backend: str = 'auto') -> Tensor:
+    """:func:`selective_scan` (either form) of K groups with the raw step sizes ``delta[:, k] = dt_weight[k] @
     dts[:, k]`` (:func:`~vssm.ops.grouped_matmul`, in its dtype: autocast's where it is on): the same values and
     gradients as that composition, but in training it saves the rank-R ``dts`` instead of the (Bt, K * D, L) step
-    sizes and recomputes them in the backward (VMamba's dt_proj: R = C / 16, so the step sizes are 16x ... 32x the
-    bytes of their low-rank inputs). Without gradients, under ``torch.compile`` (whose partitioner chooses what to
-    save), in :func:`~vssm.ops.plain_autograd` mode, under tracing and with the recomputations off
+    sizes and recomputes them in the backward (dt_proj's rank is C / 16 in the models, so the step sizes are 16x to
+    32x the bytes of their low-rank inputs). Without gradients, under ``torch.compile`` (whose partitioner chooses
+    what to save), in :func:`~vssm.ops.plain_autograd` mode, under tracing and with the recomputations off
     (:func:`~vssm.ops._backend.set_recompute`) it is the composition itself.
 
     Args:
-        u: (Bt, K * D, L); dts: (Bt, K, R, L); dt_weight: (K, D, R); B, C: (Bt, K, N, L); the rest as in
-            :func:`selective_scan`.
+        u: (Bt, K * D, L); dts: (Bt, K, R, L); dt_weight: (K, D, R); the rest as in :func:`selective_scan`.
     """
     if (dts.dim() != 4 or dt_weight.dim() != 3 or dts.shape[:2] != (u.shape[0], dt_weight.shape[0])
             or dts.shape[2] != dt_weight.shape[2] or dts.shape[3] != u.shape[2]

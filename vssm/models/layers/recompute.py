@@ -10,10 +10,11 @@ recomputed in the backward, e.g. Spatial-Mamba's ``out_proj(LN(y) * SiLU(z))``.
 
 ``grouped_matmul`` (:mod:`vssm.ops.grouped_matmul`, re-exported here) is the projections' batched GEMM.
 
-``set_recompute(False)`` (or ``VSSM_RECOMPUTE=0`` in the environment) makes the recomputed projections the plain
-compositions, to measure what the recomputation costs in time and saves in memory (``tools/analysis_tools/benchmark.py
---no-recompute``). :func:`vssm.ops.plain_autograd` makes every function here the plain composition, differentiated by
-autograd (to check the hand-written backwards).
+``set_recompute(False)`` (:mod:`vssm.ops._backend`'s switch, re-exported here; or ``VSSM_RECOMPUTE=0`` in the
+environment) makes the recomputed projections, Spatial-Mamba's checkpointed state fusion and the scans' recomputed
+step sizes (:func:`vssm.ops.selective_scan_low_rank`) the plain compositions, to measure what the recomputation costs
+in time and saves in memory (``tools/analysis_tools/benchmark.py --no-recompute``). :func:`vssm.ops.plain_autograd`
+makes every function here the plain composition, differentiated by autograd (to check the hand-written backwards).
 """
 from typing import Callable, Optional
 
