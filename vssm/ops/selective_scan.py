@@ -249,12 +249,7 @@ def _register_kernel_ops() -> None:
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
 
     def backward(ctx, dout, _dchunk_states):
-        u, delta, A, B, C, D, delta_bias, chunk_states = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dbias = torch.ops.vssm_selective_scan.bwd(u, delta, A, B, C, D, delta_bias,
-                                                                              dout.float().contiguous(), chunk_states,
-                                                                              ctx.delta_softplus)
-        return (du, ddelta, dA, dB.to(B.dtype), None if C is None else dC.to(C.dtype), None if D is None else dD,
-                None if delta_bias is None else dbias, None)
+        return (*_kernel_backward(*ctx.saved_tensors, ctx.delta_softplus, dout), None)
 
     torch.library.register_autograd(f'{lib}::fwd', backward, setup_context=setup_context)
 
@@ -344,8 +339,19 @@ def _kernel_fwd(*args):
 
 
 def _kernel_bwd(*args):
-    """``vssm_selective_scan::bwd``: the gradients of (u, delta, A, B, C, D, delta_bias), B's and C's in float32."""
+    """``vssm_selective_scan::bwd``: the gradients of (u, delta, A, B, C, D, delta_bias), B's and C's in float32,
+    empty tensors for the inputs that are None."""
     return torch.ops.vssm_selective_scan.bwd(*args)
+
+
+def _kernel_backward(u, delta, A, B, C, D, delta_bias, chunk_states, delta_softplus,
+                     gout) -> Tuple[Optional[Tensor], ...]:
+    """The kernel's gradients of (u, delta, A, B, C, D, delta_bias) from the forward's inputs and chunk states: B's
+    and C's cast to their dtypes, None for the inputs that are None."""
+    du, ddelta, dA, dB, dC, dD, dbias = _kernel_bwd(u, delta, A, B, C, D, delta_bias, gout.float().contiguous(),
+                                                    chunk_states, delta_softplus)
+    return (du, ddelta, dA, dB.to(B.dtype), None if C is None else dC.to(C.dtype), None if D is None else dD,
+            None if delta_bias is None else dbias)
 
 
 class _LowRankStepScan(torch.autograd.Function):
@@ -371,11 +377,8 @@ class _LowRankStepScan(torch.autograd.Function):
         u, dts, dt_weight, A, B, C, D, delta_bias, states = ctx.saved_tensors
         delta = grouped_gemm(dt_weight, dts).view(u.shape)
         if ctx.use_kernel:
-            du, ddelta, dA, dB, dC, dD, dbias = _kernel_bwd(u, delta, A, B, C, D, delta_bias,
-                                                            gout.float().contiguous(), states, ctx.delta_softplus)
-            # the kernel gives B's and C's in float32, and empty tensors for the inputs that are None
-            dB, dC = dB.to(B.dtype), None if C is None else dC.to(C.dtype)
-            dD, dbias = None if D is None else dD, None if delta_bias is None else dbias
+            du, ddelta, dA, dB, dC, dD, dbias = _kernel_backward(u, delta, A, B, C, D, delta_bias, states,
+                                                                 ctx.delta_softplus, gout)
         else:
             du, ddelta, dA, dB, dC, dD, dbias = _reference_backward(u, delta, A, B, C, D, delta_bias,
                                                                     ctx.delta_softplus, gout)
