@@ -247,6 +247,16 @@ def test_profile_lists_the_top_operators(benchmark):
     assert ops == sorted(ops, key=lambda op: op['ms'], reverse=True)
 
 
+def test_profile_names_where_in_the_repository_an_operator_is_called_from(benchmark):
+    """Each profiled operator's call sites: the nearest function of vssm/ or tools/ above it, with counts."""
+    from vssm.ops import gather_tokens
+    x, index = torch.randn(2, 3, 16), torch.stack([torch.randperm(16) for _ in range(2)])[None]
+    ops = benchmark.profile_top_ops(lambda: gather_tokens(x, index).sum(), iters=2, device=torch.device('cpu'),
+                                    top=50)
+    gather = next(op for op in ops if op['name'] == 'aten::gather')
+    assert gather['where'].startswith('vssm/ops/token_maps.py(') and gather['where'].endswith(': _gather x2')
+
+
 def _tiny_task_model(spec, task: str, backend: str = 'torch') -> nn.Module:
     """Mask R-CNN or UPerNet of a VMamba config with a tiny arch (and the neck/heads narrowed to it)."""
     from vssm.analysis.models import build_model, prepare_config
@@ -290,3 +300,19 @@ def test_inference_graphs_leave_the_peers_eager(benchmark, monkeypatch):
     rows = benchmark.main(['--latency-models', 'swin-t', '--modes', 'seg-latency', '--inference-graphs'] + TINY)
     assert [(r['backend'], r['dtype'], r['status']) for r in rows] == [('-', 'fp32', 'ok'), ('-', 'bf16', 'ok')]
     assert all(r['ms_per_image'] == 2.0 for r in rows)
+
+
+def test_call_sites_of_gpu_kernels_come_from_the_operators_that_launch_them(benchmark):
+    """On a GPU the kernels hang off the CPU operators that launched them (torch.profiler's ``kernels``); each
+    kernel's call sites are those operators' (stand-in events here)."""
+    from types import SimpleNamespace as Event
+
+    def op(name, parent, kernels=()):
+        return Event(name=name, cpu_parent=parent, kernels=[Event(name=k) for k in kernels])
+
+    site = op('vssm/ops/token_maps.py(56): _gather', op('tools/x.py(3): main', None))
+    events = [op('aten::copy_', op('<built-in method to>', site), ['copy_kernel']),
+              op('aten::copy_', op('<built-in method to>', site), ['copy_kernel']),
+              op('aten::add', None, ['add_kernel', 'copy_kernel'])]
+    assert benchmark.call_sites(events, ['copy_kernel', 'add_kernel'], gpu=True) == {
+        'copy_kernel': 'vssm/ops/token_maps.py(56): _gather x2, ? x1', 'add_kernel': '? x1'}
