@@ -136,7 +136,7 @@ def test_traces_to_plain_ops_and_rejects_bad_index_maps():
 # (batch, K, D, H, W, batch-wide index): channels and tokens that fill no tile (the kernel's tiles by token count and,
 # in the interpreter, 4 x 8 too), one index for the batch and one per image, VMamba's 4 and Spectral VMamba's 8
 # sequences
-MERGE_SHAPES = [(2, 4, 5, 3, 7, True), (3, 8, 20, 13, 11, False), (1, 3, 17, 1, 130, False)]
+MERGE_SHAPES = [(2, 4, 5, 3, 7, True), (2, 8, 9, 5, 7, False), (1, 3, 17, 1, 130, False)]
 
 
 def _merge_case(batch, k, d, height, width, shared, dtype, device='cpu', seed=0):
@@ -160,7 +160,9 @@ from vssm.ops import _triton_token_maps as kernel
 from vssm.ops.token_maps import inverse_permutation
 
 tiles = kernel.tiles
-for small in (False, True):
+# the module's tiles in the three dtypes, 4 x 8 tiles (several programs per image and channel block) in float32
+for small, dtypes in ((False, ((torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3))),
+                      (True, ((torch.float32, 1e-6), ))):
     kernel.tiles = (lambda length: (4, 8)) if small else tiles
     for batch, k, d, height, width, shared in {MERGE_SHAPES!r}:
         gen = torch.Generator().manual_seed(0)
@@ -169,7 +171,7 @@ for small in (False, True):
         index = torch.stack([torch.stack([torch.randperm(length, generator=gen) for _ in range(k)])
                              for _ in range(rows)])
         inverse = inverse_permutation(index)
-        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)):
+        for dtype, tol in dtypes:
             y = torch.randn(batch, k, d, length, generator=gen).to(dtype)
             got = kernel.merge(y, inverse)
             expected = y.float().gather(3, inverse[:, :, None].expand(batch, k, d, length)).sum(1)
