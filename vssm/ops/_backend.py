@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import ContextManager, Iterator, Optional
 
+import torch
 from torch import Tensor
 
 BACKENDS = ('auto', 'torch', 'cuda')
@@ -108,6 +109,12 @@ def set_recompute(enabled: bool) -> None:
 def recompute_enabled() -> bool:
     """Whether :func:`set_recompute` left the recomputations on (the default)."""
     return _RECOMPUTE
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype an op on ``x`` computes in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def triton_fusions_enabled() -> bool:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ._backend import (
+    autocast_dtype,
     check_backend_name,
     cross_form_enabled,
     exporting,
@@ -192,19 +193,13 @@ class _CrossSelectiveScan(torch.autograd.Function):
         return _gradients(_KERNEL.backward, ctx, grad)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the kernel computes in: autocast's where it is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def _pays(x: Tensor, index: Tensor, needs_grad: bool) -> bool:
     """Where the kernel is faster than the composition (one H100; kernels/README.md): 16-bit inference over per-image
     maps (Spectral VMamba's orders), 1.34x for the whole Spectral VMamba-T in bf16. In float32 its exact-fp32 dots
     make it slower (0.76x); with one map for the batch (VMamba's four directions) the composition's gathers are cheap
     and its CUDA scan is faster than the kernel's tiles from stage 1 to 3; in training the kernel's backward (atomic
     adds of the per-token gradients) is slower everywhere."""
-    return _compute_dtype(x) in (torch.float16, torch.bfloat16) and index.shape[0] > 1 and not needs_grad
+    return autocast_dtype(x) in (torch.float16, torch.bfloat16) and index.shape[0] > 1 and not needs_grad
 
 
 def _fusable(backend: str, x: Tensor, index: Tensor, merge: Optional[Tensor], n_state: int) -> bool:
@@ -272,7 +267,7 @@ def cross_selective_scan(x: Tensor, index: Tensor, x_proj_weight: Tensor, dt_wei
     if not use_kernel and not _use_cross_form(backend, x, index, merge, n_state):
         return cross_selective_scan_ref(x, index, x_proj_weight, dt_weight, dt_bias, A, Ds, inverse=inverse,
                                         merge=merge, backend=backend)
-    dtype = _compute_dtype(x)
+    dtype = autocast_dtype(x)
     x = x.to(dtype).contiguous()
     dbl = _raster_projections(x, x_proj_weight).to(dtype)
     if not use_kernel:  # the CUDA cross form (the step sizes from the low rank inside the kernel)

@@ -12,9 +12,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._backend import plain_autograd_enabled
+from ._backend import autocast_dtype, plain_autograd_enabled
 
-__all__ = ['grouped_matmul', 'grouped_gemm', 'grouped_gemm_backward', 'gemm_dtype']
+__all__ = ['grouped_matmul', 'grouped_gemm', 'grouped_gemm_backward']
 
 
 def grouped_gemm(weight: Tensor, x: Tensor) -> Tensor:
@@ -55,12 +55,6 @@ class _GroupedMatmul(torch.autograd.Function):
         return grouped_gemm_backward(weight, x, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
-def gemm_dtype(x: Tensor) -> torch.dtype:
-    """The dtype :func:`grouped_matmul` computes in: autocast's where it is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def grouped_matmul(weight: Tensor, x: Tensor) -> Tensor:
     """(K, O, I) weights, (B, K, I, L) inputs -> (B, K, O, L) with ``out[:, k] = weight[k] @ x[:, k]``.
 
@@ -70,7 +64,7 @@ def grouped_matmul(weight: Tensor, x: Tensor) -> Tensor:
     if weight.dim() != 3 or x.dim() != 4 or x.shape[1] != weight.shape[0] or x.shape[2] != weight.shape[2]:
         raise ValueError(f'grouped_matmul: expected weight (K, O, I) and x (B, K, I, L), got {tuple(weight.shape)} '
                          f'and {tuple(x.shape)}.')
-    dtype = gemm_dtype(x)
+    dtype = autocast_dtype(x)
     weight, x = weight.to(dtype), x.to(dtype)
     # The same GEMMs as plain ops for FLOP counters, exporters and torch.compile (whose partitioner decides the saves).
     if torch.jit.is_tracing() or plain_autograd_enabled() or torch.compiler.is_compiling():

@@ -27,8 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import exporting, plain_autograd_enabled, recompute_enabled, resolve_backend, try_import_extension
-from .grouped_matmul import gemm_dtype, grouped_gemm, grouped_gemm_backward, grouped_matmul
+from ._backend import (
+    autocast_dtype,
+    exporting,
+    plain_autograd_enabled,
+    recompute_enabled,
+    resolve_backend,
+    try_import_extension,
+)
+from .grouped_matmul import grouped_gemm, grouped_gemm_backward, grouped_matmul
 
 __all__ = ['selective_scan', 'selective_scan_ref', 'selective_scan_low_rank', 'kernel_available',
            'cross_form_available', 'KERNEL_DTYPES', 'KERNEL_MAX_STATE']
@@ -436,7 +443,7 @@ def selective_scan_low_rank(u: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor
         return composition()
     B, C = _normalize_groups('B', B), _normalize_groups('C', C)
     _check_inputs(u, u, A, B, C, D, delta_bias)
-    dtype = gemm_dtype(dts)
+    dtype = autocast_dtype(dts)
     use_kernel = resolve_backend(backend, _EXT, _EXT_NAME, 'selective_scan', u) == 'cuda'
     if use_kernel and (_kernel_limits(u, A) is not None or dtype != u.dtype):
         return composition()  # what it does with such inputs (falls back, or raises for backend='cuda')
