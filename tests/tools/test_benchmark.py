@@ -7,6 +7,8 @@ import torch
 from conftest import load_tool
 from torch import nn
 
+from vssm.analysis.timing import call_sites, profile_top_ops
+
 TINY = ['--batch', '2', '--size', '64', '--warmup', '1', '--iters', '1', '--torch-warmup', '1', '--torch-iters', '1',
         '--device', 'cpu']
 TINY_VMAMBA = dict(dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], ssm_ratio=1.0)
@@ -237,22 +239,21 @@ def test_order_mode_options_are_checked(benchmark, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_profile_lists_the_top_operators(benchmark):
+def test_profile_lists_the_top_operators():
     """--profile: the top operators of a step with their time per step, share and calls per step."""
     layer = nn.Linear(64, 64)
     x = torch.randn(32, 64)
-    ops = benchmark.profile_top_ops(lambda: layer(x).relu().sum(), iters=2, device=torch.device('cpu'), top=3)
+    ops = profile_top_ops(lambda: layer(x).relu().sum(), iters=2, device=torch.device('cpu'), top=3)
     assert 1 <= len(ops) <= 3 and all(op['ms'] >= 0 and 0 <= op['share'] <= 1 for op in ops)
     assert any('addmm' in op['name'] or 'linear' in op['name'] for op in ops)
     assert ops == sorted(ops, key=lambda op: op['ms'], reverse=True)
 
 
-def test_profile_names_where_in_the_repository_an_operator_is_called_from(benchmark):
+def test_profile_names_where_in_the_repository_an_operator_is_called_from():
     """Each profiled operator's call sites: the nearest function of vssm/ or tools/ above it, with counts."""
     from vssm.ops import gather_tokens
     x, index = torch.randn(2, 3, 16), torch.stack([torch.randperm(16) for _ in range(2)])[None]
-    ops = benchmark.profile_top_ops(lambda: gather_tokens(x, index).sum(), iters=2, device=torch.device('cpu'),
-                                    top=50)
+    ops = profile_top_ops(lambda: gather_tokens(x, index).sum(), iters=2, device=torch.device('cpu'), top=50)
     gather = next(op for op in ops if op['name'] == 'aten::gather')
     assert gather['where'].startswith('vssm/ops/token_maps.py(') and gather['where'].endswith(': _gather x2')
 
@@ -302,7 +303,7 @@ def test_inference_graphs_leave_the_peers_eager(benchmark, monkeypatch):
     assert all(r['ms_per_image'] == 2.0 for r in rows)
 
 
-def test_call_sites_of_gpu_kernels_come_from_the_operators_that_launch_them(benchmark):
+def test_call_sites_of_gpu_kernels_come_from_the_operators_that_launch_them():
     """On a GPU the kernels hang off the CPU operators that launched them (torch.profiler's ``kernels``); each
     kernel's call sites are those operators' (stand-in events here)."""
     from types import SimpleNamespace as Event
@@ -314,5 +315,5 @@ def test_call_sites_of_gpu_kernels_come_from_the_operators_that_launch_them(benc
     events = [op('aten::copy_', op('<built-in method to>', site), ['copy_kernel']),
               op('aten::copy_', op('<built-in method to>', site), ['copy_kernel']),
               op('aten::add', None, ['add_kernel', 'copy_kernel'])]
-    assert benchmark.call_sites(events, ['copy_kernel', 'add_kernel'], gpu=True) == {
+    assert call_sites(events, ['copy_kernel', 'add_kernel'], gpu=True) == {
         'copy_kernel': 'vssm/ops/token_maps.py(56): _gather x2, ? x1', 'add_kernel': '? x1'}

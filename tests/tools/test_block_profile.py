@@ -231,3 +231,21 @@ def test_read_ncu_csv_says_what_is_wrong(block_profile, tmp_path):
     path.write_text(_ncu_csv(kernels=NCU_KERNELS[:2] + [('ampere_sgemm_128x64_nn', 'n/a', '0')]))
     with pytest.raises(ValueError, match='ampere_sgemm'):
         block_profile.read_ncu_csv(str(path))
+
+
+def test_top_lists_each_parts_kernels_with_their_call_sites(block_profile, tmp_path, capsys):
+    """--top N: each part's N heaviest kernels (on a CPU: operators) after its row, in the JSON rows and as a second
+    Markdown table, with their call sites in the repository; without --top no such lines."""
+    rows = block_profile.main(TINY + ['--models', 'vmamba-t', '--parts', 'fwd-fp32', '--top', '4', '--markdown',
+                                      str(tmp_path / 'rows.md')])
+    (row, ) = rows
+    assert 1 <= len(row['top']) <= 4 and all(op['ms'] >= 0 and 0 <= op['share'] <= 1 for op in row['top'])
+    assert row['top'] == sorted(row['top'], key=lambda op: op['ms'], reverse=True)
+    assert any(op['where'].startswith(('vssm/', 'tools/')) for op in row['top']), row['top']
+    printed = capsys.readouterr().out
+    assert block_profile.format_top(row['top'][0]) in printed
+    text = (tmp_path / 'rows.md').read_text()
+    assert '| model | part | kernel | ms | share | launches | called from |' in text
+    assert sum(line.startswith('| VMamba-T | fwd-fp32 | `') for line in text.splitlines()) == len(row['top'])
+    assert 'Top kernels' not in block_profile.markdown(block_profile.BlockProfiler(
+        block_profile.parse_args(TINY), torch.device('cpu'), None).meta, [dict(row, top=[])])

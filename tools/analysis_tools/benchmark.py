@@ -77,12 +77,10 @@ the Swin of the model's size in the same mode, and the kernel / reference speed-
 import argparse
 import contextlib
 import importlib
-import re
 import statistics
 import sys
 import time
 import traceback
-from collections import Counter, defaultdict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -103,9 +101,9 @@ from vssm.analysis.timing import (
     median_ms,
     peak_bytes,
     prepare_device,
+    profile_top_ops,
     release,
     reset_peak,
-    synchronize,
     timed_span,
     write_results,
 )
@@ -161,56 +159,6 @@ def _autocast(device: torch.device, dtype: str):
     if dtype == 'bf16':
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# a Python-function event of the profiler (recorded with_stack): 'vssm/ops/token_maps.py(56): _gather'
-_CALL_SITE = re.compile(r'(?:^|/)((?:vssm|tools)/[^\s(]+\.py\(\d+\): \S+)')
-
-
-def call_site(event: Any) -> str:
-    """The innermost call site in this repository (``vssm/`` or ``tools/``) of a profiled operator: its nearest
-    Python-function ancestor in the profile, e.g. ``'vssm/ops/token_maps.py(56): _gather'``; '' when none."""
-    while event is not None:
-        match = _CALL_SITE.search(event.name)
-        if match:
-            return match.group(1)
-        event = event.cpu_parent
-    return ''
-
-
-def call_sites(events: Sequence[Any], names: Sequence[str], gpu: bool, top: int = 2) -> Dict[str, str]:
-    """For each kernel (``gpu``: launched by the operators among ``events``) or CPU operator named in ``names``, its
-    ``top`` call sites (:func:`call_site`) with their counts, e.g. ``'vssm/ops/token_maps.py(56): _gather x28'``."""
-    wanted, counts = set(names), defaultdict(Counter)
-    for event in events:
-        if gpu:
-            for kernel in getattr(event, 'kernels', None) or ():
-                if kernel.name in wanted:
-                    counts[kernel.name][call_site(event)] += 1
-        elif event.name in wanted and event.device_type.name == 'CPU':
-            counts[event.name][call_site(event)] += 1
-    return {name: ', '.join(f'{site or "?"} x{n}' for site, n in sites.most_common(top))
-            for name, sites in counts.items()}
-
-
-def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, top: int = 15) -> List[Dict[str, Any]]:
-    """Where the time of ``step`` goes: torch.profiler over ``iters`` calls, the ``top`` kernels (GPU) or operators
-    (CPU) by self time, each with its time per call of ``step`` (ms), share of the total, count per call and where in
-    this repository it is called from (``where``: the two most frequent call sites, :func:`call_sites`)."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=activities, with_stack=True) as prof:
-        for _ in range(iters):
-            step()
-        synchronize(device)
-    gpu = device.type == 'cuda'
-    events = [e for e in prof.key_averages() if (e.device_type.name == 'CUDA' if gpu else True)]
-    self_us = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
-    total = sum(self_us(e) for e in events) or 1.0
-    events = sorted(events, key=self_us, reverse=True)[:top]
-    sites = call_sites(prof.events(), [e.key for e in events], gpu)
-    return [dict(name=e.key[:120], ms=self_us(e) / 1e3 / iters, share=self_us(e) / total, calls=e.count / iters,
-                 where=sites.get(e.key, '')) for e in events]
 
 
 def classification_throughput(model: torch.nn.Module, mode: str, batch: int, size: int, warmup: int, iters: int,

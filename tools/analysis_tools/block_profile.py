@@ -3,7 +3,7 @@ Spatial-Mamba-T's ``SpatialMambaBlock``, Spectral VMamba-T's ``SpectralBlock``),
 measures for it: how far each block's kernels are from one pass over memory.
 
     python tools/analysis_tools/block_profile.py [--models NAME ...] [--parts PART ...] [--batch 128] [--size 224]
-        [--warmup 10] [--iters 30] [--device cuda] [--backend auto] [--tf32 | --no-tf32]
+        [--warmup 10] [--iters 30] [--device cuda] [--backend auto] [--tf32 | --no-tf32] [--top N]
         [--json rows.json] [--markdown table.md]
     python tools/analysis_tools/block_profile.py --ncu-part MODEL:PART [--batch 128] [--size 224] [--warmup 10]
     python tools/analysis_tools/block_profile.py --summarize MODEL:PART=CSV [MODEL:PART=CSV ...] [--markdown dram.md]
@@ -31,6 +31,9 @@ Protocol:
   backward), reported as ``ops`` so that the plumbing runs anywhere.
 * Time per call: ``--warmup`` untimed calls, then the median of ``--iters`` calls, each timed on its own with CUDA
   events (``time.perf_counter`` on a CPU).
+* Top kernels (``--top N``): three more calls under ``torch.profiler`` (with Python stacks), the N kernels with the
+  most device time (on a CPU: operators by self time), each with its time per call, share, launches per call and its
+  call sites in the repository (the nearest ``vssm/`` or ``tools/`` function above the launching operator).
 * Minimal bytes: what one pass over memory must move at least. Forward: every tensor the block receives read once
   (for Spectral VMamba the features and the ScanIndex's three int64 maps, listed apart as ``index``), its output
   written once, its parameters (and buffers, if any) read once. ``train-bf16`` adds the output gradient read, the
@@ -88,6 +91,7 @@ from vssm.analysis.timing import (
     error_text,
     median_ms,
     prepare_device,
+    profile_top_ops,
     release,
     synchronize,
     write_results,
@@ -98,6 +102,7 @@ OUR_MODELS = tuple(name for name, spec in MODEL_SPECS.items() if spec.ours)
 DEFAULT_MODELS = ('vmamba-t', 'spatial-mamba-t', 'spectral-vmamba-t')
 BACKENDS = ('auto', 'torch', 'cuda')
 MB = 1e6
+TOP_CALLS = 3  # calls profiled for --top
 NCU_READ, NCU_WRITE = 'dram__bytes_read.sum', 'dram__bytes_write.sum'
 NCU_NAME_COLUMNS = ('Kernel Name', 'Function Name')
 # ncu's auto-scaled byte units (powers of 1000) and binary ones, should a version print them.
@@ -418,11 +423,13 @@ class BlockProfiler:
                     ops_backend=None, batch=self.args.batch, size=self.args.size, input_shape=None, input_dtype=None,
                     input_layout=None, other_inputs='', output_dtype=None, kernels=None, ops=None, ms=None,
                     minimal_bytes=None, minimal_mb=None, bytes=None, gb_per_s=None, status='ok', note='',
-                    seconds=None)
+                    seconds=None, top=[])
 
     def _add(self, row: Dict[str, Any]) -> None:
         self.rows.append(row)
         print(format_row(row, self.count_column), file=self.stream, flush=True)
+        for op in row['top']:
+            print(f"    {format_top(op)}", file=self.stream, flush=True)
 
     def run(self, items: Sequence[Tuple[str, str]], what: str,
             on_model_done: Callable[[], None] = lambda: None) -> List[Dict[str, Any]]:
@@ -480,6 +487,8 @@ class BlockProfiler:
             ms = median_ms(prepared.step, self.device, self.args.warmup, self.args.iters)
             result.update({'ms': ms, 'gb_per_s': prepared.minimal_bytes / ms / 1e6,
                            self.count_column: count_launches(prepared.step, self.device)})
+            if self.args.top:
+                result['top'] = profile_top_ops(prepared.step, TOP_CALLS, self.device, self.args.top)
         elif what == 'ncu':
             for _ in range(max(1, self.args.warmup)):
                 prepared.step()
@@ -516,6 +525,26 @@ def format_row(row: Dict[str, Any], count_column: str) -> str:
             f"{_num(row['gb_per_s'], '.1f'):>7} GB/s  {_input_text(row)}  {status}")
 
 
+def format_top(op: Dict[str, Any]) -> str:
+    """One of a part's top kernels: time per call, share, launches per call, name, call sites."""
+    where = f"  ({op['where']})" if op['where'] else ''
+    return f"{op['ms']:8.3f} ms {op['share']:6.1%}  x{op['calls']:<5g} {short_kernel_name(op['name'])}{where}"
+
+
+def top_markdown(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The ``--top`` kernels of each part as one Markdown table (nothing without them)."""
+    if not any(row['top'] for row in rows):
+        return []
+    lines = ['', f'Top kernels per call (torch.profiler over {TOP_CALLS} calls; time per call, share of the part\'s '
+             'kernel time, launches per call, call sites in the repository):', '',
+             '| model | part | kernel | ms | share | launches | called from |', '|---|---|---|---:|---:|---:|---|']
+    for row in rows:
+        for op in row['top']:
+            lines.append(f"| {row['title']} | {row['part']} | `{short_kernel_name(op['name'])}` | {op['ms']:.3f} | "
+                         f"{op['share']:.1%} | {op['calls']:g} | {op['where'] or '-'} |")
+    return lines
+
+
 def _note(row: Dict[str, Any]) -> str:
     return ('' if row['status'] == 'ok' else f"{row['status']}: {row['note']}").replace('|', '/')
 
@@ -544,7 +573,7 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
         lines.append(f"| {row['title']} | {row['block'] or '-'} | {row['part']} | {_input_text(row)} | "
                      f"{_num(row[count], 'd')} | {_num(row['ms'], '.3f')} | {_num(row['minimal_mb'], '.2f')} | "
                      f"{_num(row['gb_per_s'], '.1f')} | {_note(row)} |")
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines + top_markdown(rows)) + '\n'
 
 
 def summary_markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
@@ -613,6 +642,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="ops_backend of the blocks' ops (default: %(default)s)")
     parser.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True,
                         help='TF32 for fp32 matmuls and cuDNN convolutions (default: on, as in benchmark.py)')
+    parser.add_argument('--top', type=int, default=0, metavar='N',
+                        help='also profile 3 more calls of each part with torch.profiler and list its N kernels (on a '
+                        'CPU: operators) by time, with their call sites in the repository (default: none)')
     parser.add_argument('--json', metavar='PATH', help='write the settings and all rows as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='write the Markdown table')
     mode = parser.add_mutually_exclusive_group()
@@ -628,6 +660,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.warmup < 0:
         parser.error(f'--warmup must be at least 0, got {args.warmup}')
+    if args.top < 0:
+        parser.error(f'--top must be at least 0, got {args.top}')
     return args
 
 

@@ -2,19 +2,23 @@
 
 On a GPU a span is timed with CUDA events around back-to-back calls (the host queues the next call while the GPU
 runs this one, as in a model); on a CPU with ``time.perf_counter``. Peak memory is
-``torch.cuda.max_memory_allocated`` (``None`` on a CPU, where there is no allocator to ask).
+``torch.cuda.max_memory_allocated`` (``None`` on a CPU, where there is no allocator to ask). Where the time goes:
+``profile_top_ops``, the top kernels (GPU) or operators (CPU) of a step under ``torch.profiler``, each with its call
+sites in this repository.
 """
 import gc
 import json
+import re
 import statistics
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 __all__ = ['synchronize', 'release', 'reset_peak', 'peak_bytes', 'timed_span', 'median_ms', 'device_name',
-           'error_text']
+           'error_text', 'call_site', 'call_sites', 'profile_top_ops']
 
 
 def synchronize(device: torch.device) -> None:
@@ -108,3 +112,54 @@ def write_results(json_path: Optional[str], markdown_path: Optional[str], meta: 
     if markdown_path:
         Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown_path).write_text(to_markdown(meta, rows))
+
+
+# a Python-function event of the profiler (recorded with_stack): 'vssm/ops/token_maps.py(56): _gather'
+_CALL_SITE = re.compile(r'(?:^|/)((?:vssm|tools)/[^\s(]+\.py\(\d+\): \S+)')
+
+
+def call_site(event: Any) -> str:
+    """The innermost call site in this repository (``vssm/`` or ``tools/``, not this measuring package) of a profiled
+    operator: its nearest Python-function ancestor in the profile, e.g. ``'vssm/ops/token_maps.py(56): _gather'``;
+    '' when none."""
+    while event is not None:
+        match = _CALL_SITE.search(event.name)
+        if match and not match.group(1).startswith('vssm/analysis/'):  # not the measuring harness itself
+            return match.group(1)
+        event = event.cpu_parent
+    return ''
+
+
+def call_sites(events: Sequence[Any], names: Sequence[str], gpu: bool, top: int = 2) -> Dict[str, str]:
+    """For each kernel (``gpu``: launched by the operators among ``events``) or CPU operator named in ``names``, its
+    ``top`` call sites (:func:`call_site`) with their counts, e.g. ``'vssm/ops/token_maps.py(56): _gather x28'``."""
+    wanted, counts = set(names), defaultdict(Counter)
+    for event in events:
+        if gpu:
+            for kernel in getattr(event, 'kernels', None) or ():
+                if kernel.name in wanted:
+                    counts[kernel.name][call_site(event)] += 1
+        elif event.name in wanted and event.device_type.name == 'CPU':
+            counts[event.name][call_site(event)] += 1
+    return {name: ', '.join(f'{site or "?"} x{n}' for site, n in sites.most_common(top))
+            for name, sites in counts.items()}
+
+
+def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, top: int = 15) -> List[Dict[str, Any]]:
+    """Where the time of ``step`` goes: torch.profiler over ``iters`` calls, the ``top`` kernels (GPU) or operators
+    (CPU) by self time, each with its time per call of ``step`` (ms), share of the total, count per call and where in
+    this repository it is called from (``where``: the two most frequent call sites, :func:`call_sites`)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities, with_stack=True) as prof:
+        for _ in range(iters):
+            step()
+        synchronize(device)
+    gpu = device.type == 'cuda'
+    events = [e for e in prof.key_averages() if (e.device_type.name == 'CUDA' if gpu else True)]
+    self_us = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) or 1.0
+    events = sorted(events, key=self_us, reverse=True)[:top]
+    sites = call_sites(prof.events(), [e.key for e in events], gpu)
+    return [dict(name=e.key[:120], ms=self_us(e) / 1e3 / iters, share=self_us(e) / total, calls=e.count / iters,
+                 where=sites.get(e.key, '')) for e in events]
