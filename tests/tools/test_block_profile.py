@@ -243,7 +243,8 @@ def test_top_lists_each_parts_kernels_with_their_call_sites(block_profile, tmp_p
     assert row['top'] == sorted(row['top'], key=lambda op: op['ms'], reverse=True)
     assert any(op['where'].startswith(('vssm/', 'tools/')) for op in row['top']), row['top']
     printed = capsys.readouterr().out
-    assert block_profile.format_top(row['top'][0]) in printed
+    top = row['top'][0]
+    assert block_profile.format_top_op(top, block_profile.short_kernel_name(top['name'])) in printed
     text = (tmp_path / 'rows.md').read_text()
     assert '| model | part | kernel | ms | share | launches | called from |' in text
     assert sum(line.startswith('| VMamba-T | fwd-fp32 | `') for line in text.splitlines()) == len(row['top'])

@@ -98,6 +98,7 @@ from vssm.analysis.models import (
 from vssm.analysis.timing import (
     device_name,
     error_text,
+    format_top_op,
     median_ms,
     peak_bytes,
     prepare_device,
@@ -436,8 +437,7 @@ class Benchmark:
         self.rows.append(row)
         print(format_row(row), flush=True)
         for op in row.get('profile', ()):
-            print(f"    {op['ms']:9.3f} ms {100 * op['share']:5.1f}% {op['calls']:6.1f}x  {op['name']}"
-                  + (f"\n{'':34s}<- {op['where']}" if op.get('where') else ''), flush=True)
+            print(f'    {format_top_op(op)}', flush=True)
 
     def run(self, on_model_done: Callable[[], None]) -> None:
         args = self.args

@@ -89,6 +89,7 @@ from vssm.analysis.models import MODEL_SPECS, ModelSpec, build_backbone, model_n
 from vssm.analysis.timing import (
     device_name,
     error_text,
+    format_top_op,
     median_ms,
     prepare_device,
     profile_top_ops,
@@ -429,7 +430,7 @@ class BlockProfiler:
         self.rows.append(row)
         print(format_row(row, self.count_column), file=self.stream, flush=True)
         for op in row['top']:
-            print(f"    {format_top(op)}", file=self.stream, flush=True)
+            print(f'    {format_top_op(op, short_kernel_name(op["name"]))}', file=self.stream, flush=True)
 
     def run(self, items: Sequence[Tuple[str, str]], what: str,
             on_model_done: Callable[[], None] = lambda: None) -> List[Dict[str, Any]]:
@@ -523,12 +524,6 @@ def format_row(row: Dict[str, Any], count_column: str) -> str:
     return (f"{row['model']:<18} {row['part']:<10} {_num(row[count_column], 'd'):>6} {count_column:<7} "
             f"{_num(row['ms'], '.3f'):>9} ms  minimal {_num(row['minimal_mb'], '.2f'):>9} MB  "
             f"{_num(row['gb_per_s'], '.1f'):>7} GB/s  {_input_text(row)}  {status}")
-
-
-def format_top(op: Dict[str, Any]) -> str:
-    """One of a part's top kernels: time per call, share, launches per call, name, call sites."""
-    where = f"  ({op['where']})" if op['where'] else ''
-    return f"{op['ms']:8.3f} ms {op['share']:6.1%}  x{op['calls']:<5g} {short_kernel_name(op['name'])}{where}"
 
 
 def top_markdown(rows: Sequence[Dict[str, Any]]) -> List[str]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 __all__ = ['synchronize', 'release', 'reset_peak', 'peak_bytes', 'timed_span', 'median_ms', 'device_name',
-           'error_text', 'call_site', 'call_sites', 'profile_top_ops']
+           'error_text', 'call_site', 'call_sites', 'profile_top_ops', 'format_top_op']
 
 
 def synchronize(device: torch.device) -> None:
@@ -163,3 +163,10 @@ def profile_top_ops(step: Callable[[], None], iters: int, device: torch.device, 
     sites = call_sites(prof.events(), [e.key for e in events], gpu)
     return [dict(name=e.key[:120], ms=self_us(e) / 1e3 / iters, share=self_us(e) / total, calls=e.count / iters,
                  where=sites.get(e.key, '')) for e in events]
+
+
+def format_top_op(op: Dict[str, Any], name: Optional[str] = None) -> str:
+    """One of :func:`profile_top_ops`' rows as a line: time per step, share, launches per step, ``name`` (default:
+    the op's own) and its call sites."""
+    where = f"  <- {op['where']}" if op.get('where') else ''
+    return f"{op['ms']:9.3f} ms {op['share']:6.1%} {op['calls']:6.1f}x  {name or op['name']}{where}"
