@@ -7,7 +7,7 @@ import torch
 from conftest import load_tool
 from torch import nn
 
-from vssm.analysis.timing import call_sites, profile_top_ops
+from vssm.analysis.timing import call_site, call_sites, profile_top_ops
 
 TINY = ['--batch', '2', '--size', '64', '--warmup', '1', '--iters', '1', '--torch-warmup', '1', '--torch-iters', '1',
         '--device', 'cpu']
@@ -317,3 +317,14 @@ def test_call_sites_of_gpu_kernels_come_from_the_operators_that_launch_them():
               op('aten::add', None, ['add_kernel', 'copy_kernel'])]
     assert call_sites(events, ['copy_kernel', 'add_kernel'], gpu=True) == {
         'copy_kernel': 'vssm/ops/token_maps.py(56): _gather x2, ? x1', 'add_kernel': '? x1'}
+
+
+def test_call_sites_skip_the_measuring_harness():
+    """An operator run from vssm/analysis/ (the profiler's own loop, e.g. a backward started there) is attributed to
+    the nearest frame outside it, or to none."""
+    from types import SimpleNamespace as Event
+    harness = Event(name='vssm/analysis/timing.py(153): profile_top_ops', cpu_parent=None)
+    assert call_site(Event(name='aten::mm', cpu_parent=harness)) == ''
+    tool = Event(name='tools/analysis_tools/block_profile.py(260): step', cpu_parent=None)
+    inner = Event(name='vssm/analysis/timing.py(153): profile_top_ops', cpu_parent=tool)
+    assert call_site(Event(name='aten::mm', cpu_parent=inner)) == 'tools/analysis_tools/block_profile.py(260): step'

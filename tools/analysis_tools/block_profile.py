@@ -638,8 +638,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True,
                         help='TF32 for fp32 matmuls and cuDNN convolutions (default: on, as in benchmark.py)')
     parser.add_argument('--top', type=int, default=0, metavar='N',
-                        help='also profile 3 more calls of each part with torch.profiler and list its N kernels (on a '
-                        'CPU: operators) by time, with their call sites in the repository (default: none)')
+                        help=f'also profile {TOP_CALLS} more calls of each part with torch.profiler and list its N '
+                        'kernels (on a CPU: operators) by time, with their call sites in the repository (default: '
+                        'none)')
     parser.add_argument('--json', metavar='PATH', help='write the settings and all rows as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='write the Markdown table')
     mode = parser.add_mutually_exclusive_group()
