@@ -182,3 +182,67 @@ def test_grouped_matmul_traces_to_plain_gemms():
     traced = torch.jit.trace(grouped_matmul, (weight, x))
     assert 'aten::bmm' in str(traced.graph)
     torch.testing.assert_close(traced(weight, x), torch.matmul(weight, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a GPU'))])
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16], ids=str)
+def test_linear_2d_gemm_form_matches_conv2d(monkeypatch, device, bias, dtype):
+    """Linear2d's batched-GEMM form (NCHW-contiguous CUDA maps; forced on here for the CPU) against the 1x1
+    ``F.conv2d``: values and the gradients of the map, weight and bias, through plain autograd and through the
+    recomputed projections' hand-written backward (``gelu_linear``). Odd sizes; bf16 = under autocast."""
+    from vssm.models.layers import recompute
+    monkeypatch.setattr(recompute, 'gemm_form', lambda x: x.dim() == 4 and x.is_contiguous())
+    torch.manual_seed(0)
+    autocast = dtype == torch.bfloat16
+    param_dtype = torch.float32 if autocast else dtype
+    fc = Linear2d(7, 5, bias=bias).to(device, param_dtype)
+    x = torch.randn(3, 7, 5, 9, device=device, dtype=param_dtype)
+    probe = torch.randn(3, 5, 5, 9, device=device, dtype=param_dtype)
+
+    def conv(t):
+        return F.conv2d(t, fc.weight[:, :, None, None], fc.bias)
+
+    results = []
+    for fn in (conv, fc, lambda t: conv(F.gelu(t)), lambda t: gelu_linear(t, fc, channels_first=True)):
+        leaf = x.clone().requires_grad_()
+        fc.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = fn(leaf)
+        (out.to(param_dtype) * probe).sum().backward()
+        results.append([out.detach(), leaf.grad] + [p.grad.clone() for p in fc.parameters()])
+    tol = dict(rtol=2e-2, atol=5e-2) if autocast else dict(rtol=1e-10, atol=1e-10)
+    for ours, ref in ((results[1], results[0]), (results[3], results[2])):
+        for name, a, b in zip(['out', 'x', 'weight', 'bias'], ours, ref):
+            assert a.dtype == b.dtype, name
+            torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+def test_linear_2d_gemm_form_where_it_pays(monkeypatch):
+    """The batched-GEMM form only on NCHW-contiguous CUDA maps of at least ``GEMM_MIN_PIXELS`` pixels (cuDNN is
+    faster on smaller, wider maps); never on a CPU tensor, a channels-last map or with the switch off."""
+    from vssm.models.layers import recompute
+
+    class FakeCudaMap:  # what gemm_form reads of a tensor, on a machine without a GPU
+        is_cuda = True
+
+        def __init__(self, shape, contiguous=True):
+            self.shape, self._contiguous = shape, contiguous
+
+        def dim(self):
+            return len(self.shape)
+
+        def is_contiguous(self):
+            return self._contiguous
+
+    side = int(recompute.GEMM_MIN_PIXELS ** 0.5)
+    assert side * side == recompute.GEMM_MIN_PIXELS  # 28x28: VMamba-T's stage 2 at 224x224
+    assert recompute.gemm_form(FakeCudaMap((2, 96, side, side)))
+    assert recompute.gemm_form(FakeCudaMap((2, 96, 1, recompute.GEMM_MIN_PIXELS)))
+    assert not recompute.gemm_form(FakeCudaMap((2, 384, side // 2, side // 2)))  # stage 3: cuDNN
+    assert not recompute.gemm_form(FakeCudaMap((2, 96, side, side), contiguous=False))
+    assert not recompute.gemm_form(FakeCudaMap((2, 96, side * side)))
+    assert not recompute.gemm_form(torch.zeros(2, 4, side, side))  # CPU: conv2d
+    monkeypatch.setattr(recompute, 'GEMM_1X1', False)
+    assert not recompute.gemm_form(FakeCudaMap((2, 96, side, side)))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import layer_norm_2d
-from .recompute import recomputed_linear
+from .recompute import linear_2d, recomputed_linear
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -55,7 +55,7 @@ class Linear2d(nn.Linear):
     applies to it. 4-D ``(out, in, 1, 1)`` weights in a checkpoint are accepted too."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        return linear_2d(x, self.weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
