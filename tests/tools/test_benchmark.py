@@ -319,6 +319,33 @@ def test_call_sites_of_gpu_kernels_come_from_the_operators_that_launch_them():
         'copy_kernel': 'vssm/ops/token_maps.py(56): _gather x2, ? x1', 'add_kernel': '? x1'}
 
 
+def test_call_sites_of_kernels_launched_outside_the_operator_tree():
+    """Where the profiler hangs a kernel off a CUDA runtime launch with no parent operator, its call site is the
+    innermost repository frame (not the harness's) enclosing the launch on the same thread; '?' on another thread
+    (autograd's backward) or outside every frame."""
+    from types import SimpleNamespace as Event
+
+    def event(name, start, end, thread=1, kernels=()):
+        return Event(name=name, cpu_parent=None, time_range=Event(start=start, end=end), thread=thread,
+                     kernels=[Event(name=k) for k in kernels])
+
+    events = [
+        event('tools/analysis_tools/block_profile.py(260): step', 0, 100),
+        event('vssm/analysis/timing.py(153): profile_top_ops', 1, 99),
+        event('vssm/models/vmamba.py(120): forward', 10, 50),
+        event('vssm/ops/token_maps.py(56): _gather', 12, 20),
+        event('cudaLaunchKernel', 13, 14, kernels=['gather_kernel']),
+        event('cudaLaunchKernel', 30, 31, kernels=['gemm_kernel']),   # in forward, after _gather ended
+        event('cudaLaunchKernel', 60, 61, kernels=['gemm_kernel']),   # only the harness and the tool enclose it
+        event('cudaLaunchKernel', 30, 31, thread=2, kernels=['gemm_kernel']),  # the backward's thread
+        event('cudaLaunchKernel', 200, 201, kernels=['gather_kernel']),  # after every frame
+    ]
+    assert call_sites(events, ['gather_kernel', 'gemm_kernel'], gpu=True) == {
+        'gather_kernel': 'vssm/ops/token_maps.py(56): _gather x1, ? x1',
+        'gemm_kernel': 'vssm/models/vmamba.py(120): forward x1, tools/analysis_tools/block_profile.py(260): step x1'}
+    assert call_sites(events, ['gemm_kernel'], gpu=True, top=3)['gemm_kernel'].endswith('? x1')
+
+
 def test_call_sites_skip_the_measuring_harness():
     """An operator run from vssm/analysis/ (the profiler's own loop, e.g. a backward started there) is attributed to
     the nearest frame outside it, or to none."""

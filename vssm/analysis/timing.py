@@ -6,6 +6,7 @@ runs this one, as in a model); on a CPU with ``time.perf_counter``. Peak memory 
 ``profile_top_ops``, the top kernels (GPU) or operators (CPU) of a step under ``torch.profiler``, each with its call
 sites in this repository.
 """
+import bisect
 import gc
 import json
 import re
@@ -123,22 +124,64 @@ def call_site(event: Any) -> str:
     operator: its nearest Python-function ancestor in the profile, e.g. ``'vssm/ops/token_maps.py(56): _gather'``;
     '' when none."""
     while event is not None:
-        match = _CALL_SITE.search(event.name)
-        if match and not match.group(1).startswith('vssm/analysis/'):  # not the measuring harness itself
-            return match.group(1)
+        site = _repo_site(event)
+        if site:
+            return site
         event = event.cpu_parent
     return ''
 
 
+def _repo_site(event: Any) -> str:
+    """The call site an event itself names ('' for an operator, or for a frame of the measuring harness)."""
+    match = _CALL_SITE.search(event.name)
+    return match.group(1) if match and not match.group(1).startswith('vssm/analysis/') else ''
+
+
+class _EnclosingSites:
+    """The innermost repository call site whose Python-function event encloses a time on the same thread: for the
+    events that launch kernels when the profiler leaves them outside the operator tree (CUDA runtime launches with no
+    ``cpu_parent``)."""
+
+    def __init__(self, events: Sequence[Any]) -> None:
+        self.frames: Dict[Any, List[Any]] = defaultdict(list)
+        for event in events:
+            if getattr(event, 'time_range', None) is not None and _repo_site(event):
+                self.frames[getattr(event, 'thread', None)].append(event)
+        for frames in self.frames.values():
+            frames.sort(key=lambda e: e.time_range.start)
+        self.starts = {thread: [e.time_range.start for e in frames] for thread, frames in self.frames.items()}
+
+    def __call__(self, event: Any) -> str:
+        time_range, thread = getattr(event, 'time_range', None), getattr(event, 'thread', None)
+        if time_range is None or thread not in self.frames:
+            return ''
+        frames = self.frames[thread]
+        # frames nest: walking back from the last one started before the event, the first that has not ended yet
+        # is the innermost enclosing one
+        for i in range(bisect.bisect_right(self.starts[thread], time_range.start) - 1, -1, -1):
+            if frames[i].time_range.end >= time_range.end:
+                return _repo_site(frames[i])
+        return ''
+
+
 def call_sites(events: Sequence[Any], names: Sequence[str], gpu: bool, top: int = 2) -> Dict[str, str]:
-    """For each kernel (``gpu``: launched by the operators among ``events``) or CPU operator named in ``names``, its
-    ``top`` call sites (:func:`call_site`) with their counts, e.g. ``'vssm/ops/token_maps.py(56): _gather x28'``."""
+    """For each kernel (``gpu``: launched by the events among ``events``) or CPU operator named in ``names``, its
+    ``top`` call sites (:func:`call_site`, else the enclosing Python frame on the launching thread) with their counts,
+    e.g. ``'vssm/ops/token_maps.py(56): _gather x28'``; ``?`` where none is found (e.g. the backward's kernels,
+    launched by autograd's own thread)."""
     wanted, counts = set(names), defaultdict(Counter)
+    enclosing = None
     for event in events:
         if gpu:
-            for kernel in getattr(event, 'kernels', None) or ():
-                if kernel.name in wanted:
-                    counts[kernel.name][call_site(event)] += 1
+            kernels = [k for k in getattr(event, 'kernels', None) or () if k.name in wanted]
+            if not kernels:
+                continue
+            site = call_site(event)
+            if not site:
+                enclosing = enclosing or _EnclosingSites(events)
+                site = enclosing(event)
+            for kernel in kernels:
+                counts[kernel.name][site] += 1
         elif event.name in wanted and event.device_type.name == 'CPU':
             counts[event.name][call_site(event)] += 1
     return {name: ', '.join(f'{site or "?"} x{n}' for site, n in sites.most_common(top))
