@@ -221,14 +221,16 @@ def test_linear_2d_gemm_form_matches_conv2d(monkeypatch, device, bias, dtype):
 
 def test_linear_2d_gemm_form_where_it_pays(monkeypatch):
     """The batched-GEMM form only on NCHW-contiguous CUDA maps of at least ``GEMM_MIN_PIXELS`` pixels (cuDNN is
-    faster on smaller, wider maps); never on a CPU tensor, a channels-last map or with the switch off."""
+    faster on smaller, wider maps), in 16 bits or in TF32; never on a CPU tensor, a channels-last map or with the
+    switch off."""
     from vssm.models.layers import recompute
 
     class FakeCudaMap:  # what gemm_form reads of a tensor, on a machine without a GPU
         is_cuda = True
+        device = torch.device('cuda')
 
-        def __init__(self, shape, contiguous=True):
-            self.shape, self._contiguous = shape, contiguous
+        def __init__(self, shape, contiguous=True, dtype=torch.bfloat16):
+            self.shape, self._contiguous, self.dtype = shape, contiguous, dtype
 
         def dim(self):
             return len(self.shape)
@@ -244,5 +246,16 @@ def test_linear_2d_gemm_form_where_it_pays(monkeypatch):
     assert not recompute.gemm_form(FakeCudaMap((2, 96, side, side), contiguous=False))
     assert not recompute.gemm_form(FakeCudaMap((2, 96, side * side)))
     assert not recompute.gemm_form(torch.zeros(2, 4, side, side))  # CPU: conv2d
+    # float32: only where matmuls may use TF32 (cuDNN's convolutions do by default)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a property of torch's backend module: set and restored by hand
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not recompute.gemm_form(FakeCudaMap((2, 96, side, side), dtype=torch.float32))
+        assert recompute.gemm_form(FakeCudaMap((2, 96, side, side), dtype=torch.float16))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert recompute.gemm_form(FakeCudaMap((2, 96, side, side), dtype=torch.float32))
+        assert not recompute.gemm_form(FakeCudaMap((2, 96, side, side), dtype=torch.float64))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     monkeypatch.setattr(recompute, 'GEMM_1X1', False)
     assert not recompute.gemm_form(FakeCudaMap((2, 96, side, side)))

@@ -31,16 +31,23 @@ __all__ = ['recomputed_linear', 'gelu_linear', 'grouped_matmul', 'set_recompute'
 # docs/benchmarks.md): on maps of at least 784 pixels (VMamba-T's stages 1 and 2 at 224x224: 1.07x-1.25x the whole
 # model's inference, 1.05x-1.3x its training). On smaller maps with wide channels (VMamba's stages 3-4, Spectral
 # VMamba's 14x14 patches) cuDNN's single GEMM over all the images' pixels is faster (Spectral VMamba-T 0.80x in fp32
-# inference with the GEMM form there) and the batched form's backward peaks higher. False: cuDNN everywhere.
+# inference with the GEMM form there) and the batched form's backward peaks higher. Float32 takes it only with TF32
+# matmuls allowed (as the benchmarks run; :func:`gemm_form`). False: cuDNN everywhere.
 GEMM_1X1 = True
 GEMM_MIN_PIXELS = 784
 
 
 def gemm_form(x: Tensor) -> bool:
     """Whether :func:`linear_2d` runs ``x`` as a batched GEMM: an NCHW-contiguous CUDA map of at least
-    ``GEMM_MIN_PIXELS`` pixels (elsewhere ``F.conv2d``)."""
-    return (GEMM_1X1 and x.is_cuda and x.dim() == 4 and x.is_contiguous()
-            and x.shape[2] * x.shape[3] >= GEMM_MIN_PIXELS)
+    ``GEMM_MIN_PIXELS`` pixels, computed in 16 bits, or in float32 where matmuls may use TF32
+    (``torch.backends.cuda.matmul.allow_tf32``, off by default, where cuDNN's convolutions use TF32 by default: a
+    full-float32 GEMM would be several times slower than cuDNN's TF32 one). Elsewhere ``F.conv2d``."""
+    if not (GEMM_1X1 and x.is_cuda and x.dim() == 4 and x.is_contiguous()
+            and x.shape[2] * x.shape[3] >= GEMM_MIN_PIXELS):
+        return False
+    dtype = autocast_dtype(x)
+    return dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32
+                                                        and torch.backends.cuda.matmul.allow_tf32)
 
 
 def linear_2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
