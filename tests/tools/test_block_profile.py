@@ -99,6 +99,18 @@ def test_other_blocks(block_profile):
     assert spectral['bytes']['index'] > 0 and spectral['bytes']['grad_input'] == 0
 
 
+def test_stage_picks_the_first_block_of_that_stage(block_profile, tmp_path):
+    """--stage 3: VMamba-T's first stage-3 block, with the map it receives there (stride 16, 384 channels); the
+    stage goes into the rows, the JSON and the Markdown; a stage the backbone lacks is one clear error."""
+    rows = block_profile.main(TINY + ['--models', 'vmamba-t', '--parts', 'fwd-fp32', '--stage', '3', '--markdown',
+                                      str(tmp_path / 'rows.md')])
+    assert [(r['block'], r['stage'], r['status']) for r in rows] == [('VSSBlock', 3, 'ok')]
+    assert rows[0]['input_shape'] == [1, 384, 4, 4]
+    assert 'One stage-3 block per model' in (tmp_path / 'rows.md').read_text()
+    with pytest.raises(ValueError, match='--stage 5: VMamba has stages 1 to 4'):
+        block_profile.stage_block(_tiny_vmamba(), 5)
+
+
 def test_markdown_table(full_run):
     text = full_run[2]
     assert 'batch 1 at 64x64' in text and 'top-level CPU operators' in text

@@ -1,16 +1,18 @@
-"""Kernels, time and minimal memory traffic of one stage-1 block of each T model (VMamba-T's ``VSSBlock``,
+"""Kernels, time and minimal memory traffic of one block of each T model (VMamba-T's ``VSSBlock``,
 Spatial-Mamba-T's ``SpatialMambaBlock``, Spectral VMamba-T's ``SpectralBlock``), and the DRAM bytes Nsight Compute
 measures for it: how far each block's kernels are from one pass over memory.
 
-    python tools/analysis_tools/block_profile.py [--models NAME ...] [--parts PART ...] [--batch 128] [--size 224]
-        [--warmup 10] [--iters 30] [--device cuda] [--backend auto] [--tf32 | --no-tf32] [--top N]
+    python tools/analysis_tools/block_profile.py [--models NAME ...] [--parts PART ...] [--stage 1] [--batch 128]
+        [--size 224] [--warmup 10] [--iters 30] [--device cuda] [--backend auto] [--tf32 | --no-tf32] [--top N]
         [--json rows.json] [--markdown table.md]
-    python tools/analysis_tools/block_profile.py --ncu-part MODEL:PART [--batch 128] [--size 224] [--warmup 10]
+    python tools/analysis_tools/block_profile.py --ncu-part MODEL:PART [--stage 1] [--batch 128] [--size 224]
+        [--warmup 10]
     python tools/analysis_tools/block_profile.py --summarize MODEL:PART=CSV [MODEL:PART=CSV ...] [--markdown dram.md]
 
 Protocol:
 
-* The block: the first block of the first stage (``backbone.layers[0].blocks[0]``) of the backbone that the model's
+* The block: the first block of stage ``--stage`` (default 1: ``backbone.layers[0].blocks[0]``; stage 3 holds most
+  of the blocks of the T models) of the backbone that the model's
   classification config builds (classification/configs/<family>/*-tiny_8xb128_in1k.py; random weights, nothing
   loaded: ``vssm.analysis.models``), with ``ops_backend=--backend``. Its input is recorded, not made up: a forward
   pre-hook on the block takes the arguments it receives in a forward of the whole backbone on ``--batch`` random
@@ -45,7 +47,8 @@ Protocol:
   calls (at least one), then exactly one call between ``torch.cuda.profiler.start()`` and ``stop()``; with
   ``--profile-from-start off`` ncu profiles only that call's kernels. The tool's row goes to stderr; ncu's CSV
   comes on stdout after the program's output (mmengine's log lines, ncu's ``==PROF==`` lines), all of which
-  ``--summarize`` skips: it starts at the CSV header.
+  ``--summarize`` skips: it starts at the CSV header. ``--summarize`` computes the minimal bytes of the block of
+  its own ``--stage``: give it the one the ``--ncu-part`` runs had.
   ncu flushes the caches before each kernel by default (``--cache-control all``): each kernel's bytes are its
   cold-cache traffic, so data handed from kernel to kernel through the L2 cache counts twice; add
   ``--cache-control none`` to measure with the L2 kept. ``--print-units base`` keeps the values in bytes; without
@@ -117,9 +120,12 @@ def build_trunk(spec: ModelSpec, backend: str) -> nn.Module:
     return build_backbone(prepare_config(spec.config('cls')), ops_backend=backend)
 
 
-def first_block(backbone: nn.Module) -> nn.Module:
-    """The first block of the first stage."""
-    return backbone.layers[0].blocks[0]
+def stage_block(backbone: nn.Module, stage: int = 1) -> nn.Module:
+    """The first block of ``stage`` (1 = the first stage)."""
+    stages = len(backbone.layers)
+    if not 1 <= stage <= stages:
+        raise ValueError(f'--stage {stage}: {type(backbone).__name__} has stages 1 to {stages}.')
+    return backbone.layers[stage - 1].blocks[0]
 
 
 def part_settings(part: str) -> Tuple[bool, str]:
@@ -413,14 +419,15 @@ class BlockProfiler:
         from vssm.models.layers.recompute import recompute_enabled
         args = self.args
         return dict(device=device_name(self.device), torch=torch.__version__, cuda=torch.version.cuda,
-                    tf32=args.tf32, recompute=recompute_enabled(), batch=args.batch, size=args.size,
+                    tf32=args.tf32, recompute=recompute_enabled(), stage=args.stage, batch=args.batch, size=args.size,
                     warmup=args.warmup, iters=args.iters, backend=args.backend, count=self.count_column,
                     command=' '.join(['python tools/analysis_tools/block_profile.py'] + list(args.argv)),
                     date=time.strftime('%Y-%m-%d %H:%M'))
 
     def _row(self, name: str, part: str) -> Dict[str, Any]:
         spec = MODEL_SPECS[name]
-        return dict(model=name, title=spec.title, block=None, part=part, backend=self.args.backend,
+        return dict(model=name, title=spec.title, block=None, stage=self.args.stage, part=part,
+                    backend=self.args.backend,
                     ops_backend=None, batch=self.args.batch, size=self.args.size, input_shape=None, input_dtype=None,
                     input_layout=None, other_inputs='', output_dtype=None, kernels=None, ops=None, ms=None,
                     minimal_bytes=None, minimal_mb=None, bytes=None, gb_per_s=None, status='ok', note='',
@@ -449,7 +456,7 @@ class BlockProfiler:
         backbone = build_trunk(spec, self.args.backend).to(self.device)
         ops_backend = describe_backends(self.args.backend, torch.empty(1, device=self.device))
         images = torch.randn(self.args.batch, 3, self.args.size, self.args.size, device=self.device)
-        return backbone, first_block(backbone), ops_backend, images
+        return backbone, stage_block(backbone, self.args.stage), ops_backend, images
 
     def _model(self, name: str, rows: List[Dict[str, Any]], what: str) -> None:
         built, error = None, None
@@ -552,9 +559,9 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
         f"{'on' if meta['tf32'] else 'off'}; memory-saving recomputation {'on' if meta['recompute'] else 'off'}; "
         f"{meta['date']}.",
         '',
-        f"One stage-1 block per model, its input recorded in a backbone forward on batch {meta['batch']} at "
-        f"{meta['size']}x{meta['size']}; ops_backend='{meta['backend']}'; {meta['warmup']} warm-up calls, median of "
-        f"{meta['iters']} timed calls; {count} per call "
+        f"One stage-{meta.get('stage', 1)} block per model (the stage's first), its input recorded in a backbone "
+        f"forward on batch {meta['batch']} at {meta['size']}x{meta['size']}; ops_backend='{meta['backend']}'; "
+        f"{meta['warmup']} warm-up calls, median of {meta['iters']} timed calls; {count} per call "
         + ('(CUDA kernels, torch.profiler)' if count == 'kernels' else '(top-level CPU operators: no GPU)')
         + '; minimal bytes: inputs + output + parameters (+ their gradients in training). Protocol in '
         '`tools/analysis_tools/block_profile.py --help`.',
@@ -626,6 +633,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         f'{", ".join(OUR_MODELS)})')
     parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS), metavar='PART',
                         help=f'what to run, from {", ".join(PARTS)} (default: all)')
+    parser.add_argument('--stage', type=int, default=1, help='profile the first block of this stage (1 to 4; '
+                        'default: %(default)s)')
     parser.add_argument('--batch', type=int, default=128, help='images of the recording forward (default: %(default)s)')
     parser.add_argument('--size', type=int, default=224, help='image side (default: %(default)s; a multiple of 16 '
                         'for Spectral VMamba)')
