@@ -28,8 +28,8 @@ from ...ops.grouped_matmul import grouped_matmul
 __all__ = ['recomputed_linear', 'gelu_linear', 'grouped_matmul', 'set_recompute', 'recompute_enabled']
 
 # Linear2d's 1x1 convolutions as one batched GEMM per image where that is faster than cuDNN (one H100, batch 128,
-# docs/benchmarks.md): on maps of at least 784 pixels (VMamba-T's stages 1 and 2 at 224x224: 1.07x-1.25x the whole
-# model's inference, 1.05x-1.3x its training). On smaller maps with wide channels (VMamba's stages 3-4, Spectral
+# docs/benchmarks.md): on maps of at least 784 pixels (VMamba-T's stages 1 and 2 at 224x224: 1.12x-1.20x the whole
+# model's bf16 inference, 1.10x-1.34x its training). On smaller maps with wide channels (VMamba's stages 3-4, Spectral
 # VMamba's 14x14 patches) cuDNN's single GEMM over all the images' pixels is faster (Spectral VMamba-T 0.80x in fp32
 # inference with the GEMM form there) and the batched form's backward peaks higher. Float32 takes it only with TF32
 # matmuls allowed (as the benchmarks run; :func:`gemm_form`). False: cuDNN everywhere.
