@@ -346,6 +346,19 @@ def test_call_sites_of_kernels_launched_outside_the_operator_tree():
     assert call_sites(events, ['gemm_kernel'], gpu=True, top=3)['gemm_kernel'].endswith('? x1')
 
 
+def test_call_sites_from_recorded_python_stacks():
+    """Where the profiler records a Python stack with an operator (``stack``, innermost frame first) instead of
+    Python-function events, the innermost repository frame of it (not the harness's) is the call site."""
+    from types import SimpleNamespace as Event
+    root = Event(name='aten::linear', cpu_parent=None, stack=[
+        'vssm/analysis/timing.py(153): profile_top_ops', 'torch/nn/modules/module.py(1750): _call_impl',
+        'vssm/models/vmamba.py(120): forward', 'tools/analysis_tools/block_profile.py(260): step'])
+    op = Event(name='aten::mm', cpu_parent=root, stack=[], kernels=[Event(name='gemm_kernel')])
+    assert call_site(op) == 'vssm/models/vmamba.py(120): forward'
+    sites = call_sites([root, op], ['gemm_kernel'], gpu=True)
+    assert sites == {'gemm_kernel': 'vssm/models/vmamba.py(120): forward x1'}
+
+
 def test_call_sites_skip_the_measuring_harness():
     """An operator run from vssm/analysis/ (the profiler's own loop, e.g. a backward started there) is attributed to
     the nearest frame outside it, or to none."""

@@ -121,19 +121,21 @@ _CALL_SITE = re.compile(r'(?:^|/)((?:vssm|tools)/[^\s(]+\.py\(\d+\): \S+)')
 
 def call_site(event: Any) -> str:
     """The innermost call site in this repository (``vssm/`` or ``tools/``, not this measuring package) of a profiled
-    operator: its nearest Python-function ancestor in the profile, e.g. ``'vssm/ops/token_maps.py(56): _gather'``;
-    '' when none."""
+    operator: its nearest Python-function ancestor in the profile, e.g. ``'vssm/ops/token_maps.py(56): _gather'``,
+    or the innermost such frame of the Python stack recorded with an event on the way up; '' when none."""
     while event is not None:
-        site = _repo_site(event)
+        frames = getattr(event, 'stack', None) or ()  # innermost first
+        site = _repo_site(event.name) or next(filter(None, map(_repo_site, frames)), '')
         if site:
             return site
         event = event.cpu_parent
     return ''
 
 
-def _repo_site(event: Any) -> str:
-    """The call site an event itself names ('' for an operator, or for a frame of the measuring harness)."""
-    match = _CALL_SITE.search(event.name)
+def _repo_site(name: str) -> str:
+    """The call site a profiler event's name or stack frame names ('' for an operator, or for a frame of the
+    measuring harness)."""
+    match = _CALL_SITE.search(name)
     return match.group(1) if match and not match.group(1).startswith('vssm/analysis/') else ''
 
 
@@ -145,7 +147,7 @@ class _EnclosingSites:
     def __init__(self, events: Sequence[Any]) -> None:
         self.frames: Dict[Any, List[Any]] = defaultdict(list)
         for event in events:
-            if getattr(event, 'time_range', None) is not None and _repo_site(event):
+            if getattr(event, 'time_range', None) is not None and _repo_site(event.name):
                 self.frames[getattr(event, 'thread', None)].append(event)
         for frames in self.frames.values():
             frames.sort(key=lambda e: e.time_range.start)
@@ -160,7 +162,7 @@ class _EnclosingSites:
         # is the innermost enclosing one
         for i in range(bisect.bisect_right(self.starts[thread], time_range.start) - 1, -1, -1):
             if frames[i].time_range.end >= time_range.end:
-                return _repo_site(frames[i])
+                return _repo_site(frames[i].name)
         return ''
 
 
