@@ -427,11 +427,10 @@ class BlockProfiler:
     def _row(self, name: str, part: str) -> Dict[str, Any]:
         spec = MODEL_SPECS[name]
         return dict(model=name, title=spec.title, block=None, stage=self.args.stage, part=part,
-                    backend=self.args.backend,
-                    ops_backend=None, batch=self.args.batch, size=self.args.size, input_shape=None, input_dtype=None,
-                    input_layout=None, other_inputs='', output_dtype=None, kernels=None, ops=None, ms=None,
-                    minimal_bytes=None, minimal_mb=None, bytes=None, gb_per_s=None, status='ok', note='',
-                    seconds=None, top=[])
+                    backend=self.args.backend, ops_backend=None, batch=self.args.batch, size=self.args.size,
+                    input_shape=None, input_dtype=None, input_layout=None, other_inputs='', output_dtype=None,
+                    kernels=None, ops=None, ms=None, minimal_bytes=None, minimal_mb=None, bytes=None, gb_per_s=None,
+                    status='ok', note='', seconds=None, top=[])
 
     def _add(self, row: Dict[str, Any]) -> None:
         self.rows.append(row)
@@ -559,7 +558,7 @@ def markdown(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
         f"{'on' if meta['tf32'] else 'off'}; memory-saving recomputation {'on' if meta['recompute'] else 'off'}; "
         f"{meta['date']}.",
         '',
-        f"One stage-{meta.get('stage', 1)} block per model (the stage's first), its input recorded in a backbone "
+        f"One stage-{meta['stage']} block per model (the stage's first), its input recorded in a backbone "
         f"forward on batch {meta['batch']} at {meta['size']}x{meta['size']}; ops_backend='{meta['backend']}'; "
         f"{meta['warmup']} warm-up calls, median of {meta['iters']} timed calls; {count} per call "
         + ('(CUDA kernels, torch.profiler)' if count == 'kernels' else '(top-level CPU operators: no GPU)')
