@@ -1,5 +1,6 @@
-"""vssm.ops.layer_norm_2d: the Triton kernel against float64 autograd (in Triton's interpreter on the CPU, and on a
-GPU), the dispatch (reference on CPU tensors and under compilation), the output dtype, errors."""
+"""vssm.ops.layer_norm_2d and layer_norm_last: the Triton kernel (channels-first maps and rows of channels) against
+float64 autograd (in Triton's interpreter on the CPU, and on a GPU), the dispatch (reference on CPU tensors and under
+compilation), the output dtype, errors."""
 import textwrap
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from conftest import GRAD_TOLERANCES, TOLERANCES
 from ops.triton_interpreter import run_in_interpreter
 
-from vssm.ops import layer_norm, layer_norm_2d, layer_norm_2d_ref
+from vssm.ops import layer_norm, layer_norm_2d, layer_norm_2d_ref, layer_norm_last
 from vssm.ops.layer_norm import kernel_available
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and kernel_available()), reason='needs a GPU and Triton')
@@ -47,18 +48,21 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
         import torch.nn.functional as F
         from vssm.ops import _triton_layer_norm as kernel
         torch.manual_seed(0)
-        for (kernel.SINGLE_MAX_C, kernel.SINGLE_MAX_C_BWD), (b, c, h, w) in itertools.product(
-                {INTERPRETER_LIMITS!r}, {INTERPRETER_SHAPES!r}):
-            x = torch.randn(b, c, h * w) * 3 + 5
-            weight, bias, dy = torch.randn(c), torch.randn(c), torch.randn(b, c, h * w)
-            y, mean, rstd = kernel.forward(x, weight, bias, 1e-5, torch.float32)
-            dx, dw, db = kernel.backward(dy, x, weight, mean, rstd)
+        for (kernel.SINGLE_MAX_C, kernel.SINGLE_MAX_C_BWD), (b, c, h, w), last in itertools.product(
+                {INTERPRETER_LIMITS!r}, {INTERPRETER_SHAPES!r}, (False, True)):
+            # (B, C, L) maps, or (B, L, C) rows of channels (last)
+            shape = (b, h * w, c) if last else (b, c, h * w)
+            x = torch.randn(shape) * 3 + 5
+            weight, bias, dy = torch.randn(c), torch.randn(c), torch.randn(shape)
+            y, mean, rstd = kernel.forward(x, weight, bias, 1e-5, torch.float32, channels_last=last)
+            dx, dw, db = kernel.backward(dy, x, weight, mean, rstd, channels_last=last)
             xd, wd, bd = (t.double().requires_grad_() for t in (x, weight, bias))
-            ref = F.layer_norm(xd.transpose(1, 2), (c,), wd, bd, 1e-5).transpose(1, 2)
+            ref = F.layer_norm(xd, (c,), wd, bd, 1e-5) if last else F.layer_norm(
+                xd.transpose(1, 2), (c,), wd, bd, 1e-5).transpose(1, 2)
             grads = torch.autograd.grad(ref, (xd, wd, bd), dy.double())
             for name, got, want in zip(['y', 'dx', 'dw', 'db'], (y, dx, dw, db), (ref.detach(), *grads)):
                 err = ((got.double() - want).norm() / want.norm()).item()
-                assert err < 1e-5, (kernel.SINGLE_MAX_C, b, c, h, w, name, err)
+                assert err < 1e-5, (kernel.SINGLE_MAX_C, b, c, h, w, last, name, err)
         print('ok')
         ''')
     run_in_interpreter(script, ops_only=True)
@@ -74,6 +78,22 @@ def test_cpu_tensors_and_compilation_take_the_reference():
         assert layer_norm_2d(x.bfloat16(), weight, bias).dtype == layer_norm_2d_ref(x.bfloat16(), weight, bias,
                                                                                    1e-5).dtype
         assert layer_norm_2d(x, weight, bias, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_layer_norm_last_on_cpu_tensors_and_compiled_is_f_layer_norm():
+    """Rows of channels (Spatial-Mamba's channels-last LayerNorms): the reference on CPU tensors and under
+    compilation, F.layer_norm's dtype or out_dtype."""
+    x, weight, bias = torch.randn(2, 3, 5, 6), torch.randn(6), torch.randn(6)
+    expected = F.layer_norm(x, (6, ), weight, bias, 1e-5)
+    assert torch.equal(layer_norm_last(x, weight, bias), expected)
+    compiled = torch.compile(lambda t: layer_norm_last(t, weight, bias), backend='aot_eager', fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+    assert layer_norm_last(x, weight, bias, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert layer_norm_last(x.bfloat16(), weight, bias).dtype == F.layer_norm(x.bfloat16(), (6, ), weight,
+                                                                                 bias).dtype
+    with pytest.raises(ValueError, match=r'expected x \(\.\.\., C\)'):
+        layer_norm_last(x, torch.randn(5), torch.randn(5))
 
 
 def test_where_it_pays(monkeypatch):
@@ -119,6 +139,30 @@ def test_kernel_matches_reference_on_gpu(shape, dtype):
     for name, got, want in zip(['y', 'dx', 'dweight', 'dbias'], (y, *grads), ref):
         table = TOLERANCES if name == 'y' else GRAD_TOLERANCES
         rtol, atol = table[dtype]
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(scale, 1.0), msg=name)
+
+
+@needs_gpu
+@pytest.mark.parametrize('shape', [(2, 5, 7, 64), (3, 9, 11, 96), (2, 4, 5, 200), (1, 33, 1, 256), (7, 3)],
+                         ids=lambda s: 'x'.join(map(str, s)))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_last_matches_float64_on_gpu(shape, dtype):
+    """Rows of channels through the kernel: values and the gradients of x, weight and bias against float64."""
+    torch.manual_seed(0)
+    c = shape[-1]
+    x = (torch.randn(shape, device='cuda') * 2 + 3).to(dtype).requires_grad_()
+    weight = torch.randn(c, device='cuda', requires_grad=True)
+    bias = torch.randn(c, device='cuda', requires_grad=True)
+    dy = torch.randn(shape, device='cuda').to(dtype)
+    y = layer_norm_last(x, weight, bias, backend='cuda')
+    assert y.dtype == dtype and y.grad_fn is not None and 'LayerNormLast' in type(y.grad_fn).__name__
+    grads = torch.autograd.grad(y, (x, weight, bias), dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    ref = F.layer_norm(leaves[0], (c, ), leaves[1], leaves[2], 1e-5)
+    ref_grads = torch.autograd.grad(ref, leaves, dy.double())
+    for name, got, want in zip(['y', 'dx', 'dweight', 'dbias'], (y, *grads), (ref.detach(), *ref_grads)):
+        rtol, atol = (TOLERANCES if name == 'y' else GRAD_TOLERANCES)[dtype]
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(scale, 1.0), msg=name)
 

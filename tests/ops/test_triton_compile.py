@@ -27,6 +27,17 @@ def _layer_norm_launches(channels, dtype):
         kernel.forward(x, w, bias, 1e-6, dtype), kernel.backward(torch.empty_like(x), x, w, mean, rstd)))
 
 
+def _layer_norm_last_launches(channels, dtype):
+    """Rows of channels (layer_norm_last): the channel stride 1, which Triton specializes."""
+    from vssm.ops import _triton_layer_norm as kernel
+    rows = torch.empty(1, 30, channels, dtype=dtype)
+    w, bias = torch.empty(channels), torch.empty(channels)
+    mean = rstd = torch.empty(1, 30)
+    return record_launches(kernel, ['_ln2d_fwd_kernel', '_ln2d_bwd_kernel'], lambda: (
+        kernel.forward(rows, w, bias, 1e-6, dtype, channels_last=True),
+        kernel.backward(torch.empty_like(rows), rows, w, mean, rstd, channels_last=True)))
+
+
 def _observe_gate_launches(channels, dtype):
     from vssm.ops import _triton_observe_gate as kernel
     b, length = 2, 15
@@ -42,8 +53,8 @@ def _observe_gate_launches(channels, dtype):
 
 @pytest.mark.parametrize('dtype', [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize('channels', CHANNELS)
-@pytest.mark.parametrize('launches', [_layer_norm_launches, _observe_gate_launches], ids=['layer_norm_2d',
-                                                                                          'observe_gate'])
+@pytest.mark.parametrize('launches', [_layer_norm_launches, _layer_norm_last_launches, _observe_gate_launches],
+                         ids=['layer_norm_2d', 'layer_norm_last', 'observe_gate'])
 def test_kernels_compile_for_sm90(launches, channels, dtype):
     recorded = launches(channels, dtype)
     assert len(recorded) == 2  # forward and backward

@@ -1,4 +1,6 @@
-"""Triton kernels of :func:`vssm.ops.layer_norm_2d`: LayerNorm over the channels of a contiguous (B, C, L) map.
+"""Triton kernels of :func:`vssm.ops.layer_norm_2d` and :func:`vssm.ops.layer_norm_last`: LayerNorm over the
+channels of a contiguous (B, C, L) map, or of a contiguous (B, L, C) one (rows of C channels: channels-last maps and
+token sequences; the same tiles with the channel and pixel strides swapped).
 
 A program takes ``BLOCK_L`` consecutive pixels of one image and all its channels: each channel row of the tile is a
 run of consecutive addresses, the next program (the grid's fastest axis) reads the runs that follow. Up to
@@ -40,59 +42,59 @@ def tiles(channels: int, length: int, elements: int, max_single: int):
 
 
 @triton.jit
-def _load(ptr, offs_c, base, mask_l, n_c, length):
+def _load(ptr, offs_c, base, mask_l, n_c, stride_c):
     """A [channels, pixels] tile as float32, with its mask."""
     mask_c = offs_c < n_c
     mask = mask_c[:, None] & mask_l[None, :]
-    return tl.load(ptr + offs_c[:, None] * length + base[None, :], mask=mask, other=0.).to(tl.float32), mask, mask_c
+    return tl.load(ptr + offs_c[:, None] * stride_c + base[None, :], mask=mask, other=0.).to(tl.float32), mask, mask_c
 
 
 @triton.jit
-def _write(y_ptr, w_ptr, b_ptr, x, mask, mask_c, offs_c, base, mean, rstd, length):
+def _write(y_ptr, w_ptr, b_ptr, x, mask, mask_c, offs_c, base, mean, rstd, stride_c):
     w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
     b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
     y = (x - mean[None, :]) * rstd[None, :] * w[:, None] + b[:, None]
-    tl.store(y_ptr + offs_c[:, None] * length + base[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs_c[:, None] * stride_c + base[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _pixels(block, batch, n_c, length, BLOCK_L: tl.constexpr):
+def _pixels(block, batch, n_c, length, stride_l, BLOCK_L: tl.constexpr):
     """Pixel block ``block`` of image ``batch``: pixel indices, mask, and the offset of channel 0 (channel c adds
-    c * L)."""
+    c * stride_c)."""
     offs_l = block * BLOCK_L + tl.arange(0, BLOCK_L)
-    return offs_l, offs_l < length, batch * n_c * length + offs_l
+    return offs_l, offs_l < length, batch * n_c * length + offs_l * stride_l
 
 
 @triton.jit
-def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length, eps,
+def _ln2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_c, length, stride_c, stride_l, eps,
                      SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     batch = tl.program_id(1).to(tl.int64)
-    offs_l, mask_l, base = _pixels(tl.program_id(0), batch, n_c, length, BLOCK_L)
+    offs_l, mask_l, base = _pixels(tl.program_id(0), batch, n_c, length, stride_l, BLOCK_L)
     offs_c = tl.arange(0, BLOCK_C)
     if SINGLE:  # the tile stays in registers: one read of x in all
-        x, mask, mask_c = _load(x_ptr, offs_c, base, mask_l, n_c, length)
+        x, mask, mask_c = _load(x_ptr, offs_c, base, mask_l, n_c, stride_c)
         mean = tl.sum(x, 0) / n_c
         xc = tl.where(mask, x - mean[None, :], 0.)
         rstd = 1. / tl.sqrt(tl.sum(xc * xc, 0) / n_c + eps)
-        _write(y_ptr, w_ptr, b_ptr, x, mask, mask_c, offs_c, base, mean, rstd, length)
+        _write(y_ptr, w_ptr, b_ptr, x, mask, mask_c, offs_c, base, mean, rstd, stride_c)
     else:
         zeros = tl.zeros([BLOCK_L], dtype=tl.float32)
         count, mean, m2 = zeros, zeros, zeros
         for c0 in range(0, n_c, BLOCK_C):
-            xb, maskb, _mask_cb = _load(x_ptr, c0 + offs_c, base, mask_l, n_c, length)
+            xb, maskb, _mask_cb = _load(x_ptr, c0 + offs_c, base, mask_l, n_c, stride_c)
             count, mean, m2 = chan_merge(count, mean, m2, xb, maskb)
         rstd = 1. / tl.sqrt(m2 / n_c + eps)
         for c0 in range(0, n_c, BLOCK_C):
-            xb, maskb, mask_cb = _load(x_ptr, c0 + offs_c, base, mask_l, n_c, length)
-            _write(y_ptr, w_ptr, b_ptr, xb, maskb, mask_cb, c0 + offs_c, base, mean, rstd, length)
+            xb, maskb, mask_cb = _load(x_ptr, c0 + offs_c, base, mask_l, n_c, stride_c)
+            _write(y_ptr, w_ptr, b_ptr, xb, maskb, mask_cb, c0 + offs_c, base, mean, rstd, stride_c)
     tl.store(mean_ptr + batch * length + offs_l, mean, mask=mask_l)
     tl.store(rstd_ptr + batch * length + offs_l, rstd, mask=mask_l)
 
 
 @triton.jit
-def _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, length):
-    x, mask, mask_c = _load(x_ptr, offs_c, base, mask_l, n_c, length)
-    dy, _dy_mask, _dy_mask_c = _load(dy_ptr, offs_c, base, mask_l, n_c, length)
+def _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, stride_c):
+    x, mask, mask_c = _load(x_ptr, offs_c, base, mask_l, n_c, stride_c)
+    dy, _dy_mask, _dy_mask_c = _load(dy_ptr, offs_c, base, mask_l, n_c, stride_c)
     w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.).to(tl.float32)
     xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.)
     return dy, dy * w[:, None], xhat, mask
@@ -100,22 +102,23 @@ def _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, lengt
 
 @triton.jit
 def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, n_c, length,
-                     n_split, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+                     stride_c, stride_l, n_split, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     split, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
     part = (batch * n_split + split) * n_c  # this program's row of the partial sums
     offs_c = tl.arange(0, BLOCK_C)
     dw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for block in range(split, tl.cdiv(length, BLOCK_L), n_split):
-        offs_l, mask_l, base = _pixels(block, batch, n_c, length, BLOCK_L)
+        offs_l, mask_l, base = _pixels(block, batch, n_c, length, stride_l, BLOCK_L)
         mean = tl.load(mean_ptr + batch * length + offs_l, mask=mask_l, other=0.)
         rstd = tl.load(rstd_ptr + batch * length + offs_l, mask=mask_l, other=0.)
         if SINGLE:  # x and dy stay in registers: one read each
-            dy, g, xhat, mask = _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, length)
+            dy, g, xhat, mask = _bwd_tile(x_ptr, dy_ptr, w_ptr, offs_c, base, mask_l, mean, rstd, n_c, stride_c)
             c1 = tl.sum(g * xhat, 0) / n_c
             c2 = tl.sum(g, 0) / n_c
             dx = (g - c2[None, :] - xhat * c1[None, :]) * rstd[None, :]
-            tl.store(dx_ptr + offs_c[:, None] * length + base[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + offs_c[:, None] * stride_c + base[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
             dw_acc += tl.sum(dy * xhat, 1)
             db_acc += tl.sum(dy, 1)
         else:  # the row sums over the chunks, then each chunk again for dx and the partial sums (zeroed buffer)
@@ -123,17 +126,17 @@ def _ln2d_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
             c2 = tl.zeros([BLOCK_L], dtype=tl.float32)
             for c0 in range(0, n_c, BLOCK_C):
                 _dy, g, xhat, _mask = _bwd_tile(x_ptr, dy_ptr, w_ptr, c0 + offs_c, base, mask_l, mean, rstd, n_c,
-                                                length)
+                                                stride_c)
                 c1 += tl.sum(g * xhat, 0)
                 c2 += tl.sum(g, 0)
             c1 = c1 / n_c
             c2 = c2 / n_c
             for c0 in range(0, n_c, BLOCK_C):
                 dy, g, xhat, mask = _bwd_tile(x_ptr, dy_ptr, w_ptr, c0 + offs_c, base, mask_l, mean, rstd, n_c,
-                                              length)
+                                              stride_c)
                 dx = (g - c2[None, :] - xhat * c1[None, :]) * rstd[None, :]
-                tl.store(dx_ptr + (c0 + offs_c)[:, None] * length + base[None, :], dx.to(dx_ptr.dtype.element_ty),
-                         mask=mask)
+                tl.store(dx_ptr + (c0 + offs_c)[:, None] * stride_c + base[None, :],
+                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 mask_c = c0 + offs_c < n_c
                 tl.atomic_add(dw_part_ptr + part + c0 + offs_c, tl.sum(dy * xhat, 1), mask=mask_c)
                 tl.atomic_add(db_part_ptr + part + c0 + offs_c, tl.sum(dy, 1), mask=mask_c)
@@ -147,28 +150,39 @@ def _split(batch: int, blocks: int) -> int:
     return max(1, min(blocks, triton.cdiv(BWD_PROGRAMS, batch)))
 
 
-def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype):
-    """x (B, C, L) contiguous -> y (B, C, L) of ``out_dtype``, mean and rstd (B, L) float32."""
+def _layout(x: Tensor, channels_last: bool):
+    """(B, C, L, channel stride, pixel stride) of a contiguous (B, C, L) map, or of a (B, L, C) one
+    (``channels_last``: rows of C channels)."""
+    if channels_last:
+        b, length, c = x.shape
+        return b, c, length, 1, c
     b, c, length = x.shape
+    return b, c, length, length, 1
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype, channels_last: bool = False):
+    """x (B, C, L) contiguous, or (B, L, C) with ``channels_last`` -> y of x's shape and ``out_dtype``, mean and rstd
+    (B, L) float32."""
+    b, c, length, stride_c, stride_l = _layout(x, channels_last)
     single, block_c, block_l = tiles(c, length, TILE_ELEMENTS, SINGLE_MAX_C)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(b, length, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     grid = (triton.cdiv(length, block_l), b)
-    _ln2d_fwd_kernel[grid](x, weight, bias, y, mean, rstd, c, length, eps, SINGLE=single, BLOCK_C=block_c,
-                           BLOCK_L=block_l, num_warps=NUM_WARPS)
+    _ln2d_fwd_kernel[grid](x, weight, bias, y, mean, rstd, c, length, stride_c, stride_l, eps, SINGLE=single,
+                           BLOCK_C=block_c, BLOCK_L=block_l, num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
-def backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor):
-    """dx (x's dtype), dweight, dbias (float32) of :func:`forward`."""
-    b, c, length = x.shape
+def backward(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, channels_last: bool = False):
+    """dx (x's dtype), dweight, dbias (float32) of :func:`forward` (dy contiguous, of x's shape)."""
+    b, c, length, stride_c, stride_l = _layout(x, channels_last)
     single, block_c, block_l = tiles(c, length, TILE_ELEMENTS // 2, SINGLE_MAX_C_BWD)
     n_split = _split(b, triton.cdiv(length, block_l))
     dx = torch.empty_like(x)
     parts = torch.empty if single else torch.zeros  # the chunked path adds into its rows
     dw_part = parts(b * n_split, c, dtype=torch.float32, device=x.device)
     db_part = parts(b * n_split, c, dtype=torch.float32, device=x.device)
-    _ln2d_bwd_kernel[(n_split, b)](x, weight, dy, mean, rstd, dx, dw_part, db_part, c, length, n_split,
-                                   SINGLE=single, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=NUM_WARPS)
+    _ln2d_bwd_kernel[(n_split, b)](x, weight, dy, mean, rstd, dx, dw_part, db_part, c, length, stride_c, stride_l,
+                                   n_split, SINGLE=single, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=NUM_WARPS)
     return dx, dw_part.sum(0), db_part.sum(0)

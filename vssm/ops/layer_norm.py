@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
 
-__all__ = ['layer_norm_2d', 'layer_norm_2d_ref', 'kernel_available']
+__all__ = ['layer_norm_2d', 'layer_norm_2d_ref', 'layer_norm_last', 'kernel_available']
 
 _KERNEL = try_import_extension(f'{__package__}._triton_layer_norm')  # None without Triton (CPU-only torch installs)
 
@@ -74,7 +74,7 @@ def _pays(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     return x.shape[1] <= KERNEL_MAX_CHANNELS and x.shape[2] * x.shape[3] >= KERNEL_MIN_PIXELS
 
 
-def _use_kernel(backend: str, x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+def _use_kernel(backend: str, x: Tensor, weight: Tensor, bias: Tensor, channels_first: bool = True) -> bool:
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # under torch.compile inductor fuses the reference with its neighbours itself
@@ -86,8 +86,8 @@ def _use_kernel(backend: str, x: Tensor, weight: Tensor, bias: Tensor) -> bool:
                                "use backend='auto' or 'torch'.")
         if not x.is_cuda:
             raise ValueError(f"layer_norm_2d: backend 'cuda' needs CUDA tensors, got {x.device}.")
-        return _pays(x, weight, bias)
-    return _KERNEL is not None and x.is_cuda and _pays(x, weight, bias)
+        return _pays(x, weight, bias) if channels_first else True
+    return _KERNEL is not None and x.is_cuda and (_pays(x, weight, bias) if channels_first else True)
 
 
 def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None,
@@ -113,4 +113,54 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
     if not _use_kernel(backend, x, weight, bias):
         return layer_norm_2d_ref(x, weight, bias, eps, out_dtype)
     return _LayerNorm2d.apply(x.contiguous(), weight, bias, float(eps), out_dtype or _default_dtype(x))
+
+
+
+class _LayerNormLast(torch.autograd.Function):
+    """The kernel over rows of C channels ((N, L, C) contiguous: channels-last maps, token sequences); saves x, the
+    weight and the (N, L) float32 statistics."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+        rows = x.view(1, -1, x.shape[-1])
+        y, mean, rstd = _KERNEL.forward(rows, weight, bias, eps, out_dtype, channels_last=True)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        c = x.shape[-1]
+        dx, dw, db = _KERNEL.backward(dy.contiguous().view(1, -1, c), x.view(1, -1, c), weight, mean, rstd,
+                                      channels_last=True)
+        return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype), None, None
+
+
+# Rows up to this many channels take the kernel: ATen's LayerNorm gives each row one thread block, which leaves
+# narrow rows far from the memory bandwidth (Spatial-Mamba-T's 64-channel ln_1/ln_2 at stage 1: 0.61 ms for 26 M
+# values on an H100, about 10x one pass over them; kernels/README.md).
+KERNEL_MAX_CHANNELS_LAST = 256
+
+
+def layer_norm_last(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5,
+                    out_dtype: Optional[torch.dtype] = None, *, backend: str = 'auto') -> Tensor:
+    """``F.layer_norm`` over the last dimension of ``x`` (..., C), e.g. a channels-last (B, H, W, C) map.
+
+    Args:
+        x: (..., C).
+        weight, bias: (C,).
+        eps: added to the variance.
+        out_dtype: the output's dtype (default: float32 under autocast, else x's dtype, as ``F.layer_norm``).
+        backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` and ``'cuda'`` run the Triton kernel on contiguous CUDA
+            tensors of at most ``KERNEL_MAX_CHANNELS_LAST`` channels unless ``VSSM_TRITON_FUSIONS=0``; the reference
+            (``F.layer_norm``) otherwise.
+    """
+    if x.dim() < 1 or weight.shape != (x.shape[-1], ) or bias is None or bias.shape != weight.shape:
+        raise ValueError(f'layer_norm_last: expected x (..., C) and weight, bias (C,), got {tuple(x.shape)}, '
+                         f'{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}.')
+    if (not _use_kernel(backend, x, weight, bias, channels_first=False) or not x.is_contiguous()
+            or x.shape[-1] > KERNEL_MAX_CHANNELS_LAST or x.numel() == 0):
+        y = F.layer_norm(x, (x.shape[-1], ), weight, bias, eps)
+        return y if out_dtype is None else y.to(out_dtype)
+    return _LayerNormLast.apply(x, weight, bias, float(eps), out_dtype or _default_dtype(x))
 

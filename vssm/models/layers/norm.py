@@ -4,10 +4,9 @@ weight is stored 2-D ``(out, in)`` like ``nn.Linear`` (upstream's ``LayerNorm2d`
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import layer_norm_2d
+from ...ops import layer_norm_2d, layer_norm_last
 from .recompute import linear_2d, recomputed_linear
 
 
@@ -33,21 +32,20 @@ def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear,
     ``nn.LayerNorm`` takes channels-last inputs and an ``nn.Linear``. ``dtype``: cast of the normalized input."""
     if norm is None:
         return fc(x)
-    shape, eps = norm.normalized_shape, norm.eps
-    if isinstance(norm, LayerNorm2d):
-        backend = norm.backend
+    eps, channels_first = norm.eps, isinstance(norm, LayerNorm2d)
+    if not channels_first and len(norm.normalized_shape) != 1:
+        raise ValueError(f'normed_linear: expected a LayerNorm over the last dimension, got normalized_shape '
+                         f'{tuple(norm.normalized_shape)}.')
+    backend = norm.backend if channels_first else 'auto'
+    layer_norm = layer_norm_2d if channels_first else layer_norm_last
 
-        def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-            # Written directly in the dtype the projection runs in (autocast's, when on): one pass, same values.
-            device = t.device.type
-            out_dtype = dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
-            return layer_norm_2d(t, weight, bias, eps, out_dtype, backend=backend)
-    else:
-        def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-            t = F.layer_norm(t, shape, weight, bias, eps)
-            return t if dtype is None else t.to(dtype)
+    def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        # Written directly in the dtype the projection runs in (autocast's, when on): one pass, same values.
+        device = t.device.type
+        out_dtype = dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        return layer_norm(t, weight, bias, eps, out_dtype, backend=backend)
 
-    return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=isinstance(norm, LayerNorm2d))
+    return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=channels_first)
 
 
 class Linear2d(nn.Linear):
