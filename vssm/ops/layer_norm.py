@@ -6,6 +6,9 @@ copy again): three passes over the map where one read and one write suffice. The
 normalizes the (B, C, L) map in place of its layout: one read and one write (two reads above 256 channels), float32
 statistics, and the output written directly in the dtype the next GEMM runs in (``out_dtype``).
 
+``layer_norm_last`` is the same kernel over rows of channels ((..., C) contiguous: Spatial-Mamba's channels-last
+maps), where ATen's LayerNorm gives each row a thread block of its own, far from the bandwidth on narrow rows.
+
 Output dtype: by default what ``F.layer_norm`` gives, float32 under autocast and x's dtype otherwise; ``out_dtype``
 casts it in the same pass (the value is the float32 result rounded once).
 
@@ -75,6 +78,9 @@ def _pays(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
 
 
 def _use_kernel(backend: str, x: Tensor, weight: Tensor, bias: Tensor, channels_first: bool = True) -> bool:
+    """Whether the kernel runs: the switch, the backend, a CUDA tensor, not compiling or tracing; for channels-first
+    maps also where it pays (:func:`_pays`)."""
+    name = 'layer_norm_2d' if channels_first else 'layer_norm_last'
     check_backend_name(backend)
     if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # under torch.compile inductor fuses the reference with its neighbours itself
@@ -82,10 +88,10 @@ def _use_kernel(backend: str, x: Tensor, weight: Tensor, bias: Tensor, channels_
         return False
     if backend == 'cuda':
         if _KERNEL is None:
-            raise RuntimeError("layer_norm_2d: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
+            raise RuntimeError(f"{name}: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
                                "use backend='auto' or 'torch'.")
         if not x.is_cuda:
-            raise ValueError(f"layer_norm_2d: backend 'cuda' needs CUDA tensors, got {x.device}.")
+            raise ValueError(f"{name}: backend 'cuda' needs CUDA tensors, got {x.device}.")
         return _pays(x, weight, bias) if channels_first else True
     return _KERNEL is not None and x.is_cuda and (_pays(x, weight, bias) if channels_first else True)
 
@@ -113,7 +119,6 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
     if not _use_kernel(backend, x, weight, bias):
         return layer_norm_2d_ref(x, weight, bias, eps, out_dtype)
     return _LayerNorm2d.apply(x.contiguous(), weight, bias, float(eps), out_dtype or _default_dtype(x))
-
 
 
 class _LayerNormLast(torch.autograd.Function):
