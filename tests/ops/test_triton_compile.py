@@ -102,3 +102,16 @@ def test_token_merge_compiles_for_sm90(k, rows, dtype):
     assert len(recorded) == 1
     compiled = compile_launch(*recorded[0])
     assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_bias_gelu_compiles_for_sm90(dtype):
+    """bias_gelu's forward and backward, on rows longer than a program (several programs per row)."""
+    from vssm.ops import _triton_bias_gelu as kernel
+    h, bias = torch.empty(2, 6, 3000, dtype=dtype), torch.empty(6)
+    recorded = record_launches(kernel, ['_bias_gelu_fwd', '_bias_gelu_bwd'], lambda: (
+        kernel.forward(h, bias), kernel.backward(torch.empty_like(h), h, bias)))
+    assert len(recorded) == 2
+    for launch in recorded:
+        compiled = compile_launch(*launch)
+        assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..ops import cross_selective_scan, dwconv2d, gather_tokens, inverse_permutation, scatter_tokens
 from ..ops._backend import is_cacheable
+from ..ops.bias_gelu import kernel_runs as bias_gelu_runs
 from .layers import (
     LayerNorm2d,
     Linear2d,
@@ -150,7 +151,11 @@ class Mlp2d(nn.Module):
 
     def forward(self, x: Tensor, norm: Optional[LayerNorm2d] = None) -> Tensor:
         """``norm``: applied to x first (and recomputed in the backward instead of saving its output)."""
-        return gelu_linear(normed_linear(x, norm, self.fc1), self.fc2, channels_first=True)
+        # fc1's bias added in GELU's pass where that is one kernel (vssm.ops.bias_gelu), not in a pass of its own
+        backend = norm.backend if norm is not None else 'auto'
+        fold = self.fc1.bias is not None and bias_gelu_runs(x, backend)
+        h = normed_linear(x, norm, self.fc1, bias=not fold)
+        return gelu_linear(h, self.fc2, channels_first=True, bias=self.fc1.bias if fold else None, backend=backend)
 
 
 class VSSBlock(nn.Module):
