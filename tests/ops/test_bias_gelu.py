@@ -39,10 +39,10 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
     script = textwrap.dedent(f'''
         import torch
         import torch.nn.functional as F
-        from vssm.ops import _triton_bias_gelu as kernel
+        from vssm.ops import _triton_bias_gelu as kernel, _triton_common as common
         torch.manual_seed(0)
         for block in (64, 16):
-            kernel.MIN_BLOCK_L = kernel.MAX_BLOCK_L = block
+            common.MIN_ROW_BLOCK = common.MAX_ROW_BLOCK = block
             for b, c, h, w in {INTERPRETER_SHAPES!r}:
                 x, bias, g = torch.randn(b, c, h * w) * 2, torch.randn(c), torch.randn(b, c, h * w)
                 out = kernel.forward(x, bias)

@@ -154,8 +154,8 @@ class Mlp2d(nn.Module):
         # fc1's bias added in GELU's pass where that is one kernel (vssm.ops.bias_gelu), not in a pass of its own
         backend = norm.backend if norm is not None else 'auto'
         fold = self.fc1.bias is not None and bias_gelu_runs(x, backend)
-        h = normed_linear(x, norm, self.fc1, bias=not fold)
-        return gelu_linear(h, self.fc2, channels_first=True, bias=self.fc1.bias if fold else None, backend=backend)
+        h = normed_linear(x, norm, self.fc1, with_bias=not fold)
+        return gelu_linear(h, self.fc2, channels_first=True, in_bias=self.fc1.bias if fold else None, backend=backend)
 
 
 class VSSBlock(nn.Module):

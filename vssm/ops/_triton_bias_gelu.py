@@ -13,23 +13,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import round_to
-
-MAX_BLOCK_L = 1024  # pixels per program (consecutive addresses)
-MIN_BLOCK_L = 64
-
-
-def block_l(length: int) -> int:
-    """Pixels per program: the row's length padded to a power of two, within [MIN_BLOCK_L, MAX_BLOCK_L]."""
-    return min(MAX_BLOCK_L, max(MIN_BLOCK_L, triton.next_power_of_2(length)))
+from ._triton_common import round_to, row_block
 
 
 def _low(h: Tensor) -> bool:
     return h.dtype in (torch.float16, torch.bfloat16)
-
-
-def _warps(block: int) -> int:
-    return max(1, min(4, block // 256))
 
 
 @triton.jit
@@ -71,10 +59,9 @@ def forward(h: Tensor, bias: Tensor) -> Tensor:
     """h (B, C, L) contiguous, bias (C,) -> gelu(h + bias) (B, C, L) in h's dtype."""
     b, c, length = h.shape
     out = torch.empty_like(h)
-    block = block_l(length)
+    block, warps = row_block(length)
     grid = (triton.cdiv(length, block), b * c)
-    _bias_gelu_fwd[grid](h, bias, out, c, length, LOW=_low(h),
-                         BLOCK_L=block, num_warps=_warps(block))
+    _bias_gelu_fwd[grid](h, bias, out, c, length, LOW=_low(h), BLOCK_L=block, num_warps=warps)
     return out
 
 
@@ -82,10 +69,9 @@ def backward(grad: Tensor, h: Tensor, bias: Tensor):
     """grad, h (B, C, L) contiguous -> (dh in h's dtype, dbias (C,) float32)."""
     b, c, length = h.shape
     dh = torch.empty_like(h)
-    block = block_l(length)
+    block, warps = row_block(length)
     n_blocks = triton.cdiv(length, block)
     partial = torch.empty(b, c, n_blocks, dtype=torch.float32, device=h.device)
-    _bias_gelu_bwd[(n_blocks, b * c)](grad, h, bias, dh, partial, c, length, n_blocks,
-                                      LOW=_low(h), BLOCK_L=block,
-                                      num_warps=_warps(block))
+    _bias_gelu_bwd[(n_blocks, b * c)](grad, h, bias, dh, partial, c, length, n_blocks, LOW=_low(h), BLOCK_L=block,
+                                      num_warps=warps)
     return dh, partial.sum((0, 2))

@@ -49,3 +49,13 @@ def round_to(x, LOW: tl.constexpr, dtype: tl.constexpr):
     if LOW:
         x = x.to(dtype).to(tl.float32)
     return x
+
+
+MAX_ROW_BLOCK, MIN_ROW_BLOCK = 1024, 64
+
+
+def row_block(length: int) -> int:
+    """Pixels per program for kernels over the (image, channel) rows of a (B, C, L) map: the row's length padded to a
+    power of two, within [MIN_ROW_BLOCK, MAX_ROW_BLOCK]; and the warps for it."""
+    block = min(MAX_ROW_BLOCK, max(MIN_ROW_BLOCK, triton.next_power_of_2(length)))
+    return block, max(1, min(4, block // 256))

@@ -26,13 +26,13 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear, dtype: Optional[torch.dtype] = None,
-                  bias: bool = True) -> Tensor:
+                  with_bias: bool = True) -> Tensor:
     """``fc(norm(x).to(dtype))`` saving only ``x`` for the backward (the norm runs again there); ``fc(x)`` when
     ``norm`` is None. A ``LayerNorm2d`` takes (B, C, H, W) maps and ``fc`` is then a ``Linear2d``; an
     ``nn.LayerNorm`` takes channels-last inputs and an ``nn.Linear``. ``dtype``: cast of the normalized input.
-    ``bias``: False leaves out ``fc``'s bias (for a caller that adds it in its next pass)."""
+    ``with_bias``: False leaves out ``fc``'s bias (for a caller that adds it in its next pass)."""
     if norm is None:
-        return linear(x, fc, isinstance(fc, Linear2d), bias)
+        return linear(x, fc, isinstance(fc, Linear2d), with_bias)
     eps, channels_first = norm.eps, isinstance(norm, LayerNorm2d)
     if not channels_first and len(norm.normalized_shape) != 1:
         raise ValueError(f'normed_linear: expected a LayerNorm over the last dimension, got normalized_shape '
@@ -46,7 +46,8 @@ def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear, dtype:
         out_dtype = dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
         return layer_norm(t, weight, bias, eps, out_dtype, backend=backend)
 
-    return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=channels_first, bias=bias)
+    return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=channels_first,
+                             with_bias=with_bias)
 
 
 class Linear2d(nn.Linear):

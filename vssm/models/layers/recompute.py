@@ -123,15 +123,15 @@ class _RecomputedLinear(torch.autograd.Function):
         return (None, None, grad_w, grad_b, *grads)
 
 
-def linear(x: Tensor, fc: nn.Linear, channels_first: bool = False, bias: bool = True) -> Tensor:
-    """``fc(x)``, or without its bias (``bias=False``): ``F.linear`` on (..., in), :func:`linear_2d` on
+def linear(x: Tensor, fc: nn.Linear, channels_first: bool = False, with_bias: bool = True) -> Tensor:
+    """``fc(x)``, or without its bias (``with_bias=False``): ``F.linear`` on (..., in), :func:`linear_2d` on
     (B, in, H, W) maps with ``channels_first``."""
-    b = fc.bias if bias else None
+    b = fc.bias if with_bias else None
     return linear_2d(x, fc.weight, b) if channels_first else F.linear(x, fc.weight, b)
 
 
 def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, channels_first: bool = False,
-                      bias: bool = True) -> Tensor:
+                      with_bias: bool = True) -> Tensor:
     """``fc(f(*inputs))`` saving only ``inputs`` for the backward, where ``f`` runs again (it must be cheap and
     deterministic: elementwise ops, norms; its parameters are passed in ``inputs`` to get gradients).
 
@@ -139,23 +139,25 @@ def recomputed_linear(f: Callable[..., Tensor], fc: nn.Linear, *inputs: Tensor, 
         f: the function of ``inputs`` that gives ``fc``'s input: (..., in), or (B, in, H, W) with ``channels_first``.
         fc: the output projection (``nn.Linear`` or ``Linear2d``: weight (out, in)).
         channels_first: ``f``'s output is an NCHW map and ``fc`` a 1x1 convolution over its channels.
-        bias: False leaves out ``fc``'s bias (a caller that adds it in its next pass, see :func:`gelu_linear`).
+        with_bias: False leaves out ``fc``'s bias (for a caller that adds it in its next pass: an activation's,
+            :func:`gelu_linear`, or the residual's, :func:`vssm.ops.add_residual`).
     """
     # The plain ops: without autograd nothing is saved; under torch.compile the partitioner of AOTAutograd chooses
     # what to save and what to recompute for the whole graph (and cannot trace the recomputing backward).
     if (not recompute_enabled() or not torch.is_grad_enabled() or plain_autograd_enabled()
             or torch.compiler.is_compiling()):
-        return linear(f(*inputs), fc, channels_first, bias)
-    return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias if bias else None, *inputs)
+        return linear(f(*inputs), fc, channels_first, with_bias)
+    return _RecomputedLinear.apply(f, channels_first, fc.weight, fc.bias if with_bias else None, *inputs)
 
 
-def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False, bias: Optional[Tensor] = None,
-                backend: str = 'auto') -> Tensor:
-    """``fc(gelu(h))`` saving only ``h`` for the backward (the second half of an MLP). ``bias`` (channels-first
-    maps): ``fc(gelu(h + bias))``, the first projection's bias added in GELU's pass (:func:`vssm.ops.bias_gelu`
-    with ``backend``) where that projection left it out."""
-    if bias is None:
-        return recomputed_linear(F.gelu, fc, h, channels_first=channels_first)
+def gelu_linear(h: Tensor, fc: nn.Linear, channels_first: bool = False, in_bias: Optional[Tensor] = None,
+                with_bias: bool = True, backend: str = 'auto') -> Tensor:
+    """``fc(gelu(h))`` saving only ``h`` for the backward (the second half of an MLP). ``in_bias`` (channels-first
+    maps): ``fc(gelu(h + in_bias))``, the first projection's bias added in GELU's pass (:func:`vssm.ops.bias_gelu`
+    with ``backend``) where that projection left it out. ``with_bias``: as in :func:`recomputed_linear`."""
+    if in_bias is None:
+        return recomputed_linear(F.gelu, fc, h, channels_first=channels_first, with_bias=with_bias)
     if not channels_first:
         raise ValueError('gelu_linear: a bias before the GELU is taken on channels-first maps only.')
-    return recomputed_linear(partial(bias_gelu, backend=backend), fc, h, bias, channels_first=True)
+    return recomputed_linear(partial(bias_gelu, backend=backend), fc, h, in_bias, channels_first=True,
+                             with_bias=with_bias)
