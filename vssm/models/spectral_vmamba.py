@@ -44,7 +44,7 @@ from mmpretrain.models.backbones import ResNet
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import gather_tokens, layer_norm_2d, scatter_tokens
+from ..ops import add_residual, gather_tokens, layer_norm_2d, scatter_tokens
 from ..ops.cuda_graph import CudaGraphCache
 from ..ops.spectral_order import (
     EIGENSOLVERS,
@@ -119,8 +119,8 @@ class SpectralBlock(VSSBlock):
     """VSSBlock whose SS2D takes the stage's scan order (:func:`scan_index`)."""
 
     def _forward(self, x: Tensor, index: ScanIndex) -> Tensor:
-        x = x + self.drop_path(self.op(self.norm(x), index))
-        return x + self.drop_path(self.mlp(x, self.norm2))
+        x = add_residual(x, self.op(self.norm(x), index), self.drop_path, backend=self.norm.backend)
+        return self._add_mlp(x)
 
     def forward(self, x: Tensor, index: ScanIndex) -> Tensor:
         if self.with_cp and x.requires_grad:

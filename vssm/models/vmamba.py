@@ -23,9 +23,10 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import cross_selective_scan, dwconv2d, gather_tokens, inverse_permutation, scatter_tokens
+from ..ops import add_residual, cross_selective_scan, dwconv2d, gather_tokens, inverse_permutation, scatter_tokens
 from ..ops._backend import is_cacheable
 from ..ops.bias_gelu import kernel_runs as bias_gelu_runs
+from ..ops.residual import kernel_runs as residual_runs
 from .layers import (
     LayerNorm2d,
     Linear2d,
@@ -149,17 +150,20 @@ class Mlp2d(nn.Module):
         self.act = nn.GELU()
         self.fc2 = Linear2d(hidden, dim)
 
-    def forward(self, x: Tensor, norm: Optional[LayerNorm2d] = None) -> Tensor:
-        """``norm``: applied to x first (and recomputed in the backward instead of saving its output)."""
+    def forward(self, x: Tensor, norm: Optional[LayerNorm2d] = None, with_bias: bool = True) -> Tensor:
+        """``norm``: applied to x first (and recomputed in the backward instead of saving its output);
+        ``with_bias``: False leaves out fc2's bias (for a caller that adds it in its next pass)."""
         # fc1's bias added in GELU's pass where that is one kernel (vssm.ops.bias_gelu), not in a pass of its own
         backend = norm.backend if norm is not None else 'auto'
         fold = self.fc1.bias is not None and bias_gelu_runs(x, backend)
         h = normed_linear(x, norm, self.fc1, with_bias=not fold)
-        return gelu_linear(h, self.fc2, channels_first=True, in_bias=self.fc1.bias if fold else None, backend=backend)
+        return gelu_linear(h, self.fc2, channels_first=True, in_bias=self.fc1.bias if fold else None,
+                           with_bias=with_bias, backend=backend)
 
 
 class VSSBlock(nn.Module):
-    """x + DropPath(op(norm(x))); x + DropPath(mlp(norm2(x))), channel-first."""
+    """x + DropPath(op(norm(x))); x + DropPath(mlp(norm2(x))), channel-first; each residual added in one pass
+    (:func:`vssm.ops.add_residual`)."""
 
     def __init__(self, dim: int, drop_path: float, mlp_ratio: float, with_cp: bool, op: nn.Module) -> None:
         super().__init__()
@@ -171,8 +175,16 @@ class VSSBlock(nn.Module):
         self.mlp = Mlp2d(dim, int(dim * mlp_ratio))
 
     def _forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.op(x, self.norm))
-        return x + self.drop_path(self.mlp(x, self.norm2))
+        x = add_residual(x, self.op(x, self.norm), self.drop_path, backend=self.norm.backend)
+        return self._add_mlp(x)
+
+    def _add_mlp(self, x: Tensor) -> Tensor:
+        """x + drop_path(mlp(norm2(x))); fc2's bias added in the residual's pass where that is one kernel
+        (:func:`vssm.ops.add_residual`), not in a pass of its own."""
+        backend = self.norm2.backend
+        fold = self.mlp.fc2.bias is not None and residual_runs(x, backend)
+        y = self.mlp(x, self.norm2, with_bias=not fold)
+        return add_residual(x, y, self.drop_path, self.mlp.fc2.bias if fold else None, backend=backend)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.with_cp and x.requires_grad:
