@@ -102,8 +102,10 @@ def test_cpu_tensors_and_the_switch_take_the_reference(monkeypatch):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r'expected x and y \(B, C, H, W\) of one shape'):
+    with pytest.raises(ValueError, match=r'expected x and y of one shape'):
         add_residual(torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 3))
+    with pytest.raises(ValueError, match=r'\(B, C, H, W\) with a bias'):
+        add_residual(torch.randn(2, 6, 4), torch.randn(2, 6, 4), None, torch.randn(6))
     with pytest.raises(ValueError, match=r'bias \(C,\)'):
         add_residual(torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4), None, torch.randn(5))
     with pytest.raises(ValueError, match='Unknown ops backend'):
@@ -170,3 +172,21 @@ def test_kernel_matches_the_reference_on_gpu(shape, dtype, has_bias, dropped):
     if has_bias:
         torch.testing.assert_close(got[2], want[2], **GRAD_TOLERANCES[dtype])
     assert out.dtype == torch.float32 and got[1].dtype == dtype
+
+
+@needs_gpu
+@pytest.mark.parametrize('shape', [(4, 7, 9, 64), (3, 50, 96)], ids=['channels-last', 'tokens'])
+def test_any_layout_without_a_bias_on_gpu(shape):
+    """Spatial-Mamba's channels-last maps (and token sequences): DropPath's factor per image, no bias."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, device='cuda', requires_grad=True)
+    y = torch.randn(shape, device='cuda').bfloat16().requires_grad_()
+    drop = DropPath(0.5).train()
+    torch.manual_seed(3)
+    out = add_residual(x, y, drop, backend='cuda')
+    torch.manual_seed(3)
+    ref = add_residual(x, y, drop, backend='torch')
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.bfloat16])
+    for got, want in zip(torch.autograd.grad(out, (x, y), grad), torch.autograd.grad(ref, (x, y), grad)):
+        torch.testing.assert_close(got, want, **GRAD_TOLERANCES[torch.bfloat16])

@@ -28,7 +28,7 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import observe_gate, selective_scan_low_rank, state_fusion
+from ..ops import add_residual, observe_gate, selective_scan_low_rank, state_fusion
 from .layers import (
     StagedBackbone,
     gelu_linear,
@@ -230,9 +230,10 @@ class SpatialMambaBlock(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         x = self._cpe(self.cpe1, x)
-        x = x + self.drop_path(self.self_attention(x, self.ln_1))
+        backend = self.self_attention.backend  # x + drop_path(branch) in one pass (vssm.ops.add_residual)
+        x = add_residual(x, self.self_attention(x, self.ln_1), self.drop_path, backend=backend)
         x = self._cpe(self.cpe2, x)
-        return x + self.drop_path(self.mlp(x, self.ln_2))
+        return add_residual(x, self.mlp(x, self.ln_2), self.drop_path, backend=backend)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.with_cp and x.requires_grad:

@@ -1,4 +1,5 @@
-"""A residual branch added back: ``x + drop_path(y + bias)`` over channels-first (B, C, H, W) maps, as one pass.
+"""A residual branch added back: ``x + drop_path(y + bias)``, as one pass (the bias over the channels of (B, C, H, W)
+maps; without it any layout).
 
 The blocks' ``x = x + drop_path(branch(x))``, with the branch's last bias (VMamba's fc2 in its batched-GEMM form
 adds it as a broadcast pass of its own) and DropPath's per-image factor in training (mmcv's ``drop_path``: a
@@ -45,7 +46,7 @@ def add_residual_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, keep_m
     if bias is not None:
         y = y + bias.to(y.dtype)[:, None, None]
     if keep_mask is not None:
-        y = y.div(keep_prob) * keep_mask[:, None, None, None]
+        y = y.div(keep_prob) * keep_mask.view((-1, ) + (1, ) * (y.dim() - 1))
     return x + y
 
 
@@ -57,7 +58,8 @@ class _AddResidual(torch.autograd.Function):
         ctx.save_for_backward(keep_mask)
         ctx.x_dtype, ctx.y_dtype, ctx.keep_prob = x.dtype, y.dtype, keep_prob
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _KERNEL.forward(x.flatten(2), y.flatten(2), bias, keep_mask, keep_prob).view(y.shape)
+        rows = (y.shape[0], y.shape[1] if bias is not None else 1, -1)  # channel rows where the bias needs them
+        return _KERNEL.forward(x.reshape(rows), y.reshape(rows), bias, keep_mask, keep_prob).view(y.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -65,8 +67,8 @@ class _AddResidual(torch.autograd.Function):
         has_bias = ctx.bias_dtype is not None
         dy = db = None
         if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            g = grad.contiguous()
-            dy, db = _KERNEL.backward(g.flatten(2), ctx.y_dtype, has_bias, keep_mask, ctx.keep_prob)
+            rows = (grad.shape[0], grad.shape[1] if has_bias else 1, -1)
+            dy, db = _KERNEL.backward(grad.contiguous().view(rows), ctx.y_dtype, has_bias, keep_mask, ctx.keep_prob)
             dy, db = dy.view(grad.shape), (db.to(ctx.bias_dtype) if has_bias else None)
         return grad.to(ctx.x_dtype), dy, db, None, None
 
@@ -93,8 +95,9 @@ def add_residual(x: Tensor, y: Tensor, drop_path: Optional[nn.Module] = None, bi
     """``x + drop_path(y + bias[:, None, None])``.
 
     Args:
-        x: (B, C, H, W), the residual stream (float32 under autocast).
-        y: (B, C, H, W), the branch's output (16-bit under autocast).
+        x: (B, C, H, W) with a bias, else (B, ...) of any layout (channels-last maps, tokens): the residual stream
+            (float32 under autocast).
+        y: the branch's output, x's shape (16-bit under autocast).
         drop_path: the block's DropPath (``drop_prob``, active in training) or an identity; None for none.
         bias: (C,), the branch's last bias where its projection left it out; cast to y's dtype.
         backend: one of :data:`~vssm.ops.BACKENDS`; ``'auto'`` and ``'cuda'`` run the Triton kernel on contiguous
@@ -103,8 +106,9 @@ def add_residual(x: Tensor, y: Tensor, drop_path: Optional[nn.Module] = None, bi
     Returns:
         (B, C, H, W) in the dtype of ``x + y``.
     """
-    if x.dim() != 4 or x.shape != y.shape or (bias is not None and bias.shape != (y.shape[1], )):
-        raise ValueError(f'add_residual: expected x and y (B, C, H, W) of one shape and bias (C,), got '
+    if (x.dim() < 1 or x.shape != y.shape
+            or (bias is not None and (x.dim() != 4 or bias.shape != (y.shape[1], )))):
+        raise ValueError(f'add_residual: expected x and y of one shape, (B, C, H, W) with a bias (C,), got '
                          f'{tuple(x.shape)}, {tuple(y.shape)}, {None if bias is None else tuple(bias.shape)}.')
     keep_mask, keep_prob = drop_path_mask(drop_path, y) if drop_path is not None else (None, 1.)
     if (not kernel_runs(y, backend) or not (x.is_contiguous() and y.is_contiguous()) or y.numel() == 0
