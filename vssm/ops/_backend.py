@@ -9,7 +9,7 @@ import importlib
 import os
 from contextlib import contextmanager
 from types import ModuleType
-from typing import ContextManager, Iterator, Optional
+from typing import ContextManager, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -123,6 +123,26 @@ def triton_fusions_enabled() -> bool:
     docs/benchmarks.md); ``VSSM_TRITON_FUSIONS=0`` in the environment (read per call) makes their ops take the
     reference under every backend."""
     return os.environ.get('VSSM_TRITON_FUSIONS', '1') != '0'
+
+
+def triton_kernel_runs(op: str, kernel: Optional[ModuleType], x: Tensor, backend: str,
+                       dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)) -> bool:
+    """Whether the elementwise op ``op`` runs its Triton ``kernel`` (None: Triton is not importable) on ``x``: the
+    backend allows it, :func:`triton_fusions_enabled`, not autograd's plain mode, compiling (inductor fuses the
+    reference with its neighbours) or tracing, a CUDA tensor of one of ``dtypes``. ``backend='cuda'`` without Triton
+    or with a CPU tensor raises, naming the way out."""
+    check_backend_name(backend)
+    if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if not triton_fusions_enabled():
+        return False
+    if backend == 'cuda':
+        if kernel is None:
+            raise RuntimeError(f"{op}: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
+                               "use backend='auto' or 'torch'.")
+        if not x.is_cuda:
+            raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got {x.device}.")
+    return kernel is not None and x.is_cuda and x.dtype in dtypes
 
 
 def cross_form_enabled() -> bool:

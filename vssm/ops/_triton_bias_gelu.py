@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import round_to, row_block
+from ._triton_common import round_to, row_block, row_tile
 
 
 def _low(h: Tensor) -> bool:
@@ -30,10 +30,7 @@ def _biased(h_ptr, b_ptr, row, offs, mask, n_c, LOW: tl.constexpr):
 
 @triton.jit
 def _bias_gelu_fwd(h_ptr, b_ptr, out_ptr, n_c, length, LOW: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_l, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    pix = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask = pix < length
-    offs = row * length + pix
+    pid_l, row, mask, offs = row_tile(length, BLOCK_L)
     t = _biased(h_ptr, b_ptr, row, offs, mask, n_c, LOW)
     out = 0.5 * t * (1. + tl.math.erf(t * 0.7071067811865476))
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -42,10 +39,7 @@ def _bias_gelu_fwd(h_ptr, b_ptr, out_ptr, n_c, length, LOW: tl.constexpr, BLOCK_
 @triton.jit
 def _bias_gelu_bwd(g_ptr, h_ptr, b_ptr, dh_ptr, db_ptr, n_c, length, n_blocks, LOW: tl.constexpr,
                    BLOCK_L: tl.constexpr):
-    pid_l, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    pix = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask = pix < length
-    offs = row * length + pix
+    pid_l, row, mask, offs = row_tile(length, BLOCK_L)
     t = _biased(h_ptr, b_ptr, row, offs, mask, n_c, LOW)
     g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32)
     cdf = 0.5 * (1. + tl.math.erf(t * 0.7071067811865476))

@@ -59,3 +59,12 @@ def row_block(length: int) -> int:
     power of two, within [MIN_ROW_BLOCK, MAX_ROW_BLOCK]; and the warps for it."""
     block = min(MAX_ROW_BLOCK, max(MIN_ROW_BLOCK, triton.next_power_of_2(length)))
     return block, max(1, min(4, block // 256))
+
+
+@triton.jit
+def row_tile(length, BLOCK: tl.constexpr):
+    """The program's pixels in a (B, C, L) map (grid: pixel blocks, rows): (pixel block, row = b * C + c, mask,
+    offsets)."""
+    pid_l, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pix = pid_l * BLOCK + tl.arange(0, BLOCK)
+    return pid_l, row, pix < length, row * length + pix

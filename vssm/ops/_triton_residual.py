@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import round_to, row_block
+from ._triton_common import round_to, row_block, row_tile
 
 
 def _inverse(keep_prob: float) -> float:
@@ -30,10 +30,7 @@ def _low(t: Tensor) -> bool:
 @triton.jit
 def _residual_fwd(x_ptr, y_ptr, b_ptr, m_ptr, out_ptr, n_c, length, inv_keep, HAS_BIAS: tl.constexpr,
                   HAS_MASK: tl.constexpr, LOW_Y: tl.constexpr, BLOCK: tl.constexpr):
-    pid_l, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    pix = pid_l * BLOCK + tl.arange(0, BLOCK)
-    mask = pix < length
-    offs = row * length + pix
+    pid_l, row, mask, offs = row_tile(length, BLOCK)
     y_ty = y_ptr.dtype.element_ty
     t = tl.load(y_ptr + offs, mask=mask, other=0.).to(tl.float32)
     if HAS_BIAS:
@@ -47,10 +44,7 @@ def _residual_fwd(x_ptr, y_ptr, b_ptr, m_ptr, out_ptr, n_c, length, inv_keep, HA
 @triton.jit
 def _residual_bwd(g_ptr, m_ptr, dy_ptr, db_ptr, n_c, length, n_blocks, inv_keep, HAS_BIAS: tl.constexpr,
                   HAS_MASK: tl.constexpr, LOW_Y: tl.constexpr, BLOCK: tl.constexpr):
-    pid_l, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    pix = pid_l * BLOCK + tl.arange(0, BLOCK)
-    mask = pix < length
-    offs = row * length + pix
+    pid_l, row, mask, offs = row_tile(length, BLOCK)
     y_ty = dy_ptr.dtype.element_ty
     g = round_to(tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32), LOW_Y, y_ty)
     if HAS_MASK:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
+from ._backend import triton_kernel_runs, try_import_extension
 
 __all__ = ['bias_gelu', 'bias_gelu_ref', 'kernel_available', 'kernel_runs']
 
@@ -52,18 +52,7 @@ def kernel_runs(h: Tensor, backend: str = 'auto') -> bool:
     """Whether :func:`bias_gelu` of ``h`` runs the kernel: the switch on, the backend allows it, a CUDA tensor in
     float32/bfloat16/float16, not compiling or tracing. (Callers that fold a bias into the GELU only where the kernel
     runs ask this with the map the GELU will see, or one of the same device, dtype and layout.)"""
-    check_backend_name(backend)
-    if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if not triton_fusions_enabled():
-        return False
-    if backend == 'cuda':
-        if _KERNEL is None:
-            raise RuntimeError("bias_gelu: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
-                               "use backend='auto' or 'torch'.")
-        if not h.is_cuda:
-            raise ValueError(f"bias_gelu: backend 'cuda' needs CUDA tensors, got {h.device}.")
-    return _KERNEL is not None and h.is_cuda and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return triton_kernel_runs('bias_gelu', _KERNEL, h, backend)
 
 
 def bias_gelu(h: Tensor, bias: Tensor, *, backend: str = 'auto') -> Tensor:

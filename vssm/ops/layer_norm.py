@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
+from ._backend import triton_kernel_runs, try_import_extension
 
 __all__ = ['layer_norm_2d', 'layer_norm_2d_ref', 'layer_norm_last', 'kernel_available']
 
@@ -78,22 +78,12 @@ def _pays(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
 
 
 def _use_kernel(backend: str, x: Tensor, weight: Tensor, bias: Tensor, channels_first: bool = True) -> bool:
-    """Whether the kernel runs: the switch, the backend, a CUDA tensor, not compiling or tracing; for channels-first
-    maps also where it pays (:func:`_pays`)."""
+    """Whether the kernel runs (:func:`~vssm.ops._backend.triton_kernel_runs`: the switch, the backend, a CUDA tensor,
+    not compiling or tracing); for channels-first maps also where it pays (:func:`_pays`)."""
     name = 'layer_norm_2d' if channels_first else 'layer_norm_last'
-    check_backend_name(backend)
-    if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not triton_kernel_runs(name, _KERNEL, x, backend):
         return False  # under torch.compile inductor fuses the reference with its neighbours itself
-    if not triton_fusions_enabled():
-        return False
-    if backend == 'cuda':
-        if _KERNEL is None:
-            raise RuntimeError(f"{name}: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
-                               "use backend='auto' or 'torch'.")
-        if not x.is_cuda:
-            raise ValueError(f"{name}: backend 'cuda' needs CUDA tensors, got {x.device}.")
-        return _pays(x, weight, bias) if channels_first else True
-    return _KERNEL is not None and x.is_cuda and (_pays(x, weight, bias) if channels_first else True)
+    return _pays(x, weight, bias) if channels_first else True
 
 
 def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._backend import check_backend_name, plain_autograd_enabled, triton_fusions_enabled, try_import_extension
+from ._backend import triton_kernel_runs, try_import_extension
 
 __all__ = ['add_residual', 'add_residual_ref', 'drop_path_mask', 'kernel_available', 'kernel_runs']
 
@@ -76,18 +76,7 @@ class _AddResidual(torch.autograd.Function):
 def kernel_runs(y: Tensor, backend: str = 'auto') -> bool:
     """Whether :func:`add_residual` with a branch output like ``y`` runs the kernel: the switch on, the backend allows
     it, a CUDA tensor in float32/bfloat16/float16, not compiling or tracing."""
-    check_backend_name(backend)
-    if backend == 'torch' or plain_autograd_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if not triton_fusions_enabled():
-        return False
-    if backend == 'cuda':
-        if _KERNEL is None:
-            raise RuntimeError("add_residual: backend 'cuda' needs Triton (it ships with PyTorch's CUDA wheels); "
-                               "use backend='auto' or 'torch'.")
-        if not y.is_cuda:
-            raise ValueError(f"add_residual: backend 'cuda' needs CUDA tensors, got {y.device}.")
-    return _KERNEL is not None and y.is_cuda and y.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return triton_kernel_runs('add_residual', _KERNEL, y, backend)
 
 
 def add_residual(x: Tensor, y: Tensor, drop_path: Optional[nn.Module] = None, bias: Optional[Tensor] = None, *,
