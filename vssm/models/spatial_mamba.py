@@ -224,13 +224,13 @@ class SpatialMambaBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    @staticmethod
-    def _cpe(conv: nn.Conv2d, x: Tensor) -> Tensor:
-        return x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    def _cpe(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        return add_residual(x, conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), backend=self.self_attention.backend)
 
     def _forward(self, x: Tensor) -> Tensor:
+        # every x + drop_path(branch) in one pass (vssm.ops.add_residual: the float32 stream and the 16-bit branch)
         x = self._cpe(self.cpe1, x)
-        backend = self.self_attention.backend  # x + drop_path(branch) in one pass (vssm.ops.add_residual)
+        backend = self.self_attention.backend
         x = add_residual(x, self.self_attention(x, self.ln_1), self.drop_path, backend=backend)
         x = self._cpe(self.cpe2, x)
         return add_residual(x, self.mlp(x, self.ln_2), self.drop_path, backend=backend)

@@ -118,10 +118,10 @@ def autocast_dtype(x: Tensor) -> torch.dtype:
 
 
 def triton_fusions_enabled() -> bool:
-    """Whether the Triton kernels (``layer_norm_2d``, ``observe_gate``, ``cross_selective_scan``) may run, each where
-    its dispatch finds it faster: on by default (the three T models' eager rows with and without them,
-    docs/benchmarks.md); ``VSSM_TRITON_FUSIONS=0`` in the environment (read per call) makes their ops take the
-    reference under every backend."""
+    """Whether the Triton kernels (``layer_norm_2d`` / ``layer_norm_last``, ``bias_gelu``, ``add_residual``,
+    ``observe_gate``, ``cross_selective_scan``, the token merge) may run, each where its dispatch finds it faster: on
+    by default (the three T models' eager rows with and without them, docs/benchmarks.md); ``VSSM_TRITON_FUSIONS=0``
+    in the environment (read per call) makes their ops take the reference under every backend."""
     return os.environ.get('VSSM_TRITON_FUSIONS', '1') != '0'
 
 
