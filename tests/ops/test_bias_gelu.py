@@ -43,6 +43,7 @@ def test_kernel_matches_float64_autograd_in_the_triton_interpreter():
         torch.manual_seed(0)
         for block in (64, 16):
             common.MIN_ROW_BLOCK = common.MAX_ROW_BLOCK = block
+            common.ROW_TILE = 4 * block  # 4 rows per program: programs over several rows, the last one partial
             for b, c, h, w in {INTERPRETER_SHAPES!r}:
                 x, bias, g = torch.randn(b, c, h * w) * 2, torch.randn(c), torch.randn(b, c, h * w)
                 out = kernel.forward(x, bias)

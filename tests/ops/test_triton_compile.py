@@ -105,13 +105,20 @@ def test_token_merge_compiles_for_sm90(k, rows, dtype):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
-def test_bias_gelu_compiles_for_sm90(dtype):
-    """bias_gelu's forward and backward, on rows longer than a program (several programs per row)."""
-    from vssm.ops import _triton_bias_gelu as kernel
-    h, bias = torch.empty(2, 6, 3000, dtype=dtype), torch.empty(6)
-    recorded = record_launches(kernel, ['_bias_gelu_fwd', '_bias_gelu_bwd'], lambda: (
-        kernel.forward(h, bias), kernel.backward(torch.empty_like(h), h, bias)))
-    assert len(recorded) == 2
+@pytest.mark.parametrize('length', [3000, 49], ids=['long-rows', 'short-rows'])
+def test_bias_gelu_and_add_residual_compile_for_sm90(dtype, length):
+    """bias_gelu's and add_residual's kernels (with and without the bias and the keep mask): rows longer than a
+    program, and short rows several to a program."""
+    from vssm.ops import _triton_bias_gelu as bias_gelu
+    from vssm.ops import _triton_residual as residual
+    h, bias, mask = torch.empty(2, 6, length, dtype=dtype), torch.empty(6), torch.empty(2, dtype=dtype)
+    x = torch.empty(2, 6, length)
+    recorded = record_launches(bias_gelu, ['_bias_gelu_fwd', '_bias_gelu_bwd'], lambda: (
+        bias_gelu.forward(h, bias), bias_gelu.backward(torch.empty_like(h), h, bias)))
+    for b, m in ((bias, mask), (None, None)):
+        recorded += record_launches(residual, ['_residual_fwd', '_residual_bwd'], lambda: (
+            residual.forward(x, h, b, m, 0.8), residual.backward(x, dtype, b is not None, m, 0.8)))
+    assert len(recorded) == 6
     for launch in recorded:
         compiled = compile_launch(*launch)
         assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0

@@ -51,20 +51,26 @@ def round_to(x, LOW: tl.constexpr, dtype: tl.constexpr):
     return x
 
 
-MAX_ROW_BLOCK, MIN_ROW_BLOCK = 1024, 64
+ROW_TILE = 1024  # elements per program of the kernels over the rows of a (B, C, L) map
+MAX_ROW_BLOCK, MIN_ROW_BLOCK = 1024, 16
 
 
-def row_block(length: int) -> int:
-    """Pixels per program for kernels over the (image, channel) rows of a (B, C, L) map: the row's length padded to a
-    power of two, within [MIN_ROW_BLOCK, MAX_ROW_BLOCK]; and the warps for it."""
+def row_tiles(rows: int, length: int):
+    """(ROWS, BLOCK, grid, warps) for kernels over the ``rows`` (image, channel) rows of ``length`` pixels of a
+    (B, C, L) map: BLOCK pixels of a row (its length padded to a power of two, within [MIN_ROW_BLOCK,
+    MAX_ROW_BLOCK]) times ROWS consecutive rows, about ``ROW_TILE`` elements per program (short rows, e.g. 7x7 maps,
+    share a program). The grid's first axis walks the rows (it allows 2^31 programs), the second the pixel blocks."""
     block = min(MAX_ROW_BLOCK, max(MIN_ROW_BLOCK, triton.next_power_of_2(length)))
-    return block, max(1, min(4, block // 256))
+    n_rows = max(1, ROW_TILE // block)
+    return n_rows, block, (triton.cdiv(rows, n_rows), triton.cdiv(length, block)), max(1, min(4, n_rows * block // 256))
 
 
 @triton.jit
-def row_tile(length, BLOCK: tl.constexpr):
-    """The program's pixels in a (B, C, L) map (grid: pixel blocks, rows): (pixel block, row = b * C + c, mask,
+def row_tile(n_rows, length, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The program's tile of :func:`row_tiles`: (pixel block, rows = b * C + c [ROWS], row mask, [ROWS, BLOCK] mask,
     offsets)."""
-    pid_l, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    pid_l = tl.program_id(1)
     pix = pid_l * BLOCK + tl.arange(0, BLOCK)
-    return pid_l, row, pix < length, row * length + pix
+    mask_r = rows < n_rows
+    return pid_l, rows, mask_r, mask_r[:, None] & (pix < length)[None, :], rows[:, None] * length + pix[None, :]
