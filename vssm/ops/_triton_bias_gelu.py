@@ -13,11 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import round_to, row_tile, row_tiles
-
-
-def _low(h: Tensor) -> bool:
-    return h.dtype in (torch.float16, torch.bfloat16)
+from ._triton_common import low_precision, round_to, row_tile, row_tiles
 
 
 @triton.jit
@@ -55,7 +51,8 @@ def forward(h: Tensor, bias: Tensor) -> Tensor:
     b, c, length = h.shape
     out = torch.empty_like(h)
     n_rows, block, grid, warps = row_tiles(b * c, length)
-    _bias_gelu_fwd[grid](h, bias, out, b * c, c, length, LOW=_low(h), ROWS=n_rows, BLOCK=block, num_warps=warps)
+    _bias_gelu_fwd[grid](h, bias, out, b * c, c, length, LOW=low_precision(h), ROWS=n_rows, BLOCK=block,
+                         num_warps=warps)
     return out
 
 
@@ -65,6 +62,6 @@ def backward(grad: Tensor, h: Tensor, bias: Tensor):
     dh = torch.empty_like(h)
     n_rows, block, grid, warps = row_tiles(b * c, length)
     partial = torch.empty(b, c, grid[1], dtype=torch.float32, device=h.device)
-    _bias_gelu_bwd[grid](grad, h, bias, dh, partial, b * c, c, length, grid[1], LOW=_low(h), ROWS=n_rows, BLOCK=block,
-                         num_warps=warps)
+    _bias_gelu_bwd[grid](grad, h, bias, dh, partial, b * c, c, length, grid[1], LOW=low_precision(h), ROWS=n_rows,
+                         BLOCK=block, num_warps=warps)
     return dh, partial.sum((0, 2))

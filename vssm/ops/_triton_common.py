@@ -4,6 +4,7 @@ A program takes ``BLOCK_L`` consecutive pixels of the flattened B * L axis (runs
 across image boundaries, so small maps still give many programs) and the channels in one tile (up to
 ``SINGLE_MAX_C``) or in chunks of ``BLOCK_C`` whose statistics are merged with Chan's formula (numerically stable).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -49,6 +50,11 @@ def round_to(x, LOW: tl.constexpr, dtype: tl.constexpr):
     if LOW:
         x = x.to(dtype).to(tl.float32)
     return x
+
+
+def low_precision(t) -> bool:
+    """Whether a tensor is 16-bit (the kernels then round their intermediate steps to its dtype)."""
+    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 ROW_TILE = 1024  # elements per program of the kernels over the rows of a (B, C, L) map

@@ -15,16 +15,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import round_to, row_tile, row_tiles
+from ._triton_common import low_precision, round_to, row_tile, row_tiles
 
 
 def _inverse(keep_prob: float) -> float:
     """1 / keep_prob in float32, as ATen divides a tensor by a scalar on CUDA (a multiplication by the inverse)."""
     return (torch.tensor(1., dtype=torch.float32) / torch.tensor(keep_prob, dtype=torch.float32)).item()
-
-
-def _low(t: Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -74,7 +70,7 @@ def forward(x: Tensor, y: Tensor, bias, keep_mask, keep_prob: float) -> Tensor:
     n_rows, block, grid, warps = row_tiles(b * c, length)
     _residual_fwd[grid](x, y, y if bias is None else bias, y if keep_mask is None else keep_mask, out, b * c, c, length,
                         _inverse(keep_prob), HAS_BIAS=bias is not None, HAS_MASK=keep_mask is not None,
-                        LOW_Y=_low(y), ROWS=n_rows, BLOCK=block, num_warps=warps)
+                        LOW_Y=low_precision(y), ROWS=n_rows, BLOCK=block, num_warps=warps)
     return out
 
 
@@ -85,6 +81,6 @@ def backward(grad: Tensor, y_dtype: torch.dtype, has_bias: bool, keep_mask, keep
     n_rows, block, grid, warps = row_tiles(b * c, length)
     partial = torch.empty(b, c, grid[1], dtype=torch.float32, device=grad.device) if has_bias else dy
     _residual_bwd[grid](grad, grad if keep_mask is None else keep_mask, dy, partial, b * c, c, length, grid[1],
-                        _inverse(keep_prob), HAS_BIAS=has_bias, HAS_MASK=keep_mask is not None, LOW_Y=_low(dy),
+                        _inverse(keep_prob), HAS_BIAS=has_bias, HAS_MASK=keep_mask is not None, LOW_Y=low_precision(dy),
                         ROWS=n_rows, BLOCK=block, num_warps=warps)
     return dy, (partial.sum((0, 2)) if has_bias else None)
