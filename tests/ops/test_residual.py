@@ -102,6 +102,21 @@ def test_cpu_tensors_and_the_switch_take_the_reference(monkeypatch):
     assert not kernel_runs(fake_cuda)
 
 
+def test_a_float64_stream_takes_the_reference(monkeypatch):
+    """The kernel computes in float32: where the dispatch would take it for the branch, a float64 residual stream
+    still gets the reference (its sum in float64)."""
+    import vssm.ops.residual as residual
+
+    def no_kernel(*args):
+        raise AssertionError('the kernel ran on a float64 stream')
+
+    monkeypatch.setattr(residual, 'kernel_runs', lambda y, backend='auto': True)
+    monkeypatch.setattr(residual._AddResidual, 'apply', no_kernel)
+    x, y = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5)
+    out = add_residual(x, y)
+    assert out.dtype == torch.float64 and torch.equal(out, x + y)
+
+
 def test_errors():
     with pytest.raises(ValueError, match=r'expected x and y of one shape'):
         add_residual(torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 3))

@@ -23,6 +23,7 @@ from ._backend import triton_kernel_runs, try_import_extension
 __all__ = ['add_residual', 'add_residual_ref', 'drop_path_mask', 'kernel_available', 'kernel_runs']
 
 _KERNEL = try_import_extension(f'{__package__}._triton_residual')  # None without Triton (CPU-only torch installs)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_available() -> bool:
@@ -58,8 +59,8 @@ class _AddResidual(torch.autograd.Function):
         ctx.save_for_backward(keep_mask)
         ctx.x_dtype, ctx.y_dtype, ctx.keep_prob = x.dtype, y.dtype, keep_prob
         ctx.bias_dtype = None if bias is None else bias.dtype
-        rows = (y.shape[0], y.shape[1] if bias is not None else 1, -1)  # channel rows where the bias needs them
-        return _KERNEL.forward(x.reshape(rows), y.reshape(rows), bias, keep_mask, keep_prob).view(y.shape)
+        ctx.rows = (y.shape[0], y.shape[1] if bias is not None else 1, -1)  # channel rows where the bias needs them
+        return _KERNEL.forward(x.view(ctx.rows), y.view(ctx.rows), bias, keep_mask, keep_prob).view(y.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -67,8 +68,8 @@ class _AddResidual(torch.autograd.Function):
         has_bias = ctx.bias_dtype is not None
         dy = db = None
         if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            rows = (grad.shape[0], grad.shape[1] if has_bias else 1, -1)
-            dy, db = _KERNEL.backward(grad.contiguous().view(rows), ctx.y_dtype, has_bias, keep_mask, ctx.keep_prob)
+            dy, db = _KERNEL.backward(grad.contiguous().view(ctx.rows), ctx.y_dtype, has_bias, keep_mask,
+                                      ctx.keep_prob)
             dy, db = dy.view(grad.shape), (db.to(ctx.bias_dtype) if has_bias else None)
         return grad.to(ctx.x_dtype), dy, db, None, None
 
@@ -76,7 +77,7 @@ class _AddResidual(torch.autograd.Function):
 def kernel_runs(y: Tensor, backend: str = 'auto') -> bool:
     """Whether :func:`add_residual` with a branch output like ``y`` runs the kernel: the switch on, the backend allows
     it, a CUDA tensor in float32/bfloat16/float16, not compiling or tracing."""
-    return triton_kernel_runs('add_residual', _KERNEL, y, backend)
+    return triton_kernel_runs('add_residual', _KERNEL, y, backend, KERNEL_DTYPES)
 
 
 def add_residual(x: Tensor, y: Tensor, drop_path: Optional[nn.Module] = None, bias: Optional[Tensor] = None, *,
@@ -100,7 +101,8 @@ def add_residual(x: Tensor, y: Tensor, drop_path: Optional[nn.Module] = None, bi
         raise ValueError(f'add_residual: expected x and y of one shape, (B, C, H, W) with a bias (C,), got '
                          f'{tuple(x.shape)}, {tuple(y.shape)}, {None if bias is None else tuple(bias.shape)}.')
     keep_mask, keep_prob = drop_path_mask(drop_path, y) if drop_path is not None else (None, 1.)
-    if (not kernel_runs(y, backend) or not (x.is_contiguous() and y.is_contiguous()) or y.numel() == 0
-            or x.device != y.device):
+    # the kernel computes in float32: a float64 stream (or branch) takes the reference
+    if (not kernel_runs(y, backend) or x.dtype not in KERNEL_DTYPES or not (x.is_contiguous() and y.is_contiguous())
+            or y.numel() == 0 or x.device != y.device):
         return add_residual_ref(x, y, bias, keep_mask, keep_prob)
     return _AddResidual.apply(x, y, bias, keep_mask, keep_prob)
