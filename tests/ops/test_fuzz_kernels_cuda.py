@@ -10,6 +10,19 @@ inputs. Each case runs forward and backward on the kernel and on the reference; 
 and every input's gradient must agree within the tolerances of ``test_selective_scan_cuda.py`` /
 ``test_dwconv2d_cuda.py`` (max relative error; the cross scan's in ``fuzz.CROSS_TOL``).
 
+The Triton elementwise ops the same way, each kernel (``backend='cuda'``, ``VSSM_TRITON_FUSIONS=1``) against its
+reference (``backend='torch'``): ``layer_norm_2d`` on (B, C, H, W) maps of 1 to 2200 channels (across the forward's
+2048- and the backward's 1024-channel single tiles) with the kernel forced on every map (``fuzz.py`` lifts the
+dispatch's ``KERNEL_MAX_CHANNELS`` / ``KERNEL_MIN_PIXELS`` inside the call), ``layer_norm_last`` on rows of up to 256
+channels, both with every ``out_dtype``; ``bias_gelu`` and ``add_residual`` on rows of 1 to 16900 pixels (across the
+kernels' 1024-element blocks) and up to about 25000 (image, channel) rows, the residual with and without its bias,
+with and without mmcv's DropPath in training (both calls draw the same keep mask from the same seed), a float32
+stream with a 16-bit branch and same dtypes, (B, C, H, W), (B, H, W, C) and token layouts; the token merge
+(``scatter_tokens`` with inverse permutations) over VMamba's four directions and random shared or per-image
+permutations, K = 1-8. Their tolerances are their own GPU tests' (``conftest.TOLERANCES`` / ``GRAD_TOLERANCES``,
+``test_token_maps.py``'s), as max relative errors against at least 1 (``fuzz.error_floor``); LayerNorm and bias + GELU
+are compared with their float64 references, as their tests compare.
+
     pytest tests/ops/test_fuzz_kernels_cuda.py -s --fuzz-cases 1000 [--fuzz-seed 0]
 
 prints, per op and dtype, the cases, the mismatches and the worst error against its tolerance; a failure lists
