@@ -72,4 +72,4 @@ def bias_gelu(h: Tensor, bias: Tensor, *, backend: str = 'auto') -> Tensor:
                          f'{None if bias is None else tuple(bias.shape)}.')
     if not kernel_runs(h, backend) or h.numel() == 0:
         return bias_gelu_ref(h, bias)
-    return _BiasGelu.apply(h.contiguous(), bias)
+    return _BiasGelu.apply(h.contiguous(), bias.contiguous())

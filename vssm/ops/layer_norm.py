@@ -108,7 +108,8 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, ou
                          f'{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}.')
     if not _use_kernel(backend, x, weight, bias):
         return layer_norm_2d_ref(x, weight, bias, eps, out_dtype)
-    return _LayerNorm2d.apply(x.contiguous(), weight, bias, float(eps), out_dtype or _default_dtype(x))
+    return _LayerNorm2d.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps),
+                              out_dtype or _default_dtype(x))
 
 
 class _LayerNormLast(torch.autograd.Function):
@@ -157,5 +158,5 @@ def layer_norm_last(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5,
             or x.shape[-1] > KERNEL_MAX_CHANNELS_LAST or x.numel() == 0):
         y = F.layer_norm(x, (x.shape[-1], ), weight, bias, eps)
         return y if out_dtype is None else y.to(out_dtype)
-    return _LayerNormLast.apply(x, weight, bias, float(eps), out_dtype or _default_dtype(x))
+    return _LayerNormLast.apply(x, weight.contiguous(), bias.contiguous(), float(eps), out_dtype or _default_dtype(x))
 

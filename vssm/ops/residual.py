@@ -105,4 +105,4 @@ def add_residual(x: Tensor, y: Tensor, drop_path: Optional[nn.Module] = None, bi
     if (not kernel_runs(y, backend) or x.dtype not in KERNEL_DTYPES or not (x.is_contiguous() and y.is_contiguous())
             or y.numel() == 0 or x.device != y.device):
         return add_residual_ref(x, y, bias, keep_mask, keep_prob)
-    return _AddResidual.apply(x, y, bias, keep_mask, keep_prob)
+    return _AddResidual.apply(x, y, None if bias is None else bias.contiguous(), keep_mask, keep_prob)
