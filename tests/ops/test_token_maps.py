@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ops.triton_interpreter import run_in_interpreter
+from torch._dynamo.backends.debugging import aot_eager
 
 from vssm.ops import gather_tokens, inverse_permutation, plain_autograd, scatter_tokens, token_maps
 
@@ -96,7 +97,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vssm.scatter_tokens.default, (torch.randn(2, 3, 4, 4), repeats, 6, None, 'torch'))
 
 
-def test_saves_only_the_index_maps_and_compiles_fullgraph():
+@pytest.mark.parametrize('inline', [True, False])
+def test_saves_only_the_index_maps_and_compiles_fullgraph(inline, monkeypatch):
+    """Eager: only the index maps saved. Compiled with fullgraph: the same gradients with the maps inlined as plain
+    ops (the default: inductor fuses them) and as the opaque custom ops; a map that repeats tokens too."""
+    monkeypatch.setattr(token_maps, 'INLINE_UNDER_COMPILE', inline)
     gen = torch.Generator().manual_seed(3)
     index = _index('permutation', 1, 4, 20, 20, gen)
     inverse = inverse_permutation(index)
@@ -109,12 +114,28 @@ def test_saves_only_the_index_maps_and_compiles_fullgraph():
     def fn(t):
         return scatter_tokens(gather_tokens(t, index, inverse).square(), index, 20, inverse).sum()
 
+    graphs = []
+
+    def backend(gm, inputs):  # records dynamo's graph, then compiles it as aot_eager does
+        graphs.append(str(gm.graph))
+        return aot_eager(gm, inputs)
+
     torch._dynamo.reset()
-    compiled = torch.compile(fn, backend='aot_eager', fullgraph=True)
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
     got, = torch.autograd.grad(compiled(x), x)
     expected, = torch.autograd.grad(fn(x), x)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(out, 8 * x.detach().flatten(2))
+    assert ('vssm.gather_tokens' in graphs[0] and 'vssm.scatter_tokens' in graphs[0]) is not inline
+    repeats = _index('repeats', 2, 3, 20, 12, gen)
+
+    def fn_repeats(t):
+        return scatter_tokens(gather_tokens(t, repeats).square(), repeats, 20).sum()
+
+    compiled = torch.compile(fn_repeats, backend='aot_eager', fullgraph=True)
+    got, = torch.autograd.grad(compiled(x), x)
+    expected, = torch.autograd.grad(fn_repeats(x), x)
+    torch.testing.assert_close(got, expected)
 
 
 def test_traces_to_plain_ops_and_rejects_bad_index_maps():
@@ -156,6 +177,7 @@ def test_merge_kernel_matches_the_gather_and_sum_in_the_triton_interpreter():
     assert [kernel.tiles(n) for n in (49, 196, 3136, 5)] == [(16, 64), (8, 256), (8, 256), (64, 16)]
     script = f"""
 import torch
+from torch._dynamo.backends.debugging import aot_eager
 from vssm.ops import _triton_token_maps as kernel
 from vssm.ops.token_maps import inverse_permutation
 

@@ -21,7 +21,11 @@ sum are one Triton kernel (:mod:`vssm.ops._triton_token_maps`: no (B, K, D, L) c
 deterministic) under the backends ``'auto'`` and ``'cuda'`` with the Triton fusions on (the default;
 ``VSSM_TRITON_FUSIONS=0`` turns them off); ``backend='torch'`` keeps the plain gather and sum.
 
-Under ``torch.compile`` both are ``torch.library`` custom ops with fake and autograd registrations (graph nodes); in
+Under ``torch.compile`` both are plain gathers and sums inside the graph (:data:`INLINE_UNDER_COMPILE`), each with
+the other as its backward (an ``autograd.Function`` that dynamo traces): inductor then fuses the gather into the pass
+that produces x (VMamba's SiLU after the depthwise conv) and the merge's gather and sum into the pass that reads its
+result (the out-norm), so neither (B, K, D, L) copy in raster order is written; with :data:`INLINE_UNDER_COMPILE`
+off they are ``torch.library`` custom ops with fake and autograd registrations (opaque graph nodes). In
 eager mode the same functions run as ``torch.autograd.Function``s, whose dispatch costs the host a fraction of a
 custom op's (about 20 against 100+ microseconds per call measured on a CPU: hundreds of calls per training step).
 Under ``torch.jit.trace`` and ``torch.export`` (FLOP counters, ONNX export) and in :func:`~vssm.ops.plain_autograd`
@@ -46,6 +50,7 @@ __all__ = ['gather_tokens', 'scatter_tokens', 'inverse_permutation']
 
 _KERNEL = try_import_extension(f'{__package__}._triton_token_maps')  # None without Triton (CPU-only torch installs)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INLINE_UNDER_COMPILE = True  # under torch.compile, plain ops that inductor fuses with their neighbours
 
 
 def _expand_index(index: Tensor, batch: int, channels: int) -> Tensor:
@@ -154,6 +159,36 @@ class _ScatterTokens(torch.autograd.Function):
         return _GatherTokens.apply(grad.contiguous(), index, inverse, ctx.backend), None, None, None, None
 
 
+class _GatherTokensInline(torch.autograd.Function):
+    """Under ``torch.compile``: the gather and its adjoint as plain ops that dynamo traces into the graph (the backward
+    with the inverse permutations is a gather and a sum, deterministic, as in eager mode)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Optional[Tensor]) -> Tensor:
+        ctx.length = x.shape[2]
+        ctx.save_for_backward(index, inverse)
+        return _gather(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, inverse = ctx.saved_tensors
+        return _scatter(grad, index, ctx.length, inverse), None, None
+
+
+class _ScatterTokensInline(torch.autograd.Function):
+    """Under ``torch.compile``: the merge as plain ops, the gather its backward."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(index)
+        return _scatter(y, index, length, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index, ) = ctx.saved_tensors
+        return _gather(grad, index), None, None, None
+
+
 def _check(name: str, index: Tensor, inverse: Optional[Tensor], batch: int, length: Optional[int]) -> None:
     if index.dim() != 3 or index.shape[0] not in (1, batch) or index.dtype != torch.long:
         raise ValueError(f'{name}: index must be int64 (B or 1, K, M) with B = {batch}, got {index.dtype} '
@@ -184,6 +219,8 @@ def gather_tokens(x: Tensor, index: Tensor, inverse: Optional[Tensor] = None, *,
     if plain_autograd_enabled():
         return _gather(x, index)
     if torch.compiler.is_compiling():
+        if INLINE_UNDER_COMPILE:
+            return _GatherTokensInline.apply(x, index, inverse)
         return _gather_op(x, index, inverse, backend)
     return _GatherTokens.apply(x, index, inverse, backend)
 
@@ -213,6 +250,8 @@ def scatter_tokens(y: Tensor, index: Tensor, length: int, inverse: Optional[Tens
     if plain_autograd_enabled():
         return _scatter(y, index, length, None)
     if torch.compiler.is_compiling():
+        if INLINE_UNDER_COMPILE:
+            return _ScatterTokensInline.apply(y, index, length, inverse)
         return _scatter_op(y, index, length, inverse, backend)
     return _ScatterTokens.apply(y, index, length, inverse, backend)
 
