@@ -170,9 +170,9 @@ def _merge_case(batch, k, d, height, width, shared, dtype, device='cpu', seed=0)
 
 @pytest.mark.skipif(token_maps._KERNEL is None or torch.cuda.is_available(),
                     reason='needs Triton; with a GPU the GPU test below runs the kernel')
-def test_merge_kernel_matches_the_gather_and_sum_in_the_triton_interpreter():
-    """The kernel run by Triton's interpreter on CPU tensors (a fresh process), with the module's tiles and small
-    ones: float32 to the last bits, 16-bit types within one rounding."""
+def test_merge_and_gather_kernels_match_the_plain_ops_in_the_triton_interpreter():
+    """The kernels run by Triton's interpreter on CPU tensors (a fresh process), with the module's tiles and small
+    ones: the merge in float32 to the last bits, in 16-bit types within one rounding; the gather exactly."""
     from vssm.ops import _triton_token_maps as kernel
     assert [kernel.tiles(n) for n in (49, 196, 3136, 5)] == [(16, 64), (8, 256), (8, 256), (64, 16)]
     script = f"""
@@ -199,6 +199,13 @@ for small, dtypes in ((False, ((torch.float32, 1e-6), (torch.bfloat16, 1e-2), (t
             expected = y.float().gather(3, inverse[:, :, None].expand(batch, k, d, length)).sum(1)
             assert got.dtype == dtype and got.shape == (batch, d, length)
             torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+            # the gather, over the same permutations and over index maps that repeat and skip tokens (fewer steps)
+            x = y[:, 0].contiguous()
+            for idx in (index, torch.randint(0, length, (rows, k, max(1, length // 2 + 1)), generator=gen)):
+                got = kernel.gather(x, idx)
+                expected = x[:, None].expand(batch, k, d, length).gather(
+                    3, idx[:, :, None].expand(batch, k, d, idx.shape[2]))
+                assert got.dtype == dtype and torch.equal(got, expected)
 print('ok')
 """
     run_in_interpreter(script, ops_only=True)
@@ -207,14 +214,14 @@ print('ok')
 def test_the_kernel_runs_only_on_cuda_tensors_of_its_dtypes_and_backends(monkeypatch):
     y = torch.randn(1, 2, 3, 4)
     monkeypatch.setattr(token_maps, '_KERNEL', object())  # as if Triton were importable
-    assert not token_maps._merge_kernel_runs(y, 'auto')  # CPU tensor
+    assert not token_maps._kernel_runs(y, 'auto')  # CPU tensor
     cuda_like = torch.empty(1, 2, 3, 4, device='meta')
     monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda t: t.device.type == 'meta'))
-    assert token_maps._merge_kernel_runs(cuda_like, 'auto') and token_maps._merge_kernel_runs(cuda_like, 'cuda')
-    assert not token_maps._merge_kernel_runs(cuda_like, 'torch')
-    assert not token_maps._merge_kernel_runs(cuda_like.double(), 'auto')
+    assert token_maps._kernel_runs(cuda_like, 'auto') and token_maps._kernel_runs(cuda_like, 'cuda')
+    assert not token_maps._kernel_runs(cuda_like, 'torch')
+    assert not token_maps._kernel_runs(cuda_like.double(), 'auto')
     monkeypatch.setenv('VSSM_TRITON_FUSIONS', '0')
-    assert not token_maps._merge_kernel_runs(cuda_like, 'auto')
+    assert not token_maps._kernel_runs(cuda_like, 'auto')
     with pytest.raises(ValueError, match='backend'):
         scatter_tokens(y, torch.zeros(1, 2, 4, dtype=torch.long), 4, backend='triton')
 
@@ -234,3 +241,22 @@ def test_merge_kernel_matches_the_reference_on_gpu(shape, dtype):
     grads = [torch.autograd.grad((gather_tokens(x, index, inverse, backend=backend) * y).sum(), x)[0]
              for backend in ('auto', 'torch')]
     torch.testing.assert_close(*grads, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or token_maps._KERNEL is None, reason='needs a GPU and Triton')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('shape', MERGE_SHAPES + [(4, 4, 96, 56, 56, True)])
+def test_gather_kernel_matches_the_reference_on_gpu(shape, dtype):
+    """gather_tokens (over the permutations, and over maps that repeat and skip tokens) and scatter_tokens' backward
+    (the same gather), kernel against ``backend='torch'``: exactly equal values and gradients."""
+    y, index, inverse = _merge_case(*shape, dtype, 'cuda')
+    batch, k, d, length = y.shape
+    x = torch.randn(batch, d, length, device='cuda', dtype=dtype)
+    repeats = torch.randint(0, length, (index.shape[0], k, length // 2 + 1), device='cuda')
+    for idx, inv in ((index, inverse), (repeats, None)):
+        got = gather_tokens(x, idx, inv)
+        assert torch.equal(got, gather_tokens(x, idx, inv, backend='torch'))
+        leaf = torch.randn(batch, k, d, idx.shape[2], device='cuda', dtype=dtype, requires_grad=True)
+        grads = [torch.autograd.grad((scatter_tokens(leaf, idx, length, inv, backend=backend) * x).sum(), leaf)[0]
+                 for backend in ('auto', 'torch')]
+        assert torch.equal(*grads)

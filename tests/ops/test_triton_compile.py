@@ -93,15 +93,18 @@ def test_cross_scan_compiles_for_sm90(n_state, n_rank, dtype, monkeypatch):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('k, rows', [(4, 1), (8, 2)])
-def test_token_merge_compiles_for_sm90(k, rows, dtype):
-    """scatter_tokens' kernel: VMamba's 4 sequences over one index for the batch, Spectral VMamba's 8 per image."""
+def test_token_maps_compile_for_sm90(k, rows, dtype):
+    """scatter_tokens' and gather_tokens' kernels: VMamba's 4 sequences over one index for the batch, Spectral
+    VMamba's 8 per image."""
     from vssm.ops import _triton_token_maps as kernel
     b, d, length = 2, 20, 300
     y, inverse = torch.empty(b, k, d, length, dtype=dtype), torch.zeros(rows, k, length, dtype=torch.int64)
-    recorded = record_launches(kernel, ['_merge_kernel'], lambda: kernel.merge(y, inverse))
-    assert len(recorded) == 1
-    compiled = compile_launch(*recorded[0])
-    assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0
+    recorded = record_launches(kernel, ['_merge_kernel', '_gather_kernel'],
+                               lambda: (kernel.merge(y, inverse), kernel.gather(y[:, 0], inverse)))
+    assert len(recorded) == 2
+    for launch in recorded:
+        compiled = compile_launch(*launch)
+        assert '.target sm_90' in compiled.asm['ptx'] and len(compiled.asm['cubin']) > 0
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)

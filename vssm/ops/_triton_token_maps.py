@@ -1,4 +1,5 @@
-"""Triton kernel of :func:`vssm.ops.scatter_tokens` over permutations: the K sequences added back onto the tokens.
+"""Triton kernels of :func:`vssm.ops.scatter_tokens` over permutations (the K sequences added back onto the tokens)
+and of :func:`vssm.ops.gather_tokens` (the tokens read in K orders).
 
 With the inverse permutations given, sequence k's output for token p sits at step ``inverse[b, k, p]``, so::
 
@@ -9,6 +10,11 @@ program reads, for a tile of channels and consecutive tokens of one image, the K
 writes the sum: one read of y, one write of the (B, D, L) map. The sum runs in float32 in the order k = 0, 1, ... and
 is rounded once to y's dtype (as the reference's sum over K does); no atomics, so the result does not vary from run
 to run.
+
+The gather, ``out[b, k, d, i] = x[b, d, index[b, k, i]]``, is the same walk without the sum: a program loads the
+positions of a run of steps once for its tile of channels (ATen's gather reads an int64 index per element written)
+and writes each sequence's tile as contiguous runs; the programs of one image run together, so its map is read from
+the L2 cache K times and from memory once.
 """
 import torch
 import triton
@@ -43,6 +49,35 @@ def _merge_kernel(y_ptr, inv_ptr, out_ptr, n_d, length, inv_batch_stride, K: tl.
         seq = y_ptr + (batch * K + k) * n_d * length  # (D, L) map of sequence k
         acc += tl.load(seq + rows + step[None, :], mask=mask, other=0.).to(tl.float32)
     tl.store(out_ptr + batch * n_d * length + rows + offs_l[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_kernel(x_ptr, idx_ptr, out_ptr, n_d, length, steps, idx_batch_stride, K: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_l, pid_d, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_i = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_i = offs_i < steps
+    mask = (offs_d < n_d)[:, None] & mask_i[None, :]
+    x_rows = x_ptr + batch * n_d * length + offs_d[:, None].to(tl.int64) * length  # (BLOCK_D, 1) channel rows of x
+    out_rows = offs_d[:, None].to(tl.int64) * steps + offs_i[None, :]  # the tile within one sequence's (D, M) map
+    for k in tl.static_range(K):
+        pos = tl.load(idx_ptr + batch * idx_batch_stride + k * steps + offs_i, mask=mask_i, other=0)
+        values = tl.load(x_rows + pos[None, :], mask=mask, other=0.)
+        tl.store(out_ptr + (batch * K + k) * n_d * steps + out_rows, values, mask=mask)
+
+
+def gather(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, D, L) contiguous, index (B or 1, K, M) int64 contiguous in [0, L) -> (B, K, D, M) in x's dtype."""
+    b, d, length = x.shape
+    k, steps = index.shape[1:]
+    out = torch.empty(b, k, d, steps, dtype=x.dtype, device=x.device)
+    idx_batch_stride = k * steps if index.shape[0] > 1 else 0
+    block_d, block_l = tiles(steps)
+    grid = (triton.cdiv(steps, block_l), triton.cdiv(d, block_d), b)
+    _gather_kernel[grid](x, index, out, d, length, steps, idx_batch_stride, K=k, BLOCK_D=block_d, BLOCK_L=block_l,
+                         num_warps=NUM_WARPS)
+    return out
 
 
 def merge(y: Tensor, inverse: Tensor) -> Tensor:

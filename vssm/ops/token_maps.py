@@ -16,10 +16,11 @@ a position read twice gets both gradients, a position never read gets zero. Each
 0..L-1 (M = L) and ``inverse[b, k, index[b, k, i]] = i`` (:func:`inverse_permutation`). Given it, ``scatter_tokens``
 (and so ``gather_tokens``' backward) is one gather and a sum over k, deterministic on every device; without it, a
 scatter-add per sequence, which is deterministic while no row repeats a position and uses atomic adds on CUDA when one
-does. Pass ``inverse`` only for index maps that are permutations by construction. On CUDA tensors the gather and the
-sum are one Triton kernel (:mod:`vssm.ops._triton_token_maps`: no (B, K, D, L) copy in raster order; same values,
-deterministic) under the backends ``'auto'`` and ``'cuda'`` with the Triton fusions on (the default;
-``VSSM_TRITON_FUSIONS=0`` turns them off); ``backend='torch'`` keeps the plain gather and sum.
+does. Pass ``inverse`` only for index maps that are permutations by construction. On CUDA tensors the merge's gather
+and sum are one Triton kernel (:mod:`vssm.ops._triton_token_maps`: no (B, K, D, L) copy in raster order; same values,
+deterministic) and the gather is a Triton kernel too (each run of positions loaded once for a tile of channels)
+under the backends ``'auto'`` and ``'cuda'`` with the Triton fusions on (the default; ``VSSM_TRITON_FUSIONS=0`` turns
+them off); ``backend='torch'`` keeps the plain gather and sum.
 
 Under ``torch.compile`` both are plain gathers and sums inside the graph (:data:`INLINE_UNDER_COMPILE`), each with
 the other as its backward (an ``autograd.Function`` that dynamo traces): inductor then fuses the gather into the pass
@@ -58,17 +59,20 @@ def _expand_index(index: Tensor, batch: int, channels: int) -> Tensor:
     return index[:, :, None, :].expand(batch, index.shape[1], channels, index.shape[2])
 
 
-def _gather(x: Tensor, index: Tensor) -> Tensor:
-    """Plain gather: (B, D, L), (B or 1, K, M) -> (B, K, D, M), one kernel (x expanded over K, never copied)."""
+def _kernel_runs(t: Tensor, backend: str) -> bool:
+    """Whether the Triton kernels gather the tokens or add the sequences back (module docstring)."""
+    return (backend != 'torch' and _KERNEL is not None and t.is_cuda and t.dtype in _KERNEL_DTYPES
+            and triton_fusions_enabled())
+
+
+def _gather(x: Tensor, index: Tensor, backend: str = 'torch') -> Tensor:
+    """Gather: (B, D, L), (B or 1, K, M) -> (B, K, D, M); the Triton kernel on CUDA tensors unless ``backend`` is
+    ``'torch'``, else one ATen gather (x expanded over K, never copied)."""
+    if _kernel_runs(x, backend) and x.numel() > 0 and index.numel() > 0:
+        return _KERNEL.gather(x.contiguous(), index.contiguous())
     b, d, length = x.shape
     k = index.shape[1]
     return x[:, None].expand(b, k, d, length).gather(3, _expand_index(index, b, d))
-
-
-def _merge_kernel_runs(y: Tensor, backend: str) -> bool:
-    """Whether the Triton kernel adds the sequences back (given the inverse permutations; module docstring)."""
-    return (backend != 'torch' and _KERNEL is not None and y.is_cuda and y.dtype in _KERNEL_DTYPES
-            and triton_fusions_enabled())
 
 
 def _scatter(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor], backend: str = 'torch') -> Tensor:
@@ -76,7 +80,7 @@ def _scatter(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor], b
     kernel on CUDA tensors unless ``backend`` is ``'torch'``)."""
     b, k, d, _ = y.shape
     if inverse is not None:
-        if _merge_kernel_runs(y, backend):
+        if _kernel_runs(y, backend):
             return _KERNEL.merge(y.contiguous(), inverse.contiguous())
         return y.gather(3, _expand_index(inverse, b, d)).sum(1)
     out = y.new_zeros(b, d, length)
@@ -87,7 +91,7 @@ def _scatter(y: Tensor, index: Tensor, length: int, inverse: Optional[Tensor], b
 
 @torch.library.custom_op('vssm::gather_tokens', mutates_args=())
 def _gather_op(x: Tensor, index: Tensor, inverse: Optional[Tensor], backend: str) -> Tensor:
-    return _gather(x, index)
+    return _gather(x, index, backend)
 
 
 @torch.library.custom_op('vssm::scatter_tokens', mutates_args=())
@@ -137,7 +141,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor, inverse: Optional[Tensor], backend: str) -> Tensor:
         _setup_gather(ctx, (x, index, inverse, backend), None)
-        return _gather(x, index)
+        return _gather(x, index, backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
