@@ -141,7 +141,7 @@ def test_kernel_matches_float64_on_gpu(shape, dtype):
     dh, db = torch.autograd.grad(out, (h, bias), grad)
     assert out.dtype == dh.dtype == dtype and db.dtype == torch.float32
     want = _float64_reference(h, bias.to(dtype), grad)
-    tol, gtol = TOLERANCES[dtype], GRAD_TOLERANCES[dtype]
+    tol, gtol = (dict(zip(('rtol', 'atol'), table[dtype])) for table in (TOLERANCES, GRAD_TOLERANCES))
     torch.testing.assert_close(out.double(), want[0], **tol)
     torch.testing.assert_close(dh.double(), want[1], **gtol)
     torch.testing.assert_close(db.double(), want[2], **gtol)

@@ -182,11 +182,12 @@ def test_kernel_matches_the_reference_on_gpu(shape, dtype, has_bias, dropped):
     grad = torch.randn_like(out)
     leaves = [x, y] + ([bias] if has_bias else [])
     got, want = torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)
-    torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
+    (rtol, atol), (grtol, gatol) = TOLERANCES[dtype], GRAD_TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-    torch.testing.assert_close(got[1], want[1], **GRAD_TOLERANCES[dtype])
+    torch.testing.assert_close(got[1], want[1], rtol=grtol, atol=gatol)
     if has_bias:
-        torch.testing.assert_close(got[2], want[2], **GRAD_TOLERANCES[dtype])
+        torch.testing.assert_close(got[2], want[2], rtol=grtol, atol=gatol)
     assert out.dtype == torch.float32 and got[1].dtype == dtype
 
 
@@ -203,6 +204,7 @@ def test_any_layout_without_a_bias_on_gpu(shape):
     torch.manual_seed(3)
     ref = add_residual(x, y, drop, backend='torch')
     grad = torch.randn_like(out)
-    torch.testing.assert_close(out, ref, **TOLERANCES[torch.bfloat16])
+    (rtol, atol), (grtol, gatol) = TOLERANCES[torch.bfloat16], GRAD_TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
     for got, want in zip(torch.autograd.grad(out, (x, y), grad), torch.autograd.grad(ref, (x, y), grad)):
-        torch.testing.assert_close(got, want, **GRAD_TOLERANCES[torch.bfloat16])
+        torch.testing.assert_close(got, want, rtol=grtol, atol=gatol)

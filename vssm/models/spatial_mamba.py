@@ -28,7 +28,7 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor, nn
 
-from ..ops import add_residual, observe_gate, selective_scan_low_rank, state_fusion
+from ..ops import observe_gate, selective_scan_low_rank, state_fusion
 from .layers import (
     StagedBackbone,
     gelu_linear,
@@ -224,16 +224,15 @@ class SpatialMambaBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _cpe(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
-        return add_residual(x, conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), backend=self.self_attention.backend)
+    @staticmethod
+    def _cpe(conv: nn.Conv2d, x: Tensor) -> Tensor:
+        return x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def _forward(self, x: Tensor) -> Tensor:
-        # every x + drop_path(branch) in one pass (vssm.ops.add_residual: the float32 stream and the 16-bit branch)
         x = self._cpe(self.cpe1, x)
-        backend = self.self_attention.backend
-        x = add_residual(x, self.self_attention(x, self.ln_1), self.drop_path, backend=backend)
+        x = x + self.drop_path(self.self_attention(x, self.ln_1))
         x = self._cpe(self.cpe2, x)
-        return add_residual(x, self.mlp(x, self.ln_2), self.drop_path, backend=backend)
+        return x + self.drop_path(self.mlp(x, self.ln_2))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.with_cp and x.requires_grad:
