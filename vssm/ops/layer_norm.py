@@ -6,8 +6,9 @@ copy again): three passes over the map where one read and one write suffice. The
 normalizes the (B, C, L) map in place of its layout: one read and one write (two reads above 256 channels), float32
 statistics, and the output written directly in the dtype the next GEMM runs in (``out_dtype``).
 
-``layer_norm_last`` is the same kernel over rows of channels ((..., C) contiguous: Spatial-Mamba's channels-last
-maps), where ATen's LayerNorm gives each row a thread block of its own, far from the bandwidth on narrow rows.
+``layer_norm_last`` is the same kernel over rows of channels ((..., C) contiguous, as Spatial-Mamba's channels-last
+maps), where ATen's LayerNorm gives each row a thread block of its own, far from the bandwidth on narrow rows. The
+models do not call it: in Spatial-Mamba-T it measured slower than ATen's LayerNorm (kernels/README.md).
 
 Output dtype: by default what ``F.layer_norm`` gives, float32 under autocast and x's dtype otherwise; ``out_dtype``
 casts it in the same pass (the value is the float32 result rounded once).

@@ -4,9 +4,10 @@ weight is stored 2-D ``(out, in)`` like ``nn.Linear`` (upstream's ``LayerNorm2d`
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import layer_norm_2d, layer_norm_last
+from ...ops import layer_norm_2d
 from .recompute import linear, linear_2d, recomputed_linear
 
 
@@ -33,18 +34,19 @@ def normed_linear(x: Tensor, norm: Optional[nn.LayerNorm], fc: nn.Linear, dtype:
     ``with_bias``: False leaves out ``fc``'s bias (for a caller that adds it in its next pass)."""
     if norm is None:
         return linear(x, fc, isinstance(fc, Linear2d), with_bias)
-    eps, channels_first = norm.eps, isinstance(norm, LayerNorm2d)
-    if not channels_first and len(norm.normalized_shape) != 1:
-        raise ValueError(f'normed_linear: expected a LayerNorm over the last dimension, got normalized_shape '
-                         f'{tuple(norm.normalized_shape)}.')
+    shape, eps, channels_first = norm.normalized_shape, norm.eps, isinstance(norm, LayerNorm2d)
     backend = norm.backend if channels_first else 'auto'
-    layer_norm = layer_norm_2d if channels_first else layer_norm_last
 
     def normalize(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        if not channels_first:
+            # ATen's LayerNorm over rows of channels: faster in Spatial-Mamba-T than vssm.ops.layer_norm_last's
+            # kernel on an H100 (kernels/README.md)
+            t = F.layer_norm(t, shape, weight, bias, eps)
+            return t if dtype is None else t.to(dtype)
         # Written directly in the dtype the projection runs in (autocast's, when on): one pass, same values.
         device = t.device.type
         out_dtype = dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
-        return layer_norm(t, weight, bias, eps, out_dtype, backend=backend)
+        return layer_norm_2d(t, weight, bias, eps, out_dtype, backend=backend)
 
     return recomputed_linear(normalize, fc, x, norm.weight, norm.bias, channels_first=channels_first,
                              with_bias=with_bias)
