@@ -811,7 +811,7 @@ class ResidualCase(_CaseBase):
 
     Args:
         form: ``'nchw'`` ((B, C, H, W) maps: VMamba's and Spectral VMamba's blocks), ``'nhwc'`` ((B, H, W, C)
-            maps: Spatial-Mamba's) or ``'tokens'`` ((B, H * W, C)).
+            maps, as Spatial-Mamba's) or ``'tokens'`` ((B, H * W, C)).
         batch, channels, height, width: B, C, H, W.
         with_bias: pass a (C,) bias (``'nchw'`` only: the op adds it over the channels of (B, C, H, W) maps).
         drop_prob: a DropPath of this probability in training (mmcv's, as the models'); 0 for none.

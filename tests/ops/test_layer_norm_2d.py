@@ -81,7 +81,7 @@ def test_cpu_tensors_and_compilation_take_the_reference():
 
 
 def test_layer_norm_last_on_cpu_tensors_and_compiled_is_f_layer_norm():
-    """Rows of channels (Spatial-Mamba's channels-last LayerNorms): the reference on CPU tensors and under
+    """Rows of channels (channels-last maps' LayerNorms): the reference on CPU tensors and under
     compilation, F.layer_norm's dtype or out_dtype."""
     x, weight, bias = torch.randn(2, 3, 5, 6), torch.randn(6), torch.randn(6)
     expected = F.layer_norm(x, (6, ), weight, bias, 1e-5)

@@ -194,7 +194,7 @@ def test_kernel_matches_the_reference_on_gpu(shape, dtype, has_bias, dropped):
 @needs_gpu
 @pytest.mark.parametrize('shape', [(4, 7, 9, 64), (3, 50, 96)], ids=['channels-last', 'tokens'])
 def test_any_layout_without_a_bias_on_gpu(shape):
-    """Spatial-Mamba's channels-last maps (and token sequences): DropPath's factor per image, no bias."""
+    """Channels-last maps (and token sequences): DropPath's factor per image, no bias."""
     torch.manual_seed(0)
     x = torch.randn(shape, device='cuda', requires_grad=True)
     y = torch.randn(shape, device='cuda').bfloat16().requires_grad_()
