@@ -154,6 +154,20 @@ class _CaseBase:
         return dict(self.layouts).get(name, 'contiguous')
 
 
+@dataclass(frozen=True)
+class _MapCase(_CaseBase):
+    """The fields of a case on one (B, C, H, W) map; ``out_shape`` that map's unless the op says otherwise."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.channels, self.height, self.width)
+
+
 # ----------------------------------------------------------------------------------------------- selective scan
 @dataclass(frozen=True)
 class ScanBounds:
@@ -338,7 +352,7 @@ class DWConvBounds:
 
 
 @dataclass(frozen=True)
-class DWConvCase(_CaseBase):
+class DWConvCase(_MapCase):
     """One ``dwconv2d`` call.
 
     Args:
@@ -353,10 +367,6 @@ class DWConvCase(_CaseBase):
         seed: the seed of the values.
     """
 
-    batch: int
-    channels: int
-    height: int
-    width: int
     kernel_size: int
     dilation: int
     with_bias: bool
@@ -365,10 +375,6 @@ class DWConvCase(_CaseBase):
     fp32_params: bool
     layouts: Tuple[Tuple[str, str], ...]
     seed: int
-
-    @property
-    def out_shape(self) -> Tuple[int, ...]:
-        return (self.batch, self.channels, self.height, self.width)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -430,7 +436,7 @@ class FusionBounds:
 
 
 @dataclass(frozen=True)
-class FusionCase(_CaseBase):
+class FusionCase(_MapCase):
     """One ``state_fusion`` call.
 
     Args:
@@ -441,10 +447,6 @@ class FusionCase(_CaseBase):
         seed: the seed of the values.
     """
 
-    batch: int
-    channels: int
-    height: int
-    width: int
     padding_mode: str
     dtype: str
     layouts: Tuple[Tuple[str, str], ...]
@@ -513,7 +515,7 @@ class CrossBounds:
 
 
 @dataclass(frozen=True)
-class CrossCase(_CaseBase):
+class CrossCase(_MapCase):
     """One cross_selective_scan call.
 
     Args:
@@ -530,10 +532,6 @@ class CrossCase(_CaseBase):
             backward.
     """
 
-    batch: int
-    channels: int
-    height: int
-    width: int
     order: str
     per_image: bool
     sequences: int
@@ -660,7 +658,7 @@ def _draw_map(chooser: Chooser, bounds: ElementwiseBounds, per_element: int = 1)
 
 
 @dataclass(frozen=True)
-class LayerNormCase(_CaseBase):
+class LayerNormCase(_MapCase):
     """One :func:`vssm.ops.layer_norm_2d` call on a (B, C, H, W) map, or one :func:`vssm.ops.layer_norm_last` call
     on (B, H * W, C) rows of channels (``last``).
 
@@ -676,10 +674,6 @@ class LayerNormCase(_CaseBase):
     """
 
     last: bool
-    batch: int
-    channels: int
-    height: int
-    width: int
     eps: float
     out_dtype: Optional[str]
     dtype: str
@@ -752,7 +746,7 @@ def _layer_norm_kernel_everywhere() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class BiasGeluCase(_CaseBase):
+class BiasGeluCase(_MapCase):
     """One :func:`vssm.ops.bias_gelu` call.
 
     Args:
@@ -762,10 +756,6 @@ class BiasGeluCase(_CaseBase):
         seed: the seed of the values.
     """
 
-    batch: int
-    channels: int
-    height: int
-    width: int
     dtype: str
     layouts: Tuple[Tuple[str, str], ...]
     seed: int
@@ -806,7 +796,7 @@ DROP_PROBS = (0.1, 0.3, 0.5)  # keep probabilities 0.9, 0.7 (1 / keep inexact in
 
 
 @dataclass(frozen=True)
-class ResidualCase(_CaseBase):
+class ResidualCase(_MapCase):
     """One :func:`vssm.ops.add_residual` call: ``x + drop_path(y + bias)``.
 
     Args:
@@ -823,10 +813,6 @@ class ResidualCase(_CaseBase):
     """
 
     form: str
-    batch: int
-    channels: int
-    height: int
-    width: int
     with_bias: bool
     drop_prob: float
     float32_stream: bool
@@ -887,9 +873,9 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class TokenMergeCase(_CaseBase):
+class TokenMergeCase(_MapCase):
     """One :func:`vssm.ops.scatter_tokens` call with the inverse permutations: the K sequences added back onto the
-    tokens (the merge kernel; its backward is a plain gather).
+    tokens (the merge kernel; its backward the gather kernel).
 
     Args:
         batch, sequences, channels: B, K, D of y (B, K, D, L).
@@ -902,11 +888,7 @@ class TokenMergeCase(_CaseBase):
         seed: the seed of the values.
     """
 
-    batch: int
     sequences: int
-    channels: int
-    height: int
-    width: int
     order: str
     per_image: bool
     dtype: str
