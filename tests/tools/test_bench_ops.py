@@ -121,10 +121,16 @@ def test_plan_covers_every_stage_of_each_op():
 
 @pytest.mark.parametrize('spectral', [False, True])
 def test_merge_cases_run_on_the_reference(spectral):
-    """The token-merge case on a CPU (the plain gather and sum): the map's shape and the minimal bytes."""
+    """The token-merge and token-gather cases on a CPU (the plain ops): the maps' shapes, the minimal bytes and the
+    gradients (each op's backward the other)."""
     case = bench_ops.merge_case(2, 3, 5, 7, torch.float32, device='cpu', spectral=spectral)
     out = case.run('torch')
     k = 8 if spectral else 4
     assert out.shape == (2, 3, 35) and case.fwd_bytes == 2 * k * 3 * 35 * 4 * (1 + 1 / k)
     out.sum().backward()
     torch.testing.assert_close(case.leaves[0].grad, torch.ones(2, k, 3, 35))
+    gather = bench_ops.gather_case(2, 3, 5, 7, torch.float32, device='cpu', spectral=spectral)
+    out = gather.run('torch')
+    assert out.shape == (2, k, 3, 35) and gather.fwd_bytes == 2 * 3 * 35 * 4 * (1 + k)
+    out.sum().backward()  # every token read once per order
+    torch.testing.assert_close(gather.leaves[0].grad, torch.full((2, 3, 35), float(k)))

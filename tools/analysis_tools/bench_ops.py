@@ -29,9 +29,11 @@ bandwidth and speed-up, dense 11x11 speed-up). Rows:
 * 1x1 projections (``Linear2d``: VMamba-T's in_proj, fc1, and fc2 with the residual added) under bf16 autocast:
   ``F.conv2d`` as the models run them, a batched GEMM on the (B, C, L) map, and for fc2 the GEMM with the residual
   as its C operand (``torch.baddbmm``);
-* token merge (:func:`vssm.ops.scatter_tokens` over permutations: the K scanned sequences added back onto the
-  tokens, VMamba-T's four directions per stage and Spectral VMamba-T's eight per-image orders at stage 1): the Triton
-  kernel and the gather into raster order plus the sum over K (``backend='torch'``); the backward is a gather in both.
+* token maps (VMamba-T's four directions per stage and Spectral VMamba-T's eight per-image orders at stage 1): the
+  merge (:func:`vssm.ops.scatter_tokens` over permutations: the K scanned sequences added back onto the tokens), its
+  Triton kernel against the gather into raster order plus the sum over K (``backend='torch'``), and the gather
+  (:func:`vssm.ops.gather_tokens`: the tokens read in the K orders), its Triton kernel against ATen's gather; each
+  one's backward is the other.
 TF32 is enabled for the cuDNN baselines (as in training).
 """
 import argparse
@@ -45,7 +47,15 @@ import torch.nn.functional as F
 
 from vssm.analysis.timing import median_ms
 from vssm.models.vmamba import cross_scan_index
-from vssm.ops import cross_selective_scan, dwconv2d, inverse_permutation, scatter_tokens, selective_scan, state_fusion
+from vssm.ops import (
+    cross_selective_scan,
+    dwconv2d,
+    gather_tokens,
+    inverse_permutation,
+    scatter_tokens,
+    selective_scan,
+    state_fusion,
+)
 from vssm.ops._backend import cross_form_switch, triton_fusions
 from vssm.ops.dwconv2d import kernel_available as dw_kernel_available
 from vssm.ops.selective_scan import kernel_available as scan_kernel_available
@@ -357,33 +367,50 @@ def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int,
                   bwd_bytes)
 
 
-def merge_case(bt: int, d: int, h: int, w: int, dtype: torch.dtype, device: str = 'cuda',
-               spectral: bool = False) -> Case:
-    """The K scanned sequences (B, K, D, L) added back onto the raster tokens: VMamba's four directions (one map for
-    the batch) or Spectral VMamba's eight per-image orders (random permutations)."""
+def _scan_orders(bt: int, h: int, w: int, device: str, spectral: bool):
+    """(K, index, inverse): VMamba's four directions (one map for the batch) or Spectral VMamba's eight per-image
+    orders (random permutations)."""
     length = h * w
     if spectral:
-        k = 8
-        index = torch.stack([torch.randperm(length, device=device) for _ in range(bt * k)]).view(bt, k, length)
-        inverse = inverse_permutation(index)
-    else:
-        k = 4
-        index, inverse = cross_scan_index(h, w, torch.device(device))
+        index = torch.stack([torch.randperm(length, device=device) for _ in range(bt * 8)]).view(bt, 8, length)
+        return 8, index, inverse_permutation(index)
+    return (4, *cross_scan_index(h, w, torch.device(device)))
+
+
+def merge_case(bt: int, d: int, h: int, w: int, dtype: torch.dtype, device: str = 'cuda',
+               spectral: bool = False) -> Case:
+    """The K scanned sequences (B, K, D, L) added back onto the raster tokens (:func:`_scan_orders`)."""
+    length = h * w
+    k, index, inverse = _scan_orders(bt, h, w, device, spectral)
     y = torch.randn(bt, k, d, length, device=device).to(dtype).requires_grad_()
     el, s = y.numel(), y.element_size()
     return Case(lambda backend: scatter_tokens(y, index, length, inverse, backend=backend), [y],
                 el * s * (1 + 1 / k), el * s * (1 + 1 / k))
 
 
+def gather_case(bt: int, d: int, h: int, w: int, dtype: torch.dtype, device: str = 'cuda',
+                spectral: bool = False) -> Case:
+    """The raster tokens (B, D, L) read in the K orders (:func:`_scan_orders`): the cross-scan's gather."""
+    k, index, inverse = _scan_orders(bt, h, w, device, spectral)
+    x = torch.randn(bt, d, h * w, device=device).to(dtype).requires_grad_()
+    el, s = x.numel(), x.element_size()
+    return Case(lambda backend: gather_tokens(x, index, inverse, backend=backend), [x],
+                el * s * (1 + k), el * s * (1 + k))
+
+
 def bench_merge(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dtype, name: str,
                 spectral: bool = False) -> None:
-    case = merge_case(bt, d, h, w, dtype, spectral=spectral)
-    for impl, backend in (('gather + sum', 'torch'), ('triton kernel', 'auto')):
-        fn = partial(case.run, backend)
-        with torch.no_grad():
-            fwd = time_ms(fn)
-        table.add('token-merge', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, case.leaves)),
-                  case.fwd_bytes, case.bwd_bytes)
+    """The token maps: the merge (Triton kernel against the gather and sum) and the gather (Triton kernel against
+    ATen's gather); each one's backward is the other."""
+    for op, make in (('token-merge', merge_case), ('token-gather', gather_case)):
+        case = make(bt, d, h, w, dtype, spectral=spectral)
+        baseline = 'gather + sum' if op == 'token-merge' else 'ATen gather'
+        for impl, backend in ((baseline, 'torch'), ('triton kernel', 'auto')):
+            fn = partial(case.run, backend)
+            with torch.no_grad():
+                fwd = time_ms(fn)
+            table.add(op, name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, case.leaves)), case.fwd_bytes,
+                      case.bwd_bytes)
 
 
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
@@ -519,7 +546,7 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
     parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
                         help='which rows: selective scans, cross scan, state fusion, dense 11x11 depthwise conv, '
-                        'LayerNorm2d, 1x1 projections (Linear2d), token merge (scatter_tokens)')
+                        'LayerNorm2d, 1x1 projections (Linear2d), token maps (scatter_tokens, gather_tokens)')
     parser.add_argument('--json', help='also write the rows here')
     parser.add_argument('--markdown', help="also write the rows and the targets' verdicts here as Markdown tables "
                         '(those of kernels/README.md)')
