@@ -210,7 +210,8 @@ def gather_tokens(x: Tensor, index: Tensor, inverse: Optional[Tensor] = None, *,
         index: (B or 1, K, M) int64 raster positions in [0, L).
         inverse: (B or 1, K, L) inverse permutations of the rows of ``index``, only where they are permutations
             (makes the backward a gather; see the module docstring).
-        backend: one of :data:`~vssm.ops.BACKENDS`, for the backward (:func:`scatter_tokens`).
+        backend: one of :data:`~vssm.ops.BACKENDS`: ``'auto'`` and ``'cuda'`` gather with the Triton kernel on CUDA
+            tensors (module docstring), ``'torch'`` with ATen's gather; the backward (:func:`scatter_tokens`) too.
 
     Returns:
         (B, K, D, M), x's dtype.
