@@ -107,6 +107,8 @@ def test_plan_covers_every_stage_of_each_op():
     names = {op: [args for bench, args in bench_ops.plan({op}, [bf16], 128)] for op in bench_ops.OPS}
     assert [a[-1] for a in names['norm']] == [f'VM-T s{i + 1} 128x{96 * 2**i}x{56 >> i}x{56 >> i}' for i in range(4)]
     assert [a[1] for a in names['norm']] == [96, 192, 384, 768]
+    assert [a[-1] for a in names['norm-last']] == [f'SM-T s{i + 1} 128x{56 >> i}x{56 >> i}x{64 * 2**i}'
+                                                   for i in range(4)]
     assert len(names['fusion']) == 4 + 1 and names['fusion'][-1][-1] == 'SM-T det s1 2x128x200x336'
     assert len(names['cross']) == 4 + 3 + 1 and sum(a[-1] is True for a in names['cross']) == 3  # Spectral rows
     assert len(names['scan']) == 2 * 4 + 1 and len(names['dwconv']) == 1

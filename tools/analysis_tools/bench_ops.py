@@ -1,7 +1,7 @@
 """Benchmark the vssm CUDA ops against their PyTorch baselines at the models' stage shapes (GPU only).
 
     python tools/analysis_tools/bench_ops.py [--dtypes fp32 bf16] [--batch 128]
-        [--ops scan cross fusion dwconv norm linear merge]
+        [--ops scan cross fusion dwconv norm norm-last linear merge]
         [--quick]
         [--json out.json] [--markdown out.md]
 
@@ -26,6 +26,8 @@ bandwidth and speed-up, dense 11x11 speed-up). Rows:
   out_norm on the scan's output): the reference (``F.layer_norm`` on the permuted map, float32 under autocast), the
   Triton kernel on every shape, ``F.layer_norm`` in the map's own dtype (no float32 copy) and the channel reduction
   (:func:`channel_reduction_norm`);
+* channels-last LayerNorm at Spatial-Mamba-T's stage maps ((B, H, W, C), its ``ln_1`` / ``ln_2``) under bf16
+  autocast, bf16 out: ``F.layer_norm`` as the model runs it and :func:`vssm.ops.layer_norm_last`'s kernel;
 * 1x1 projections (``Linear2d``: VMamba-T's in_proj, fc1, and fc2 with the residual added) under bf16 autocast:
   ``F.conv2d`` as the models run them, a batched GEMM on the (B, C, L) map, and for fc2 the GEMM with the residual
   as its C operand (``torch.baddbmm``);
@@ -325,6 +327,31 @@ def bench_norm(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype
             print(f'layer-norm-2d  {name:28s} {DTYPE_NAME[dtype]:5s} {impl:22s} failed: {str(e).splitlines()[0]}')
 
 
+def bench_norm_last(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype, name: str) -> None:
+    """Spatial-Mamba's ``ln_1`` / ``ln_2`` on its (B, H, W, C) channels-last maps under bf16 autocast, output bf16 (the
+    projection's input): ``F.layer_norm`` as the model runs it (float32 under autocast, then cast) against
+    :func:`vssm.ops.layer_norm_last`'s kernel writing bf16 directly."""
+    from vssm.ops import layer_norm as ln
+    x = torch.randn(bt, h, w, c, device='cuda').to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(c, device='cuda')).requires_grad_()
+    bias = (0.1 * torch.randn(c, device='cuda')).requires_grad_()
+    bf16 = torch.bfloat16
+    impls = {'F.layer_norm': lambda: F.layer_norm(x, (c, ), weight, bias, 1e-5).to(bf16),
+             'triton kernel': lambda: ln.layer_norm_last(x, weight, bias, 1e-5, bf16, backend='cuda')}
+    el, s = x.numel(), x.element_size()
+    for impl, run in impls.items():
+        if impl == 'triton kernel' and ln._KERNEL is None:
+            continue
+
+        def fn(run=run):
+            with torch.autocast('cuda', bf16):
+                return run()
+        with torch.no_grad():
+            fwd = time_ms(fn)
+        table.add('layer-norm-last', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, [x, weight, bias])),
+                  el * (s + 2), el * (2 + 2 * s))
+
+
 def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype, name: str,
                    residual: bool = False) -> None:
     """A ``Linear2d`` (1x1 conv of a (B, C, H, W) map, weight (out, in)) as the models run it under bf16 autocast,
@@ -414,8 +441,9 @@ def bench_merge(table: Table, bt: int, d: int, h: int, w: int, dtype: torch.dtyp
 
 
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-# --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv, LayerNorm2d, 1x1 projections, token merge
-OPS = ('scan', 'cross', 'fusion', 'dwconv', 'norm', 'linear', 'merge')
+# --ops: selective scans, cross scan, state fusion, dense 11x11 dwconv, LayerNorm2d, channels-last LayerNorm,
+# 1x1 projections, token maps
+OPS = ('scan', 'cross', 'fusion', 'dwconv', 'norm', 'norm-last', 'linear', 'merge')
 
 
 def _pct(v: Optional[float]) -> str:
@@ -514,6 +542,9 @@ def plan(ops: Set[str], dtypes: List[torch.dtype], bt: int, quick: bool = False,
                 cases.append((bench_fusion, (bt, d_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{d_sm}x{h}x{w}')))
             if 'norm' in ops:
                 cases.append((bench_norm, (bt, d_vm, h, w, dtype, vm)))
+            if 'norm-last' in ops:  # Spatial-Mamba-T's block width: 64 channels at stage 1
+                c_sm = 64 * 2**i
+                cases.append((bench_norm_last, (bt, c_sm, h, w, dtype, f'SM-T s{i + 1} {bt}x{h}x{w}x{c_sm}')))
             if 'linear' in ops:  # VMamba-T's in_proj (C -> C), fc1 (C -> 4C), fc2 (4C -> C, plus the residual)
                 cases.append((bench_linear2d, (bt, d_vm, d_vm, h, w, dtype, f'{vm} in_proj')))
                 cases.append((bench_linear2d, (bt, d_vm, 4 * d_vm, h, w, dtype, f'{vm} fc1')))
@@ -546,7 +577,8 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='stage 1 and 2 of Spatial-Mamba-T and VMamba-T only')
     parser.add_argument('--ops', nargs='+', default=list(OPS), choices=list(OPS),
                         help='which rows: selective scans, cross scan, state fusion, dense 11x11 depthwise conv, '
-                        'LayerNorm2d, 1x1 projections (Linear2d), token maps (scatter_tokens, gather_tokens)')
+                        'LayerNorm2d, channels-last LayerNorm (layer_norm_last), 1x1 projections (Linear2d), token '
+                        'maps (scatter_tokens, gather_tokens)')
     parser.add_argument('--json', help='also write the rows here')
     parser.add_argument('--markdown', help="also write the rows and the targets' verdicts here as Markdown tables "
                         '(those of kernels/README.md)')
