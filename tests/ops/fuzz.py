@@ -156,12 +156,16 @@ class _CaseBase:
 
 @dataclass(frozen=True)
 class _MapCase(_CaseBase):
-    """The fields of a case on one (B, C, H, W) map; ``out_shape`` that map's unless the op says otherwise."""
+    """The fields of a case on one (B, C, H, W) map (and its dtype, layouts and seed); ``out_shape`` that map's unless
+    the op says otherwise."""
 
     batch: int
     channels: int
     height: int
     width: int
+    dtype: str
+    layouts: Tuple[Tuple[str, str], ...]
+    seed: int
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -371,10 +375,7 @@ class DWConvCase(_MapCase):
     dilation: int
     with_bias: bool
     padding_mode: str
-    dtype: str
     fp32_params: bool
-    layouts: Tuple[Tuple[str, str], ...]
-    seed: int
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -448,13 +449,6 @@ class FusionCase(_MapCase):
     """
 
     padding_mode: str
-    dtype: str
-    layouts: Tuple[Tuple[str, str], ...]
-    seed: int
-
-    @property
-    def out_shape(self) -> Tuple[int, ...]:
-        return (self.batch, self.channels, self.height, self.width)
 
 
 FUSION_KERNELS = ('kernel_3', 'kernel_3_1', 'kernel_3_2')
@@ -537,9 +531,6 @@ class CrossCase(_MapCase):
     sequences: int
     rank: int
     d_state: int
-    dtype: str
-    layouts: Tuple[Tuple[str, str], ...]
-    seed: int
     form: bool = False
 
     @property
@@ -676,9 +667,6 @@ class LayerNormCase(_MapCase):
     last: bool
     eps: float
     out_dtype: Optional[str]
-    dtype: str
-    layouts: Tuple[Tuple[str, str], ...]
-    seed: int
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -756,14 +744,6 @@ class BiasGeluCase(_MapCase):
         seed: the seed of the values.
     """
 
-    dtype: str
-    layouts: Tuple[Tuple[str, str], ...]
-    seed: int
-
-    @property
-    def out_shape(self) -> Tuple[int, ...]:
-        return (self.batch, self.channels, self.height, self.width)
-
 
 # Rows (one image's channel) of 1 to 16900 pixels: shorter than the kernels' 1024-pixel blocks (several rows per
 # program), 32 x 32 = 1024 exactly, longer (several blocks per row, the last one partial); one channel up to an MLP's
@@ -816,9 +796,6 @@ class ResidualCase(_MapCase):
     with_bias: bool
     drop_prob: float
     float32_stream: bool
-    dtype: str
-    layouts: Tuple[Tuple[str, str], ...]
-    seed: int
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -891,9 +868,6 @@ class TokenMergeCase(_MapCase):
     sequences: int
     order: str
     per_image: bool
-    dtype: str
-    layouts: Tuple[Tuple[str, str], ...]
-    seed: int
 
     @property
     def length(self) -> int:

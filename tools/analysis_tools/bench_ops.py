@@ -291,6 +291,29 @@ def channel_reduction_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          weight.to(acc)[:, None, None]).to(out_dtype)
 
 
+def _time_norms(table: Table, op: str, name: str, dtype: torch.dtype, impls: Dict[str, Callable[[], torch.Tensor]],
+                x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Time each LayerNorm implementation under bf16 autocast (bf16 out), forward and forward+backward; the minimal
+    bytes: x read and the bf16 output written, then x and the output gradient read and dx written. The Triton kernel
+    is skipped without Triton; an implementation this torch build lacks (e.g. mixed dtypes) is reported and skipped."""
+    from vssm.ops import layer_norm as ln
+    el, s = x.numel(), x.element_size()
+    for impl, run in impls.items():
+        if impl == 'triton kernel' and ln._KERNEL is None:
+            continue
+
+        def fn(run=run):
+            with torch.autocast('cuda', torch.bfloat16):
+                return run()
+        try:
+            with torch.no_grad():
+                fwd = time_ms(fn)
+            table.add(op, name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, [x, weight, bias])), el * (s + 2),
+                      el * (2 + 2 * s))
+        except RuntimeError as e:
+            print(f'{op:15s} {name:28s} {DTYPE_NAME[dtype]:5s} {impl:22s} failed: {str(e).splitlines()[0]}')
+
+
 def bench_norm(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype, name: str) -> None:
     """A LayerNorm2d as the models run it under bf16 autocast, output bf16 (the projection's input): bf16 maps are
     the blocks' norms, float32 ones VMamba's out_norm on the scan's output."""
@@ -310,21 +333,7 @@ def bench_norm(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype
              'triton kernel': lambda: ln._LayerNorm2d.apply(x.contiguous(), weight, bias, 1e-5, bf16),
              'native dtype': native_dtype,
              'channel reduction': lambda: channel_reduction_norm(x, weight, bias, 1e-5, bf16)}
-    el, s = x.numel(), x.element_size()
-    for impl, run in impls.items():
-        if impl == 'triton kernel' and ln._KERNEL is None:
-            continue
-
-        def fn(run=run):
-            with torch.autocast('cuda', bf16):
-                return run()
-        try:
-            with torch.no_grad():
-                fwd = time_ms(fn)
-            table.add('layer-norm-2d', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, [x, weight, bias])),
-                      el * (s + 2), el * (2 + 2 * s))
-        except RuntimeError as e:  # an implementation this torch build does not have (e.g. mixed dtypes)
-            print(f'layer-norm-2d  {name:28s} {DTYPE_NAME[dtype]:5s} {impl:22s} failed: {str(e).splitlines()[0]}')
+    _time_norms(table, 'layer-norm-2d', name, dtype, impls, x, weight, bias)
 
 
 def bench_norm_last(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.dtype, name: str) -> None:
@@ -338,18 +347,7 @@ def bench_norm_last(table: Table, bt: int, c: int, h: int, w: int, dtype: torch.
     bf16 = torch.bfloat16
     impls = {'F.layer_norm': lambda: F.layer_norm(x, (c, ), weight, bias, 1e-5).to(bf16),
              'triton kernel': lambda: ln.layer_norm_last(x, weight, bias, 1e-5, bf16, backend='cuda')}
-    el, s = x.numel(), x.element_size()
-    for impl, run in impls.items():
-        if impl == 'triton kernel' and ln._KERNEL is None:
-            continue
-
-        def fn(run=run):
-            with torch.autocast('cuda', bf16):
-                return run()
-        with torch.no_grad():
-            fwd = time_ms(fn)
-        table.add('layer-norm-last', name, DTYPE_NAME[dtype], impl, fwd, time_ms(fwd_bwd(fn, [x, weight, bias])),
-                  el * (s + 2), el * (2 + 2 * s))
+    _time_norms(table, 'layer-norm-last', name, dtype, impls, x, weight, bias)
 
 
 def bench_linear2d(table: Table, bt: int, c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype, name: str,
