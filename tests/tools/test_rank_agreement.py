@@ -118,10 +118,11 @@ def _train_two_ranks(rank: int, port: int, work_dir: str) -> None:
 
 
 def test_two_gloo_processes_agree_and_a_changed_parameter_is_named(tmp_path):
-    # fork: the children inherit the imported modules (a spawned child would import torch, mmengine and vssm again,
-    # ~10 s each); each child sets one intra-op thread before any work, as DataLoader workers do.
+    # spawn: the children start clean whatever the test process ran before (a child forked from a process whose
+    # autograd engine has started its threads cannot run a backward, so fork made this test depend on test order);
+    # each child sets one intra-op thread before any work, as DataLoader workers do.
     mp.start_processes(_train_two_ranks, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True,
-                       start_method='fork')
+                       start_method='spawn')
     records = [json.loads(line) for line in (tmp_path / 'rank_agreement.jsonl').read_text().splitlines()]
     assert [(r['iter'], r['world_size'], r['params_agree']) for r in records] == [(1, 2, True), (2, 2, True),
                                                                                   (3, 2, False)]
